@@ -1,0 +1,160 @@
+"""The diff between the log's current state and the desired one, as log records."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from pyroaring import BitMap64
+
+from sidecar.partitioner import partition_for
+from sidecar.record import (
+    MAX_RECORD_BITMAP_BYTES,
+    Delta,
+    Drop,
+    DropMarker,
+    SnapshotChunk,
+    delta_key,
+    encode,
+    slice_range,
+    snapshot_key,
+    split_ranges,
+)
+from sidecar.replica.engine import Engine, LogInfo
+from sidecar.transport.base import Topic
+
+
+@dataclass(slots=True)
+class Change:
+    """One segment's change in a publish."""
+
+    segment: str
+    base: int
+    version: int
+    add: BitMap64
+    remove: BitMap64
+    cardinality: int
+    drop: bool = False
+    snapshot: BitMap64 | None = None  # set when this publish writes a snapshot
+
+
+@dataclass(slots=True)
+class SnapshotPolicy:
+    """When to write a snapshot besides a segment's first publish."""
+
+    every_versions: int = 50
+    #: write one when the memberships changed since the last snapshot exceed this many times
+    #: the segment's size (replaying the deltas would cost more than reading a snapshot)
+    churn_ratio: float = 1.0
+
+    def due(self, info: LogInfo | None, version: int, cardinality: int, churn: int) -> bool:
+        if info is None or info.snapshot_version == 0:
+            return True
+        if version - info.snapshot_version >= self.every_versions:
+            return True
+        return info.churn + churn > self.churn_ratio * max(cardinality, 1)
+
+
+@dataclass(slots=True)
+class Plan:
+    changes: list[Change] = field(default_factory=list)
+
+    @property
+    def adds(self) -> int:
+        return sum(len(c.add) for c in self.changes)
+
+    @property
+    def removes(self) -> int:
+        return sum(len(c.remove) for c in self.changes)
+
+
+def diff(
+    engine: Engine,
+    desired: dict[str, BitMap64],
+    *,
+    drop: set[str] | frozenset[str] = frozenset(),
+    policy: SnapshotPolicy | None = None,
+) -> Plan:
+    """Changes that take the log from `engine`'s state to `desired` (and drop `drop`)."""
+    policy = policy or SnapshotPolicy()
+    plan = Plan()
+    for name in sorted(desired):
+        target = desired[name]
+        current = engine.segments.get(name)
+        base = engine.version_of(name)
+        if current is not None and current.fresh and current.bitmap == target:
+            continue
+        old = current.bitmap if current is not None and current.fresh else BitMap64()
+        add = target - old
+        remove = old - target
+        if current is not None and not current.fresh:
+            # The log's own history of this segment is damaged: restate it whole.
+            remove = BitMap64()
+        change = Change(name, base, base + 1, add, remove, len(target))
+        unhealthy = current is not None and not current.fresh
+        info = engine.log_info.get(name)
+        if unhealthy or policy.due(info, base + 1, len(target), len(add) + len(remove)):
+            change.snapshot = target
+        plan.changes.append(change)
+    for name in sorted(drop):
+        if name in engine.segments:
+            base = engine.version_of(name)
+            current = engine.segments[name].bitmap
+            plan.changes.append(Change(name, base, base + 1, BitMap64(), current, 0, drop=True))
+    return plan
+
+
+def records(
+    change: Change, partitions: int, ts: int, delta_offsets: dict[int, int], old_chunks: int
+) -> list[tuple[Topic, int, bytes, bytes | None]]:
+    """The log records of one change: delta part(s) or a drop, then snapshot chunks (or a drop
+    marker) and tombstones for chunk keys the new snapshot no longer uses."""
+    p = partition_for(change.segment, partitions)
+    out: list[tuple[Topic, int, bytes, bytes | None]] = []
+    if change.drop:
+        out.append(
+            (
+                "deltas",
+                p,
+                delta_key(change.segment),
+                encode(Drop(change.segment, change.base, change.version, ts)),
+            )
+        )
+        marker = DropMarker(change.segment, change.version, delta_offsets[p], ts)
+        out.append(("snapshots", p, snapshot_key(change.segment, 0), encode(marker)))
+        out.extend(
+            ("snapshots", p, snapshot_key(change.segment, i), None) for i in range(1, old_chunks)
+        )
+        return out
+    ranges = split_ranges([change.add, change.remove], MAX_RECORD_BITMAP_BYTES)
+    for i, (lo, hi) in enumerate(ranges):
+        delta = Delta(
+            segment=change.segment,
+            base=change.base,
+            version=change.version,
+            add=slice_range(change.add, lo, hi),
+            remove=slice_range(change.remove, lo, hi),
+            cardinality=change.cardinality,
+            ts=ts,
+            part=i,
+            parts=len(ranges),
+        )
+        out.append(("deltas", p, delta_key(change.segment), encode(delta)))
+    if change.snapshot is not None:
+        chunks = split_ranges([change.snapshot], MAX_RECORD_BITMAP_BYTES)
+        for i, (lo, hi) in enumerate(chunks):
+            chunk = SnapshotChunk(
+                segment=change.segment,
+                version=change.version,
+                chunk=i,
+                chunks=len(chunks),
+                bitmap=slice_range(change.snapshot, lo, hi),
+                cardinality=change.cardinality,
+                delta_offset=delta_offsets[p],
+                ts=ts,
+            )
+            out.append(("snapshots", p, snapshot_key(change.segment, i), encode(chunk)))
+        out.extend(
+            ("snapshots", p, snapshot_key(change.segment, i), None)
+            for i in range(len(chunks), old_chunks)
+        )
+    return out

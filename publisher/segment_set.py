@@ -1,0 +1,70 @@
+"""Reading and validating a segment-set directory (DESIGN.md "Publisher input").
+
+Everything is checked before anything is written: the manifest's shape, every segment id,
+every file (present, inside the directory, a valid BitMap64) and every cardinality.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from pyroaring import BitMap64
+
+from sidecar.ids import BadRequest, segment_id
+
+
+class InputError(ValueError):
+    """The segment-set directory is not valid; the message names the part."""
+
+
+@dataclass(frozen=True, slots=True)
+class SegmentSet:
+    computed_at: str
+    segments: dict[str, BitMap64]
+
+
+def read_segment_set(path: str | Path) -> SegmentSet:
+    root = Path(path)
+    manifest_path = root / "manifest.json"
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except FileNotFoundError:
+        raise InputError(f"{manifest_path} does not exist") from None
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{manifest_path} is not valid JSON: {exc}") from exc
+    if not isinstance(manifest, dict) or manifest.get("format") != 1:
+        raise InputError(f'{manifest_path}: expected an object with "format": 1')
+    computed_at = manifest.get("computed_at")
+    if not isinstance(computed_at, str):
+        raise InputError(f'{manifest_path}: "computed_at" must be an ISO 8601 string')
+    entries = manifest.get("segments")
+    if not isinstance(entries, dict):
+        raise InputError(f'{manifest_path}: "segments" must be an object')
+    segments: dict[str, BitMap64] = {}
+    for name, entry in entries.items():
+        try:
+            segment_id(name)
+        except BadRequest as exc:
+            raise InputError(f"{manifest_path}: {exc}") from None
+        if not isinstance(entry, dict) or not isinstance(entry.get("file"), str):
+            raise InputError(f'segment {name}: entry must be {{"file": ..., "cardinality": N}}')
+        card = entry.get("cardinality")
+        if type(card) is not int or card < 0:
+            raise InputError(f"segment {name}: cardinality must be a non-negative integer")
+        file = (root / entry["file"]).resolve()
+        if root.resolve() not in file.parents:
+            raise InputError(f"segment {name}: file {entry['file']!r} is outside {root}")
+        try:
+            bitmap = BitMap64.deserialize(file.read_bytes())
+        except FileNotFoundError:
+            raise InputError(f"segment {name}: file {file} does not exist") from None
+        except Exception as exc:
+            raise InputError(f"segment {name}: {file} is not a BitMap64: {exc}") from exc
+        if len(bitmap) != card:
+            raise InputError(
+                f"segment {name}: {file.name} holds {len(bitmap)} members, manifest says {card}"
+            )
+        segments[name] = bitmap
+    return SegmentSet(computed_at, segments)

@@ -1,0 +1,44 @@
+"""Validation of user ids and segment ids: the one place that decides what is well-formed."""
+
+from __future__ import annotations
+
+import re
+
+MAX_USER = 2**64 - 1
+SEGMENT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
+
+
+class BadRequest(ValueError):
+    """Client input that is not well-formed. The message says which part and why."""
+
+
+def user_id(value: object, what: str = "user") -> int:
+    """Return `value` as a user id, or raise BadRequest.
+
+    A user id is an unsigned 64-bit integer. bool is rejected even though it is an int.
+    """
+    if type(value) is int:
+        if 0 <= value <= MAX_USER:
+            return value
+        raise BadRequest(f"{what} must be in 0..2**64-1, got {value}")
+    raise BadRequest(f"{what} must be an unsigned 64-bit integer, got {type(value).__name__}")
+
+
+def user_id_from_text(text: str, what: str = "user") -> int:
+    """Parse a decimal user id from a URL or CLI argument."""
+    if not text.isascii() or not text.isdigit():
+        raise BadRequest(f"{what} must be a decimal unsigned 64-bit integer, got {text!r}")
+    return user_id(int(text), what)
+
+
+def segment_id(value: object, what: str = "segment") -> str:
+    """Return `value` as a segment id, or raise BadRequest."""
+    if type(value) is not str:
+        raise BadRequest(f"{what} must be a string, got {type(value).__name__}")
+    if SEGMENT_RE.match(value) is None:
+        shown = value if len(value) <= 40 else value[:40] + "..."
+        raise BadRequest(
+            f"{what} {shown!r} is not a valid segment id "
+            "(1-128 chars of [A-Za-z0-9_.:-], starting with a letter or digit)"
+        )
+    return value

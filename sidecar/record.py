@@ -1,0 +1,260 @@
+"""The log record format (DESIGN.md "The log"): the only module that knows its bytes.
+
+Values are msgpack maps; bitmaps are `BitMap64.serialize()` bytes (portable 64-bit roaring).
+Delta topic: `Delta` (one change of one segment, possibly split into `parts` records with the
+same version) and `Drop`. Snapshots topic: `SnapshotChunk` under key `<segment>#<i>`, and
+`DropMarker` under key `<segment>#0`, which keeps a dropped segment's last version through
+compaction. Transport compression (zstd on Kafka) is not part of the value.
+
+Split deltas: a delta whose bitmaps serialize to more than the record limit is cut into id
+ranges; part i of n carries the adds and removes inside range i, all parts share `segment`,
+`base`, `version`, `cardinality` (the count after the whole change) and are written in the same
+transaction, in order. A reader applies the change only once it holds all n parts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import msgpack
+from pyroaring import BitMap64
+
+FORMAT = 1
+#: Upper bound for the bitmap bytes of one record; chunks and delta parts stay below it.
+MAX_RECORD_BITMAP_BYTES = 900 * 1024
+
+
+def deltas_topic(prefix: str) -> str:
+    return f"{prefix}.deltas"
+
+
+def snapshots_topic(prefix: str) -> str:
+    return f"{prefix}.snapshots"
+
+
+class RecordError(ValueError):
+    """A log value that cannot be applied."""
+
+
+class UnknownRecord(RecordError):
+    """A well-formed value of a format or kind this reader does not know: skip and count."""
+
+
+class CorruptRecord(RecordError):
+    """Not msgpack, a bitmap that does not deserialize, or missing/mistyped fields."""
+
+
+@dataclass(frozen=True, slots=True)
+class Delta:
+    segment: str
+    base: int
+    version: int
+    add: BitMap64
+    remove: BitMap64
+    cardinality: int
+    ts: int
+    part: int = 0
+    parts: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class Drop:
+    segment: str
+    base: int
+    version: int
+    ts: int
+
+
+@dataclass(frozen=True, slots=True)
+class SnapshotChunk:
+    segment: str
+    version: int
+    chunk: int
+    chunks: int
+    bitmap: BitMap64
+    cardinality: int
+    delta_offset: int
+    ts: int
+
+
+@dataclass(frozen=True, slots=True)
+class DropMarker:
+    segment: str
+    version: int
+    delta_offset: int
+    ts: int
+
+
+Record = Delta | Drop | SnapshotChunk | DropMarker
+
+
+def delta_key(segment: str) -> bytes:
+    return segment.encode()
+
+
+def snapshot_key(segment: str, chunk: int) -> bytes:
+    return f"{segment}#{chunk}".encode()
+
+
+def encode(record: Record) -> bytes:
+    """The msgpack value of `record`."""
+    if isinstance(record, Delta):
+        body = {
+            "kind": "delta",
+            "segment": record.segment,
+            "base": record.base,
+            "version": record.version,
+            "add": record.add.serialize(),
+            "remove": record.remove.serialize(),
+            "cardinality": record.cardinality,
+            "ts": record.ts,
+        }
+        if record.parts != 1:
+            body["part"] = record.part
+            body["parts"] = record.parts
+    elif isinstance(record, Drop):
+        body = {
+            "kind": "drop",
+            "segment": record.segment,
+            "base": record.base,
+            "version": record.version,
+            "ts": record.ts,
+        }
+    elif isinstance(record, SnapshotChunk):
+        body = {
+            "kind": "snapshot",
+            "segment": record.segment,
+            "version": record.version,
+            "chunk": record.chunk,
+            "chunks": record.chunks,
+            "bitmap": record.bitmap.serialize(),
+            "cardinality": record.cardinality,
+            "delta_offset": record.delta_offset,
+            "ts": record.ts,
+        }
+    elif isinstance(record, DropMarker):
+        body = {
+            "kind": "drop",
+            "segment": record.segment,
+            "version": record.version,
+            "delta_offset": record.delta_offset,
+            "ts": record.ts,
+        }
+    else:
+        raise TypeError(f"not a log record: {type(record).__name__}")
+    return msgpack.packb({"format": FORMAT, **body}, use_bin_type=True)
+
+
+def _int(body: dict, name: str, minimum: int = 0) -> int:
+    value = body.get(name)
+    if type(value) is not int or value < minimum:
+        raise CorruptRecord(f"field {name!r} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def _str(body: dict, name: str) -> str:
+    value = body.get(name)
+    if type(value) is not str or not value:
+        raise CorruptRecord(f"field {name!r} must be a non-empty string, got {value!r}")
+    return value
+
+
+def _bitmap(body: dict, name: str) -> BitMap64:
+    value = body.get(name)
+    if type(value) is not bytes:
+        raise CorruptRecord(f"field {name!r} must be bitmap bytes, got {type(value).__name__}")
+    try:
+        return BitMap64.deserialize(value)
+    except Exception as exc:  # pyroaring raises ValueError or its own errors on bad bytes
+        raise CorruptRecord(f"field {name!r} is not a portable roaring64 bitmap: {exc}") from exc
+
+
+def decode(value: bytes, *, snapshots: bool = False) -> Record:
+    """Parse one log value. `snapshots` says which topic it came from (a drop differs).
+
+    Raises UnknownRecord for an unknown format or kind, CorruptRecord for anything malformed.
+    """
+    try:
+        body = msgpack.unpackb(value, raw=False, strict_map_key=False)
+    except Exception as exc:
+        raise CorruptRecord(f"not msgpack: {exc}") from exc
+    if not isinstance(body, dict):
+        raise CorruptRecord(f"a record is a msgpack map, got {type(body).__name__}")
+    fmt = body.get("format")
+    if fmt != FORMAT:
+        raise UnknownRecord(f"unknown format {fmt!r}")
+    kind = body.get("kind")
+    if kind == "delta" and not snapshots:
+        parts = _int(body, "parts", 1) if "parts" in body else 1
+        part = _int(body, "part") if "part" in body else 0
+        if part >= parts:
+            raise CorruptRecord(f"part {part} of {parts}")
+        return Delta(
+            segment=_str(body, "segment"),
+            base=_int(body, "base"),
+            version=_int(body, "version", 1),
+            add=_bitmap(body, "add"),
+            remove=_bitmap(body, "remove"),
+            cardinality=_int(body, "cardinality"),
+            ts=_int(body, "ts"),
+            part=part,
+            parts=parts,
+        )
+    if kind == "drop" and not snapshots:
+        return Drop(
+            segment=_str(body, "segment"),
+            base=_int(body, "base"),
+            version=_int(body, "version", 1),
+            ts=_int(body, "ts"),
+        )
+    if kind == "snapshot" and snapshots:
+        chunks = _int(body, "chunks", 1)
+        chunk = _int(body, "chunk")
+        if chunk >= chunks:
+            raise CorruptRecord(f"chunk {chunk} of {chunks}")
+        return SnapshotChunk(
+            segment=_str(body, "segment"),
+            version=_int(body, "version", 1),
+            chunk=chunk,
+            chunks=chunks,
+            bitmap=_bitmap(body, "bitmap"),
+            cardinality=_int(body, "cardinality"),
+            delta_offset=_int(body, "delta_offset"),
+            ts=_int(body, "ts"),
+        )
+    if kind == "drop" and snapshots:
+        return DropMarker(
+            segment=_str(body, "segment"),
+            version=_int(body, "version", 1),
+            delta_offset=_int(body, "delta_offset"),
+            ts=_int(body, "ts"),
+        )
+    raise UnknownRecord(f"unknown kind {kind!r}")
+
+
+def split_ranges(
+    bitmaps: list[BitMap64], max_bytes: int = MAX_RECORD_BITMAP_BYTES
+) -> list[tuple[int, int]]:
+    """Cut the id space into half-open ranges [lo, hi) so that each bitmap's part inside one
+    range serializes to at most about `max_bytes` (together). One range when it already fits.
+    """
+    total = sum(len(b.serialize()) for b in bitmaps) if bitmaps else 0
+    if total <= max_bytes:
+        return [(0, 2**64)]
+    union = BitMap64.union(*bitmaps) if len(bitmaps) > 1 else bitmaps[0]
+    n = len(union)
+    pieces = -(-total // max_bytes) * 2  # sizes are uneven across ranges; aim below the limit
+    step = max(1, n // pieces)
+    cuts = [union[i] for i in range(step, n, step)]
+    bounds = [0, *cuts, 2**64]
+    return [(bounds[i], bounds[i + 1]) for i in range(len(bounds) - 1) if bounds[i] < bounds[i + 1]]
+
+
+def slice_range(bitmap: BitMap64, lo: int, hi: int) -> BitMap64:
+    """The members of `bitmap` in [lo, hi), cut by rank (a range bitmap over 64-bit ids
+    would materialise far too many containers)."""
+    if lo == 0 and hi >= 2**64:
+        return bitmap
+    start = bitmap.rank(lo - 1) if lo > 0 else 0
+    stop = bitmap.rank(hi - 1) if hi < 2**64 else len(bitmap)
+    return bitmap[start:stop]

@@ -1,0 +1,210 @@
+"""The replica engine: applies log records to in-memory bitmaps by DESIGN.md's version rules.
+
+Free of transports, threads and servers. `recovery.py` feeds it snapshots and resyncs;
+`runner.py` feeds it the tail of the log.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from pyroaring import BitMap64
+
+from ..record import CorruptRecord, Delta, Drop, UnknownRecord, decode
+from ..transport.base import LogRecord
+from .state import Counters, Health, SegmentState
+
+log = logging.getLogger(__name__)
+
+
+def segment_filter(globs: Iterable[str] | None) -> Callable[[str], bool]:
+    """`--segments a*,b` as a predicate; None or empty holds every segment."""
+    patterns = [g.strip() for g in globs or () if g.strip()]
+    if not patterns:
+        return lambda _segment: True
+    return lambda segment: any(fnmatch.fnmatchcase(segment, p) for p in patterns)
+
+
+class _PendingParts:
+    """The parts of one split delta seen so far."""
+
+    __slots__ = ("parts", "first_offset", "version")
+
+    def __init__(self, version: int, count: int, first_offset: int) -> None:
+        self.version = version
+        self.parts: list[Delta | None] = [None] * count
+        self.first_offset = first_offset
+
+
+@dataclass(slots=True)
+class LogInfo:
+    """What the publisher needs to pace snapshots: the last snapshot of a segment and the
+    memberships changed by deltas since."""
+
+    snapshot_version: int = 0
+    snapshot_chunks: int = 0
+    churn: int = 0
+
+
+class Engine:
+    def __init__(self, holds: Callable[[str], bool] | None = None) -> None:
+        self.segments: dict[str, SegmentState] = {}
+        self.dropped: dict[str, int] = {}  # dropped segment -> version of the drop
+        self.log_info: dict[str, LogInfo] = {}
+        self.counters = Counters()
+        self.holds = holds or (lambda _segment: True)
+        self.needs_resync: set[str] = set()
+        self._pending: dict[str, _PendingParts] = {}
+
+    # -- reading -------------------------------------------------------------------------
+    def version_of(self, segment: str) -> int:
+        state = self.segments.get(segment)
+        if state is not None:
+            return state.version
+        return self.dropped.get(segment, 0)
+
+    def pending_offset(self, partition_of: Callable[[str], int], partition: int) -> int | None:
+        """The lowest offset of a split delta still being assembled in `partition`: a
+        checkpoint must resume from there so the parts are read again."""
+        offsets = [p.first_offset for s, p in self._pending.items() if partition_of(s) == partition]
+        return min(offsets) if offsets else None
+
+    # -- applying ------------------------------------------------------------------------
+    def apply_record(self, rec: LogRecord) -> None:
+        """Apply one record of the deltas topic; bad values are counted, never raised."""
+        if rec.value is None:
+            return
+        try:
+            record = decode(rec.value)
+        except UnknownRecord:
+            self.counters.unknown += 1
+            return
+        except CorruptRecord as exc:
+            self.counters.corrupt += 1
+            log.warning("corrupt record at deltas[%d]@%d: %s", rec.partition, rec.offset, exc)
+            return
+        if not self.holds(record.segment):
+            self.counters.ignored += 1
+            return
+        if isinstance(record, Delta):
+            self.apply_delta(record, rec.offset)
+        elif isinstance(record, Drop):
+            self.apply_drop(record)
+
+    def _check_order(self, segment: str, base: int, version: int) -> bool:
+        """True when a change from `base` to `version` applies now; counts the rest."""
+        local = self.version_of(segment)
+        if version <= local:
+            self.counters.duplicates += 1
+            return False
+        state = self.segments.get(segment)
+        if base != local or (state is not None and not state.fresh):
+            self.counters.gaps += 1
+            self.mark(segment, Health.STALE)
+            return False
+        return True
+
+    def apply_delta(self, delta: Delta, offset: int = -1) -> None:
+        if delta.parts > 1:
+            assembled = self._assemble(delta, offset)
+            if assembled is None:
+                return
+            delta = assembled
+        if not self._check_order(delta.segment, delta.base, delta.version):
+            return
+        current = self.segments.get(delta.segment)
+        bitmap = current.bitmap | delta.add if current is not None else BitMap64(delta.add)
+        if delta.remove:
+            bitmap -= delta.remove
+        health = Health.FRESH
+        if len(bitmap) != delta.cardinality:
+            self.counters.diverged += 1
+            health = Health.DIVERGED
+            self.needs_resync.add(delta.segment)
+            log.warning(
+                "segment %s diverged at version %d: %d members, the log says %d",
+                delta.segment,
+                delta.version,
+                len(bitmap),
+                delta.cardinality,
+            )
+        self.segments[delta.segment] = SegmentState(
+            bitmap, delta.version, len(bitmap), delta.ts, health
+        )
+        self.dropped.pop(delta.segment, None)
+        self.counters.applied += 1
+        info = self.log_info.setdefault(delta.segment, LogInfo())
+        info.churn += len(delta.add) + len(delta.remove)
+
+    def _assemble(self, part: Delta, offset: int) -> Delta | None:
+        pending = self._pending.get(part.segment)
+        if pending is None or pending.version != part.version:
+            pending = _PendingParts(part.version, part.parts, offset)
+            self._pending[part.segment] = pending
+        if len(pending.parts) != part.parts:
+            self.counters.corrupt += 1
+            del self._pending[part.segment]
+            return None
+        pending.parts[part.part] = part
+        if any(p is None for p in pending.parts):
+            return None
+        del self._pending[part.segment]
+        parts = [p for p in pending.parts if p is not None]
+        return Delta(
+            segment=part.segment,
+            base=part.base,
+            version=part.version,
+            add=BitMap64.union(*(p.add for p in parts)),
+            remove=BitMap64.union(*(p.remove for p in parts)),
+            cardinality=part.cardinality,
+            ts=max(p.ts for p in parts),
+        )
+
+    def apply_drop(self, drop: Drop) -> None:
+        if not self._check_order(drop.segment, drop.base, drop.version):
+            return
+        self.install_drop(drop.segment, drop.version)
+        self.counters.drops += 1
+
+    def mark(self, segment: str, health: Health) -> None:
+        """Mark a present segment unhealthy (or note an absent one) and queue its resync."""
+        state = self.segments.get(segment)
+        if state is not None and state.health is not health:
+            self.segments[segment] = SegmentState(
+                state.bitmap, state.version, state.cardinality, state.updated_ms, health
+            )
+        self.needs_resync.add(segment)
+
+    # -- installing whole states (bootstrap, resync, checkpoint) --------------------------
+    def install(self, segment: str, state: SegmentState, chunks: int = 0) -> None:
+        self.segments[segment] = state
+        self.dropped.pop(segment, None)
+        self._pending.pop(segment, None)
+        if chunks:
+            self.log_info[segment] = LogInfo(state.version, chunks, 0)
+
+    def install_drop(self, segment: str, version: int, chunks: int = 0) -> None:
+        self.segments.pop(segment, None)
+        self.dropped[segment] = version
+        self._pending.pop(segment, None)
+        if chunks:
+            self.log_info[segment] = LogInfo(version, chunks, 0)
+
+    # -- summary ---------------------------------------------------------------------------
+    def memberships(self) -> int:
+        return sum(s.cardinality for s in self.segments.values())
+
+    def bitmap_bytes(self) -> int:
+        """Bytes held in roaring containers (what the memberships cost in memory)."""
+        total = 0
+        for state in self.segments.values():
+            st = state.bitmap.get_statistics()
+            total += (
+                st["n_bytes_array_containers"]
+                + st["n_bytes_run_containers"]
+                + st["n_bytes_bitset_containers"]
+            )
+        return total

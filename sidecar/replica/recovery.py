@@ -1,0 +1,200 @@
+"""Bootstrap and resync: rebuilding state from the snapshots topic plus a bounded replay of
+deltas (DESIGN.md "Replica semantics")."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from pyroaring import BitMap64
+
+from ..partitioner import partition_for
+from ..record import CorruptRecord, DropMarker, SnapshotChunk, UnknownRecord, decode
+from ..transport.base import LogReader, LogRecord, Topic, Transport, TransportError
+from .engine import Engine
+from .state import Counters, SegmentState
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """A complete snapshot (or a drop marker when `state` is None) of one segment."""
+
+    segment: str
+    version: int
+    state: SegmentState | None
+    delta_offset: int
+    chunks: int = 1
+
+
+class SnapshotAssembler:
+    """Collects chunks and keeps, per segment, the newest version whose chunks are all there."""
+
+    def __init__(self, holds: Callable[[str], bool], counters: Counters) -> None:
+        self._holds = holds
+        self._counters = counters
+        self._building: dict[tuple[str, int], dict[int, SnapshotChunk]] = {}
+        self.complete: dict[str, Snapshot] = {}
+
+    def add(self, rec: LogRecord) -> None:
+        if rec.value is None:  # a tombstone of a chunk key a smaller snapshot no longer uses
+            return
+        try:
+            record = decode(rec.value, snapshots=True)
+        except UnknownRecord:
+            self._counters.unknown += 1
+            return
+        except CorruptRecord as exc:
+            self._counters.corrupt += 1
+            log.warning("corrupt snapshot at [%d]@%d: %s", rec.partition, rec.offset, exc)
+            return
+        if not self._holds(record.segment):
+            return
+        done = self.complete.get(record.segment)
+        if done is not None and done.version >= record.version:
+            return
+        if isinstance(record, DropMarker):
+            self._finish(Snapshot(record.segment, record.version, None, record.delta_offset))
+            return
+        assert isinstance(record, SnapshotChunk)
+        chunks = self._building.setdefault((record.segment, record.version), {})
+        chunks[record.chunk] = record
+        if len(chunks) < record.chunks:
+            return
+        del self._building[(record.segment, record.version)]
+        parts = [chunks.get(i) for i in range(record.chunks)]
+        if any(p is None or p.chunks != record.chunks for p in parts):
+            self._counters.corrupt += 1
+            return
+        bitmap = BitMap64.union(*(p.bitmap for p in parts if p is not None))
+        if len(bitmap) != record.cardinality:
+            self._counters.corrupt += 1
+            log.warning(
+                "snapshot %s@%d has %d members, says %d",
+                record.segment,
+                record.version,
+                len(bitmap),
+                record.cardinality,
+            )
+            return
+        state = SegmentState(bitmap, record.version, len(bitmap), record.ts)
+        self._finish(
+            Snapshot(record.segment, record.version, state, record.delta_offset, record.chunks)
+        )
+
+    def _finish(self, snap: Snapshot) -> None:
+        self.complete[snap.segment] = snap
+        for key in [k for k in self._building if k[0] == snap.segment and k[1] <= snap.version]:
+            del self._building[key]
+
+
+def read_until(
+    reader: LogReader,
+    ends: dict[tuple[Topic, int], int],
+    *,
+    stall_timeout: float = 120.0,
+) -> Iterator[LogRecord]:
+    """Yield records of the assigned partitions until each reached its end offset."""
+    last_progress = time.monotonic()
+    while True:
+        behind = [tp for tp, end in ends.items() if reader.position(*tp) < end]
+        if not behind:
+            return
+        records = reader.poll(0.2)
+        if records:
+            last_progress = time.monotonic()
+        elif time.monotonic() - last_progress > stall_timeout:
+            raise TransportError(f"no progress reading {behind} for {stall_timeout:.0f} s")
+        yield from records
+
+
+def read_snapshots(
+    reader: LogReader, partitions: list[int], holds: Callable[[str], bool], counters: Counters
+) -> dict[str, Snapshot]:
+    asm = SnapshotAssembler(holds, counters)
+    marks = {("snapshots", p): reader.watermarks("snapshots", p) for p in partitions}
+    reader.assign({tp: low for tp, (low, _) in marks.items()})
+    for rec in read_until(reader, {tp: end for tp, (_, end) in marks.items()}):
+        asm.add(rec)
+    return asm.complete
+
+
+def bootstrap(reader: LogReader, engine: Engine, progress: Progress | None = None) -> None:
+    """Cold start: newest complete snapshots, then deltas from the lowest `delta_offset` per
+    partition up to the end offsets seen now. The reader is left assigned to the deltas."""
+    say = progress or log.info
+    started = time.monotonic()
+    partitions = list(range(reader.partitions))
+    snapshots = read_snapshots(reader, partitions, engine.holds, engine.counters)
+    for snap in snapshots.values():
+        if snap.state is None:
+            engine.install_drop(snap.segment, snap.version, snap.chunks)
+        else:
+            engine.install(snap.segment, snap.state, snap.chunks)
+    say(
+        f"snapshots: {len(snapshots)} segments, {engine.memberships():,} memberships "
+        f"in {time.monotonic() - started:.1f} s"
+    )
+    starts: dict[tuple[Topic, int], int] = {}
+    ends: dict[tuple[Topic, int], int] = {}
+    for p in partitions:
+        low, end = reader.watermarks("deltas", p)
+        offsets = [
+            s.delta_offset
+            for s in snapshots.values()
+            if partition_for(s.segment, reader.partitions) == p
+        ]
+        starts[("deltas", p)] = max(low, min(offsets)) if offsets else low
+        ends[("deltas", p)] = end
+    reader.assign(starts)
+    for rec in read_until(reader, ends):
+        engine.apply_record(rec)
+    say(
+        f"bootstrap done: {len(engine.segments)} segments, {engine.memberships():,} memberships "
+        f"in {time.monotonic() - started:.1f} s"
+    )
+
+
+def resync(
+    transport: Transport,
+    engine: Engine,
+    segments: set[str],
+    upto: Callable[[int], int],
+    partitions: int,
+) -> None:
+    """Rebuild `segments` from their snapshots plus the deltas before `upto(partition)` (where
+    the main reader stands), each with a fresh reader, and install what heals."""
+    by_partition: dict[int, set[str]] = {}
+    for segment in segments:
+        by_partition.setdefault(partition_for(segment, partitions), set()).add(segment)
+    with transport.reader() as reader:
+        for p, wanted in by_partition.items():
+            scratch = Engine(holds=wanted.__contains__)
+            snaps = read_snapshots(reader, [p], wanted.__contains__, engine.counters)
+            for snap in snaps.values():
+                if snap.state is None:
+                    scratch.install_drop(snap.segment, snap.version)
+                else:
+                    scratch.install(snap.segment, snap.state)
+            low, _ = reader.watermarks("deltas", p)
+            offsets = [s.delta_offset for s in snaps.values()]
+            start = max(low, min(offsets)) if len(offsets) == len(wanted) else low
+            reader.assign({("deltas", p): start})
+            for rec in read_until(reader, {("deltas", p): upto(p)}):
+                if rec.offset < upto(p):
+                    scratch.apply_record(rec)
+            for segment in wanted:
+                engine.counters.resyncs += 1
+                state = scratch.segments.get(segment)
+                if state is not None and state.fresh:
+                    engine.install(segment, state)
+                    log.info("resynced %s at version %d", segment, state.version)
+                elif segment in scratch.dropped:
+                    engine.install_drop(segment, scratch.dropped[segment])
+                else:
+                    log.warning("resync of %s did not heal it; answers use the fallback", segment)

@@ -1,0 +1,239 @@
+"""`Replica`: the engine kept current by a background thread (bootstrap or checkpoint
+restore, then tail, resync and periodic checkpoints). The sidecar process and Python services
+that embed the replica both use it."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from pathlib import Path
+
+from ..partitioner import partition_for
+from ..transport.base import LogReader, Transport, TransportError
+from . import checkpoint, recovery
+from .engine import Engine, segment_filter
+from .state import SegmentState
+
+log = logging.getLogger(__name__)
+
+
+class Replica:
+    """A gossip-free replica of one log.
+
+    `contains(user, segment)` answers from memory in well under a microsecond: True/False for
+    a fresh segment, None when this replica cannot answer (unknown, stale, diverged, not held,
+    or not ready yet), in which case a caller may ask the fallback.
+    """
+
+    def __init__(
+        self,
+        transport: Transport,
+        *,
+        state_dir: str | Path | None = None,
+        segments: list[str] | None = None,
+        checkpoint_interval: float = 60.0,
+        poll_interval: float = 0.05,
+    ) -> None:
+        self.transport = transport
+        self.state_dir = Path(state_dir) if state_dir else None
+        self.holds = segment_filter(segments)
+        self.partial = bool(segments)
+        self.engine = Engine(self.holds)
+        self.checkpoint_interval = checkpoint_interval
+        self.poll_interval = poll_interval
+        self.ready = threading.Event()
+        self.partitions = 0
+        self.positions: dict[int, int] = {}
+        self.ends: dict[int, int] = {}
+        self.started_at = time.time()
+        self.ready_at: float | None = None
+        self.error: str | None = None
+        self.last_checkpoint_ms = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._reader: LogReader | None = None
+
+    # -- the check path ----------------------------------------------------------------------
+    def contains(self, user: int, segment: str) -> bool | None:
+        state = self.engine.segments.get(segment)
+        if state is None or not state.fresh or not self.ready.is_set():
+            return None
+        return user in state.bitmap
+
+    def state(self, segment: str) -> SegmentState | None:
+        return self.engine.segments.get(segment)
+
+    # -- lifecycle -----------------------------------------------------------------------------
+    def start(self) -> Replica:
+        self._thread = threading.Thread(target=self._run, name="replica", daemon=True)
+        self._thread.start()
+        return self
+
+    def wait_ready(self, timeout: float | None = None) -> bool:
+        return self.ready.wait(timeout)
+
+    def stop(self, *, save: bool = True) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+        if save and self.ready.is_set():
+            self.save_checkpoint()
+
+    def __enter__(self) -> Replica:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- status --------------------------------------------------------------------------------
+    def lag(self) -> dict[int, int]:
+        return {p: max(0, self.ends.get(p, 0) - off) for p, off in self.positions.items()}
+
+    def status(self) -> dict[str, object]:
+        c = self.engine.counters
+        return {
+            "ready": self.ready.is_set(),
+            "log": self.transport.describe(),
+            "segments": len(self.engine.segments),
+            "memberships": self.engine.memberships(),
+            "unhealthy": sorted(s for s, st in self.engine.segments.items() if not st.fresh),
+            "lag": self.lag(),
+            "positions": dict(self.positions),
+            "applied": c.applied,
+            "duplicates": c.duplicates,
+            "gaps": c.gaps,
+            "diverged": c.diverged,
+            "resyncs": c.resyncs,
+            "unknown": c.unknown,
+            "corrupt": c.corrupt,
+            "partial": self.partial,
+            "error": self.error,
+            "uptime_s": round(time.time() - self.started_at, 3),
+            "last_checkpoint_ms": self.last_checkpoint_ms,
+        }
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    def save_checkpoint(self) -> None:
+        if self.state_dir is None or not self.ready.is_set():
+            return
+        offsets = {}
+        for p, pos in self.positions.items():
+            pending = self.engine.pending_offset(self._partition_of, p)
+            offsets[p] = min(pos, pending) if pending is not None else pos
+        ckpt = checkpoint.Checkpoint(
+            log_id=self.transport.describe(),
+            partitions=self.partitions,
+            offsets=offsets,
+            segments=dict(self.engine.segments),
+            dropped=dict(self.engine.dropped),
+        )
+        started = time.monotonic()
+        size = checkpoint.save(self.state_dir, ckpt)
+        self.last_checkpoint_ms = int(time.time() * 1000)
+        log.info("checkpoint: %d bytes in %.2f s", size, time.monotonic() - started)
+
+    def _partition_of(self, segment: str) -> int:
+        return partition_for(segment, self.partitions)
+
+    def _restore(self, reader: LogReader) -> dict[int, int] | None:
+        if self.state_dir is None:
+            return None
+        ckpt = checkpoint.load(self.state_dir, self.transport.describe())
+        if ckpt is None or ckpt.partitions != reader.partitions:
+            return None
+        for p, off in ckpt.offsets.items():
+            low, end = reader.watermarks("deltas", p)
+            if off < low or off > end:
+                log.warning(
+                    "checkpoint offset %d of deltas[%d] is gone (log holds %d..%d): full bootstrap",
+                    off,
+                    p,
+                    low,
+                    end,
+                )
+                return None
+        for name, state in ckpt.segments.items():
+            if self.holds(name):
+                self.engine.install(name, state)
+        for name, version in ckpt.dropped.items():
+            if self.holds(name):
+                self.engine.install_drop(name, version)
+        log.info("restored %d segments from the checkpoint", len(ckpt.segments))
+        return ckpt.offsets
+
+    # -- the loop ------------------------------------------------------------------------------
+    def _open(self) -> LogReader:
+        while not self._stop.is_set():
+            try:
+                return self.transport.reader()
+            except TransportError as exc:
+                if self.error != str(exc):
+                    log.warning("waiting for the log: %s", exc)
+                self.error = str(exc)
+                self._stop.wait(1.0)
+        raise TransportError("stopped")
+
+    def _run(self) -> None:
+        try:
+            self._loop()
+        except TransportError as exc:
+            if not self._stop.is_set():
+                self.error = str(exc)
+                log.error("replica stopped: %s", exc)
+        except Exception as exc:  # keep the reason visible in status; the thread must not vanish
+            self.error = f"{type(exc).__name__}: {exc}"
+            log.exception("replica failed")
+
+    def _loop(self) -> None:
+        reader = self._reader = self._open()
+        self.error = None
+        self.partitions = reader.partitions
+        offsets = self._restore(reader)
+        if offsets is None:
+            recovery.bootstrap(reader, self.engine)
+            self.positions = {p: reader.position("deltas", p) for p in range(self.partitions)}
+        else:
+            self.positions = dict(offsets)
+            reader.assign({("deltas", p): off for p, off in offsets.items()})
+        self._refresh_ends(reader)
+        target = dict(self.ends)
+        last_ckpt = last_ends = time.monotonic()
+        try:
+            while not self._stop.is_set():
+                for rec in reader.poll(self.poll_interval):
+                    self.engine.apply_record(rec)
+                for p in range(self.partitions):
+                    self.positions[p] = reader.position("deltas", p)
+                if self.engine.needs_resync:
+                    self._resync()
+                now = time.monotonic()
+                if now - last_ends > 1.0:
+                    self._refresh_ends(reader)
+                    last_ends = now
+                if not self.ready.is_set() and all(
+                    self.positions[p] >= end for p, end in target.items()
+                ):
+                    self.ready_at = time.time()
+                    self.ready.set()
+                    log.info("ready: %s", self.status())
+                if self.state_dir and now - last_ckpt > self.checkpoint_interval:
+                    self.save_checkpoint()
+                    last_ckpt = now
+        finally:
+            reader.close()
+
+    def _refresh_ends(self, reader: LogReader) -> None:
+        ends = {}
+        for p in range(self.partitions):
+            _, end = reader.watermarks("deltas", p)
+            ends[p] = end
+        self.ends = ends
+
+    def _resync(self) -> None:
+        wanted = set(self.engine.needs_resync)
+        self.engine.needs_resync.clear()
+        log.info("resyncing %d segments: %s", len(wanted), sorted(wanted)[:10])
+        recovery.resync(
+            self.transport, self.engine, wanted, self.positions.__getitem__, self.partitions
+        )

@@ -1,0 +1,46 @@
+"""What the replica holds for one segment, as the servers read it."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from pyroaring import BitMap64
+
+
+class Health(enum.Enum):
+    FRESH = "fresh"  # complete and current: local answers are authoritative
+    STALE = "stale"  # a version gap was seen: waiting for a resync
+    DIVERGED = "diverged"  # the cardinality after an apply did not match: waiting for a resync
+
+
+@dataclass(frozen=True, slots=True)
+class SegmentState:
+    """Immutable: a change builds a new state and swaps it into the table in one assignment,
+    so a reader on another thread never sees half of a change."""
+
+    bitmap: BitMap64
+    version: int
+    cardinality: int
+    updated_ms: int
+    health: Health = Health.FRESH
+
+    @property
+    def fresh(self) -> bool:
+        return self.health is Health.FRESH
+
+
+@dataclass(slots=True)
+class Counters:
+    """Monotonic counts of what the engine did with the log; exported as metrics."""
+
+    applied: int = 0
+    duplicates: int = 0
+    gaps: int = 0
+    diverged: int = 0
+    resyncs: int = 0
+    unknown: int = 0
+    corrupt: int = 0
+    drops: int = 0
+    ignored: int = 0  # records of segments this replica does not hold (--segments)
+    by_kind: dict[str, int] = field(default_factory=dict)

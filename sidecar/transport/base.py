@@ -1,0 +1,121 @@
+"""The log transport interface: what the replica engine and the publisher see.
+
+Two logical topics, `deltas` and `snapshots`, with the same partition count. A writer appends
+records in transactions (all or nothing, across partitions and topics); a reader sees only
+committed records, in offset order within a partition, and can tail. Kafka and a local
+directory implement it (`kafka.py`, `logdir.py`).
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Literal
+
+Topic = Literal["deltas", "snapshots"]
+TOPICS: tuple[Topic, Topic] = ("deltas", "snapshots")
+
+
+class TransportError(RuntimeError):
+    """The log cannot be reached or used as asked. The message says why."""
+
+
+class FencedError(TransportError):
+    """Another writer with the same identity took over: this one must stop."""
+
+
+@dataclass(frozen=True, slots=True)
+class LogRecord:
+    topic: Topic
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None  # None is a tombstone (snapshots topic)
+
+
+class LogWriter(abc.ABC):
+    """Appends records in transactions. One writer per log identity at a time: a second one
+    fences the first."""
+
+    partitions: int
+
+    @abc.abstractmethod
+    def begin(self) -> None: ...
+
+    @abc.abstractmethod
+    def append(self, topic: Topic, partition: int, key: bytes | None, value: bytes | None) -> int:
+        """Queue one record in the open transaction; returns its size in bytes."""
+
+    @abc.abstractmethod
+    def commit(self) -> None: ...
+
+    @abc.abstractmethod
+    def abort(self) -> None: ...
+
+    @abc.abstractmethod
+    def close(self) -> None: ...
+
+    @contextmanager
+    def transaction(self) -> Iterator[LogWriter]:
+        """`with writer.transaction():` commits on success, aborts on any exception."""
+        self.begin()
+        try:
+            yield self
+        except BaseException:
+            self.abort()
+            raise
+        self.commit()
+
+    def __enter__(self) -> LogWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class LogReader(abc.ABC):
+    """Reads committed records of assigned partitions, from a chosen offset, and tails."""
+
+    partitions: int
+
+    @abc.abstractmethod
+    def watermarks(self, topic: Topic, partition: int) -> tuple[int, int]:
+        """(first offset still held, end offset of committed data)."""
+
+    @abc.abstractmethod
+    def assign(self, assignments: dict[tuple[Topic, int], int]) -> None:
+        """Read exactly these (topic, partition) from these offsets, replacing any earlier
+        assignment."""
+
+    @abc.abstractmethod
+    def poll(self, timeout: float) -> list[LogRecord]:
+        """Committed records in offset order per partition; [] after `timeout` seconds idle."""
+
+    @abc.abstractmethod
+    def position(self, topic: Topic, partition: int) -> int:
+        """The offset this reader reads next in that partition (past markers it skipped)."""
+
+    @abc.abstractmethod
+    def close(self) -> None: ...
+
+    def __enter__(self) -> LogReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class Transport(abc.ABC):
+    """A log: makes readers and writers. `describe()` names it for logs and status."""
+
+    @abc.abstractmethod
+    def reader(self) -> LogReader: ...
+
+    @abc.abstractmethod
+    def writer(self, writer_id: str, partitions: int | None = None) -> LogWriter:
+        """A transactional writer; creates the topics with `partitions` when absent."""
+
+    @abc.abstractmethod
+    def describe(self) -> str: ...

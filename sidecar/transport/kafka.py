@@ -1,0 +1,247 @@
+"""The Kafka log: confluent-kafka with transactions, read_committed, explicit partitions."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+import uuid
+
+from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient, NewTopic
+
+from .base import (
+    TOPICS,
+    FencedError,
+    LogReader,
+    LogRecord,
+    LogWriter,
+    Topic,
+    Transport,
+    TransportError,
+)
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PARTITIONS = 8
+#: A record holds at most ~1 MB of bitmap; leave room for the envelope and batching.
+MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+DELTA_RETENTION_MS = 7 * 24 * 3600 * 1000
+_FENCED_CODES = {
+    KafkaError._FENCED,
+    KafkaError.PRODUCER_FENCED,
+    KafkaError.INVALID_PRODUCER_EPOCH,
+    KafkaError.TRANSACTIONAL_ID_AUTHORIZATION_FAILED,
+}
+
+
+def _error(exc: KafkaException) -> KafkaError | None:
+    return exc.args[0] if exc.args and isinstance(exc.args[0], KafkaError) else None
+
+
+class KafkaWriter(LogWriter):
+    def __init__(self, transport: KafkaTransport, writer_id: str, partitions: int) -> None:
+        self._t = transport
+        self.partitions = partitions
+        conf = {
+            "bootstrap.servers": transport.bootstrap,
+            "transactional.id": writer_id,
+            "enable.idempotence": True,
+            "compression.type": "zstd",
+            "message.max.bytes": MAX_MESSAGE_BYTES,
+            "linger.ms": 5,
+            "transaction.timeout.ms": 120_000,
+            **transport.config,
+        }
+        self._producer = Producer(conf)
+        self._call(self._producer.init_transactions, 60)
+
+    def _call(self, fn, *args) -> None:  # type: ignore[no-untyped-def]
+        try:
+            fn(*args)
+        except KafkaException as exc:
+            err = _error(exc)
+            if err is not None and (err.code() in _FENCED_CODES or err.fatal()):
+                raise FencedError(
+                    f"this publisher was fenced by another with the same transactional.id: {err}"
+                ) from exc
+            raise TransportError(f"Kafka {fn.__name__} failed: {exc}") from exc
+
+    def begin(self) -> None:
+        self._call(self._producer.begin_transaction)
+
+    def append(self, topic: Topic, partition: int, key: bytes | None, value: bytes | None) -> int:
+        name = self._t.topic(topic)
+        while True:
+            try:
+                self._producer.produce(name, value=value, key=key, partition=partition)
+                break
+            except BufferError:  # local queue full: let librdkafka send, then retry
+                self._producer.poll(0.05)
+            except KafkaException as exc:
+                raise TransportError(f"Kafka produce failed: {exc}") from exc
+        self._producer.poll(0)
+        return len(key or b"") + len(value or b"")
+
+    def commit(self) -> None:
+        try:
+            self._call(self._producer.commit_transaction, 120)
+        except TransportError:
+            with contextlib.suppress(KafkaException):
+                self._producer.abort_transaction(30)
+            raise
+
+    def abort(self) -> None:
+        try:
+            self._producer.abort_transaction(30)
+        except KafkaException as exc:
+            log.warning("abort_transaction failed: %s", exc)
+
+    def close(self) -> None:
+        self._producer.flush(10)
+
+
+class KafkaReader(LogReader):
+    def __init__(self, transport: KafkaTransport) -> None:
+        self._t = transport
+        self.partitions = transport.partition_count()
+        self._consumer = Consumer(
+            {
+                "bootstrap.servers": transport.bootstrap,
+                "group.id": f"seg-reader-{uuid.uuid4().hex}",
+                "enable.auto.commit": False,
+                "enable.auto.offset.store": False,
+                "isolation.level": "read_committed",
+                "enable.partition.eof": True,
+                "auto.offset.reset": "earliest",
+                "fetch.wait.max.ms": 50,
+                "fetch.message.max.bytes": MAX_MESSAGE_BYTES,
+                **transport.config,
+            }
+        )
+        self._next: dict[tuple[Topic, int], int] = {}
+        self._kinds = {transport.topic(t): t for t in TOPICS}
+
+    def watermarks(self, topic: Topic, partition: int) -> tuple[int, int]:
+        tp = TopicPartition(self._t.topic(topic), partition)
+        try:
+            low, high = self._consumer.get_watermark_offsets(tp, timeout=15, cached=False)
+        except KafkaException as exc:
+            raise TransportError(f"cannot read offsets of {tp.topic}[{partition}]: {exc}") from exc
+        return low, high
+
+    def assign(self, assignments: dict[tuple[Topic, int], int]) -> None:
+        self._next = dict(assignments)
+        self._consumer.assign(
+            [TopicPartition(self._t.topic(t), p, off) for (t, p), off in assignments.items()]
+        )
+
+    def position(self, topic: Topic, partition: int) -> int:
+        return self._next.get((topic, partition), 0)
+
+    def poll(self, timeout: float) -> list[LogRecord]:
+        deadline = time.monotonic() + timeout
+        out: list[LogRecord] = []
+        while True:
+            left = max(0.0, deadline - time.monotonic())
+            for msg in self._consumer.consume(num_messages=1000, timeout=left):
+                err = msg.error()
+                tp = (self._kinds[msg.topic()], msg.partition())
+                if err is not None:
+                    if err.code() == KafkaError._PARTITION_EOF:
+                        # read_committed: EOF sits at the last stable offset, past markers.
+                        self._next[tp] = max(self._next.get(tp, 0), msg.offset())
+                        continue
+                    if err.fatal():
+                        raise TransportError(f"Kafka consumer failed: {err}")
+                    log.warning("Kafka consumer: %s", err)
+                    continue
+                offset = msg.offset()
+                self._next[tp] = offset + 1
+                out.append(LogRecord(tp[0], tp[1], offset, msg.key(), msg.value()))
+            if out or time.monotonic() >= deadline:
+                return out
+
+    def close(self) -> None:
+        self._consumer.close()
+
+
+class KafkaTransport(Transport):
+    def __init__(
+        self,
+        bootstrap: str,
+        prefix: str = "segments",
+        config: dict[str, str] | None = None,
+        replication_factor: int = 1,
+    ) -> None:
+        self.bootstrap = bootstrap
+        self.prefix = prefix
+        self.config = dict(config or {})
+        self.replication_factor = replication_factor
+
+    def topic(self, kind: Topic) -> str:
+        return f"{self.prefix}.{kind}"
+
+    def _admin(self) -> AdminClient:
+        return AdminClient({"bootstrap.servers": self.bootstrap, **self.config})
+
+    def partition_count(self) -> int:
+        """Partitions of the topics; TransportError when they do not exist (yet)."""
+        try:
+            meta = self._admin().list_topics(timeout=15)
+        except KafkaException as exc:
+            raise TransportError(f"cannot reach Kafka at {self.bootstrap}: {exc}") from exc
+        counts = []
+        for kind in TOPICS:
+            t = meta.topics.get(self.topic(kind))
+            if t is None or t.error is not None:
+                raise TransportError(f"topic {self.topic(kind)} does not exist on {self.bootstrap}")
+            counts.append(len(t.partitions))
+        if counts[0] != counts[1]:
+            raise TransportError(f"topics {self.prefix}.* have different partition counts {counts}")
+        return counts[0]
+
+    def ensure_topics(self, partitions: int) -> int:
+        """Create the two topics when absent; returns the partition count in use."""
+        try:
+            return self.partition_count()
+        except TransportError:
+            pass
+        common = {"max.message.bytes": str(MAX_MESSAGE_BYTES)}
+        configs = {
+            "deltas": {
+                **common,
+                "cleanup.policy": "delete",
+                "retention.ms": str(DELTA_RETENTION_MS),
+            },
+            "snapshots": {**common, "cleanup.policy": "compact", "min.compaction.lag.ms": "60000"},
+        }
+        new = [
+            NewTopic(self.topic(k), partitions, self.replication_factor, config=configs[k])
+            for k in TOPICS
+        ]
+        for name, fut in self._admin().create_topics(new, request_timeout=30).items():
+            try:
+                fut.result()
+            except KafkaException as exc:
+                err = _error(exc)
+                if err is None or err.code() != KafkaError.TOPIC_ALREADY_EXISTS:
+                    raise TransportError(f"cannot create topic {name}: {exc}") from exc
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                return self.partition_count()
+            except TransportError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+
+    def reader(self) -> KafkaReader:
+        return KafkaReader(self)
+
+    def writer(self, writer_id: str, partitions: int | None = None) -> KafkaWriter:
+        count = self.ensure_topics(partitions or DEFAULT_PARTITIONS)
+        return KafkaWriter(self, writer_id, count)
+
+    def describe(self) -> str:
+        return f"Kafka {self.bootstrap} topics {self.prefix}.deltas/.snapshots"

@@ -1,0 +1,162 @@
+"""The demo (`./run demo`): the whole platform on this machine, end to end.
+
+gen-data -> Spark batch -> seg-publish to a log directory -> seg-sidecar -> checks over the
+Unix socket and HTTP -> a table of answers and latencies -> clean stop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+from pyroaring import BitMap64
+
+from sidecar.client import SidecarClient
+
+ROOT = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+
+
+def step(title: str) -> float:
+    print(f"\n== {title}", flush=True)
+    return time.monotonic()
+
+
+def run(*cmd: str) -> None:
+    started = time.monotonic()
+    subprocess.run([str(BIN / cmd[0]), *cmd[1:]], check=True)
+    print(f"   ({time.monotonic() - started:.1f} s)", flush=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http_get(url: str) -> tuple[int, dict]:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read() or b"{}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--users", type=int, default=50_000, help="users in the synthetic lake")
+    parser.add_argument("--workdir", help="keep everything here (default: a temp directory)")
+    args = parser.parse_args()
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="seg-demo-"))
+    lake, out, log_dir, state = work / "lake", work / "segments", work / "log", work / "state"
+    sock = work / "run" / "sidecar.sock"
+    port = free_port()
+    definitions = ROOT / "compute" / "definitions" / "example.toml"
+
+    step(f"1. synthetic lake: {args.users:,} users -> {lake}")
+    run("seg-compute", "gen-data", "--out", str(lake), "--users", str(args.users))
+    step("2. Spark batch: segment definitions -> segment set")
+    run(
+        "seg-compute",
+        "batch",
+        "--lake",
+        str(lake),
+        "--definitions",
+        str(definitions),
+        "--out",
+        str(out),
+    )
+    step("3. publish the segment set to the log")
+    run("seg-publish", "--input", str(out), "--log-dir", str(log_dir), "--quiet")
+    step("4. start the sidecar")
+    env = {**os.environ, "SEG_LOG_LEVEL": "warning"}
+    sidecar = subprocess.Popen(
+        [
+            str(BIN / "seg-sidecar"),
+            "--log-dir",
+            str(log_dir),
+            "--uds",
+            str(sock),
+            "--http",
+            f"127.0.0.1:{port}",
+            "--state-dir",
+            str(state),
+        ],
+        env=env,
+    )
+    try:
+        started = time.monotonic()
+        while True:
+            try:
+                if http_get(f"http://127.0.0.1:{port}/readyz")[0] == 200:
+                    break
+            except OSError:
+                pass
+            if sidecar.poll() is not None or time.monotonic() - started > 60:
+                print("sidecar did not become ready", file=sys.stderr)
+                return 1
+            time.sleep(0.1)
+        print(f"   ready in {time.monotonic() - started:.2f} s: uds {sock}, http 127.0.0.1:{port}")
+
+        step("5. checks over the Unix socket and HTTP")
+        manifest = json.loads((out / "manifest.json").read_text())
+        segments = sorted(manifest["segments"])
+        members = {
+            s: BitMap64.deserialize((out / manifest["segments"][s]["file"]).read_bytes())
+            for s in segments
+        }
+        users = sorted({m.min() for m in members.values() if m} | {1, 2**63 + 5})[:6]
+        print(
+            f"   {'user':>20}  {'segment':<22} {'uds':>6} {'http':>6} {'truth':>6} "
+            f"{'uds us':>8} {'http us':>8}"
+        )
+        with SidecarClient(str(sock)) as client:
+            for user in users:
+                for segment in segments[:4] + ["never_published"]:
+                    t0 = time.perf_counter()
+                    via_uds = client.check(user, segment)
+                    t1 = time.perf_counter()
+                    _, body = http_get(
+                        f"http://127.0.0.1:{port}/v1/check?user={user}&segment={segment}"
+                    )
+                    t2 = time.perf_counter()
+                    truth = (user in members[segment]) if segment in members else None
+                    print(
+                        f"   {user:>20}  {segment:<22} {via_uds!s:>6} {body['member']!s:>6} "
+                        f"{truth!s:>6} {(t1 - t0) * 1e6:>8.0f} {(t2 - t1) * 1e6:>8.0f}"
+                    )
+            n = 20_000
+            t0 = time.perf_counter()
+            for i in range(n):
+                client.check(users[i % len(users)], segments[i % len(segments)])
+            per = (time.perf_counter() - t0) / n * 1e6
+            batch = [[users[i % len(users)], segments[i % len(segments)]] for i in range(1000)]
+            t0 = time.perf_counter()
+            client.batch(batch)
+            batch_us = (time.perf_counter() - t0) * 1e6
+            status = client.status()
+        print(f"\n   {n:,} sequential socket checks: {per:.1f} us each (mean, round trip)")
+        print(f"   one batch of 1,000 checks: {batch_us:.0f} us")
+        print(
+            f"   sidecar holds {status['segments']} segments, {status['memberships']:,} memberships"
+        )
+    finally:
+        step("6. stop the sidecar (SIGTERM: checkpoint, clean exit)")
+        sidecar.send_signal(signal.SIGTERM)
+        code = sidecar.wait(timeout=30)
+        print(f"   exit code {code}; checkpoint: {sorted(p.name for p in state.glob('*'))}")
+    print(f"\ndemo files in {work}")
+    return 0 if code == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -50,6 +50,7 @@ class Replica:
         self.ready_at: float | None = None
         self.error: str | None = None
         self.last_checkpoint_ms = 0
+        self.started_from: str | None = None  # "checkpoint" or "log", once known
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._reader: LogReader | None = None
@@ -108,6 +109,7 @@ class Replica:
             "unknown": c.unknown,
             "corrupt": c.corrupt,
             "partial": self.partial,
+            "started_from": self.started_from,
             "error": self.error,
             "uptime_s": round(time.time() - self.started_at, 3),
             "last_checkpoint_ms": self.last_checkpoint_ms,
@@ -190,6 +192,7 @@ class Replica:
         self.error = None
         self.partitions = reader.partitions
         offsets = self._restore(reader)
+        self.started_from = "log" if offsets is None else "checkpoint"
         if offsets is None:
             recovery.bootstrap(reader, self.engine)
             self.positions = {p: reader.position("deltas", p) for p in range(self.partitions)}

@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 _TRANSIENT = {
     -11,  # MAX_RETRIES_EXCEEDED
     -8,  # NO_MORE_CONNECTIONS / server not available
+    -15,  # NO_RESPONSE: a batch row whose parent command timed out or lost its connection
     9,  # TIMEOUT
     11,  # PARTITION_UNAVAILABLE
     14,  # KEY_BUSY
@@ -66,7 +67,16 @@ class AerospikeSink:
     def connect(cls, hosts: str, **kwargs: Any) -> AerospikeSink:
         config = {
             "hosts": parse_hosts(hosts),
-            "policies": {"batch_write": {"total_timeout": 10_000, "max_retries": 2}},
+            # The parent command's policy: it is what carries the timeouts of batch_operate
+            # ("batch_write" is the per-row policy and has none; the default parent total
+            # timeout, 1 s, times out 5,000-row batches on a loaded server).
+            "policies": {
+                "batch_parent_write": {
+                    "total_timeout": 10_000,
+                    "socket_timeout": 10_000,
+                    "max_retries": 2,
+                }
+            },
         }
         try:
             client = aerospike.client(config).connect()

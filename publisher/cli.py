@@ -64,11 +64,14 @@ def main(argv: list[str] | None = None) -> int:
         fail(str(exc))
     sink = None
     if args.aerospike:
-        from .aerospike_sink import AerospikeSink
+        from .aerospike_sink import AerospikeSink, AerospikeSinkError
 
-        sink = AerospikeSink.connect(args.aerospike, namespace=args.aerospike_namespace)
-        if args.create_index:
-            sink.create_index()
+        try:
+            sink = AerospikeSink.connect(args.aerospike, namespace=args.aerospike_namespace)
+            if args.create_index:
+                sink.create_index()
+        except (AerospikeSinkError, ValueError) as exc:
+            fail(str(exc), code=1)
 
     def progress(message: str) -> None:
         if not args.quiet:
@@ -88,6 +91,8 @@ def main(argv: list[str] | None = None) -> int:
         fail(f"fenced: {exc}", code=3)
     except TransportError as exc:
         fail(str(exc), code=1)
+    except RuntimeError as exc:  # AerospikeSinkError: nothing was committed to the log
+        fail(f"{exc} (the log was not written; run the same publish again)", code=1)
     print(f"published to {transport.describe()}: {result.summary()}")
     return 0
 

@@ -69,10 +69,12 @@ class AerospikeFallback(Fallback):
         self._client: Any = None
         self._connect_lock = threading.Lock()
         self._last_connect_try = 0.0
+        self._connecting = False
+        self._closed = False
         self.in_flight = 0
         self.calls = {"ok": 0, "not_found": 0, "timeout": 0, "error": 0, "rejected": 0}
 
-    # -- connection (lazy, retried at most once a second) -----------------------------------
+    # -- connection (lazy, in the background, retried at most once a second) ---------------
     def _config(self) -> dict[str, Any]:
         budget_ms = max(1, int(self.budget * 1000))
         hosts: list[tuple[Any, ...]] = (
@@ -91,25 +93,44 @@ class AerospikeFallback(Fallback):
             config["tls"] = {"enable": True}
         return config
 
-    def _connected(self) -> Any:
-        import aerospike
-
-        if self._client is not None:
-            return self._client
+    def _connect_in_background(self) -> None:
+        """Start one connection attempt on its own thread (one at a time, at most once a
+        second). Connecting takes longer than the budget, so it stays off the request path:
+        calls made meanwhile answer None at once and are not breaker failures (otherwise a
+        burst of first calls would all time out on the connect and open the breaker)."""
         with self._connect_lock:
-            if self._client is not None:
-                return self._client
+            if self._client is not None or self._connecting or self._closed:
+                return
             now = time.monotonic()
             if now - self._last_connect_try < 1.0:
-                raise ConnectionError("Aerospike not connected (retrying)")
+                return
             self._last_connect_try = now
+            self._connecting = True
+        threading.Thread(target=self._connect, name="aerospike-connect", daemon=True).start()
+
+    def _connect(self) -> None:
+        import aerospike
+
+        try:
             client = aerospike.client(self._config())
             if self._auth:
                 client.connect(*self._auth)
             else:
                 client.connect()
-            self._client = client
-            return client
+            if self._closed:  # closed while connecting
+                client.close()
+            else:
+                self._client = client
+        except Exception as exc:
+            log.warning("cannot connect to Aerospike %s: %s", self.hosts, exc)
+        finally:
+            self._connecting = False
+
+    def _connected(self) -> Any:
+        client = self._client
+        if client is None:
+            raise ConnectionError("Aerospike not connected")
+        return client
 
     def _get(self, user: int) -> dict[str, int]:
         import aerospike
@@ -124,6 +145,10 @@ class AerospikeFallback(Fallback):
 
     # -- the fallback ---------------------------------------------------------------------
     async def segments_of(self, user: int) -> dict[str, int] | None:
+        if self._client is None:
+            self._connect_in_background()
+            self.calls["rejected"] += 1
+            return None
         if self.in_flight >= self.max_in_flight or not self.breaker.allow():
             self.calls["rejected"] += 1
             return None
@@ -131,7 +156,7 @@ class AerospikeFallback(Fallback):
         loop = asyncio.get_running_loop()
         future = loop.run_in_executor(self._pool, self._get, user)
         try:
-            # The client enforces the budget; the deadline here covers a stuck connect.
+            # The client enforces the budget; the deadline here covers a stuck call.
             result = await asyncio.wait_for(future, self.budget + 0.002)
         except TimeoutError:
             self.calls["timeout"] += 1
@@ -160,6 +185,7 @@ class AerospikeFallback(Fallback):
         }
 
     async def close(self) -> None:
+        self._closed = True
         self._pool.shutdown(wait=False, cancel_futures=True)
         if self._client is not None:
             self._client.close()

@@ -1,0 +1,265 @@
+"""In-memory records and single-record command execution (also used for batch rows).
+
+Records are keyed by (namespace, digest), like the real server; each keeps its set name,
+bins (as :class:`wire.Particle`), generation and, when the client sent it, the user key.
+The store is guarded by a lock because tests inspect it from another thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import cdt, msgpack_codec, wire
+from .wire import AsMsg, Op, Particle
+
+log = logging.getLogger(__name__)
+
+MAX_GENERATION = 0xFFFF
+
+
+@dataclass
+class Record:
+    set_name: str
+    bins: dict[str, Particle]
+    generation: int
+    user_key: Any = None
+
+
+@dataclass
+class Command:
+    """One record command: a single-record as_msg, or one row of a batch."""
+
+    info1: int
+    info2: int
+    info3: int
+    namespace: str
+    set_name: str
+    digest: bytes
+    ops: list[Op]
+    generation: int = 0
+    user_key: Any = None
+    unsupported: list[str] = field(default_factory=list)
+
+
+class OpError(Exception):
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _next_generation(gen: int) -> int:
+    return 1 if gen >= MAX_GENERATION else gen + 1
+
+
+def _null(op: Op) -> Op:
+    return Op(op.op, wire.PT_NULL, op.name, b"")
+
+
+def _result_op(op: Op, value: Any) -> Op:
+    p = wire.particle_of(value)
+    return Op(op.op, p.ptype, op.name, wire.encode_particle(p))
+
+
+def _bin_op(op_code: int, name: str, p: Particle) -> Op:
+    return Op(op_code, p.ptype, name, wire.encode_particle(p))
+
+
+def _incr(bins: dict[str, Particle], op: Op) -> None:
+    delta = wire.decode_particle(op.particle_type, op.value)
+    cur = bins.get(op.name)
+    if delta.ptype not in (wire.PT_INTEGER, wire.PT_DOUBLE):
+        raise OpError(wire.ERR_PARAMETER, "increment by a non-number")
+    if cur is None:
+        bins[op.name] = delta
+        return
+    if cur.ptype != delta.ptype:
+        raise OpError(wire.ERR_INCOMPATIBLE_TYPE, f"bin {op.name!r} has another type")
+    value = cur.value + delta.value
+    if cur.ptype == wire.PT_INTEGER:
+        value = struct.unpack(">q", struct.pack(">Q", value & 0xFFFF_FFFF_FFFF_FFFF))[0]
+    bins[op.name] = Particle(cur.ptype, value)
+
+
+def _concat(bins: dict[str, Particle], op: Op) -> None:
+    add = wire.decode_particle(op.particle_type, op.value)
+    cur = bins.get(op.name)
+    if add.ptype not in (wire.PT_STRING, wire.PT_BLOB):
+        raise OpError(wire.ERR_PARAMETER, "append/prepend needs a string or blob")
+    if cur is None:
+        bins[op.name] = add
+        return
+    if cur.ptype != add.ptype:
+        raise OpError(wire.ERR_INCOMPATIBLE_TYPE, f"bin {op.name!r} has another type")
+    value = cur.value + add.value if op.op == wire.OP_APPEND else add.value + cur.value
+    bins[op.name] = Particle(cur.ptype, value)
+
+
+def _cdt(bins: dict[str, Particle], op: Op, writable: bool) -> Any:
+    try:
+        request = msgpack_codec.unpackb(op.value)
+    except msgpack_codec.MsgpackError as exc:
+        raise OpError(wire.ERR_PARAMETER, f"bad CDT op: {exc}") from exc
+    if op.op == wire.OP_CDT_READ and not cdt.is_read_only(request):
+        raise OpError(wire.ERR_PARAMETER, "modify CDT op sent as CDT_READ")
+    cur = bins.get(op.name)
+    if cur is not None and cur.ptype != wire.PT_MAP:
+        raise OpError(wire.ERR_INCOMPATIBLE_TYPE, f"bin {op.name!r} is not a map")
+    try:
+        new, result = cdt.apply(None if cur is None else cur.value, request)
+    except cdt.CdtError as exc:
+        raise OpError(exc.code, str(exc)) from exc
+    if writable and op.op == wire.OP_CDT_MODIFY:
+        if new is None:
+            bins.pop(op.name, None)
+        else:
+            bins[op.name] = Particle(wire.PT_MAP, new)
+    return result
+
+
+def apply_ops(bins: dict[str, Particle], ops: list[Op], *, writable: bool,
+              respond_all: bool, get_all: bool) -> list[Op]:
+    """Apply ops in order to bins (mutated in place when writable); return response ops."""
+    out: list[Op] = []
+    for op in ops:
+        code = op.op
+        if code == wire.OP_READ:
+            if get_all or not op.name:
+                out.extend(_bin_op(wire.OP_READ, n, p) for n, p in bins.items())
+            elif op.name in bins:
+                out.append(_bin_op(wire.OP_READ, op.name, bins[op.name]))
+            elif respond_all:
+                out.append(_null(op))
+            continue
+        if code == wire.OP_CDT_READ:
+            if op.name in bins:
+                out.append(_result_op(op, _cdt(bins, op, writable=False)))
+            elif respond_all:
+                out.append(_null(op))
+            continue
+        if not writable:
+            raise OpError(wire.ERR_PARAMETER, f"write op {code} in a read command")
+        if code == wire.OP_CDT_MODIFY:
+            result = _cdt(bins, op, writable=True)
+            if respond_all or result is not None:
+                out.append(_result_op(op, result))
+            continue
+        if code == wire.OP_WRITE:
+            if op.particle_type == wire.PT_NULL:
+                bins.pop(op.name, None)
+            else:
+                try:
+                    bins[op.name] = wire.decode_particle(op.particle_type, op.value)
+                except (ValueError, struct.error) as exc:
+                    raise OpError(wire.ERR_PARAMETER, f"bad bin value: {exc}") from exc
+        elif code == wire.OP_INCR:
+            _incr(bins, op)
+        elif code in (wire.OP_APPEND, wire.OP_PREPEND):
+            _concat(bins, op)
+        elif code == wire.OP_DELETE_ALL:
+            bins.clear()
+        elif code != wire.OP_TOUCH:
+            raise OpError(wire.ERR_UNSUPPORTED_FEATURE, f"op type {code} is not supported")
+        if respond_all:
+            out.append(_null(op))
+    return out
+
+
+class Store:
+    """All records of all namespaces, plus the command semantics over them."""
+
+    def __init__(self, namespaces: list[str]) -> None:
+        self.namespaces = list(namespaces)
+        self.lock = threading.RLock()
+        self._records: dict[tuple[str, bytes], Record] = {}
+
+    # -- inspection ----------------------------------------------------------------
+
+    def snapshot(self) -> dict[tuple[str, bytes], Record]:
+        with self.lock:
+            return {k: Record(r.set_name, dict(r.bins), r.generation, r.user_key)
+                    for k, r in self._records.items()}
+
+    def get(self, ns: str, digest: bytes) -> Record | None:
+        with self.lock:
+            return self._records.get((ns, digest))
+
+    def put_record(self, ns: str, digest: bytes, record: Record) -> None:
+        with self.lock:
+            self._records[(ns, digest)] = record
+
+    def clear(self, ns: str | None = None, set_name: str | None = None) -> int:
+        with self.lock:
+            doomed = [k for k, r in self._records.items()
+                      if (ns is None or k[0] == ns)
+                      and (set_name is None or r.set_name == set_name)]
+            for k in doomed:
+                del self._records[k]
+            return len(doomed)
+
+    # -- execution -----------------------------------------------------------------
+
+    def execute(self, cmd: Command) -> AsMsg:
+        """Run one command; the response header's transaction_ttl is left 0."""
+        if cmd.namespace not in self.namespaces:
+            return AsMsg(result_code=20)  # AS_ERR_NAMESPACE
+        try:
+            with self.lock:
+                if cmd.info2 & wire.INFO2_WRITE:
+                    return self._write(cmd)
+                return self._read(cmd)
+        except OpError as exc:
+            log.info("aerospike test server: command failed (%d): %s", exc.code, exc)
+            return AsMsg(result_code=exc.code)
+
+    def _read(self, cmd: Command) -> AsMsg:
+        rec = self._records.get((cmd.namespace, cmd.digest))
+        if rec is None:
+            return AsMsg(result_code=wire.ERR_NOT_FOUND)
+        if cmd.info1 & wire.INFO1_GET_NOBINDATA:
+            return AsMsg(generation=rec.generation)
+        get_all = bool(cmd.info1 & wire.INFO1_GET_ALL) or not cmd.ops
+        ops = cmd.ops or [Op(wire.OP_READ, wire.PT_NULL, "", b"")]
+        out = apply_ops(rec.bins, ops, writable=False, get_all=get_all,
+                        respond_all=bool(cmd.info2 & wire.INFO2_RESPOND_ALL_OPS))
+        return AsMsg(generation=rec.generation, ops=out)
+
+    def _check_write(self, cmd: Command, rec: Record | None) -> None:
+        exists = rec is not None
+        if cmd.info2 & wire.INFO2_CREATE_ONLY and exists:
+            raise OpError(wire.ERR_RECORD_EXISTS, "record exists")
+        if cmd.info3 & (wire.INFO3_UPDATE_ONLY | wire.INFO3_REPLACE_ONLY) and not exists:
+            raise OpError(wire.ERR_NOT_FOUND, "record not found")
+        gen = rec.generation if rec else 0
+        if cmd.info2 & wire.INFO2_GENERATION and cmd.generation != gen:
+            raise OpError(wire.ERR_GENERATION, f"generation {gen} != {cmd.generation}")
+        if cmd.info2 & wire.INFO2_GENERATION_GT and cmd.generation <= gen:
+            raise OpError(wire.ERR_GENERATION, f"generation {cmd.generation} <= {gen}")
+
+    def _write(self, cmd: Command) -> AsMsg:
+        key = (cmd.namespace, cmd.digest)
+        rec = self._records.get(key)
+        if cmd.info2 & wire.INFO2_DELETE:
+            if rec is None:
+                return AsMsg(result_code=wire.ERR_NOT_FOUND)
+            self._check_write(cmd, rec)
+            del self._records[key]
+            return AsMsg()
+        self._check_write(cmd, rec)
+        replace = bool(cmd.info3 & (wire.INFO3_CREATE_OR_REPLACE | wire.INFO3_REPLACE_ONLY))
+        bins = {} if rec is None or replace else dict(rec.bins)
+        out = apply_ops(bins, cmd.ops, writable=True,
+                        respond_all=bool(cmd.info2 & wire.INFO2_RESPOND_ALL_OPS),
+                        get_all=bool(cmd.info1 & wire.INFO1_GET_ALL))
+        if not bins:
+            if rec is None:
+                return AsMsg(result_code=wire.ERR_NOT_FOUND)
+            del self._records[key]  # a record whose last bin went is deleted
+            return AsMsg(ops=out)
+        gen = _next_generation(rec.generation if rec else 0)
+        user_key = cmd.user_key if cmd.user_key is not None else (rec.user_key if rec else None)
+        self._records[key] = Record(cmd.set_name, bins, gen, user_key)
+        return AsMsg(generation=gen, ops=out)

@@ -1,0 +1,110 @@
+"""Pytest plugin: a real single-node Apache Kafka 4.x broker (KRaft) for the test session.
+
+Registered in ``tests/conftest.py`` with ``pytest_plugins = ["tests.kafka_fixture"]``.
+
+* ``kafka_bootstrap`` (session): ``"127.0.0.1:PORT"`` of a broker started with
+  ``deploy/local/kafka up --data <per-session tmp dir>`` and stopped (``down``) at session
+  end. If the broker cannot start the fixture FAILS with the script's stderr and the broker
+  log tail; it never skips. With ``SEG_TEST_KAFKA=HOST:PORT`` set, that broker is used and
+  nothing is started. The broker is started with ``--owner-pid`` = this process, so a
+  killed pytest run does not leave it behind.
+* ``topic_prefix`` (function): a unique prefix such as ``t1a2b3c4d5e`` for the test's topics,
+  transactional ids and group ids (the broker is shared by the whole session).
+
+Broker settings: deploy/local/server.properties.template (auto topic creation off, replication
+factor 1, message.max.bytes 8 MiB). Create topics explicitly with the AdminClient.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from uuid import uuid4
+
+import pytest
+
+REPO_DIR = Path(__file__).resolve().parent.parent
+KAFKA_SCRIPT = REPO_DIR / "deploy" / "local" / "kafka"
+EXTERNAL_BROKER_ENV = "SEG_TEST_KAFKA"
+# The first `up` on a machine resolves the jars with Maven; the script's own readiness
+# timeout is 120 s.
+UP_TIMEOUT_S = 420
+DOWN_TIMEOUT_S = 90
+_ADDRESS = re.compile(r"127\.0\.0\.1:\d+")
+
+
+def _tail(path: Path, lines: int = 50) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError as exc:
+        return f"(no broker log: {exc})"
+
+
+def _down(data: Path) -> subprocess.CompletedProcess[str] | None:
+    try:
+        return subprocess.run(
+            [str(KAFKA_SCRIPT), "down", "--data", str(data)],
+            capture_output=True,
+            text=True,
+            timeout=DOWN_TIMEOUT_S,
+            check=False,
+        )
+    except subprocess.TimeoutExpired:
+        return None
+
+
+def start_broker(data: Path) -> str:
+    """Runs ``deploy/local/kafka up`` for ``data``; returns the address or calls pytest.fail."""
+    cmd = [str(KAFKA_SCRIPT), "up", "--data", str(data), "--owner-pid", str(os.getpid())]
+    try:
+        proc = subprocess.run(
+            cmd, capture_output=True, text=True, timeout=UP_TIMEOUT_S, check=False
+        )
+        returncode, stdout, stderr = proc.returncode, proc.stdout, proc.stderr
+    except subprocess.TimeoutExpired as exc:
+        returncode = None
+        stdout = exc.stdout.decode(errors="replace") if isinstance(exc.stdout, bytes) else ""
+        stderr = exc.stderr.decode(errors="replace") if isinstance(exc.stderr, bytes) else ""
+    lines = stdout.strip().splitlines()
+    if returncode == 0 and lines and _ADDRESS.fullmatch(lines[-1].strip()):
+        return lines[-1].strip()
+    # Keep the log: `down` deletes the data dir.
+    log = data / "broker.log"
+    kept = data.parent / f"{data.name}-failed-broker.log"
+    if log.exists():
+        shutil.copyfile(log, kept)
+    tail = _tail(log)
+    _down(data)
+    status = "timed out" if returncode is None else f"exited {returncode}"
+    pytest.fail(
+        f"Kafka broker did not start: `{' '.join(cmd)}` {status}.\n"
+        f"--- stdout ---\n{stdout}\n--- stderr ---\n{stderr}\n"
+        f"--- broker log tail ({kept}) ---\n{tail}",
+        pytrace=False,
+    )
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    external = os.environ.get(EXTERNAL_BROKER_ENV, "").strip()
+    if external:
+        yield external
+        return
+    data = tmp_path_factory.mktemp("kafka")
+    address = start_broker(data)
+    try:
+        yield address
+    finally:
+        result = _down(data)
+        if result is None or result.returncode != 0:
+            detail = "timed out" if result is None else result.stderr
+            raise RuntimeError(f"deploy/local/kafka down --data {data} failed: {detail}")
+
+
+@pytest.fixture
+def topic_prefix() -> str:
+    return f"t{uuid4().hex[:10]}"

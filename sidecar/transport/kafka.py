@@ -98,7 +98,10 @@ class KafkaWriter(LogWriter):
             log.warning("abort_transaction failed: %s", exc)
 
     def close(self) -> None:
-        self._producer.flush(10)
+        try:
+            self._producer.flush(10)
+        except KafkaException as exc:  # a fenced producer raises _FENCED here too
+            log.debug("producer flush on close: %s", exc)
 
 
 class KafkaReader(LogReader):

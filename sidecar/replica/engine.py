@@ -195,12 +195,12 @@ class Engine:
 
     # -- summary ---------------------------------------------------------------------------
     def memberships(self) -> int:
-        return sum(s.cardinality for s in self.segments.values())
+        return sum(s.cardinality for s in list(self.segments.values()))
 
     def bitmap_bytes(self) -> int:
         """Bytes held in roaring containers (what the memberships cost in memory)."""
         total = 0
-        for state in self.segments.values():
+        for state in list(self.segments.values()):
             st = state.bitmap.get_statistics()
             total += (
                 st["n_bytes_array_containers"]

@@ -98,7 +98,7 @@ class Replica:
             "log": self.transport.describe(),
             "segments": len(self.engine.segments),
             "memberships": self.engine.memberships(),
-            "unhealthy": sorted(s for s, st in self.engine.segments.items() if not st.fresh),
+            "unhealthy": sorted(s for s, st in list(self.engine.segments.items()) if not st.fresh),
             "lag": self.lag(),
             "positions": dict(self.positions),
             "applied": c.applied,

@@ -1,0 +1,42 @@
+"""The segment sidecar: an in-memory roaring-bitmap replica of the segment log, its servers
+and clients.
+
+    from sidecar import Replica, LogDirTransport, SidecarClient
+
+    replica = Replica(LogDirTransport("/var/lib/segments/log")).start()
+    replica.wait_ready(30)
+    replica.contains(42, "vip_buyers")          # in-process, well under a microsecond
+
+    with SidecarClient("/tmp/seg-sidecar/sidecar.sock") as client:
+        client.check(42, "vip_buyers")          # over the sidecar's Unix socket
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from .client import AsyncSidecarClient, SidecarClient
+from .ids import BadRequest
+from .replica import Replica
+from .transport.logdir import LogDirTransport
+
+if TYPE_CHECKING:
+    from .transport.kafka import KafkaTransport
+
+__all__ = [
+    "AsyncSidecarClient",
+    "BadRequest",
+    "KafkaTransport",
+    "LogDirTransport",
+    "Replica",
+    "SidecarClient",
+]
+
+
+def __getattr__(name: str) -> Any:
+    # confluent_kafka is imported only by whoever uses Kafka.
+    if name == "KafkaTransport":
+        from .transport.kafka import KafkaTransport
+
+        return KafkaTransport
+    raise AttributeError(f"module 'sidecar' has no attribute {name!r}")

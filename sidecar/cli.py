@@ -1,0 +1,285 @@
+"""`seg-sidecar`: replay the segment log into memory and serve checks over a Unix socket and
+HTTP, falling back to Aerospike for what the replica cannot answer.
+
+Every option can also come from the environment as SEG_<OPTION> (e.g. SEG_LOG_DIR,
+SEG_HTTP). Defaults: --uds /tmp/seg-sidecar/sidecar.sock and --http 127.0.0.1:8571; an empty
+value (`--uds ''`, `--http ''`) turns that server off. SIGTERM or SIGINT shuts down
+gracefully: stop accepting, finish in-flight requests, write a checkpoint (with
+--state-dir), exit 0. Logs are JSON lines on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import gc
+import json
+import logging
+import signal
+import sys
+from typing import Any, NoReturn
+
+from .cliutil import add_log_options, apply_env_defaults, fail, transport_from_args
+from .fallback.base import Fallback
+from .server.app import DEFAULT_UDS, serve
+from .server.http import DEFAULT_MAX_BODY
+from .server.protocol import DEFAULT_MAX_FRAME
+from .server.uds import SocketPathError
+
+log = logging.getLogger("sidecar")
+
+DEFAULT_HTTP = "127.0.0.1:8571"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        fail(message)
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: ts, level, logger, msg (and exc when there is one)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        doc: dict[str, Any] = {
+            "ts": dt.datetime.fromtimestamp(record.created, tz=dt.UTC).isoformat(
+                timespec="milliseconds"
+            ),
+            "level": record.levelname,
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        if record.exc_info:
+            doc["exc"] = self.formatException(record.exc_info)
+        return json.dumps(doc, default=str)
+
+
+def setup_logging(level: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+
+
+def _octal(text: str) -> int:
+    try:
+        mode = int(text, 8)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an octal mode: {text!r}") from None
+    if not 0 <= mode <= 0o777:
+        raise argparse.ArgumentTypeError(f"mode out of range: {text!r}")
+    return mode
+
+
+def _positive(kind: type[int] | type[float]) -> Any:
+    def parse(text: str) -> int | float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def parse_http(spec: str) -> tuple[str, int] | None:
+    """`HOST:PORT` (IPv6 as `[::1]:PORT`); '' turns HTTP off."""
+    if not spec:
+        return None
+    host, sep, port = spec.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        fail(f"--http takes HOST:PORT (or '' to turn HTTP off), got {spec!r}")
+    return host, int(port)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="seg-sidecar",
+        description=(
+            "Replay the segment log into in-memory roaring bitmaps and answer membership "
+            "checks over a Unix socket (protocol v1) and HTTP."
+        ),
+    )
+    add_log_options(p)
+    srv = p.add_argument_group("servers")
+    srv.add_argument(
+        "--uds",
+        default=DEFAULT_UDS,
+        metavar="PATH",
+        help=f"Unix socket path ('' turns it off; default {DEFAULT_UDS})",
+    )
+    srv.add_argument(
+        "--http",
+        default=DEFAULT_HTTP,
+        metavar="HOST:PORT",
+        help=f"HTTP address ('' turns it off; default {DEFAULT_HTTP}; port 0 picks a free one)",
+    )
+    srv.add_argument(
+        "--socket-mode", type=_octal, default=0o660, help="socket file mode (default 0660)"
+    )
+    srv.add_argument(
+        "--max-frame",
+        type=_positive(int),
+        default=DEFAULT_MAX_FRAME,
+        metavar="BYTES",
+        help="largest Unix-socket frame (default 1 MiB)",
+    )
+    srv.add_argument(
+        "--max-body",
+        type=_positive(int),
+        default=DEFAULT_MAX_BODY,
+        metavar="BYTES",
+        help="largest HTTP request body (default 1 MiB)",
+    )
+    rep = p.add_argument_group("replica")
+    rep.add_argument("--state-dir", metavar="DIR", help="where checkpoints are written")
+    rep.add_argument(
+        "--checkpoint-interval",
+        type=_positive(float),
+        default=60.0,
+        metavar="SECONDS",
+        help="checkpoint period with --state-dir (default 60)",
+    )
+    rep.add_argument(
+        "--segments",
+        metavar="GLOB,...",
+        help="hold only segments matching these globs; the rest is asked of the fallback",
+    )
+    fb = p.add_argument_group("Aerospike fallback")
+    fb.add_argument("--aerospike", metavar="HOST:PORT[,...]", help="Aerospike seed hosts")
+    fb.add_argument("--aerospike-namespace", default="test", help="namespace (default test)")
+    fb.add_argument("--aerospike-set", default="users", help="set (default users)")
+    fb.add_argument("--aerospike-bin", default="segs", help="bin (default segs)")
+    fb.add_argument(
+        "--fallback-budget-ms",
+        type=_positive(float),
+        default=5.0,
+        help="time budget of one fallback lookup (default 5)",
+    )
+    fb.add_argument("--aerospike-user", help="user name (security enabled)")
+    fb.add_argument("--aerospike-password", help="password")
+    fb.add_argument("--aerospike-tls-name", help="TLS name of the servers (enables TLS)")
+    p.add_argument(
+        "--log-level",
+        default="INFO",
+        type=str.upper,
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="log level (default INFO)",
+    )
+    try:
+        apply_env_defaults(p)
+    except (argparse.ArgumentTypeError, ValueError) as exc:
+        fail(f"bad SEG_* environment value: {exc}")
+    return p
+
+
+def make_fallback(args: argparse.Namespace) -> Fallback | None:
+    if not args.aerospike:
+        return None
+    from .fallback.aerospike import AerospikeFallback, parse_hosts
+
+    try:
+        hosts = parse_hosts(args.aerospike)
+    except ValueError as exc:
+        fail(f"--aerospike: {exc}")
+    return AerospikeFallback(
+        hosts,
+        namespace=args.aerospike_namespace,
+        set_name=args.aerospike_set,
+        bin_name=args.aerospike_bin,
+        budget_ms=args.fallback_budget_ms,
+        user=args.aerospike_user,
+        password=args.aerospike_password,
+        tls_name=args.aerospike_tls_name,
+    )
+
+
+async def _run(args: argparse.Namespace, replica: Any, fallback: Fallback | None) -> str | None:
+    """Serve until a signal; returns None on a clean shutdown, else the reason it failed."""
+    http = parse_http(args.http)
+    stop = asyncio.Event()
+    started = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    async def after_start() -> None:
+        await started.wait()
+        # Everything allocated so far lives as long as the process: keep the collector from
+        # walking it again and again (shorter GC pauses on the request path).
+        gc.collect()
+        gc.freeze()
+
+    freezer = asyncio.create_task(after_start())
+    try:
+        await serve(
+            replica,
+            fallback,
+            args.uds or None,
+            http[0] if http else None,
+            http[1] if http else None,
+            stop=stop,
+            started=started,
+            socket_mode=args.socket_mode,
+            max_frame=args.max_frame,
+            max_body=args.max_body,
+        )
+    except (SocketPathError, OSError) as exc:
+        log.error("cannot start the servers: %s", exc)
+        return f"cannot start the servers: {exc}"
+    finally:
+        freezer.cancel()
+        if fallback is not None:
+            await fallback.close()
+    log.info("servers stopped")
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if not args.uds and not args.http:
+        fail("nothing to serve: both --uds and --http are turned off")
+    parse_http(args.http)  # validate before starting anything
+    transport = transport_from_args(args)
+    fallback = make_fallback(args)
+    setup_logging(args.log_level)
+
+    import uvloop
+
+    from .replica.runner import Replica
+
+    globs = [g for g in (args.segments or "").split(",") if g.strip()]
+    replica = Replica(
+        transport,
+        state_dir=args.state_dir,
+        segments=globs or None,
+        checkpoint_interval=args.checkpoint_interval,
+    )
+    log.info(
+        "starting: log %s, uds %s, http %s, fallback %s",
+        transport.describe(),
+        args.uds or "off",
+        args.http or "off",
+        fallback.name if fallback else "none",
+    )
+    replica.start()
+    try:
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            failure = runner.run(_run(args, replica, fallback))
+    finally:
+        replica.stop(save=True)
+        log.info("replica stopped%s", " (checkpoint written)" if args.state_dir else "")
+    if failure is not None:
+        print(f"seg-sidecar: error: {failure}", file=sys.stderr)  # the last line: the reason
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,245 @@
+"""asyncio client of the sidecar's Unix socket: the same API as `SidecarClient`, with any
+number of concurrent requests pipelined on one connection (responses come back in request
+order; each is matched to its request id)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections import deque
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import msgpack
+
+from .sync import _HEADER as HEADER
+from .sync import (
+    DEFAULT_PATH,
+    MAX_FRAME,
+    BadRequestError,
+    Explain,
+    ServerError,
+    SidecarError,
+    SidecarTimeout,
+    SidecarUnavailable,
+    convert,
+    error_for,
+    too_large,
+)
+
+_hpack = HEADER.pack
+_hunpack = HEADER.unpack_from
+
+
+class _Lost(Exception):
+    """The connection closed while a request was outstanding."""
+
+
+class _ClientProtocol(asyncio.Protocol):
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.waiting: deque[tuple[int, asyncio.Future[list[Any]]]] = deque()
+        self.buf = bytearray()
+        self.closed = False
+        self._unpacker_opts = {"raw": False, "strict_map_key": False}
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # uvloop's is no subclass
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        while self.waiting:
+            _, fut = self.waiting.popleft()
+            if not fut.done():
+                fut.set_exception(_Lost(repr(exc) if exc else "closed by the server"))
+
+    def send(self, payload: bytes, ids: list[int]) -> list[asyncio.Future[list[Any]]]:
+        if self.closed or self.transport is None or self.transport.is_closing():
+            raise _Lost("not connected")
+        loop = asyncio.get_running_loop()
+        futs = []
+        for rid in ids:
+            fut: asyncio.Future[list[Any]] = loop.create_future()
+            self.waiting.append((rid, fut))
+            futs.append(fut)
+        self.transport.write(payload)
+        return futs
+
+    def data_received(self, data: bytes) -> None:
+        buf = self.buf
+        buf += data
+        pos = 0
+        end = len(buf)
+        while end - pos >= 4:
+            length = _hunpack(buf, pos)[0]
+            stop = pos + 4 + length
+            if stop > end:
+                break
+            try:
+                resp = msgpack.unpackb(buf[pos + 4 : stop], **self._unpacker_opts)
+            except Exception as exc:
+                self._fail(ServerError(f"undecodable response: {exc}"))
+                return
+            pos = stop
+            self._deliver(resp)
+        del buf[:pos]
+
+    def _deliver(self, resp: Any) -> None:
+        if not self.waiting:
+            self._fail(ServerError(f"unexpected response {resp!r}"[:200]))
+            return
+        rid, fut = self.waiting.popleft()
+        if type(resp) is not list or len(resp) != 3 or resp[0] not in (rid, None):
+            if not fut.done():
+                fut.set_exception(
+                    ServerError(f"response {resp!r} does not match request {rid}"[:200])
+                )
+            self._fail(ServerError("protocol out of step; connection dropped"))
+            return
+        if not fut.done():
+            fut.set_result(resp)
+
+    def _fail(self, exc: Exception) -> None:
+        while self.waiting:
+            _, fut = self.waiting.popleft()
+            if not fut.done():
+                fut.set_exception(exc)
+        self.closed = True
+        if self.transport is not None:
+            self.transport.close()
+
+
+class AsyncSidecarClient:
+    """`AsyncSidecarClient(path, timeout=1.0)`; `async with` or `await connect()`. Safe to
+    share between tasks of one event loop."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str] = DEFAULT_PATH,
+        timeout: float = 1.0,
+        *,
+        max_frame: int = MAX_FRAME,
+    ) -> None:
+        self.path = os.fspath(path)
+        self.timeout = timeout
+        self.max_frame = max_frame
+        self._proto: _ClientProtocol | None = None
+        self._lock: asyncio.Lock | None = None
+        self._pack = msgpack.Packer(use_bin_type=True).pack
+        self._id = 0
+
+    async def connect(self) -> AsyncSidecarClient:
+        await self._connection()
+        return self
+
+    async def _connection(self) -> _ClientProtocol:
+        proto = self._proto
+        if proto is not None and not proto.closed:
+            return proto
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        async with self._lock:
+            proto = self._proto
+            if proto is not None and not proto.closed:
+                return proto
+            loop = asyncio.get_running_loop()
+            try:
+                async with asyncio.timeout(self.timeout):
+                    _, proto = await loop.create_unix_connection(_ClientProtocol, self.path)
+            except TimeoutError:
+                raise SidecarTimeout(f"connecting to {self.path} timed out") from None
+            except OSError as exc:
+                raise SidecarUnavailable(
+                    f"cannot connect to the sidecar at {self.path}: {exc}"
+                ) from exc
+            self._proto = proto
+            return proto
+
+    async def close(self) -> None:
+        proto, self._proto = self._proto, None
+        if proto is not None and proto.transport is not None:
+            proto.transport.close()
+
+    async def __aenter__(self) -> AsyncSidecarClient:
+        return await self.connect()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    def _next_id(self) -> int:
+        self._id = rid = (self._id + 1) & 0xFFFFFFFF
+        return rid
+
+    async def _exchange(self, requests: list[Sequence[Any]]) -> list[list[Any]]:
+        for attempt in (0, 1):
+            proto = await self._connection()
+            ids = []
+            frames = []
+            for req in requests:
+                rid = self._next_id()
+                try:
+                    body = self._pack([rid, *req])
+                except (TypeError, ValueError, OverflowError) as exc:
+                    raise BadRequestError(f"cannot encode the request: {exc}") from None
+                if len(body) > self.max_frame:
+                    raise BadRequestError(too_large(len(body), self.max_frame))
+                frames.append(_hpack(len(body)))
+                frames.append(body)
+                ids.append(rid)
+            try:
+                futs = proto.send(b"".join(frames), ids)
+                async with asyncio.timeout(self.timeout):
+                    if len(futs) == 1:
+                        return [await futs[0]]
+                    return list(await asyncio.gather(*futs))
+            except _Lost as exc:
+                if attempt:
+                    raise SidecarUnavailable(f"connection to {self.path} broke: {exc}") from None
+            except TimeoutError:
+                raise SidecarTimeout(
+                    f"no response from {self.path} within {self.timeout} s"
+                ) from None
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def call(self, op: str, *args: Any) -> Any:
+        resp = (await self._exchange([(op, *args)]))[0]
+        if resp[1] == 0:
+            return resp[2]
+        raise error_for(resp[1], resp[2])
+
+    async def ping(self) -> str:
+        return await self.call("ping")
+
+    async def check(self, user: int, segment: str) -> bool | None:
+        return await self.call("check", user, segment)
+
+    async def check_many(self, user: int, segments: Sequence[str]) -> list[bool | None]:
+        return await self.call("check_many", user, list(segments))
+
+    async def batch(self, pairs: Iterable[tuple[int, str] | Sequence[Any]]) -> list[bool | None]:
+        return await self.call("batch", pairs if isinstance(pairs, list | tuple) else list(pairs))
+
+    async def segments(self, user: int) -> list[str]:
+        return await self.call("segments", user)
+
+    async def explain(self, user: int, segment: str) -> Explain:
+        return convert("explain", await self.call("explain", user, segment))
+
+    async def status(self) -> dict[str, Any]:
+        return await self.call("status")
+
+    async def pipeline(self, requests: Iterable[Sequence[Any]]) -> list[Any]:
+        """Many requests `(op, *args)` in one write; typed results or the SidecarError of
+        each failed request, in order."""
+        reqs = [tuple(r) for r in requests]
+        if not reqs:
+            return []
+        responses = await self._exchange(reqs)
+        out: list[Any] = []
+        for req, resp in zip(reqs, responses, strict=True):
+            ok = resp[1] == 0
+            out.append(convert(req[0], resp[2]) if ok else error_for(resp[1], resp[2]))
+        return out
+
+
+__all__ = ["AsyncSidecarClient", "SidecarError"]

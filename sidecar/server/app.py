@@ -1,0 +1,121 @@
+"""Both servers (Unix socket and HTTP) on one event loop, around one Service."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from typing import TYPE_CHECKING
+
+from ..fallback.base import Fallback
+from .http import DEFAULT_MAX_BODY, HttpServer
+from .metrics import Metrics
+from .protocol import DEFAULT_MAX_FRAME
+from .service import Service
+from .uds import DEFAULT_SOCKET_MODE, UdsServer
+
+if TYPE_CHECKING:
+    from ..replica.runner import Replica
+
+log = logging.getLogger(__name__)
+
+DEFAULT_UDS = "/tmp/seg-sidecar/sidecar.sock"
+
+
+class Sidecar:
+    """The servers of one sidecar. `start()` binds, `close()` shuts down gracefully: stop
+    accepting, let in-flight requests finish (up to `grace` seconds), close connections."""
+
+    def __init__(
+        self,
+        replica: Replica,
+        fallback: Fallback | None = None,
+        *,
+        uds_path: str | os.PathLike[str] | None = DEFAULT_UDS,
+        http_host: str | None = "127.0.0.1",
+        http_port: int | None = 8571,
+        socket_mode: int = DEFAULT_SOCKET_MODE,
+        max_frame: int = DEFAULT_MAX_FRAME,
+        max_body: int = DEFAULT_MAX_BODY,
+        grace: float = 5.0,
+        process_metrics: bool = True,
+    ) -> None:
+        self.replica = replica
+        self.metrics = Metrics(replica, process=process_metrics)
+        self.service = Service(replica, fallback, metrics=self.metrics)
+        self.grace = grace
+        self.uds: UdsServer | None = None
+        self.http: HttpServer | None = None
+        if uds_path:
+            self.uds = UdsServer(
+                self.service, uds_path, metrics=self.metrics, mode=socket_mode, max_frame=max_frame
+            )
+        if http_host is not None and http_port is not None:
+            self.http = HttpServer(
+                self.service,
+                self.metrics,
+                http_host,
+                http_port,
+                max_body=max_body,
+                shutdown_timeout=grace,
+            )
+
+    @property
+    def http_port(self) -> int | None:
+        return self.http.port if self.http is not None else None
+
+    async def start(self) -> None:
+        if self.uds is not None:
+            await self.uds.start()
+        if self.http is not None:
+            try:
+                await self.http.start()
+            except BaseException:
+                if self.uds is not None:
+                    await self.uds.close(0)
+                raise
+
+    async def close(self) -> None:
+        results = await asyncio.gather(
+            *(s.close() for s in (self.uds, self.http) if s is not None), return_exceptions=True
+        )
+        for r in results:
+            if isinstance(r, BaseException):
+                log.error("error while closing a server: %r", r)
+
+
+async def serve(
+    replica: Replica,
+    fallback: Fallback | None,
+    uds_path: str | os.PathLike[str] | None,
+    http_host: str | None,
+    http_port: int | None,
+    *,
+    stop: asyncio.Event | None = None,
+    started: asyncio.Event | None = None,
+    socket_mode: int = DEFAULT_SOCKET_MODE,
+    max_frame: int = DEFAULT_MAX_FRAME,
+    max_body: int = DEFAULT_MAX_BODY,
+    grace: float = 5.0,
+) -> None:
+    """Run both servers until `stop` is set (forever when None), then shut down gracefully.
+    Run it on a uvloop loop (`uvloop.run(serve(...))`); the replica runs on its own thread."""
+    sidecar = Sidecar(
+        replica,
+        fallback,
+        uds_path=uds_path,
+        http_host=http_host,
+        http_port=http_port,
+        socket_mode=socket_mode,
+        max_frame=max_frame,
+        max_body=max_body,
+        grace=grace,
+    )
+    await sidecar.start()
+    if started is not None:
+        started.set()
+    try:
+        await (stop.wait() if stop is not None else asyncio.Event().wait())
+    finally:
+        log.info("shutting down the servers")
+        await sidecar.close()

@@ -1,0 +1,274 @@
+"""The HTTP API (DESIGN.md "Interfaces"), JSON over aiohttp; `openapi.json` describes it.
+
+Bad input is a 400 `{"error": "..."}`, a body over the limit a 413, an unknown route a 404;
+client input never produces a 500 (a middleware turns any unexpected exception into
+`500 {"error": "internal error"}` and logs it).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from importlib import resources
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from ..ids import BadRequest, user_id_from_text
+from .metrics import OK_KEYS, Metrics
+from .service import LOCAL, NONE, Service
+
+log = logging.getLogger(__name__)
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8571
+DEFAULT_MAX_BODY = 1 << 20
+MAX_CHECKS = 10_000
+
+SERVICE_KEY = web.AppKey("service", Service)
+METRICS_KEY = web.AppKey("metrics", Metrics)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _dumps(obj: Any) -> str:
+    return json.dumps(obj, separators=(",", ":"))
+
+
+def _json(obj: Any, status: int = 200) -> web.Response:
+    return web.json_response(obj, status=status, dumps=_dumps)
+
+
+def _error(status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
+    return web.json_response({"error": message}, status=status, dumps=_dumps, headers=headers)
+
+
+@web.middleware
+async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except BadRequest as exc:
+        return _error(400, str(exc))
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        message = exc.text if exc.text and exc.status == 413 else exc.reason
+        headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
+        return _error(exc.status, message, headers)
+    except Exception:
+        log.exception("internal error serving %s %s", request.method, request.path)
+        request.app[METRICS_KEY].error("http", "internal")
+        return _error(500, "internal error")
+
+
+def _query(request: web.Request, name: str) -> str:
+    value = request.query.get(name)
+    if value is None:
+        raise BadRequest(f"missing query parameter {name!r}")
+    return value
+
+
+def _user_text(text: str, what: str = "user") -> int:
+    if len(text) > 20:  # also keeps int() away from its digit limit
+        raise BadRequest(f"{what} must be a decimal unsigned 64-bit integer, got {text[:24]!r}...")
+    return user_id_from_text(text, what)
+
+
+def _iso(ms: int) -> str:
+    moment = dt.datetime.fromtimestamp(ms / 1000, tz=dt.UTC)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+class Api:
+    def __init__(self, service: Service, metrics: Metrics) -> None:
+        self.service = service
+        self.metrics = metrics
+        self._check = metrics.op("http", "check")
+        self._batch = metrics.op("http", "batch")
+        self._segments = metrics.op("http", "segments")
+        self._explain = metrics.op("http", "explain")
+
+    async def check_get(self, request: web.Request) -> web.Response:
+        started = time.perf_counter()
+        user = _user_text(_query(request, "user"))
+        segment = self.service.names.check(_query(request, "segment"))
+        member, source, version = await self.service.check(user, segment)
+        self._check.record(OK_KEYS[source], time.perf_counter() - started)
+        return _json(
+            {
+                "user": user,
+                "segment": segment,
+                "member": member,
+                "source": source,
+                "version": version,
+            }
+        )
+
+    async def check_post(self, request: web.Request) -> web.Response:
+        started = time.perf_counter()
+        body = await request.read()
+        try:
+            doc = json.loads(body)
+        except (ValueError, RecursionError) as exc:
+            raise BadRequest(f"body is not valid JSON: {exc}") from None
+        if type(doc) is not dict:
+            raise BadRequest('body must be a JSON object {"checks": [...]}')
+        checks = doc.get("checks")
+        if type(checks) is not list:
+            raise BadRequest('"checks" must be a list of {"user", "segment"} objects')
+        if len(checks) > MAX_CHECKS:
+            raise BadRequest(f"at most {MAX_CHECKS} checks per request, got {len(checks)}")
+        pairs: list[list[Any]] = []
+        for i, item in enumerate(checks):
+            if type(item) is not dict or "user" not in item or "segment" not in item:
+                raise BadRequest(f'checks[{i}] must be an object with "user" and "segment"')
+            pairs.append([item["user"], item["segment"]])
+        results = await self.service.batch(pairs)
+        source = NONE if any(s == NONE for _, s in results) else LOCAL
+        if any(s == "aerospike" for _, s in results):
+            source = "aerospike"
+        self._batch.record(OK_KEYS[source], time.perf_counter() - started)
+        return _json({"results": [{"member": m, "source": s} for m, s in results]})
+
+    async def user_segments(self, request: web.Request) -> web.Response:
+        started = time.perf_counter()
+        user = _user_text(request.match_info["user"])
+        segments, complete = await self.service.segments(user)
+        self._segments.record(OK_KEYS[LOCAL if complete else NONE], time.perf_counter() - started)
+        return _json({"user": user, "segments": segments, "complete": complete})
+
+    async def explain(self, request: web.Request) -> web.Response:
+        started = time.perf_counter()
+        user = _user_text(_query(request, "user"))
+        segment = self.service.names.check(_query(request, "segment"))
+        result = await self.service.explain(user, segment)
+        self._explain.record(OK_KEYS[result["source"]], time.perf_counter() - started)
+        return _json({"user": user, "segment": segment, **result})
+
+    async def segment_list(self, request: web.Request) -> web.Response:
+        engine = self.service.replica.engine
+        items = _snapshot_items(engine.segments)
+        return _json({"segments": [_segment_doc(name, st) for name, st in sorted(items)]})
+
+    async def segment_info(self, request: web.Request) -> web.Response:
+        name = self.service.names.check(request.match_info["segment"])
+        st = self.service.replica.engine.segments.get(name)
+        if st is None:
+            return _error(404, f"segment {name!r} is not known to this sidecar")
+        return _json(_segment_doc(name, st))
+
+    async def status(self, request: web.Request) -> web.Response:
+        return _json(_jsonable(self.service.status()))
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        return _json({"status": "ok"})
+
+    async def readyz(self, request: web.Request) -> web.Response:
+        replica = self.service.replica
+        lag = {str(p): n for p, n in replica.lag().items()}
+        if self.service.is_ready():
+            return _json({"ready": True, "lag": lag})
+        return _json({"ready": False, "lag": lag, "error": replica.error}, status=503)
+
+    async def metrics_text(self, request: web.Request) -> web.Response:
+        return web.Response(
+            body=self.metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST}
+        )
+
+
+def _snapshot_items(table: dict[str, Any]) -> list[tuple[str, Any]]:
+    for _ in range(4):
+        try:
+            return list(table.items())
+        except RuntimeError:  # changed by the replica thread mid-copy
+            continue
+    return list(table.items())
+
+
+def _segment_doc(name: str, st: Any) -> dict[str, Any]:
+    return {
+        "segment": name,
+        "version": st.version,
+        "cardinality": st.cardinality,
+        "updated_at": _iso(st.updated_ms),
+        "health": st.health.value,
+    }
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def openapi_bytes() -> bytes:
+    return resources.files("sidecar.server").joinpath("openapi.json").read_bytes()
+
+
+def make_app(
+    service: Service, metrics: Metrics, *, max_body: int = DEFAULT_MAX_BODY
+) -> web.Application:
+    app = web.Application(client_max_size=max_body, middlewares=[errors_middleware])
+    app[SERVICE_KEY] = service
+    app[METRICS_KEY] = metrics
+    api = Api(service, metrics)
+    spec = openapi_bytes()
+
+    async def openapi(request: web.Request) -> web.Response:
+        return web.Response(body=spec, content_type="application/json")
+
+    app.router.add_get("/v1/check", api.check_get, allow_head=False)
+    app.router.add_post("/v1/check", api.check_post)
+    app.router.add_get("/v1/explain", api.explain, allow_head=False)
+    app.router.add_get("/v1/users/{user}/segments", api.user_segments, allow_head=False)
+    app.router.add_get("/v1/segments", api.segment_list, allow_head=False)
+    app.router.add_get("/v1/segments/{segment}", api.segment_info, allow_head=False)
+    app.router.add_get("/v1/status", api.status, allow_head=False)
+    app.router.add_get("/healthz", api.healthz)
+    app.router.add_get("/readyz", api.readyz)
+    app.router.add_get("/metrics", api.metrics_text, allow_head=False)
+    app.router.add_get("/openapi.json", openapi, allow_head=False)
+    return app
+
+
+class HttpServer:
+    """The app on a TCP socket (127.0.0.1 by default)."""
+
+    def __init__(
+        self,
+        service: Service,
+        metrics: Metrics,
+        host: str = DEFAULT_HOST,
+        port: int = DEFAULT_PORT,
+        *,
+        max_body: int = DEFAULT_MAX_BODY,
+        shutdown_timeout: float = 5.0,
+    ) -> None:
+        self.app = make_app(service, metrics, max_body=max_body)
+        self.host = host
+        self.port = port
+        self.shutdown_timeout = shutdown_timeout
+        self._runner: web.AppRunner | None = None
+
+    async def start(self) -> None:
+        self._runner = web.AppRunner(
+            self.app, access_log=None, shutdown_timeout=self.shutdown_timeout
+        )
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.host, self.port, reuse_address=True)
+        await site.start()
+        addresses = self._runner.addresses
+        if addresses and self.port == 0:
+            self.port = addresses[0][1]
+        log.info("http listening on %s:%d", self.host, self.port)
+
+    async def close(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None

@@ -1,0 +1,492 @@
+"""The Unix-socket server (protocol v1, see protocol.py), on asyncio.Protocol.
+
+Requests answerable from memory are answered inside `data_received`; all responses produced
+by one `data_received` call go out in one `transport.write`. Requests that need the fallback
+become tasks; a per-connection FIFO of slots keeps responses in request order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import stat
+import time
+from collections import deque
+from collections.abc import Callable
+from pathlib import Path
+from types import CoroutineType
+from typing import Any
+
+import msgpack
+
+from ..ids import BadRequest
+from .metrics import OK_KEYS, Metrics, OpStats
+from .protocol import (
+    BAD_REQUEST,
+    DEFAULT_MAX_FRAME,
+    HEADER,
+    INTERNAL_ERROR,
+    OK,
+    OPS,
+    UNKNOWN_OP,
+    FrameError,
+    UnknownOp,
+    decode_request,
+    encode_response,
+    op_of,
+    oversize_message,
+)
+from .service import LOCAL, NONE, Service
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SOCKET_MODE = 0o660
+#: Pause reading a connection with this many responses waiting on the fallback.
+MAX_PENDING = 1024
+_unpack_header = HEADER.unpack_from
+_perf = time.perf_counter
+_NO_SOURCE = "-"
+_BAD = (_NO_SOURCE, "bad_request")
+_K_LOCAL = OK_KEYS[LOCAL]
+_K_NONE = OK_KEYS[NONE]
+_K_NO_SOURCE = OK_KEYS[_NO_SOURCE]
+_unpackb = msgpack.unpackb
+_pack = msgpack.Packer(use_bin_type=True).pack
+_header_pack = HEADER.pack
+
+
+class _Slot:
+    """A response position in a connection's FIFO; `data` is set once it is encoded."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes | None = None) -> None:
+        self.data = data
+
+
+Request = tuple[Any, ...]
+Handler = Callable[[Request], tuple[Any, str] | CoroutineType]
+
+
+class _Connection(asyncio.Protocol):
+    __slots__ = (
+        "server",
+        "transport",
+        "buf",
+        "pending",
+        "tasks",
+        "paused_write",
+        "paused_pending",
+        "closing",
+        "max_frame",
+        "handlers",
+        "metrics",
+    )
+
+    def __init__(self, server: UdsServer) -> None:
+        self.server = server
+        self.max_frame = server.max_frame
+        self.handlers = server.handlers
+        self.metrics = server.metrics
+        self.transport: asyncio.Transport | None = None
+        self.buf = bytearray()
+        self.pending: deque[_Slot] = deque()
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.paused_write = False
+        self.paused_pending = False
+        self.closing = False
+
+    # -- connection events -------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # uvloop's is no subclass
+        self.server.connections.add(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.server.connections.discard(self)
+        self.closing = True
+        for task in self.tasks:
+            task.cancel()
+        self.pending.clear()
+
+    def pause_writing(self) -> None:
+        # The client does not read its responses: stop reading its requests.
+        self.paused_write = True
+        if self.transport is not None:
+            self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.paused_write = False
+        self._maybe_resume()
+
+    def _maybe_resume(self) -> None:
+        t = self.transport
+        if t is not None and not (self.paused_write or self.paused_pending or self.closing):
+            t.resume_reading()
+
+    # -- requests --------------------------------------------------------------------------------
+    def data_received(self, data: bytes) -> None:
+        buf = self.buf
+        if not buf and len(data) >= 4 and not self.closing:
+            # The common case: exactly one whole frame (a client waiting for its answer).
+            length = _unpack_header(data, 0)[0]
+            if length + 4 == len(data) and length <= self.max_frame:
+                result = self._handle(data[4:])
+                if type(result) is bytes:
+                    if self.pending:
+                        self.pending.append(_Slot(result))
+                    else:
+                        self.transport.write(result)  # type: ignore[union-attr]
+                return
+        self._received(data)
+
+    def _received(self, data: bytes) -> None:
+        """Any number of frames, possibly partial."""
+        if self.closing:
+            return
+        buf = self.buf
+        if buf:
+            buf += data
+            view: bytes | bytearray = buf
+        else:
+            view = data
+        end = len(view)
+        pos = 0
+        out: list[bytes] = []
+        pending = self.pending
+        server = self.server
+        limit = self.max_frame
+        handle = self._handle
+        while end - pos >= 4:
+            length = _unpack_header(view, pos)[0]
+            if length > limit:
+                server.metrics.error("uds", "frame_too_large")
+                err = encode_response(None, BAD_REQUEST, oversize_message(length, limit))
+                if pending:  # answered after the responses still owed, then closed
+                    pending.append(_Slot(err))
+                else:
+                    out.append(err)
+                if out:
+                    self._write_now(out)
+                self._close_after_pending()
+                buf.clear()
+                return
+            stop = pos + 4 + length
+            if stop > end:
+                break
+            result = handle(view[pos + 4 : stop])
+            pos = stop
+            if type(result) is bytes:
+                if pending:
+                    pending.append(_Slot(result))
+                else:
+                    out.append(result)
+            # else: a _Slot already queued for a fallback task
+        if buf:
+            del buf[:pos]
+        elif pos < end:
+            buf += view[pos:]
+        if out:
+            self._write_now(out)
+
+    def _write_now(self, out: list[bytes]) -> None:
+        t = self.transport
+        if t is None or t.is_closing():
+            return
+        t.write(out[0] if len(out) == 1 else b"".join(out))
+
+    def _handle(self, body: bytes | bytearray) -> bytes | _Slot:
+        """One frame: an encoded response, or a slot a fallback task will fill."""
+        started = _perf()
+        try:
+            req = _unpackb(body, raw=False, use_list=False, strict_map_key=False)
+        except Exception:
+            req = None
+        if type(req) is not tuple or not req or type(req[0]) is not int or req[0] < 0:
+            return self._frame_error(body)
+        rid = req[0]
+        op = req[1] if len(req) > 1 else None
+        entry = self.handlers.get(op) if type(op) is str else None
+        try:
+            if entry is None or len(req) != entry[0]:
+                op = op_of(req)  # raises the precise error
+                raise AssertionError("unreachable")  # pragma: no cover
+            result = entry[1](req)
+        except BadRequest as exc:
+            self.metrics.error("uds", "bad_request")
+            self.server.op_stats(op).record(_BAD, _perf() - started)
+            return encode_response(rid, BAD_REQUEST, str(exc))
+        except UnknownOp as exc:
+            self.metrics.error("uds", "unknown_op")
+            return encode_response(rid, UNKNOWN_OP, str(exc))
+        except Exception:
+            log.exception("internal error in %r (request id %s)", op, rid)
+            self.metrics.error("uds", "internal")
+            return encode_response(rid, INTERNAL_ERROR, "internal error")
+        if type(result) is tuple:
+            entry[2].record(result[1], _perf() - started)
+            try:
+                body = _pack([rid, OK, result[0]])
+            except Exception:
+                return encode_response(rid, OK, result[0])  # says why, as an internal error
+            return _header_pack(len(body)) + body
+        # A coroutine that needs the fallback.
+        slot = _Slot()
+        self.pending.append(slot)
+        task = asyncio.get_running_loop().create_task(
+            self._complete(slot, rid, op, entry[2], result, started)
+        )
+        self.tasks.add(task)
+        self.server.tasks.add(task)
+        task.add_done_callback(self._task_done)
+        if len(self.pending) >= MAX_PENDING and not self.paused_pending:
+            self.paused_pending = True
+            if self.transport is not None:
+                self.transport.pause_reading()
+        return slot
+
+    def _frame_error(self, body: bytes | bytearray) -> bytes:
+        self.metrics.error("uds", "bad_frame")
+        try:
+            decode_request(body)
+            message = "malformed request"  # pragma: no cover - decode_request raises
+        except FrameError as exc:
+            message = exc.message
+        return encode_response(None, BAD_REQUEST, message)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self.tasks.discard(task)
+        self.server.tasks.discard(task)
+
+    async def _complete(
+        self,
+        slot: _Slot,
+        rid: int,
+        op: str,
+        stats: OpStats,
+        coro: CoroutineType,
+        started: float,
+    ) -> None:
+        try:
+            result, source = await coro
+            slot.data = encode_response(rid, OK, result)
+            stats.record(OK_KEYS[source], _perf() - started)
+        except asyncio.CancelledError:
+            raise
+        except BadRequest as exc:
+            slot.data = encode_response(rid, BAD_REQUEST, str(exc))
+        except Exception:
+            log.exception("internal error in %r (request id %s)", op, rid)
+            self.server.metrics.error("uds", "internal")
+            slot.data = encode_response(rid, INTERNAL_ERROR, "internal error")
+        self._flush()
+
+    def _flush(self) -> None:
+        pending = self.pending
+        out: list[bytes] = []
+        while pending and pending[0].data is not None:
+            out.append(pending.popleft().data)  # type: ignore[arg-type]
+        if out:
+            self._write_now(out)
+        if self.paused_pending and len(pending) < MAX_PENDING // 2:
+            self.paused_pending = False
+            self._maybe_resume()
+        if self.closing and not pending and self.transport is not None:
+            self.transport.close()
+
+    def _close_after_pending(self) -> None:
+        """Stop reading; close once the responses still owed are written."""
+        self.closing = True
+        if self.transport is None:
+            return
+        if self.pending:
+            self.transport.pause_reading()
+        else:
+            self.transport.close()
+
+
+class UdsServer:
+    def __init__(
+        self,
+        service: Service,
+        path: str | os.PathLike[str],
+        *,
+        metrics: Metrics | None = None,
+        mode: int = DEFAULT_SOCKET_MODE,
+        max_frame: int = DEFAULT_MAX_FRAME,
+        backlog: int = 1024,
+    ) -> None:
+        self.service = service
+        self.path = Path(path)
+        self.metrics = metrics if metrics is not None else Metrics(process=False)
+        self.mode = mode
+        self.max_frame = max_frame
+        self.backlog = backlog
+        self.connections: set[_Connection] = set()
+        self.tasks: set[asyncio.Task[None]] = set()
+        self._server: asyncio.AbstractServer | None = None
+        self._inode: tuple[int, int] | None = None
+        svc = service
+
+        check_op = svc.check_op
+
+        def check(req: Request) -> tuple[Any, Any] | CoroutineType:
+            return check_op(req[2], req[3])
+
+        def many(fast: Callable[..., Any]) -> Callable[[Request], Any]:
+            def op(req: Request) -> tuple[Any, str] | CoroutineType:
+                r = fast(*req[2:])
+                if type(r) is list:
+                    return r, _K_NONE if None in r else _K_LOCAL
+                return r
+
+            return op
+
+        def segments(req: Request) -> tuple[Any, str] | CoroutineType:
+            r = svc.segments_fast(req[2])
+            return (r, _K_LOCAL) if type(r) is list else r
+
+        def explain(req: Request) -> tuple[Any, str] | CoroutineType:
+            r = svc.explain_fast(req[2], req[3])
+            return (r, OK_KEYS[r["source"]]) if type(r) is dict else r
+
+        table: dict[str, Callable[[Request], Any]] = {
+            "ping": lambda req: ("pong", _K_NO_SOURCE),
+            "check": check,
+            "check_many": many(svc.check_many_fast),
+            "batch": many(svc.batch_fast),
+            "segments": segments,
+            "explain": explain,
+            "status": lambda req: (self._status(), _K_NO_SOURCE),
+        }
+        # op -> (request length, handler, pre-bound stats)
+        self.handlers: dict[str, tuple[int, Callable[[Request], Any], OpStats]] = {
+            op: (OPS[op] + 2, fn, self.metrics.op("uds", op)) for op, fn in table.items()
+        }
+        self.metrics.gauge(
+            "seg_uds_connections", "Open Unix-socket connections.", lambda: len(self.connections)
+        )
+
+    def op_stats(self, op: object) -> OpStats:
+        entry = self.handlers.get(op) if type(op) is str else None
+        return entry[2] if entry is not None else self.metrics.op("uds", "invalid")
+
+    def _status(self) -> dict[str, Any]:
+        st = self.service.status()
+        st["connections"] = len(self.connections)
+        return st
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    async def start(self) -> None:
+        sock = prepare_socket(self.path, self.mode, self.backlog)
+        try:
+            st = os.stat(self.path)
+            self._inode = (st.st_dev, st.st_ino)
+            loop = asyncio.get_running_loop()
+            self._server = await loop.create_unix_server(
+                lambda: _Connection(self), sock=sock, backlog=self.backlog
+            )
+        except BaseException:
+            sock.close()
+            self._unlink()
+            raise
+        log.info("unix socket listening on %s (mode %o)", self.path, self.mode)
+
+    async def close(self, grace: float = 5.0) -> None:
+        """Stop accepting, let requests waiting on the fallback finish (up to `grace` s),
+        close every connection and remove the socket file."""
+        if self._server is not None:
+            self._server.close()
+        self._unlink()
+        if self.tasks:
+            _, late = await asyncio.wait(set(self.tasks), timeout=grace)
+            for task in late:
+                task.cancel()
+        for conn in list(self.connections):
+            conn.closing = True
+            if conn.transport is not None:
+                conn.transport.close()
+        if self._server is not None:
+            try:
+                await asyncio.wait_for(self._server.wait_closed(), timeout=grace)
+            except TimeoutError:
+                log.warning("unix server did not close within %.1f s", grace)
+            self._server = None
+
+    def _unlink(self) -> None:
+        """Remove the socket file if it is still ours."""
+        if self._inode is None:
+            return
+        try:
+            st = os.stat(self.path)
+            if (st.st_dev, st.st_ino) == self._inode:
+                os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+        self._inode = None
+
+
+class SocketPathError(RuntimeError):
+    """The socket path cannot be used safely; the message says why."""
+
+
+def prepare_socket(path: Path, mode: int, backlog: int) -> socket.socket:
+    """A listening Unix socket bound at `path` with `mode`, made safely:
+
+    - the parent directory is created with mode 0750 when missing; an existing parent that is
+      world-writable without the sticky bit is refused (anyone could replace the socket);
+    - a stale socket file (nothing listening) is removed; a live one, or a path that is not a
+      socket, is refused;
+    - the socket is bound under a temporary name, chmod-ed, then renamed into place, so the
+      path never exists with other permissions.
+    """
+    parent = path.parent
+    if not parent.exists():
+        parent.mkdir(mode=0o750, parents=True)
+    pst = os.stat(parent)
+    if pst.st_mode & stat.S_IWOTH and not pst.st_mode & stat.S_ISVTX:
+        raise SocketPathError(
+            f"refusing to create a socket in {parent}: it is world-writable without the sticky "
+            "bit; use a private directory"
+        )
+    if len(os.fsencode(path)) > 100:
+        raise SocketPathError(f"socket path {path} is too long (at most 100 bytes)")
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        st = None
+    if st is not None:
+        if not stat.S_ISSOCK(st.st_mode):
+            raise SocketPathError(f"{path} exists and is not a socket; refusing to replace it")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        probe.settimeout(1.0)
+        try:
+            probe.connect(str(path))
+        except (ConnectionRefusedError, FileNotFoundError):
+            os.unlink(path)  # stale: nobody listens
+        except OSError as exc:
+            raise SocketPathError(f"cannot tell whether {path} is in use: {exc}") from exc
+        else:
+            raise SocketPathError(f"another server is listening on {path}")
+        finally:
+            probe.close()
+    tmp = parent / f".{path.name}.{os.getpid()}.tmp"
+    if len(os.fsencode(tmp)) > 107:
+        tmp = parent / f".s{os.getpid()}"
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(tmp)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(str(tmp))
+        os.chmod(tmp, mode)
+        sock.listen(backlog)
+        os.rename(tmp, path)
+    except BaseException:
+        sock.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    sock.setblocking(False)
+    return sock

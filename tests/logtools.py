@@ -1,0 +1,143 @@
+"""A tiny stand-in publisher for tests: writes raw log records straight to a transport.
+
+The real publisher (publisher/) replaces it; this only knows enough to put segments into a log.
+"""
+
+from __future__ import annotations
+
+import time
+
+from pyroaring import BitMap64
+
+from sidecar.partitioner import partition_for
+from sidecar.record import Delta, Drop, delta_key, encode
+from sidecar.transport.base import Transport
+
+PARTITIONS = 2
+
+
+class LogState:
+    """What has been published so far: segment -> (version, members)."""
+
+    def __init__(self) -> None:
+        self.segments: dict[str, tuple[int, BitMap64]] = {}
+        self.dropped: dict[str, int] = {}
+
+
+def publish_raw(
+    transport: Transport,
+    segments: dict[str, BitMap64],
+    state: LogState | None = None,
+    *,
+    partitions: int = PARTITIONS,
+    drop: tuple[str, ...] = (),
+) -> LogState:
+    """One transaction: for each segment, a delta from its current version to `members`;
+    then a drop for each name in `drop`. Returns the state to pass to the next call."""
+    state = state if state is not None else LogState()
+    now = int(time.time() * 1000)
+    with transport.writer("test-publisher", partitions=partitions) as w, w.transaction():
+        for name, members in segments.items():
+            base, old = state.segments.get(name, (state.dropped.get(name, 0), BitMap64()))
+            value = encode(
+                Delta(name, base, base + 1, members - old, old - members, len(members), now)
+            )
+            w.append("deltas", partition_for(name, w.partitions), delta_key(name), value)
+            state.segments[name] = (base + 1, BitMap64(members))
+        for name in drop:
+            base, _ = state.segments.pop(name)
+            w.append(
+                "deltas",
+                partition_for(name, w.partitions),
+                delta_key(name),
+                encode(Drop(name, base, base + 1, now)),
+            )
+            state.dropped[name] = base + 1
+    return state
+
+
+def publish_gap(transport: Transport, segment: str, state: LogState) -> None:
+    """A delta that skips a version: the replica marks the segment stale (and its resync
+    cannot heal it, the log really has the gap)."""
+    version, members = state.segments[segment]
+    with transport.writer("test-publisher") as w, w.transaction():
+        value = encode(
+            Delta(segment, version + 5, version + 6, BitMap64(), BitMap64(), len(members), 0)
+        )
+        w.append("deltas", partition_for(segment, w.partitions), delta_key(segment), value)
+
+
+# -- running a sidecar in-process for server tests ---------------------------------------------
+
+
+class SidecarThread:
+    """`Sidecar` servers on a uvloop loop in a background thread, so blocking clients can run
+    in the test thread. `with SidecarThread(replica, fallback, uds_path=...) as s:`."""
+
+    def __init__(self, replica: object, fallback: object = None, **kwargs: object) -> None:
+        import asyncio
+        import threading
+
+        import uvloop
+
+        from sidecar.server.app import Sidecar
+
+        kwargs.setdefault("http_port", 0)
+        kwargs.setdefault("process_metrics", False)
+        self.loop = uvloop.new_event_loop()
+        self.sidecar = Sidecar(replica, fallback, **kwargs)  # type: ignore[arg-type]
+        started = threading.Event()
+        self.error: BaseException | None = None
+
+        def run() -> None:
+            asyncio.set_event_loop(self.loop)
+            try:
+                self.loop.run_until_complete(self.sidecar.start())
+            except BaseException as exc:
+                self.error = exc
+                started.set()
+                return
+            started.set()
+            self.loop.run_forever()
+
+        self.thread = threading.Thread(target=run, name="sidecar-loop", daemon=True)
+        self.thread.start()
+        started.wait(10)
+        if self.error is not None:
+            self.thread.join(5)
+            self.loop.close()
+            raise self.error
+
+    @property
+    def uds_path(self) -> str:
+        assert self.sidecar.uds is not None
+        return str(self.sidecar.uds.path)
+
+    @property
+    def http_url(self) -> str:
+        assert self.sidecar.http is not None
+        return f"http://127.0.0.1:{self.sidecar.http_port}"
+
+    @property
+    def service(self):  # type: ignore[no-untyped-def]
+        return self.sidecar.service
+
+    def call(self, coro: object, timeout: float = 10) -> object:
+        """Run a coroutine on the server's loop and wait for its result."""
+        import asyncio
+
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)  # type: ignore[arg-type]
+
+    def stop(self) -> None:
+        if not self.loop.is_running():
+            return
+        self.call(self.sidecar.close(), 30)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.loop.close()
+
+    def __enter__(self) -> SidecarThread:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,203 @@
+"""`seg-compute batch`: evaluate segment definitions over the lake and write a segment set."""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from pyroaring import BitMap64
+
+from compute.bitmaps import segment_bitmap
+from compute.definitions import DefinitionError, ParamValue, Segment, load
+from compute.lake import GENERATOR, LAKE_FORMAT, SCHEMAS, read_lake_meta, spark_ddl
+from compute.segment_set import write_segment_set
+
+if TYPE_CHECKING:
+    from pyspark.sql import DataFrame, SparkSession
+
+_TABLE_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
+
+
+class LakeError(RuntimeError):
+    """The lake directory is missing or unreadable."""
+
+
+@dataclass(frozen=True)
+class SegmentResult:
+    name: str
+    cardinality: int
+    seconds: float
+
+
+@dataclass(frozen=True)
+class BatchResult:
+    out: Path
+    computed_at: dt.datetime
+    segments: list[SegmentResult]
+    seconds: float  # all of run_batch
+    prepare_seconds: float = 0.0  # registering views and analyzing every query
+    write_seconds: float = 0.0
+
+    @property
+    def memberships(self) -> int:
+        return sum(s.cardinality for s in self.segments)
+
+
+def _lake_meta(lake: Path | str) -> dict | None:
+    try:
+        return read_lake_meta(lake)
+    except ValueError as e:
+        raise LakeError(str(e)) from None
+
+
+def base_params(lake: Path | str, today: dt.date | None = None) -> dict[str, ParamValue]:
+    """Parameters every definition can use: `as_of` is the lake's as-of date (from _lake.json),
+    or today (UTC) for a lake that was not generated."""
+    meta = _lake_meta(lake)
+    if meta and "as_of" in meta:
+        try:
+            return {"as_of": dt.date.fromisoformat(meta["as_of"])}
+        except (TypeError, ValueError):
+            raise LakeError(f"lake {lake}: as_of {meta['as_of']!r} is not a date") from None
+    return {"as_of": today or dt.datetime.now(dt.UTC).date()}
+
+
+def load_segments(
+    lake: Path | str,
+    definitions: Path | str,
+    overrides: Mapping[str, ParamValue] | None = None,
+) -> list[Segment]:
+    """Everything that can be checked without Spark."""
+    return load(definitions, base_params(lake), overrides)
+
+
+def register_views(spark: SparkSession, lake: Path | str) -> list[str]:
+    """A temp view per table directory of the lake (partitions discovered from dt=... dirs)."""
+    from pyspark.errors import PySparkException
+
+    root = Path(lake)
+    if not root.is_dir():
+        raise LakeError(f"lake {root} is not a directory")
+    meta = _lake_meta(root) or {}
+    generated = meta.get("format") == LAKE_FORMAT and meta.get("generator") == GENERATOR
+    names = []
+    for child in sorted(root.iterdir()):
+        if not child.is_dir() or not _TABLE_RE.match(child.name):
+            continue
+        reader = spark.read
+        if generated and child.name in SCHEMAS:
+            reader = reader.schema(spark_ddl(child.name))  # known: skip the inference job
+        try:
+            reader.parquet(str(child)).createOrReplaceTempView(child.name)
+        except PySparkException as e:
+            raise LakeError(f"lake table {child}: {first_line(e)}") from None
+        names.append(child.name)
+    if not names:
+        raise LakeError(f"lake {root} has no tables (subdirectories of Parquet files)")
+    return names
+
+
+def first_line(error: BaseException) -> str:
+    """The first non-empty line of an error message (Spark's carry plans and stack traces)."""
+    for line in str(error).splitlines():
+        if line.strip():
+            return line.strip()
+    return type(error).__name__
+
+
+def _is_integer_type(data_type: object) -> bool:
+    from pyspark.sql.types import ByteType, DecimalType, IntegerType, LongType, ShortType
+
+    if isinstance(data_type, ByteType | ShortType | IntegerType | LongType):
+        return True
+    # Spark has no unsigned 64-bit type; decimal(20,0) is how it reads a uint64 column.
+    return isinstance(data_type, DecimalType) and data_type.scale == 0 and data_type.precision <= 20
+
+
+def analyze(spark: SparkSession, segment: Segment) -> DataFrame:
+    """Parse and analyze the segment's query (no data is read) and check its result schema.
+
+    The SQL is wrapped as a subquery so only a query is accepted: DDL and other commands,
+    which Spark would run eagerly, fail to parse instead.
+    """
+    from pyspark.errors import PySparkException
+
+    sql = segment.sql.strip().rstrip(";").rstrip()
+    try:
+        df = spark.sql(f"SELECT * FROM ({sql}\n) AS segment_query")
+    except PySparkException as e:
+        raise DefinitionError(f"invalid SQL: {first_line(e)}", segment.name) from None
+    fields = df.schema.fields
+    if len(fields) != 1 or fields[0].name != "user_id":
+        got = ", ".join(f.name for f in fields) or "none"
+        raise DefinitionError(
+            f"the query must return exactly one column named user_id, got: {got}", segment.name
+        )
+    if not _is_integer_type(fields[0].dataType):
+        raise DefinitionError(
+            f"user_id must be an integer type, got {fields[0].dataType.simpleString()}",
+            segment.name,
+        )
+    return df
+
+
+def prepare(spark: SparkSession, lake: Path | str, segments: Sequence[Segment]) -> list[DataFrame]:
+    """Register the lake's views and analyze every segment before computing any."""
+    register_views(spark, lake)
+    return [analyze(spark, segment) for segment in segments]
+
+
+def evaluate(
+    segments: Sequence[Segment],
+    frames: Sequence[DataFrame],
+    on_segment: Callable[[SegmentResult], None] | None = None,
+) -> dict[str, BitMap64]:
+    """Run the analyzed queries one after another; every segment's members in order."""
+    bitmaps: dict[str, BitMap64] = {}
+    for segment, df in zip(segments, frames, strict=True):
+        t0 = time.perf_counter()
+        bitmap = bitmaps[segment.name] = segment_bitmap(df, segment.name)
+        if on_segment:
+            on_segment(SegmentResult(segment.name, len(bitmap), time.perf_counter() - t0))
+    return bitmaps
+
+
+def compute(
+    spark: SparkSession,
+    lake: Path | str,
+    segments: Sequence[Segment],
+    on_segment: Callable[[SegmentResult], None] | None = None,
+) -> dict[str, BitMap64]:
+    """Every segment's members, in definition order (nothing runs unless all analyze)."""
+    return evaluate(segments, prepare(spark, lake, segments), on_segment)
+
+
+def run_batch(
+    spark: SparkSession,
+    lake: Path | str,
+    segments: Sequence[Segment],
+    out: Path | str,
+    on_segment: Callable[[SegmentResult], None] | None = None,
+) -> BatchResult:
+    """Compute every segment and write the segment set to `out` (atomically)."""
+    t0 = time.perf_counter()
+    computed_at = dt.datetime.now(dt.UTC)
+    results: list[SegmentResult] = []
+
+    def record(result: SegmentResult) -> None:
+        results.append(result)
+        if on_segment:
+            on_segment(result)
+
+    frames = prepare(spark, lake, segments)
+    prepared = time.perf_counter() - t0
+    bitmaps = evaluate(segments, frames, record)
+    t_write = time.perf_counter()
+    write_segment_set(out, bitmaps, computed_at)
+    now = time.perf_counter()
+    return BatchResult(Path(out), computed_at, results, now - t0, prepared, now - t_write)

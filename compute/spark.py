@@ -1,0 +1,96 @@
+"""The one place that builds a SparkSession for compute jobs (local mode by default)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pyspark.sql import SparkSession
+
+DEFAULT_MASTER = "local[2]"
+DEFAULT_SHUFFLE_PARTITIONS = 4
+
+
+_LOG4J2 = """\
+# Written by compute/spark.py: WARN and above to stderr, minus known startup noise.
+rootLogger.level = warn
+rootLogger.appenderRef.stderr.ref = console
+appender.console.type = Console
+appender.console.name = console
+appender.console.target = SYSTEM_ERR
+appender.console.layout.type = PatternLayout
+appender.console.layout.pattern = %d{yy/MM/dd HH:mm:ss} %p %c{1}: %m%n%ex
+logger.hadoop_native.name = org.apache.hadoop.util.NativeCodeLoader
+logger.hadoop_native.level = error
+"""
+
+
+def _log4j2_file() -> Path:
+    """A log4j2 configuration for the driver JVM (written once per content, then reused)."""
+    digest = hashlib.sha256(_LOG4J2.encode()).hexdigest()[:12]
+    path = Path(tempfile.gettempdir()) / f"seg-compute-log4j2-{digest}.properties"
+    if not path.is_file():
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(_LOG4J2)
+        os.replace(tmp, path)
+    return path
+
+
+def build_session(
+    app_name: str = "seg-compute",
+    master: str = DEFAULT_MASTER,
+    shuffle_partitions: int = DEFAULT_SHUFFLE_PARTITIONS,
+    conf: Mapping[str, str] | None = None,
+) -> SparkSession:
+    """Return a quiet SparkSession: no UI, UTC session time zone, few shuffle partitions.
+
+    The Python workers run the interpreter that runs this code, so the executors see the same
+    packages (pyroaring, pyarrow) as the driver. `conf` entries override the defaults.
+    """
+    from pyspark.sql import SparkSession
+
+    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
+    os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
+    settings: dict[str, str] = {
+        "spark.ui.enabled": "false",
+        "spark.ui.showConsoleProgress": "false",
+        "spark.sql.shuffle.partitions": str(shuffle_partitions),
+        "spark.default.parallelism": str(shuffle_partitions),
+        "spark.sql.session.timeZone": "UTC",
+        "spark.driver.host": "127.0.0.1",
+        "spark.driver.bindAddress": "127.0.0.1",
+        "spark.sql.execution.arrow.pyspark.enabled": "true",
+        # List dt=... partition directories on the driver instead of in a Spark job.
+        "spark.sql.sources.parallelPartitionDiscovery.threshold": "4096",
+        # Quiet the JVM from its first line, not only after setLogLevel below.
+        "spark.driver.extraJavaOptions": f"-Dlog4j2.configurationFile={_log4j2_file()}",
+    }
+    settings.update(_kafka_source_conf())
+    settings.update(conf or {})
+    builder = SparkSession.builder.appName(app_name).master(master)
+    for key, value in settings.items():
+        builder = builder.config(key, value)
+    spark = builder.getOrCreate()
+    spark.sparkContext.setLogLevel("WARN")
+    return spark
+
+
+def _kafka_source_conf() -> dict[str, str]:
+    """spark.jars for the Kafka source when compute.sparkjars has them cached (never fetches).
+
+    The driver JVM's classpath is fixed by the first session of a process, and a later one
+    (the stream job's) cannot add a data source, so every session carries them when present.
+    """
+    from compute.sparkjars import JarsError, kafka_jars
+
+    try:
+        return {"spark.jars": ",".join(str(j) for j in kafka_jars(fetch=False))}
+    except JarsError:
+        return {}

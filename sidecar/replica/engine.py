@@ -59,6 +59,14 @@ class Engine:
         self.needs_resync: set[str] = set()
         self._pending: dict[str, _PendingParts] = {}
 
+    def reset(self) -> None:
+        """Forget all state, keeping this object (servers hold a reference to it)."""
+        self.segments.clear()
+        self.dropped.clear()
+        self.log_info.clear()
+        self.needs_resync.clear()
+        self._pending.clear()
+
     # -- reading -------------------------------------------------------------------------
     def version_of(self, segment: str) -> int:
         state = self.segments.get(segment)

@@ -177,28 +177,38 @@ class Replica:
         raise TransportError("stopped")
 
     def _run(self) -> None:
-        try:
-            self._loop()
-        except TransportError as exc:
-            if not self._stop.is_set():
+        while not self._stop.is_set():
+            try:
+                self._loop()
+            except TransportError as exc:
+                if self._stop.is_set():
+                    return
+                # Broker restarts, leader elections, topics just created: retry, resuming
+                # from the positions reached when the replica was already serving.
                 self.error = str(exc)
-                log.error("replica stopped: %s", exc)
-        except Exception as exc:  # keep the reason visible in status; the thread must not vanish
-            self.error = f"{type(exc).__name__}: {exc}"
-            log.exception("replica failed")
+                log.warning("log error, retrying in 1 s: %s", exc)
+                self._stop.wait(1.0)
+            except Exception as exc:  # keep the reason visible in status
+                self.error = f"{type(exc).__name__}: {exc}"
+                log.exception("replica failed")
+                return
 
     def _loop(self) -> None:
         reader = self._reader = self._open()
         self.error = None
-        self.partitions = reader.partitions
-        offsets = self._restore(reader)
-        self.started_from = "log" if offsets is None else "checkpoint"
-        if offsets is None:
-            recovery.bootstrap(reader, self.engine)
-            self.positions = {p: reader.position("deltas", p) for p in range(self.partitions)}
+        if self.ready.is_set():  # a retry after a log error: carry on from where we were
+            reader.assign({("deltas", p): off for p, off in self.positions.items()})
         else:
-            self.positions = dict(offsets)
-            reader.assign({("deltas", p): off for p, off in offsets.items()})
+            self.engine.reset()  # a bootstrap that failed half-way starts over
+            self.partitions = reader.partitions
+            offsets = self._restore(reader)
+            self.started_from = "log" if offsets is None else "checkpoint"
+            if offsets is None:
+                recovery.bootstrap(reader, self.engine)
+                self.positions = {p: reader.position("deltas", p) for p in range(self.partitions)}
+            else:
+                self.positions = dict(offsets)
+                reader.assign({("deltas", p): off for p, off in offsets.items()})
         self._refresh_ends(reader)
         target = dict(self.ends)
         last_ckpt = last_ends = time.monotonic()

@@ -223,7 +223,8 @@ class KafkaTransport(Transport):
             NewTopic(self.topic(k), partitions, self.replication_factor, config=configs[k])
             for k in TOPICS
         ]
-        for name, fut in self._admin().create_topics(new, request_timeout=30).items():
+        admin = self._admin()  # keep it alive until the futures resolve
+        for name, fut in admin.create_topics(new, request_timeout=30).items():
             try:
                 fut.result()
             except KafkaException as exc:

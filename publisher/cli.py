@@ -87,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         result = publisher.publish(desired, prune=args.prune, drop=args.drop)
+    except ValueError as exc:
+        fail(str(exc))
     except FencedError as exc:
         fail(f"fenced: {exc}", code=3)
     except TransportError as exc:

@@ -15,9 +15,8 @@ from sidecar.record import (
     SnapshotChunk,
     delta_key,
     encode,
-    slice_range,
     snapshot_key,
-    split_ranges,
+    split_bitmaps,
 )
 from sidecar.replica.engine import Engine, LogInfo
 from sidecar.transport.base import Topic
@@ -125,29 +124,29 @@ def records(
             ("snapshots", p, snapshot_key(change.segment, i), None) for i in range(1, old_chunks)
         )
         return out
-    ranges = split_ranges([change.add, change.remove], MAX_RECORD_BITMAP_BYTES)
-    for i, (lo, hi) in enumerate(ranges):
+    pieces = split_bitmaps([change.add, change.remove], MAX_RECORD_BITMAP_BYTES)
+    for i, (_, _, (add, remove)) in enumerate(pieces):
         delta = Delta(
             segment=change.segment,
             base=change.base,
             version=change.version,
-            add=slice_range(change.add, lo, hi),
-            remove=slice_range(change.remove, lo, hi),
+            add=add,
+            remove=remove,
             cardinality=change.cardinality,
             ts=ts,
             part=i,
-            parts=len(ranges),
+            parts=len(pieces),
         )
         out.append(("deltas", p, delta_key(change.segment), encode(delta)))
     if change.snapshot is not None:
-        chunks = split_ranges([change.snapshot], MAX_RECORD_BITMAP_BYTES)
-        for i, (lo, hi) in enumerate(chunks):
+        chunks = split_bitmaps([change.snapshot], MAX_RECORD_BITMAP_BYTES)
+        for i, (_, _, (bitmap,)) in enumerate(chunks):
             chunk = SnapshotChunk(
                 segment=change.segment,
                 version=change.version,
                 chunk=i,
                 chunks=len(chunks),
-                bitmap=slice_range(change.snapshot, lo, hi),
+                bitmap=bitmap,
                 cardinality=change.cardinality,
                 delta_offset=delta_offsets[p],
                 ts=ts,

@@ -98,6 +98,9 @@ class Publisher:
         prune: bool = False,
         drop: Iterable[str] = (),
     ) -> PublishResult:
+        both = sorted(set(drop) & set(desired))
+        if both:
+            raise ValueError(f"segments both in the input and to drop: {', '.join(both)}")
         started = time.monotonic()
         # The writer first: on Kafka, init_transactions fences an older publisher and aborts
         # its unfinished transaction, so the state read next cannot change under us.

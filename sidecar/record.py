@@ -14,6 +14,8 @@ transaction, in order. A reader applies the change only once it holds all n part
 
 from __future__ import annotations
 
+import bisect
+from array import array
 from dataclasses import dataclass
 
 import msgpack
@@ -232,29 +234,69 @@ def decode(value: bytes, *, snapshots: bool = False) -> Record:
     raise UnknownRecord(f"unknown kind {kind!r}")
 
 
+def split_bitmaps(
+    bitmaps: list[BitMap64], max_bytes: int = MAX_RECORD_BITMAP_BYTES
+) -> list[tuple[int, int, list[BitMap64]]]:
+    """Cut the id space into half-open ranges [lo, hi) so that the bitmaps' parts inside one
+    range serialize to at most `max_bytes` together (a range holding a single id may exceed
+    it); returns each range with the bitmaps' parts in it. Bisects by rank until every range
+    fits, so dense runs and sparse stretches are both cut by their real serialized size.
+    Works on sorted arrays: pyroaring's 64-bit rank and slicing are slow on sparse bitmaps.
+    """
+    whole = [(0, 2**64, list(bitmaps))]
+    if sum(len(b.serialize()) for b in bitmaps) <= max_bytes:
+        return whole
+    arrays = [b.to_array() for b in bitmaps]
+    union = BitMap64.union(*bitmaps).to_array() if len(bitmaps) > 1 else arrays[0]
+
+    def index(arr: array, x: int) -> int:
+        return bisect.bisect_left(arr, x) if x < 2**64 else len(arr)
+
+    def parts(lo: int, hi: int) -> list[BitMap64]:
+        out = []
+        for arr in arrays:
+            part = BitMap64(arr[index(arr, lo) : index(arr, hi)])
+            part.run_optimize()
+            out.append(part)
+        return out
+
+    done: list[tuple[int, int, list[BitMap64]]] = []
+    todo = [(0, 2**64)]
+    while todo:
+        lo, hi = todo.pop()
+        cut = parts(lo, hi)
+        first, last = index(union, lo), index(union, hi)
+        if sum(len(p.serialize()) for p in cut) <= max_bytes or last - first <= 1:
+            done.append((lo, hi, cut))
+            continue
+        mid = union[(first + last) // 2]
+        todo.append((mid, hi))
+        todo.append((lo, mid))
+    return done
+
+
 def split_ranges(
     bitmaps: list[BitMap64], max_bytes: int = MAX_RECORD_BITMAP_BYTES
 ) -> list[tuple[int, int]]:
-    """Cut the id space into half-open ranges [lo, hi) so that each bitmap's part inside one
-    range serializes to at most about `max_bytes` (together). One range when it already fits.
-    """
-    total = sum(len(b.serialize()) for b in bitmaps) if bitmaps else 0
-    if total <= max_bytes:
-        return [(0, 2**64)]
-    union = BitMap64.union(*bitmaps) if len(bitmaps) > 1 else bitmaps[0]
-    n = len(union)
-    pieces = -(-total // max_bytes) * 2  # sizes are uneven across ranges; aim below the limit
-    step = max(1, n // pieces)
-    cuts = [union[i] for i in range(step, n, step)]
-    bounds = [0, *cuts, 2**64]
-    return [(bounds[i], bounds[i + 1]) for i in range(len(bounds) - 1) if bounds[i] < bounds[i + 1]]
+    """The ranges of `split_bitmaps`."""
+    return [(lo, hi) for lo, hi, _ in split_bitmaps(bitmaps, max_bytes)]
+
+
+_TOP = 2**64 - 1
 
 
 def slice_range(bitmap: BitMap64, lo: int, hi: int) -> BitMap64:
-    """The members of `bitmap` in [lo, hi), cut by rank (a range bitmap over 64-bit ids
-    would materialise far too many containers)."""
+    """The members of `bitmap` in [lo, hi), run-optimized."""
     if lo == 0 and hi >= 2**64:
         return bitmap
     start = bitmap.rank(lo - 1) if lo > 0 else 0
     stop = bitmap.rank(hi - 1) if hi < 2**64 else len(bitmap)
-    return bitmap[start:stop]
+    if stop <= start:
+        return BitMap64()
+    top = stop == len(bitmap) and _TOP in bitmap
+    # pyroaring overflows slicing through the id 2**64-1: take it off and put it back.
+    part = bitmap[start : stop - 1] if top else bitmap[start:stop]
+    if top:
+        part.add(_TOP)
+    part.run_optimize()
+    return part

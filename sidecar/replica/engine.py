@@ -54,6 +54,9 @@ class Engine:
         self.segments: dict[str, SegmentState] = {}
         self.dropped: dict[str, int] = {}  # dropped segment -> version of the drop
         self.log_info: dict[str, LogInfo] = {}
+        # segment -> the deltas offset its installed snapshot covers: older records of that
+        # segment (replayed because another segment's snapshot starts earlier) are skipped.
+        self.replay_from: dict[str, int] = {}
         self.counters = Counters()
         self.holds = holds or (lambda _segment: True)
         self.needs_resync: set[str] = set()
@@ -64,6 +67,7 @@ class Engine:
         self.segments.clear()
         self.dropped.clear()
         self.log_info.clear()
+        self.replay_from.clear()
         self.needs_resync.clear()
         self._pending.clear()
 
@@ -96,6 +100,9 @@ class Engine:
             return
         if not self.holds(record.segment):
             self.counters.ignored += 1
+            return
+        if rec.offset < self.replay_from.get(record.segment, 0):
+            self.counters.duplicates += 1
             return
         if isinstance(record, Delta):
             self.apply_delta(record, rec.offset)
@@ -187,19 +194,27 @@ class Engine:
         self.needs_resync.add(segment)
 
     # -- installing whole states (bootstrap, resync, checkpoint) --------------------------
-    def install(self, segment: str, state: SegmentState, chunks: int = 0) -> None:
+    def install(
+        self, segment: str, state: SegmentState, chunks: int = 0, from_offset: int = 0
+    ) -> None:
         self.segments[segment] = state
         self.dropped.pop(segment, None)
         self._pending.pop(segment, None)
         if chunks:
             self.log_info[segment] = LogInfo(state.version, chunks, 0)
+        if from_offset:
+            self.replay_from[segment] = from_offset
 
-    def install_drop(self, segment: str, version: int, chunks: int = 0) -> None:
+    def install_drop(
+        self, segment: str, version: int, chunks: int = 0, from_offset: int = 0
+    ) -> None:
         self.segments.pop(segment, None)
         self.dropped[segment] = version
         self._pending.pop(segment, None)
         if chunks:
             self.log_info[segment] = LogInfo(version, chunks, 0)
+        if from_offset:
+            self.replay_from[segment] = from_offset
 
     # -- summary ---------------------------------------------------------------------------
     def memberships(self) -> int:

@@ -93,6 +93,14 @@ class SnapshotAssembler:
             del self._building[key]
 
 
+def install(engine: Engine, snap: Snapshot) -> None:
+    """Install a snapshot; the segment's deltas before its `delta_offset` are then skipped."""
+    if snap.state is None:
+        engine.install_drop(snap.segment, snap.version, snap.chunks, snap.delta_offset)
+    else:
+        engine.install(snap.segment, snap.state, snap.chunks, snap.delta_offset)
+
+
 def read_until(
     reader: LogReader,
     ends: dict[tuple[Topic, int], int],
@@ -132,10 +140,7 @@ def bootstrap(reader: LogReader, engine: Engine, progress: Progress | None = Non
     partitions = list(range(reader.partitions))
     snapshots = read_snapshots(reader, partitions, engine.holds, engine.counters)
     for snap in snapshots.values():
-        if snap.state is None:
-            engine.install_drop(snap.segment, snap.version, snap.chunks)
-        else:
-            engine.install(snap.segment, snap.state, snap.chunks)
+        install(engine, snap)
     say(
         f"snapshots: {len(snapshots)} segments, {engine.memberships():,} memberships "
         f"in {time.monotonic() - started:.1f} s"
@@ -177,10 +182,7 @@ def resync(
             scratch = Engine(holds=wanted.__contains__)
             snaps = read_snapshots(reader, [p], wanted.__contains__, engine.counters)
             for snap in snaps.values():
-                if snap.state is None:
-                    scratch.install_drop(snap.segment, snap.version)
-                else:
-                    scratch.install(snap.segment, snap.state)
+                install(scratch, snap)
             low, _ = reader.watermarks("deltas", p)
             offsets = [s.delta_offset for s in snaps.values()]
             start = max(low, min(offsets)) if len(offsets) == len(wanted) else low

@@ -51,6 +51,7 @@ class Replica:
         self.error: str | None = None
         self.last_checkpoint_ms = 0
         self.started_from: str | None = None  # "checkpoint" or "log", once known
+        self._log_id = ""  # the log's identity, read when the log is first opened
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._reader: LogReader | None = None
@@ -124,7 +125,7 @@ class Replica:
             pending = self.engine.pending_offset(self._partition_of, p)
             offsets[p] = min(pos, pending) if pending is not None else pos
         ckpt = checkpoint.Checkpoint(
-            log_id=self.transport.describe(),
+            log_id=self._log_id,
             partitions=self.partitions,
             offsets=offsets,
             segments=dict(self.engine.segments),
@@ -141,7 +142,7 @@ class Replica:
     def _restore(self, reader: LogReader) -> dict[int, int] | None:
         if self.state_dir is None:
             return None
-        ckpt = checkpoint.load(self.state_dir, self.transport.describe())
+        ckpt = checkpoint.load(self.state_dir, self._log_id)
         if ckpt is None or ckpt.partitions != reader.partitions:
             return None
         for p, off in ckpt.offsets.items():
@@ -196,6 +197,8 @@ class Replica:
     def _loop(self) -> None:
         reader = self._reader = self._open()
         self.error = None
+        if not self._log_id:
+            self._log_id = self.transport.identity()
         if self.ready.is_set():  # a retry after a log error: carry on from where we were
             reader.assign({("deltas", p): off for p, off in self.positions.items()})
         else:

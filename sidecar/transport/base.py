@@ -119,3 +119,8 @@ class Transport(abc.ABC):
 
     @abc.abstractmethod
     def describe(self) -> str: ...
+
+    def identity(self) -> str:
+        """Names this log and its incarnation: a log deleted and created again at the same
+        place gets a new identity, so checkpoints of the old one are not trusted."""
+        return self.describe()

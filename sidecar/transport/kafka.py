@@ -7,7 +7,14 @@ import logging
 import time
 import uuid
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
+from confluent_kafka import (
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Producer,
+    TopicCollection,
+    TopicPartition,
+)
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from .base import (
@@ -32,6 +39,15 @@ _FENCED_CODES = {
     KafkaError.PRODUCER_FENCED,
     KafkaError.INVALID_PRODUCER_EPOCH,
     KafkaError.TRANSACTIONAL_ID_AUTHORIZATION_FAILED,
+}
+
+
+_LEADER_CODES = {
+    KafkaError.NOT_LEADER_FOR_PARTITION,
+    KafkaError.LEADER_NOT_AVAILABLE,
+    KafkaError.UNKNOWN_TOPIC_OR_PART,
+    KafkaError._TIMED_OUT,
+    KafkaError.REQUEST_TIMED_OUT,
 }
 
 
@@ -127,11 +143,19 @@ class KafkaReader(LogReader):
 
     def watermarks(self, topic: Topic, partition: int) -> tuple[int, int]:
         tp = TopicPartition(self._t.topic(topic), partition)
-        try:
-            low, high = self._consumer.get_watermark_offsets(tp, timeout=15, cached=False)
-        except KafkaException as exc:
-            raise TransportError(f"cannot read offsets of {tp.topic}[{partition}]: {exc}") from exc
-        return low, high
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                return self._consumer.get_watermark_offsets(tp, timeout=15, cached=False)
+            except KafkaException as exc:
+                # Right after topic creation or during a leader election: wait for a leader.
+                err = _error(exc)
+                transient = err is not None and (err.retriable() or err.code() in _LEADER_CODES)
+                if not transient or time.monotonic() > deadline:
+                    raise TransportError(
+                        f"cannot read offsets of {tp.topic}[{partition}]: {exc}"
+                    ) from exc
+                time.sleep(0.2)
 
     def assign(self, assignments: dict[tuple[Topic, int], int]) -> None:
         self._next = dict(assignments)
@@ -232,13 +256,21 @@ class KafkaTransport(Transport):
                 if err is None or err.code() != KafkaError.TOPIC_ALREADY_EXISTS:
                     raise TransportError(f"cannot create topic {name}: {exc}") from exc
         deadline = time.monotonic() + 30
-        while True:
+        while True:  # until the topics are visible and every partition has a leader
             try:
-                return self.partition_count()
-            except TransportError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.2)
+                count = self.partition_count()
+                meta = admin.list_topics(timeout=15)
+                if all(
+                    p.leader >= 0
+                    for k in TOPICS
+                    for p in meta.topics[self.topic(k)].partitions.values()
+                ):
+                    return count
+            except (TransportError, KafkaException, KeyError):
+                pass
+            if time.monotonic() > deadline:
+                raise TransportError(f"topics {self.prefix}.* have no leaders after 30 s")
+            time.sleep(0.2)
 
     def reader(self) -> KafkaReader:
         return KafkaReader(self)
@@ -249,3 +281,13 @@ class KafkaTransport(Transport):
 
     def describe(self) -> str:
         return f"Kafka {self.bootstrap} topics {self.prefix}.deltas/.snapshots"
+
+    def identity(self) -> str:
+        """The topics' ids: topics deleted and created again get new ones."""
+        names = [self.topic(k) for k in TOPICS]
+        try:
+            futures = self._admin().describe_topics(TopicCollection(names), request_timeout=15)
+            ids = [str(futures[n].result().topic_id) for n in names]
+        except KafkaException as exc:
+            raise TransportError(f"cannot describe topics {names}: {exc}") from exc
+        return f"{self.describe()} ids {','.join(ids)}"

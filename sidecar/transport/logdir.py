@@ -16,6 +16,7 @@ import json
 import os
 import struct
 import time
+import uuid
 import zlib
 from pathlib import Path
 
@@ -29,7 +30,8 @@ _TOPIC_INDEX = {t: i for i, t in enumerate(TOPICS)}
 DEFAULT_PARTITIONS = 4
 
 
-def _read_meta(path: Path) -> int:
+def _read_meta(path: Path) -> tuple[int, str]:
+    """(partitions, log id): the id is new each time a log directory is created."""
     try:
         meta = json.loads((path / "meta.json").read_text())
     except FileNotFoundError:
@@ -38,7 +40,7 @@ def _read_meta(path: Path) -> int:
         raise TransportError(f"{path}/meta.json is unreadable: {exc}") from exc
     if meta.get("format") != 1 or type(meta.get("partitions")) is not int:
         raise TransportError(f"{path}/meta.json has an unknown format: {meta!r}")
-    return meta["partitions"]
+    return meta["partitions"], str(meta.get("log_id", ""))
 
 
 def _scan(data: bytes | memoryview, pos: int) -> tuple[list[list], int]:
@@ -68,14 +70,16 @@ class LogDirWriter(LogWriter):
         except BlockingIOError:
             self._lock.close()
             raise TransportError(f"another writer holds the log directory {path}") from None
+        # The log file exists before meta.json, so a reader that sees meta.json can open it.
+        self._fd = os.open(path / "log", os.O_RDWR | os.O_CREAT, 0o644)
         if (path / "meta.json").exists():
-            self.partitions = _read_meta(path)
+            self.partitions = _read_meta(path)[0]
         else:
             tmp = path / "meta.json.tmp"
-            tmp.write_text(json.dumps({"format": 1, "partitions": partitions}))
+            meta = {"format": 1, "partitions": partitions, "log_id": uuid.uuid4().hex}
+            tmp.write_text(json.dumps(meta))
             os.replace(tmp, path / "meta.json")
             self.partitions = partitions
-        self._fd = os.open(path / "log", os.O_RDWR | os.O_CREAT, 0o644)
         data = os.pread(self._fd, os.fstat(self._fd).st_size, 0)
         _, valid_end = _scan(data, 0)
         if valid_end < len(data):  # a torn tail from a crash: never visible, now dropped
@@ -126,8 +130,11 @@ class LogDirReader(LogReader):
 
     def __init__(self, path: Path) -> None:
         self._path = path
-        self.partitions = _read_meta(path)
-        self._file = open(path / "log", "rb")  # noqa: SIM115 - held for our lifetime
+        self.partitions = _read_meta(path)[0]
+        try:
+            self._file = open(path / "log", "rb")  # noqa: SIM115 - held for our lifetime
+        except OSError as exc:
+            raise TransportError(f"cannot open {path}/log: {exc}") from exc
         self._assigned: dict[tuple[Topic, int], int] = {}
         self._reset()
         # A separate counter over the whole file for watermarks.
@@ -192,3 +199,6 @@ class LogDirTransport(Transport):
 
     def describe(self) -> str:
         return f"log directory {self.path}"
+
+    def identity(self) -> str:
+        return f"{self.describe()} id {_read_meta(self.path)[1]}"

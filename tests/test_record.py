@@ -1,0 +1,615 @@
+"""The log record codec (sidecar/record.py) and the partitioner (sidecar/partitioner.py).
+
+Round trips for every record type, the unknown/corrupt split on decode (never any other
+exception), the id-range splitting used for snapshot chunks and split deltas, and Kafka's
+Java murmur2 test vectors.
+"""
+
+from __future__ import annotations
+
+import random
+
+import msgpack
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from pyroaring import BitMap64
+
+from sidecar.partitioner import murmur2, partition_for
+from sidecar.record import (
+    FORMAT,
+    CorruptRecord,
+    Delta,
+    Drop,
+    DropMarker,
+    RecordError,
+    SnapshotChunk,
+    UnknownRecord,
+    decode,
+    delta_key,
+    encode,
+    slice_range,
+    snapshot_key,
+    split_ranges,
+)
+
+MAX_ID = 2**64 - 1
+U64 = st.integers(0, MAX_ID)
+
+# -- strategies ---------------------------------------------------------------------------------
+
+segment_ids = st.from_regex(r"\A[A-Za-z0-9][A-Za-z0-9_.:-]{0,40}\Z")
+_id_values = st.one_of(
+    st.integers(0, 2**16),
+    st.integers(2**32 - 10, 2**32 + 10),
+    U64,
+    st.integers(MAX_ID - 2**17, MAX_ID),
+)
+
+
+@st.composite
+def bitmaps(draw: st.DrawFn, ids: st.SearchStrategy[int] = _id_values) -> BitMap64:
+    bm = BitMap64(draw(st.lists(ids, max_size=40)))
+    if draw(st.booleans()):  # a run, so run/bitset containers show up too
+        start = draw(ids)
+        length = draw(st.integers(0, 5000))
+        bm.update(range(start, min(start + length, MAX_ID)))
+    return bm
+
+
+deltas = st.builds(
+    lambda seg, base, ver, add, rem, card, ts, parts_part: Delta(
+        seg, base, ver, add, rem, card, ts, parts_part[1], parts_part[0]
+    ),
+    segment_ids,
+    U64,
+    st.integers(1, MAX_ID),
+    bitmaps(),
+    bitmaps(),
+    U64,
+    U64,
+    st.integers(1, 50).flatmap(lambda n: st.tuples(st.just(n), st.integers(0, n - 1))),
+)
+drops = st.builds(Drop, segment_ids, U64, st.integers(1, MAX_ID), U64)
+chunks = st.integers(1, 50).flatmap(
+    lambda n: st.builds(
+        SnapshotChunk,
+        segment_ids,
+        st.integers(1, MAX_ID),
+        st.integers(0, n - 1),
+        st.just(n),
+        bitmaps(),
+        U64,
+        U64,
+        U64,
+    )
+)
+markers = st.builds(DropMarker, segment_ids, st.integers(1, MAX_ID), U64, U64)
+
+
+def _is_snapshot_topic(record: object) -> bool:
+    return isinstance(record, SnapshotChunk | DropMarker)
+
+
+# -- round trips --------------------------------------------------------------------------------
+
+
+@settings(max_examples=200, suppress_health_check=[HealthCheck.too_slow])
+@given(st.one_of(deltas, drops, chunks, markers))
+def test_round_trip_every_record_type(record: object) -> None:
+    value = encode(record)  # type: ignore[arg-type]
+    assert isinstance(value, bytes)
+    back = decode(value, snapshots=_is_snapshot_topic(record))
+    assert type(back) is type(record)
+    assert back == record
+
+
+@pytest.mark.parametrize(
+    "record",
+    [
+        Delta("s", 0, 1, BitMap64(), BitMap64(), 0, 0),
+        Delta("s", MAX_ID - 1, MAX_ID, BitMap64([0, MAX_ID]), BitMap64([1]), MAX_ID, MAX_ID),
+        Delta("s", 3, 4, BitMap64([7]), BitMap64(), 1, 5, part=2, parts=3),
+        Drop("s", MAX_ID - 1, MAX_ID, MAX_ID),
+        SnapshotChunk("s", 1, 0, 1, BitMap64(), 0, 0, 0),
+        SnapshotChunk("s", MAX_ID, 4, 5, BitMap64([MAX_ID]), 1, MAX_ID, MAX_ID),
+        DropMarker("s", MAX_ID, MAX_ID, 0),
+    ],
+    ids=repr,
+)
+def test_round_trip_edges(record: object) -> None:
+    assert decode(encode(record), snapshots=_is_snapshot_topic(record)) == record  # type: ignore[arg-type]
+
+
+def test_encoding_shape_matches_design() -> None:
+    body = msgpack.unpackb(encode(Delta("vip", 4, 5, BitMap64([1]), BitMap64([2]), 9, 123)))
+    assert body == {
+        "format": 1,
+        "kind": "delta",
+        "segment": "vip",
+        "base": 4,
+        "version": 5,
+        "add": BitMap64([1]).serialize(),
+        "remove": BitMap64([2]).serialize(),
+        "cardinality": 9,
+        "ts": 123,
+    }
+    split = msgpack.unpackb(encode(Delta("vip", 4, 5, BitMap64(), BitMap64(), 9, 1, 1, 2)))
+    assert (split["part"], split["parts"]) == (1, 2)
+    snap = msgpack.unpackb(encode(SnapshotChunk("vip", 5, 0, 2, BitMap64([3]), 9, 77, 1)))
+    assert snap["kind"] == "snapshot" and snap["chunks"] == 2 and snap["delta_offset"] == 77
+    assert BitMap64.deserialize(snap["bitmap"]) == BitMap64([3])
+    assert msgpack.unpackb(encode(DropMarker("vip", 6, 10, 1)))["kind"] == "drop"
+    assert delta_key("vip") == b"vip"
+    assert snapshot_key("vip", 3) == b"vip#3"
+
+
+def test_encode_rejects_non_records() -> None:
+    with pytest.raises(TypeError):
+        encode({"kind": "delta"})  # type: ignore[arg-type]
+
+
+# -- unknown ------------------------------------------------------------------------------------
+
+
+def _valid_delta_body() -> dict:
+    return msgpack.unpackb(encode(Delta("s", 0, 1, BitMap64([1]), BitMap64(), 1, 0)))
+
+
+def _valid_snapshot_body() -> dict:
+    return msgpack.unpackb(encode(SnapshotChunk("s", 1, 0, 1, BitMap64([1]), 1, 0, 0)))
+
+
+def _pack(body: object) -> bytes:
+    return msgpack.packb(body, use_bin_type=True)
+
+
+@pytest.mark.parametrize("fmt", [0, 2, 99, "1", None, -1, [1]])
+@pytest.mark.parametrize("snapshots", [False, True])
+def test_unknown_format(fmt: object, snapshots: bool) -> None:
+    body = _valid_snapshot_body() if snapshots else _valid_delta_body()
+    if fmt is None:
+        del body["format"]
+    else:
+        body["format"] = fmt
+    with pytest.raises(UnknownRecord):
+        decode(_pack(body), snapshots=snapshots)
+
+
+@pytest.mark.parametrize("kind", ["upsert", "", "DELTA", None, 5, "snapshot"])
+def test_unknown_kind_in_deltas(kind: object) -> None:
+    body = _valid_delta_body()
+    if kind is None:
+        del body["kind"]
+    else:
+        body["kind"] = kind
+    with pytest.raises(UnknownRecord):
+        decode(_pack(body))
+
+
+def test_a_delta_in_the_snapshots_topic_is_unknown() -> None:
+    with pytest.raises(UnknownRecord):
+        decode(encode(Delta("s", 0, 1, BitMap64(), BitMap64(), 0, 0)), snapshots=True)
+
+
+def test_a_future_format_with_a_new_shape_is_unknown_not_corrupt() -> None:
+    with pytest.raises(UnknownRecord):
+        decode(_pack({"format": 2, "kind": "delta", "segment": 7, "add": "not bytes"}))
+
+
+def test_unknown_and_corrupt_are_record_errors() -> None:
+    assert issubclass(UnknownRecord, RecordError)
+    assert issubclass(CorruptRecord, RecordError)
+    assert not issubclass(UnknownRecord, CorruptRecord)
+
+
+# -- corrupt ------------------------------------------------------------------------------------
+
+NOT_MSGPACK = [b"", b"\xc1", b"\x92\x01", b"\x81\xa1", b"\xdd\xff\xff\xff\xff", b"\x85\x01"]
+
+
+@pytest.mark.parametrize("value", NOT_MSGPACK, ids=repr)
+def test_not_msgpack_is_corrupt(value: bytes) -> None:
+    with pytest.raises(CorruptRecord):
+        decode(value)
+
+
+def test_trailing_bytes_are_corrupt() -> None:
+    with pytest.raises(CorruptRecord):
+        decode(encode(Drop("s", 0, 1, 0)) + b"\x00")
+
+
+@pytest.mark.parametrize("body", [[1, 2], 1, "delta", None, b"x", [], 1.5, True])
+def test_non_map_is_corrupt(body: object) -> None:
+    with pytest.raises(CorruptRecord):
+        decode(_pack(body))
+
+
+def test_truncated_values_are_corrupt() -> None:
+    value = encode(Delta("seg", 1, 2, BitMap64(range(100)), BitMap64([MAX_ID]), 100, 5))
+    for cut in range(len(value)):
+        with pytest.raises(CorruptRecord):
+            decode(value[:cut])
+
+
+@pytest.mark.parametrize("field", ["add", "remove"])
+@pytest.mark.parametrize("bad", [b"", b"\x00", b"garbage bytes", "text", 5, None, [1, 2]])
+def test_bad_delta_bitmap_is_corrupt(field: str, bad: object) -> None:
+    body = _valid_delta_body()
+    body[field] = bad
+    with pytest.raises(CorruptRecord):
+        decode(_pack(body))
+
+
+def test_truncated_bitmap_bytes_are_corrupt() -> None:
+    good = BitMap64([1, 2**40, MAX_ID]).serialize()
+    for cut in range(len(good)):
+        body = _valid_snapshot_body()
+        body["bitmap"] = good[:cut]
+        with pytest.raises(CorruptRecord):
+            decode(_pack(body), snapshots=True)
+
+
+DELTA_FIELDS = ["segment", "base", "version", "add", "remove", "cardinality", "ts"]
+SNAPSHOT_FIELDS = [
+    "segment",
+    "version",
+    "chunk",
+    "chunks",
+    "bitmap",
+    "cardinality",
+    "delta_offset",
+    "ts",
+]
+
+
+@pytest.mark.parametrize("field", DELTA_FIELDS)
+def test_delta_missing_field_is_corrupt(field: str) -> None:
+    body = _valid_delta_body()
+    del body[field]
+    with pytest.raises(CorruptRecord):
+        decode(_pack(body))
+
+
+@pytest.mark.parametrize("field", SNAPSHOT_FIELDS)
+def test_snapshot_missing_field_is_corrupt(field: str) -> None:
+    body = _valid_snapshot_body()
+    del body[field]
+    with pytest.raises(CorruptRecord):
+        decode(_pack(body), snapshots=True)
+
+
+@pytest.mark.parametrize("field", ["segment", "base", "version", "ts"])
+def test_drop_missing_field_is_corrupt(field: str) -> None:
+    body = msgpack.unpackb(encode(Drop("s", 1, 2, 3)))
+    del body[field]
+    with pytest.raises(CorruptRecord):
+        decode(_pack(body))
+
+
+@pytest.mark.parametrize("field", ["segment", "version", "delta_offset", "ts"])
+def test_drop_marker_missing_field_is_corrupt(field: str) -> None:
+    body = msgpack.unpackb(encode(DropMarker("s", 2, 3, 4)))
+    del body[field]
+    with pytest.raises(CorruptRecord):
+        decode(_pack(body), snapshots=True)
+
+
+MISTYPED_INTS = ["7", 7.0, True, False, None, -1, b"\x07", [7]]
+
+
+@pytest.mark.parametrize("field", ["base", "version", "cardinality", "ts", "part", "parts"])
+@pytest.mark.parametrize("bad", MISTYPED_INTS, ids=repr)
+def test_delta_mistyped_int_is_corrupt(field: str, bad: object) -> None:
+    body = _valid_delta_body()
+    body[field] = bad
+    with pytest.raises(CorruptRecord):
+        decode(_pack(body))
+
+
+@pytest.mark.parametrize("field", ["version", "chunk", "chunks", "cardinality", "delta_offset"])
+@pytest.mark.parametrize("bad", MISTYPED_INTS, ids=repr)
+def test_snapshot_mistyped_int_is_corrupt(field: str, bad: object) -> None:
+    body = _valid_snapshot_body()
+    body[field] = bad
+    with pytest.raises(CorruptRecord):
+        decode(_pack(body), snapshots=True)
+
+
+@pytest.mark.parametrize("bad", ["", 5, None, b"seg", ["s"]], ids=repr)
+def test_mistyped_segment_is_corrupt(bad: object) -> None:
+    body = _valid_delta_body()
+    body["segment"] = bad
+    with pytest.raises(CorruptRecord):
+        decode(_pack(body))
+
+
+def test_version_zero_is_corrupt() -> None:
+    for value, snapshots in [
+        (encode(Delta("s", 0, 1, BitMap64(), BitMap64(), 0, 0)), False),
+        (encode(Drop("s", 0, 1, 0)), False),
+        (encode(SnapshotChunk("s", 1, 0, 1, BitMap64(), 0, 0, 0)), True),
+        (encode(DropMarker("s", 1, 0, 0)), True),
+    ]:
+        body = msgpack.unpackb(value)
+        body["version"] = 0
+        with pytest.raises(CorruptRecord):
+            decode(_pack(body), snapshots=snapshots)
+
+
+@pytest.mark.parametrize("part,parts", [(1, 1), (3, 3), (4, 3), (0, 0), (MAX_ID, 2)])
+def test_part_not_below_parts_is_corrupt(part: int, parts: int) -> None:
+    body = _valid_delta_body()
+    body["part"] = part
+    body["parts"] = parts
+    with pytest.raises(CorruptRecord):
+        decode(_pack(body))
+
+
+def test_part_without_parts_means_one_part() -> None:
+    body = _valid_delta_body()
+    body["part"] = 1
+    with pytest.raises(CorruptRecord):
+        decode(_pack(body))
+    body["part"] = 0
+    assert decode(_pack(body)).parts == 1  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("chunk,chunks", [(1, 1), (5, 2), (0, 0)])
+def test_chunk_not_below_chunks_is_corrupt(chunk: int, chunks: int) -> None:
+    body = _valid_snapshot_body()
+    body["chunk"] = chunk
+    body["chunks"] = chunks
+    with pytest.raises(CorruptRecord):
+        decode(_pack(body), snapshots=True)
+
+
+# -- decode never raises anything else ---------------------------------------------------------
+
+_scalars = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**63), MAX_ID),
+    st.floats(allow_nan=True),
+    st.text(max_size=10),
+    st.binary(max_size=40),
+)
+_values = st.recursive(
+    _scalars,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(_scalars, inner, max_size=4),
+    max_leaves=10,
+)
+_field_names = st.sampled_from(
+    [
+        "format",
+        "kind",
+        *DELTA_FIELDS,
+        *SNAPSHOT_FIELDS,
+        "part",
+        "parts",
+        "other",
+    ]
+)
+_field_values = st.one_of(
+    st.sampled_from([1, 0, 2, "delta", "drop", "snapshot", "s", b""]),
+    st.integers(-5, 5),
+    bitmaps().map(lambda b: b.serialize()),
+    _values,
+)
+
+
+@st.composite
+def record_like_maps(draw: st.DrawFn) -> dict:
+    body = draw(st.dictionaries(_field_names, _field_values, max_size=12))
+    if draw(st.booleans()):
+        body["format"] = FORMAT
+    if draw(st.booleans()):
+        body["kind"] = draw(st.sampled_from(["delta", "drop", "snapshot"]))
+    return body
+
+
+def _decode_never_crashes(value: bytes) -> None:
+    for snapshots in (False, True):
+        try:
+            record = decode(value, snapshots=snapshots)
+        except (UnknownRecord, CorruptRecord):
+            continue
+        assert isinstance(record, Delta | Drop | SnapshotChunk | DropMarker)
+        if isinstance(record, Delta):
+            assert 0 <= record.part < record.parts
+        if isinstance(record, SnapshotChunk):
+            assert 0 <= record.chunk < record.chunks
+
+
+@settings(max_examples=500)
+@given(st.binary(max_size=200))
+def test_random_bytes_only_raise_record_errors(value: bytes) -> None:
+    _decode_never_crashes(value)
+
+
+@settings(max_examples=250, suppress_health_check=[HealthCheck.too_slow])
+@given(record_like_maps())
+def test_random_maps_only_raise_record_errors(body: dict) -> None:
+    _decode_never_crashes(_pack(body))
+
+
+@settings(max_examples=200, suppress_health_check=[HealthCheck.too_slow])
+@given(st.data())
+def test_mutated_records_only_raise_record_errors(data: st.DataObject) -> None:
+    record = data.draw(st.one_of(deltas, drops, chunks, markers))
+    value = bytearray(encode(record))
+    for _ in range(data.draw(st.integers(1, 4))):
+        i = data.draw(st.integers(0, len(value) - 1))
+        value[i] = data.draw(st.integers(0, 255))
+    cut = data.draw(st.integers(0, len(value)))
+    _decode_never_crashes(bytes(value[:cut]))
+
+
+@settings(max_examples=200)
+@given(st.binary(max_size=120))
+def test_random_bitmap_bytes_are_corrupt_or_valid(raw: bytes) -> None:
+    body = _valid_delta_body()
+    body["add"] = raw
+    try:
+        record = decode(_pack(body))
+    except CorruptRecord:
+        return
+    assert isinstance(record, Delta)
+
+
+# -- split_ranges / slice_range -------------------------------------------------------------------
+
+
+def _check_partition(bitmaps_: list[BitMap64], ranges: list[tuple[int, int]]) -> None:
+    assert ranges[0][0] == 0
+    assert ranges[-1][1] == 2**64
+    for (lo, hi), (next_lo, _) in zip(ranges, ranges[1:], strict=False):
+        assert lo < hi == next_lo
+    for bm in bitmaps_:
+        slices = [slice_range(bm, lo, hi) for lo, hi in ranges]
+        for sl, (lo, hi) in zip(slices, ranges, strict=True):
+            assert all(lo <= x < hi for x in sl)
+        assert sum(len(s) for s in slices) == len(bm)  # pairwise disjoint ...
+        assert BitMap64.union(BitMap64(), *slices) == bm  # ... and together exactly bm
+
+
+def test_split_ranges_one_range_when_it_fits() -> None:
+    assert split_ranges([]) == [(0, 2**64)]
+    assert split_ranges([BitMap64()]) == [(0, 2**64)]
+    assert split_ranges([BitMap64(range(1000)), BitMap64([MAX_ID])]) == [(0, 2**64)]
+    whole = BitMap64([1, 2, 3])
+    assert slice_range(whole, 0, 2**64) == whole
+
+
+_below_top = st.one_of(
+    st.integers(0, 2**20), st.integers(0, MAX_ID - 1), st.integers(MAX_ID - 2**18, MAX_ID - 1)
+)
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.lists(bitmaps(_below_top), min_size=1, max_size=3),
+    st.integers(16, 2048),
+)
+def test_split_ranges_partition_the_bitmaps_exactly(bms: list[BitMap64], max_bytes: int) -> None:
+    ranges = split_ranges(bms, max_bytes)
+    _check_partition(bms, ranges)
+
+
+@st.composite
+def uniform_bitmaps(draw: st.DrawFn) -> list[BitMap64]:
+    """Ids spread evenly over a span (what hashed or sequential user ids look like)."""
+    rnd = random.Random(draw(st.integers(0, 2**32)))
+    span = draw(st.sampled_from([2**16, 2**24, 2**32, 2**48, 2**64 - 1]))
+    base = draw(st.sampled_from([0, MAX_ID - span]))
+    out = []
+    for _ in range(draw(st.integers(1, 2))):
+        n = draw(st.integers(0, 3000))
+        out.append(BitMap64(rnd.randrange(base, base + span) for _ in range(n)))
+    return out
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(uniform_bitmaps(), st.integers(512, 8192))
+def test_split_slices_stay_under_the_byte_limit(bms: list[BitMap64], max_bytes: int) -> None:
+    ranges = split_ranges(bms, max_bytes)
+    _check_partition(bms, ranges)
+    for lo, hi in ranges:
+        size = sum(len(slice_range(b, lo, hi).serialize()) for b in bms)
+        assert size <= max_bytes, (lo, hi, size)
+    total = sum(len(b.serialize()) for b in bms)
+    if total > max_bytes:
+        assert len(ranges) > 1
+
+
+def test_split_a_big_sparse_bitmap_at_the_real_limit() -> None:
+    rnd = random.Random(7)
+    bm = BitMap64(rnd.randrange(0, 2**64) for _ in range(60_000))  # ~1.5 MB serialized
+    ranges = split_ranges([bm])
+    assert len(ranges) > 1
+    _check_partition([bm], ranges)
+    from sidecar.record import MAX_RECORD_BITMAP_BYTES
+
+    assert all(
+        len(slice_range(bm, lo, hi).serialize()) <= MAX_RECORD_BITMAP_BYTES for lo, hi in ranges
+    )
+
+
+def test_ids_near_the_top_below_the_last_one() -> None:
+    bm = BitMap64(range(MAX_ID - 5000, MAX_ID))  # up to 2**64-2
+    bm.update(range(1000))
+    ranges = split_ranges([bm], 64)
+    _check_partition([bm], ranges)
+
+
+def test_slice_range_of_small_bitmaps_holding_the_top_id() -> None:
+    bm = BitMap64([0, 5, MAX_ID - 1, MAX_ID])
+    assert slice_range(bm, MAX_ID, 2**64) == BitMap64([MAX_ID])
+    assert slice_range(bm, 1, MAX_ID) == BitMap64([5, MAX_ID - 1])
+    assert slice_range(bm, 0, 5) == BitMap64([0])
+    _check_partition([bm], split_ranges([bm], 1))
+
+
+def test_slice_range_ending_at_the_top_id() -> None:
+    bm = BitMap64(range(1000))
+    bm.add(MAX_ID)
+    assert slice_range(bm, MAX_ID, 2**64) == BitMap64([MAX_ID])
+
+
+def test_split_ranges_with_a_cluster_at_the_top_id() -> None:
+    bm = BitMap64(range(MAX_ID - 5000, MAX_ID))
+    bm.add(MAX_ID)
+    bm.update(range(0, 2**32, 2**24 + 1))
+    ranges = split_ranges([bm], 1024)
+    _check_partition([bm], ranges)
+
+
+def test_split_ranges_bounds_slice_size_for_dense_plus_sparse() -> None:
+    from sidecar.record import MAX_RECORD_BITMAP_BYTES
+
+    rnd = random.Random(0)
+    bm = BitMap64(range(0, 20_000_000))  # a run: a few KB serialized
+    bm.update(rnd.sample(range(2**40, 2**63), 200_000))  # sparse: ~4.4 MB serialized
+    ranges = split_ranges([bm])
+    sizes = [len(slice_range(bm, lo, hi).serialize()) for lo, hi in ranges]
+    assert max(sizes) <= MAX_RECORD_BITMAP_BYTES, sizes
+
+
+# -- murmur2 ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "data,expected",
+    [
+        (b"21", -973932308),
+        (b"foobar", -790332482),
+        (b"a-little-bit-long-string", -985981536),
+        (b"a-little-bit-longer-string", -1486304829),
+        (b"lkjh234lh9fiuh90y23oiuhsafujhadof229phr9h19h89h8", -58897971),
+        (b"abc", 479470107),
+    ],
+)
+def test_murmur2_java_vectors(data: bytes, expected: int) -> None:
+    assert murmur2(data) == expected
+
+
+@given(st.binary(max_size=64))
+def test_murmur2_is_a_signed_32_bit_int(data: bytes) -> None:
+    h = murmur2(data)
+    assert -(2**31) <= h < 2**31
+
+
+@given(segment_ids, st.integers(1, 1000))
+def test_partition_for_range(segment: str, partitions: int) -> None:
+    p = partition_for(segment, partitions)
+    assert 0 <= p < partitions
+    assert p == (murmur2(segment.encode()) & 0x7FFFFFFF) % partitions
+
+
+def test_partition_for_java_values() -> None:
+    # Java: Utils.toPositive(Utils.murmur2("foobar".getBytes())) % n
+    assert partition_for("foobar", 8) == (-790332482 & 0x7FFFFFFF) % 8
+    assert partition_for("21", 3) == (-973932308 & 0x7FFFFFFF) % 3
+    assert partition_for("abc", 1) == 0
+    # spreads segments over partitions
+    assert len({partition_for(f"seg-{i}", 8) for i in range(200)}) == 8

@@ -33,6 +33,7 @@ aerospike_server = aerospike_fixture.aerospike_server
 aerospike_server_factory = aerospike_fixture.aerospike_server_factory
 aerospike_client = aerospike_fixture.aerospike_client
 
+
 def _find_capture() -> Path:
     """shared/ sits beside the repository checkout (in development and in CI)."""
     override = os.environ.get("AEROSPIKE_WIRE_CAPTURE")
@@ -191,12 +192,26 @@ def _value(op: wire.Op) -> Any:
 
 def describe_msg(msg: wire.AsMsg) -> dict[str, Any]:
     out = {
-        "info1": msg.info1, "info2": msg.info2, "info3": msg.info3, "info4": msg.info4,
-        "result_code": msg.result_code, "generation": msg.generation,
-        "record_ttl": msg.record_ttl, "transaction_ttl": msg.transaction_ttl,
+        "info1": msg.info1,
+        "info2": msg.info2,
+        "info3": msg.info3,
+        "info4": msg.info4,
+        "result_code": msg.result_code,
+        "generation": msg.generation,
+        "record_ttl": msg.record_ttl,
+        "transaction_ttl": msg.transaction_ttl,
         "fields": msg.fields,
-        "ops": [{"op": o.op, "particle_type": o.particle_type, "flags": o.flags,
-                 "name": o.name, "value": _value(o), "raw": o.value} for o in msg.ops],
+        "ops": [
+            {
+                "op": o.op,
+                "particle_type": o.particle_type,
+                "flags": o.flags,
+                "name": o.name,
+                "value": _value(o),
+                "raw": o.value,
+            }
+            for o in msg.ops
+        ],
     }
     return {k: v for k, v in out.items() if k not in IGNORED_MSG_FIELDS}
 
@@ -259,17 +274,22 @@ def test_capture_parser_finds_every_exchange(capture: dict[int, Exchange]) -> No
     assert [len(capture[n].responses) for n in (15, 16, 17)] == [2, 2, 2]
 
 
-@pytest.mark.parametrize("number", sorted(REQUIRED_EXCHANGES),
-                         ids=[f"#{n} {t}" for n, t in sorted(REQUIRED_EXCHANGES.items())])
-def test_replay_matches_capture(number: int, capture: dict[int, Exchange],
-                                replayed: dict[int, list[bytes]]) -> None:
+@pytest.mark.parametrize(
+    "number",
+    sorted(REQUIRED_EXCHANGES),
+    ids=[f"#{n} {t}" for n, t in sorted(REQUIRED_EXCHANGES.items())],
+)
+def test_replay_matches_capture(
+    number: int, capture: dict[int, Exchange], replayed: dict[int, list[bytes]]
+) -> None:
     expected = describe_frames(capture[number].responses)
     actual = describe_frames(replayed[number])
     assert actual == expected
 
 
-def test_replay_values_are_byte_identical(capture: dict[int, Exchange],
-                                          replayed: dict[int, list[bytes]]) -> None:
+def test_replay_values_are_byte_identical(
+    capture: dict[int, Exchange], replayed: dict[int, list[bytes]]
+) -> None:
     """Stronger than the field comparison: whole data-response frames match byte for byte
     (record_ttl is 0 on both sides since the capture's namespace has no default TTL)."""
     for number in (9, 10, 11, 12, 13, 14, 15, 16, 17):
@@ -284,8 +304,9 @@ def key(user: int) -> tuple[str, str, int]:
     return ("test", SET, user)
 
 
-def test_put_get_round_trip(aerospike_server: ThreadedAerospikeServer,
-                            aerospike_client: Any) -> None:
+def test_put_get_round_trip(
+    aerospike_server: ThreadedAerospikeServer, aerospike_client: Any
+) -> None:
     aerospike_client.put(key(42), {"segs": {"a": 1, "b": 2}})
     (_, _, _, digest), meta, bins = aerospike_client.get(key(42))
     assert bins == {"segs": {"a": 1, "b": 2}}
@@ -300,45 +321,62 @@ def test_put_get_round_trip(aerospike_server: ThreadedAerospikeServer,
     assert counts["put"] == 1 and counts["get"] == 2
 
 
-def test_scalar_bins_and_sent_user_key(aerospike_server: ThreadedAerospikeServer,
-                                       aerospike_client: Any) -> None:
-    bins = {"i": -7, "s": "héllo", "f": 1.5, "b": bytearray(b"\x00\x01"), "l": [1, "x"],
-            "t": True, "m": {"k": {"nested": [1.25]}}}
+def test_scalar_bins_and_sent_user_key(
+    aerospike_server: ThreadedAerospikeServer, aerospike_client: Any
+) -> None:
+    bins = {
+        "i": -7,
+        "s": "héllo",
+        "f": 1.5,
+        "b": bytearray(b"\x00\x01"),
+        "l": [1, "x"],
+        "t": True,
+        "m": {"k": {"nested": [1.25]}},
+    }
     aerospike_client.put(("test", SET, "alice"), bins, policy={"key": aerospike.POLICY_KEY_SEND})
     _, _, got = aerospike_client.get(("test", SET, "alice"))
     assert got == {**bins, "b": b"\x00\x01"}
     assert list(aerospike_server.records(SET)) == ["alice"]
 
 
-def test_operate_map_put_and_remove(aerospike_server: ThreadedAerospikeServer,
-                                    aerospike_client: Any) -> None:
+def test_operate_map_put_and_remove(
+    aerospike_server: ThreadedAerospikeServer, aerospike_client: Any
+) -> None:
     aerospike_client.put(key(7), {"segs": {"vip": 3, "churn": 1}})
-    _, meta, bins = aerospike_client.operate(key(7), [
-        mo.map_put("segs", "new", 4),
-        mo.map_remove_by_key("segs", "churn", aerospike.MAP_RETURN_NONE),
-    ])
+    _, meta, bins = aerospike_client.operate(
+        key(7),
+        [
+            mo.map_put("segs", "new", 4),
+            mo.map_remove_by_key("segs", "churn", aerospike.MAP_RETURN_NONE),
+        ],
+    )
     assert meta["gen"] == 2
     assert bins == {"segs": None}  # the client collapses [size, null] like with a real server
     assert aerospike_server.record(SET, 7) == {"segs": {"new": 4, "vip": 3}}
-    _, _, ordered = aerospike_client.operate_ordered(key(7), [
-        mo.map_put_items("segs", {"x": 1, "y": 2}),
-        mo.map_remove_by_key_list("segs", ["x", "absent"], aerospike.MAP_RETURN_KEY),
-        mo.map_get_by_key("segs", "vip", aerospike.MAP_RETURN_VALUE),
-        mo.map_size("segs"),
-        mo.map_increment("segs", "vip", 5),
-    ])
+    _, _, ordered = aerospike_client.operate_ordered(
+        key(7),
+        [
+            mo.map_put_items("segs", {"x": 1, "y": 2}),
+            mo.map_remove_by_key_list("segs", ["x", "absent"], aerospike.MAP_RETURN_KEY),
+            mo.map_get_by_key("segs", "vip", aerospike.MAP_RETURN_VALUE),
+            mo.map_size("segs"),
+            mo.map_increment("segs", "vip", 5),
+        ],
+    )
     assert ordered == [("segs", 4), ("segs", ["x"]), ("segs", 3), ("segs", 3), ("segs", 8)]
     assert aerospike_server.record(SET, 7) == {"segs": {"new": 4, "vip": 8, "y": 2}}
 
 
-def test_operate_on_missing_record(aerospike_server: ThreadedAerospikeServer,
-                                   aerospike_client: Any) -> None:
+def test_operate_on_missing_record(
+    aerospike_server: ThreadedAerospikeServer, aerospike_client: Any
+) -> None:
     aerospike_client.operate(key(1), [mo.map_put("segs", "a", 1)])
     assert aerospike_server.record(SET, 1) == {"segs": {"a": 1}}
     # a remove on a record that does not exist creates nothing: NOT_FOUND, as a real server
     with pytest.raises(ae.RecordNotFound):
-        aerospike_client.operate(key(2), [
-            mo.map_remove_by_key("segs", "a", aerospike.MAP_RETURN_NONE)])
+        aerospike_client.operate(
+            key(2), [mo.map_remove_by_key("segs", "a", aerospike.MAP_RETURN_NONE)]
+        )
     assert aerospike_server.record(SET, 2) is None
 
 
@@ -349,8 +387,9 @@ def test_get_missing_key_raises_record_not_found(aerospike_client: Any) -> None:
     assert meta is None
 
 
-def test_remove_and_exists(aerospike_server: ThreadedAerospikeServer,
-                           aerospike_client: Any) -> None:
+def test_remove_and_exists(
+    aerospike_server: ThreadedAerospikeServer, aerospike_client: Any
+) -> None:
     aerospike_client.put(key(5), {"segs": {"a": 1}})
     _, meta = aerospike_client.exists(key(5))
     assert meta["gen"] == 1
@@ -360,8 +399,9 @@ def test_remove_and_exists(aerospike_server: ThreadedAerospikeServer,
         aerospike_client.remove(key(5))
 
 
-def test_batch_operate_thousand_keys(aerospike_server: ThreadedAerospikeServer,
-                                     aerospike_client: Any) -> None:
+def test_batch_operate_thousand_keys(
+    aerospike_server: ThreadedAerospikeServer, aerospike_client: Any
+) -> None:
     keys = [key(i) for i in range(1000)]
     aerospike_client.put(key(3), {"segs": {"old": 1}})
     result = aerospike_client.batch_operate(keys, [mo.map_put("segs", "batch", 7)])
@@ -377,11 +417,14 @@ def test_batch_operate_thousand_keys(aerospike_server: ThreadedAerospikeServer,
 
 
 def test_batch_operate_update_only_leaves_missing_keys(
-        aerospike_server: ThreadedAerospikeServer, aerospike_client: Any) -> None:
+    aerospike_server: ThreadedAerospikeServer, aerospike_client: Any
+) -> None:
     aerospike_client.put(key(1), {"segs": {"a": 1}})
     result = aerospike_client.batch_operate(
-        [key(1), key(2)], [mo.map_put("segs", "b", 2)],
-        policy_batch_write={"exists": aerospike.POLICY_EXISTS_UPDATE})
+        [key(1), key(2)],
+        [mo.map_put("segs", "b", 2)],
+        policy_batch_write={"exists": aerospike.POLICY_EXISTS_UPDATE},
+    )
     assert [r.result for r in result.batch_records] == [0, 2]
     assert aerospike_server.record(SET, 1) == {"segs": {"a": 1, "b": 2}}
     assert aerospike_server.record(SET, 2) is None
@@ -391,15 +434,18 @@ def test_batch_read_and_remove(aerospike_client: Any) -> None:
     aerospike_client.put(key(1), {"segs": {"a": 1}})
     result = aerospike_client.batch_read([key(1), key(2)])
     assert [(r.result, r.record and r.record[2]) for r in result.batch_records] == [
-        (0, {"segs": {"a": 1}}), (2, None)]
+        (0, {"segs": {"a": 1}}),
+        (2, None),
+    ]
     result = aerospike_client.batch_read([key(1), key(2)], ["segs"])
     assert result.batch_records[0].record[2] == {"segs": {"a": 1}}
     removed = aerospike_client.batch_remove([key(1), key(2)])
     assert [r.result for r in removed.batch_records] == [0, 2]
 
 
-def test_info_sindex_and_query(aerospike_server: ThreadedAerospikeServer,
-                               aerospike_client: Any) -> None:
+def test_info_sindex_and_query(
+    aerospike_server: ThreadedAerospikeServer, aerospike_client: Any
+) -> None:
     assert list(aerospike_client.info_all("namespaces").values())[0][1] == "test\n"
     for user in range(30):
         aerospike_client.put(key(user), {"segs": {"seg_a" if user % 3 == 0 else "seg_b": 1}})
@@ -407,8 +453,7 @@ def test_info_sindex_and_query(aerospike_server: ThreadedAerospikeServer,
     query.where(aerospike.predicates.contains("segs", aerospike.INDEX_TYPE_MAPKEYS, "seg_a"))
     with pytest.raises(ae.IndexNotFound):  # like a real server: no index, no query
         query.results()
-    aerospike_client.index_map_keys_create("test", SET, "segs", aerospike.INDEX_STRING,
-                                           "segs_keys")
+    aerospike_client.index_map_keys_create("test", SET, "segs", aerospike.INDEX_STRING, "segs_keys")
     listing = list(aerospike_client.info_all("sindex-list:ns=test").values())[0][1]
     assert "indexname=segs_keys" in listing and "indextype=mapkeys" in listing
     query = aerospike_client.query("test", SET)
@@ -419,8 +464,9 @@ def test_info_sindex_and_query(aerospike_server: ThreadedAerospikeServer,
     assert aerospike_server.unknown_info_commands == {}
 
 
-def test_info_truncate_unknown_and_raw_socket(aerospike_server: ThreadedAerospikeServer,
-                                              aerospike_client: Any) -> None:
+def test_info_truncate_unknown_and_raw_socket(
+    aerospike_server: ThreadedAerospikeServer, aerospike_client: Any
+) -> None:
     aerospike_client.put(key(1), {"segs": {"a": 1}})
     # client.truncate() holds the GIL in 19.3.0 and so cannot be served by an in-process
     # server thread; the same info command through info_all works.
@@ -431,8 +477,10 @@ def test_info_truncate_unknown_and_raw_socket(aerospike_server: ThreadedAerospik
         request = wire.frame(wire.TYPE_INFO, b"no-such-command\nnode\n")
         sock.sendall(request)
         (body,) = read_response(sock, request)
-    assert describe_info(body[8:]) == [("no-such-command", ""),
-                                       ("node", aerospike_server.server.node_id)]
+    assert describe_info(body[8:]) == [
+        ("no-such-command", ""),
+        ("node", aerospike_server.server.node_id),
+    ]
     assert aerospike_server.unknown_info_commands == {"no-such-command": 1}
 
 
@@ -448,8 +496,9 @@ def test_other_namespace(aerospike_server_factory: Any) -> None:
         client.close()
 
 
-def test_compressed_requests_are_decompressed(aerospike_server: ThreadedAerospikeServer,
-                                              aerospike_client: Any) -> None:
+def test_compressed_requests_are_decompressed(
+    aerospike_server: ThreadedAerospikeServer, aerospike_client: Any
+) -> None:
     big = {"segs": {f"segment_{i}": i for i in range(300)}}
     aerospike_client.put(key(1), big, policy={"compress": True})
     assert aerospike_server.command_counts()["compressed"] >= 1
@@ -459,8 +508,9 @@ def test_compressed_requests_are_decompressed(aerospike_server: ThreadedAerospik
 # -- fault knobs ------------------------------------------------------------------------
 
 
-def test_latency_knob_times_out_fast(aerospike_server: ThreadedAerospikeServer,
-                                     aerospike_client: Any) -> None:
+def test_latency_knob_times_out_fast(
+    aerospike_server: ThreadedAerospikeServer, aerospike_client: Any
+) -> None:
     aerospike_client.put(key(1), {"segs": {"a": 1}})
     aerospike_server.latency_s = 0.3
     start = time.monotonic()
@@ -471,12 +521,22 @@ def test_latency_knob_times_out_fast(aerospike_server: ThreadedAerospikeServer,
     assert aerospike_client.get(key(1))[2] == {"segs": {"a": 1}}
 
 
-@pytest.mark.parametrize(("code", "exc"), [
-    (14, ae.RecordBusy), (8, ae.ServerFull), (22, ae.ForbiddenError), (1, ae.ServerError),
-    (9, ae.TimeoutError),
-])
-def test_error_code_knob(aerospike_server: ThreadedAerospikeServer, aerospike_client: Any,
-                         code: int, exc: type[Exception]) -> None:
+@pytest.mark.parametrize(
+    ("code", "exc"),
+    [
+        (14, ae.RecordBusy),
+        (8, ae.ServerFull),
+        (22, ae.ForbiddenError),
+        (1, ae.ServerError),
+        (9, ae.TimeoutError),
+    ],
+)
+def test_error_code_knob(
+    aerospike_server: ThreadedAerospikeServer,
+    aerospike_client: Any,
+    code: int,
+    exc: type[Exception],
+) -> None:
     aerospike_client.put(key(1), {"segs": {"a": 1}})
     aerospike_server.error_code = code
     with pytest.raises(exc):
@@ -491,8 +551,9 @@ def test_error_code_knob(aerospike_server: ThreadedAerospikeServer, aerospike_cl
     assert aerospike_server.record(SET, 1) == {"segs": {"a": 1}}
 
 
-def test_drop_connections_knob(aerospike_server: ThreadedAerospikeServer,
-                               aerospike_client: Any) -> None:
+def test_drop_connections_knob(
+    aerospike_server: ThreadedAerospikeServer, aerospike_client: Any
+) -> None:
     aerospike_client.put(key(1), {"segs": {"a": 1}})
     aerospike_server.drop_connections = True
     start = time.monotonic()
@@ -517,8 +578,9 @@ def _wait_until_ok(call: Any, timeout: float = 5.0) -> float:
 
 
 @pytest.mark.parametrize("downtime", [0.0, 1.0])
-def test_down_fails_fast_and_up_recovers(aerospike_server: ThreadedAerospikeServer,
-                                         aerospike_client: Any, downtime: float) -> None:
+def test_down_fails_fast_and_up_recovers(
+    aerospike_server: ThreadedAerospikeServer, aerospike_client: Any, downtime: float
+) -> None:
     """A short outage keeps the node (calls fail with ConnectionError); a longer one makes the
     client drop it after a few failed tends (InvalidNodeError). Both recover after up()."""
     aerospike_client.put(key(1), {"segs": {"a": 1}})
@@ -553,12 +615,16 @@ _step = st.one_of(
 )
 
 
-@settings(max_examples=30, deadline=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(steps=st.lists(_step, max_size=25), user=st.integers(min_value=0, max_value=2**63 - 1))
-def test_map_ops_match_dict_model(aerospike_server: ThreadedAerospikeServer,
-                                  aerospike_client: Any,
-                                  steps: list[tuple[str, str, int]], user: int) -> None:
+def test_map_ops_match_dict_model(
+    aerospike_server: ThreadedAerospikeServer,
+    aerospike_client: Any,
+    steps: list[tuple[str, str, int]],
+    user: int,
+) -> None:
     aerospike_server.clear()
     model: dict[str, int] = {}
     existed = False
@@ -568,13 +634,15 @@ def test_map_ops_match_dict_model(aerospike_server: ThreadedAerospikeServer,
             model[segment] = version
             existed = True
         elif existed:
-            aerospike_client.operate(key(user), [
-                mo.map_remove_by_key("segs", segment, aerospike.MAP_RETURN_NONE)])
+            aerospike_client.operate(
+                key(user), [mo.map_remove_by_key("segs", segment, aerospike.MAP_RETURN_NONE)]
+            )
             model.pop(segment, None)
         else:
             with pytest.raises(ae.RecordNotFound):
-                aerospike_client.operate(key(user), [
-                    mo.map_remove_by_key("segs", segment, aerospike.MAP_RETURN_NONE)])
+                aerospike_client.operate(
+                    key(user), [mo.map_remove_by_key("segs", segment, aerospike.MAP_RETURN_NONE)]
+                )
     stored = aerospike_server.record(SET, user)
     if not existed:
         assert stored is None

@@ -13,7 +13,9 @@ from ..partitioner import partition_for
 from ..transport.base import LogReader, Transport, TransportError
 from . import checkpoint, recovery
 from .engine import Engine, segment_filter
-from .state import SegmentState
+from .state import Health, SegmentState
+
+_FRESH = Health.FRESH
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +42,8 @@ class Replica:
         self.holds = segment_filter(segments)
         self.partial = bool(segments)
         self.engine = Engine(self.holds)
+        self._segments = self.engine.segments  # never replaced (reset() clears it in place)
+        self._is_ready = False  # a plain attribute: cheaper than ready.is_set() per check
         self.checkpoint_interval = checkpoint_interval
         self.poll_interval = poll_interval
         self.ready = threading.Event()
@@ -58,10 +62,10 @@ class Replica:
 
     # -- the check path ----------------------------------------------------------------------
     def contains(self, user: int, segment: str) -> bool | None:
-        state = self.engine.segments.get(segment)
-        if state is None or not state.fresh or not self.ready.is_set():
-            return None
-        return user in state.bitmap
+        state = self._segments.get(segment)
+        if state is not None and state.health is _FRESH and self._is_ready:
+            return user in state.bitmap
+        return None
 
     def state(self, segment: str) -> SegmentState | None:
         return self.engine.segments.get(segment)
@@ -231,6 +235,7 @@ class Replica:
                     self.positions[p] >= end for p, end in target.items()
                 ):
                     self.ready_at = time.time()
+                    self._is_ready = True
                     self.ready.set()
                     log.info("ready: %s", self.status())
                 if self.state_dir and now - last_ckpt > self.checkpoint_interval:

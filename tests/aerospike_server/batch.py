@@ -77,10 +77,14 @@ def parse_batch(data: bytes) -> list[BatchRow]:
         unsupported = [f"field {t}" for t in fmap if t == wire.FIELD_FILTER_EXP]
         key_field = fmap.get(wire.FIELD_KEY)
         prev = Command(
-            info1=info1, info2=info2, info3=info3,
+            info1=info1,
+            info2=info2,
+            info3=info3,
             namespace=fmap.get(wire.FIELD_NAMESPACE, b"").decode(),
             set_name=fmap.get(wire.FIELD_SET, b"").decode(),
-            digest=digest, ops=ops, generation=generation,
+            digest=digest,
+            ops=ops,
+            generation=generation,
             user_key=wire.decode_user_key(key_field) if key_field else None,
             unsupported=unsupported,
         )
@@ -107,5 +111,6 @@ def response_frames(rows: list[wire.AsMsg]) -> list[bytes]:
 
 
 def last_frame(result_code: int) -> bytes:
-    return wire.frame(wire.TYPE_MSG, wire.AsMsg(info3=wire.INFO3_LAST,
-                                                result_code=result_code).encode())
+    return wire.frame(
+        wire.TYPE_MSG, wire.AsMsg(info3=wire.INFO3_LAST, result_code=result_code).encode()
+    )

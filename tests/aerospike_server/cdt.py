@@ -69,10 +69,21 @@ RT_UNORDERED_MAP = 16
 RT_ORDERED_MAP = 17
 RT_INVERTED = 0x10000
 
-READ_ONLY_OPS = frozenset({MAP_SIZE, MAP_GET_BY_KEY, MAP_GET_BY_INDEX, MAP_GET_BY_VALUE,
-                           MAP_GET_BY_RANK, MAP_GET_ALL_BY_VALUE, MAP_GET_BY_KEY_INTERVAL,
-                           MAP_GET_BY_INDEX_RANGE, MAP_GET_BY_RANK_RANGE, MAP_GET_BY_KEY_LIST,
-                           MAP_GET_BY_VALUE_LIST})
+READ_ONLY_OPS = frozenset(
+    {
+        MAP_SIZE,
+        MAP_GET_BY_KEY,
+        MAP_GET_BY_INDEX,
+        MAP_GET_BY_VALUE,
+        MAP_GET_BY_RANK,
+        MAP_GET_ALL_BY_VALUE,
+        MAP_GET_BY_KEY_INTERVAL,
+        MAP_GET_BY_INDEX_RANGE,
+        MAP_GET_BY_RANK_RANGE,
+        MAP_GET_BY_KEY_LIST,
+        MAP_GET_BY_VALUE_LIST,
+    }
+)
 
 
 class CdtError(Exception):
@@ -208,8 +219,9 @@ def _put_items(m: dict[Any, Any], items: dict[Any, Any], flags: int) -> dict[Any
     return key_ordered(out)
 
 
-def _increment(m: dict[Any, Any], key: Any, delta: Any, sign: int, flags: int
-               ) -> tuple[dict[Any, Any], Any]:
+def _increment(
+    m: dict[Any, Any], key: Any, delta: Any, sign: int, flags: int
+) -> tuple[dict[Any, Any], Any]:
     if delta is None:
         delta = 1
     if not isinstance(delta, (int, float)) or isinstance(delta, bool):
@@ -255,8 +267,11 @@ def apply(current: dict[Any, Any] | None, request: Any) -> tuple[dict[Any, Any] 
         items = args[0]
         if not isinstance(items, dict):
             raise CdtError(wire.ERR_PARAMETER, "put_items expects a map")
-        flags = {MAP_PUT_ITEMS: 0, MAP_ADD_ITEMS: FLAG_NO_OVERWRITE,
-                 MAP_REPLACE_ITEMS: FLAG_NO_CREATE}[code]
+        flags = {
+            MAP_PUT_ITEMS: 0,
+            MAP_ADD_ITEMS: FLAG_NO_OVERWRITE,
+            MAP_REPLACE_ITEMS: FLAG_NO_CREATE,
+        }[code]
         if code == MAP_PUT_ITEMS:
             flags = _arg(args, 2, 0) or 0
         new = _put_items(m, items, flags)

@@ -33,9 +33,11 @@ class SecondaryIndex:
     index_type: str  # default / list / mapkeys / mapvalues
 
     def describe(self) -> str:
-        return (f"ns={self.namespace}:indexname={self.name}:set={self.set_name}:bin={self.bin}"
-                f":type={self.bin_type}:indextype={self.index_type}:context=NULL:exp=NULL"
-                ":state=RW")
+        return (
+            f"ns={self.namespace}:indexname={self.name}:set={self.set_name}:bin={self.bin}"
+            f":type={self.bin_type}:indextype={self.index_type}:context=NULL:exp=NULL"
+            ":state=RW"
+        )
 
 
 def parse_params(text: str) -> dict[str, str]:
@@ -109,9 +111,11 @@ class InfoResponder:
         return self.server.cluster_name
 
     def _cmd_features(self, _: str) -> str:
-        return ("batch-any;batch-index;blob-bits;cdt-list;cdt-map;cluster-stable;float;geo;"
-                "sindex-exists;peers;pipelining;pquery;pscans;query-show;relaxed-sc;replicas;"
-                "replicas-all;replicas-master;truncate-namespace;udf")
+        return (
+            "batch-any;batch-index;blob-bits;cdt-list;cdt-map;cluster-stable;float;geo;"
+            "sindex-exists;peers;pipelining;pquery;pscans;query-show;relaxed-sc;replicas;"
+            "replicas-all;replicas-master;truncate-namespace;udf"
+        )
 
     def _cmd_user_agent_set(self, _: str) -> str:
         return "ok"
@@ -130,6 +134,7 @@ class InfoResponder:
     _cmd_service = _service
     _cmd_service_clear_std = _service
     _cmd_service_clear_alt = _service
+
     def _no_services(self, _: str) -> str:
         return ""  # a one-node cluster has no other services
 
@@ -147,8 +152,7 @@ class InfoResponder:
         return ";".join(f"{ns}:1,{self._replicas_bitmap}" for ns in self.server.namespaces)
 
     def _cmd_racks(self, _: str) -> str:
-        return ";".join(f"ns={ns}:rack_0={self.server.node_id}"
-                        for ns in self.server.namespaces)
+        return ";".join(f"ns={ns}:rack_0={self.server.node_id}" for ns in self.server.namespaces)
 
     # -- data model --------------------------------------------------------------------
 
@@ -158,10 +162,13 @@ class InfoResponder:
     def _cmd_sets(self, arg: str) -> str:
         ns_filter = arg.split("/")[0] if arg else None
         counts: Counter[tuple[str, str]] = Counter(
-            (ns, rec.set_name) for (ns, _), rec in self.server.store.snapshot().items())
-        return "".join(f"ns={ns}:set={s}:objects={n}:tombstones=0:truncate_lut=0;"
-                       for (ns, s), n in sorted(counts.items())
-                       if ns_filter is None or ns == ns_filter)
+            (ns, rec.set_name) for (ns, _), rec in self.server.store.snapshot().items()
+        )
+        return "".join(
+            f"ns={ns}:set={s}:objects={n}:tombstones=0:truncate_lut=0;"
+            for (ns, s), n in sorted(counts.items())
+            if ns_filter is None or ns == ns_filter
+        )
 
     def _cmd_namespace(self, arg: str) -> str:
         return self._namespace_stats(arg)
@@ -170,8 +177,10 @@ class InfoResponder:
         if ns not in self.server.namespaces:
             return "type=unknown"
         objects = sum(1 for (n, _) in self.server.store.snapshot() if n == ns)
-        return (f"objects={objects};tombstones=0;replication-factor=1;"
-                "storage-engine=memory;strong-consistency=false;default-ttl=0")
+        return (
+            f"objects={objects};tombstones=0;replication-factor=1;"
+            "storage-engine=memory;strong-consistency=false;default-ttl=0"
+        )
 
     def _cmd_statistics(self, _: str) -> str:
         objects = len(self.server.store.snapshot())
@@ -198,8 +207,14 @@ class InfoResponder:
             bin_name, bin_type = p["bin"], p.get("type", "string")
         else:  # older syntax: indexdata=bin,type
             bin_name, _, bin_type = p.get("indexdata", "").partition(",")
-        index = SecondaryIndex(ns, p.get("set", ""), name, bin_name, bin_type.lower(),
-                               p.get("indextype", "default").lower())
+        index = SecondaryIndex(
+            ns,
+            p.get("set", ""),
+            name,
+            bin_name,
+            bin_type.lower(),
+            p.get("indextype", "default").lower(),
+        )
         if (ns, name) in self.sindexes:
             if self.sindexes[(ns, name)] == index:
                 return "OK"
@@ -216,8 +231,9 @@ class InfoResponder:
     def _cmd_sindex_list(self, arg: str) -> str:
         p = parse_params(arg)
         ns = p.get("namespace") or p.get("ns")
-        return "".join(ix.describe() + ";" for ix in self.sindexes.values()
-                       if ns is None or ix.namespace == ns)
+        return "".join(
+            ix.describe() + ";" for ix in self.sindexes.values() if ns is None or ix.namespace == ns
+        )
 
     def _cmd_sindex_exists(self, arg: str) -> str:
         p = parse_params(arg)
@@ -240,6 +256,7 @@ class InfoResponder:
                 return "load_pct=100;entries=0;used_bytes=0"
             return "FAIL:201:no index"
         if parts[0] == "sindex" and len(parts) == 2:
-            return "".join(ix.describe() + ";" for ix in self.sindexes.values()
-                           if ix.namespace == parts[1])
+            return "".join(
+                ix.describe() + ";" for ix in self.sindexes.values() if ix.namespace == parts[1]
+            )
         return ""

@@ -111,8 +111,16 @@ def _read(r: _Reader) -> Any:
         return r.unpack(">f")
     if b == 0xCB:
         return r.unpack(">d")
-    ints = {0xCC: ">B", 0xCD: ">H", 0xCE: ">I", 0xCF: ">Q", 0xD0: ">b", 0xD1: ">h", 0xD2: ">i",
-            0xD3: ">q"}
+    ints = {
+        0xCC: ">B",
+        0xCD: ">H",
+        0xCE: ">I",
+        0xCF: ">Q",
+        0xD0: ">b",
+        0xD1: ">h",
+        0xD2: ">i",
+        0xD3: ">q",
+    }
     if b in ints:
         return r.unpack(ints[b])
     if 0xD4 <= b <= 0xD8:
@@ -178,13 +186,21 @@ def _int(v: int) -> bytes:
     if -32 <= v < 0:
         return bytes([v & 0xFF])
     if v >= 0:
-        for code, fmt, limit in ((0xCC, ">B", 1 << 8), (0xCD, ">H", 1 << 16),
-                                 (0xCE, ">I", 1 << 32), (0xCF, ">Q", 1 << 64)):
+        for code, fmt, limit in (
+            (0xCC, ">B", 1 << 8),
+            (0xCD, ">H", 1 << 16),
+            (0xCE, ">I", 1 << 32),
+            (0xCF, ">Q", 1 << 64),
+        ):
             if v < limit:
                 return bytes([code]) + struct.pack(fmt, v)
         raise MsgpackError(f"integer {v} does not fit in 64 bits")
-    for code, fmt, limit in ((0xD0, ">b", 1 << 7), (0xD1, ">h", 1 << 15),
-                             (0xD2, ">i", 1 << 31), (0xD3, ">q", 1 << 63)):
+    for code, fmt, limit in (
+        (0xD0, ">b", 1 << 7),
+        (0xD1, ">h", 1 << 15),
+        (0xD2, ">i", 1 << 31),
+        (0xD3, ">q", 1 << 63),
+    ):
         if v >= -limit:
             return bytes([code]) + struct.pack(fmt, v)
     raise MsgpackError(f"integer {v} does not fit in 64 bits")

@@ -40,8 +40,11 @@ class Range:
 
     def matches(self, value: Any) -> bool:
         if self.ptype == wire.PT_INTEGER:
-            return (isinstance(value, int) and not isinstance(value, bool)
-                    and self.begin <= value <= self.end)
+            return (
+                isinstance(value, int)
+                and not isinstance(value, bool)
+                and self.begin <= value <= self.end
+            )
         if self.ptype == wire.PT_STRING:
             return isinstance(value, str) and value == self.begin
         return False
@@ -80,14 +83,25 @@ def _candidates(index_type: str, value: Any) -> list[Any]:
     return []
 
 
-def _find_index(server: AerospikeTestServer, ns: str, set_name: str, rng: Range,
-                index_type: str, index_name: str | None) -> SecondaryIndex | None:
+def _find_index(
+    server: AerospikeTestServer,
+    ns: str,
+    set_name: str,
+    rng: Range,
+    index_type: str,
+    index_name: str | None,
+) -> SecondaryIndex | None:
     want_type = "numeric" if rng.ptype == wire.PT_INTEGER else "string"
     for ix in server.info.sindexes.values():
         if index_name and ix.name != index_name:
             continue
-        if (ix.namespace == ns and ix.bin == rng.bin and ix.index_type == index_type
-                and ix.bin_type == want_type and ix.set_name in ("", set_name)):
+        if (
+            ix.namespace == ns
+            and ix.bin == rng.bin
+            and ix.index_type == index_type
+            and ix.bin_type == want_type
+            and ix.set_name in ("", set_name)
+        ):
             return ix
     return None
 
@@ -111,16 +125,16 @@ def _row(ns: str, digest: bytes, rec: Record, msg: wire.AsMsg) -> wire.AsMsg:
 
 def run(server: AerospikeTestServer, msg: wire.AsMsg) -> list[bytes]:
     if msg.info2 & wire.INFO2_WRITE or msg.field(wire.FIELD_FILTER_EXP) is not None:
-        log.warning("aerospike test server: background queries and filter expressions "
-                    "are not supported")
+        log.warning(
+            "aerospike test server: background queries and filter expressions are not supported"
+        )
         return [batch.last_frame(wire.ERR_UNSUPPORTED_FEATURE)]
     ns = (msg.field(wire.FIELD_NAMESPACE) or b"").decode()
     set_name = (msg.field(wire.FIELD_SET) or b"").decode()
     if ns not in server.namespaces:
         return [batch.last_frame(20)]
     pid_field = msg.field(wire.FIELD_PID_ARRAY)
-    pids = (set(struct.unpack(f"<{len(pid_field) // 2}H", pid_field))
-            if pid_field else None)
+    pids = set(struct.unpack(f"<{len(pid_field) // 2}H", pid_field)) if pid_field else None
     range_field = msg.field(wire.FIELD_INDEX_RANGE)
     rng: Range | None = None
     index_type = "default"
@@ -129,8 +143,12 @@ def run(server: AerospikeTestServer, msg: wire.AsMsg) -> list[bytes]:
         type_field = msg.field(wire.FIELD_INDEX_TYPE)
         index_type = INDEX_TYPES.get(type_field[0] if type_field else 0, "default")
         name_field = msg.field(wire.FIELD_INDEX_NAME)
-        if _find_index(server, ns, set_name, rng, index_type,
-                       name_field.decode() if name_field else None) is None:
+        if (
+            _find_index(
+                server, ns, set_name, rng, index_type, name_field.decode() if name_field else None
+            )
+            is None
+        ):
             return [batch.last_frame(ERR_INDEX_NOT_FOUND)]
     rows: list[wire.AsMsg] = []
     for (rns, digest), rec in server.store.snapshot().items():

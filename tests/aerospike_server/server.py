@@ -58,9 +58,16 @@ class AerospikeTestServer:
     connection, ``up()`` listens again on the same port.
     """
 
-    def __init__(self, namespace: str = "test", host: str = "127.0.0.1", port: int = 0, *,
-                 namespaces: list[str] | None = None, node_id: str | None = None,
-                 cluster_name: str = "test-cluster") -> None:
+    def __init__(
+        self,
+        namespace: str = "test",
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        namespaces: list[str] | None = None,
+        node_id: str | None = None,
+        cluster_name: str = "test-cluster",
+    ) -> None:
         self.host = host
         self.port = port
         self.namespaces = list(namespaces) if namespaces else [namespace]
@@ -81,8 +88,9 @@ class AerospikeTestServer:
     # -- lifecycle --------------------------------------------------------------------
 
     async def start(self) -> None:
-        self._server = await asyncio.start_server(self._serve, self.host, self.port,
-                                                  reuse_address=True)
+        self._server = await asyncio.start_server(
+            self._serve, self.host, self.port, reuse_address=True
+        )
         self.port = self._server.sockets[0].getsockname()[1]
         log.info("aerospike test server listening on %s:%d", self.host, self.port)
 
@@ -128,8 +136,9 @@ class AerospikeTestServer:
                 out[key] = {n: python_value(p) for n, p in rec.bins.items()}
         return out
 
-    def record(self, set_name: str, key: Any, namespace: str | None = None
-               ) -> dict[str, Any] | None:
+    def record(
+        self, set_name: str, key: Any, namespace: str | None = None
+    ) -> dict[str, Any] | None:
         """The bins of the record of a user key (looked up by digest), or None."""
         ns = namespace or self.namespace
         rec = self.store.get(ns, wire.compute_digest(ns, set_name, key))
@@ -142,14 +151,16 @@ class AerospikeTestServer:
         rec = self.store.get(ns, wire.compute_digest(ns, set_name, key))
         return None if rec is None else rec.generation
 
-    def seed(self, set_name: str, key: Any, bins: dict[str, Any],
-             namespace: str | None = None) -> None:
+    def seed(
+        self, set_name: str, key: Any, bins: dict[str, Any], namespace: str | None = None
+    ) -> None:
         """Write a record directly (no client involved); map bins must be dicts."""
         ns = namespace or self.namespace
         digest = wire.compute_digest(ns, set_name, key)
         particles = {n: wire.particle_of(v) for n, v in bins.items()}
-        particles = {n: wire.decode_particle(p.ptype, wire.encode_particle(p))
-                     for n, p in particles.items()}
+        particles = {
+            n: wire.decode_particle(p.ptype, wire.encode_particle(p)) for n, p in particles.items()
+        }
         prev = self.store.get(ns, digest)
         gen = (prev.generation if prev else 0) + 1
         self.store.put_record(ns, digest, Record(set_name, particles, gen, key))
@@ -190,8 +201,7 @@ class AerospikeTestServer:
                 self._tasks.discard(task)
             writer.transport.abort()
 
-    async def _serve_one(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-                         ) -> bool:
+    async def _serve_one(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
         version, ptype, size = wire.parse_proto_header(await reader.readexactly(8))
         body = await reader.readexactly(size)
         if ptype == wire.TYPE_MSG_COMPRESSED:
@@ -202,8 +212,9 @@ class AerospikeTestServer:
             await writer.drain()
             return True
         if ptype != wire.TYPE_MSG:
-            log.warning("aerospike test server: unsupported proto type %d (version %d)",
-                        ptype, version)
+            log.warning(
+                "aerospike test server: unsupported proto type %d (version %d)", ptype, version
+            )
             self._count("unsupported_proto_type")
             return False
         if self.drop_connections:
@@ -245,11 +256,14 @@ class AerospikeTestServer:
     def _command(self, msg: wire.AsMsg) -> Command:
         key = msg.field(wire.FIELD_KEY)
         return Command(
-            info1=msg.info1, info2=msg.info2, info3=msg.info3,
+            info1=msg.info1,
+            info2=msg.info2,
+            info3=msg.info3,
             namespace=(msg.field(wire.FIELD_NAMESPACE) or b"").decode(),
             set_name=(msg.field(wire.FIELD_SET) or b"").decode(),
             digest=msg.field(wire.FIELD_DIGEST) or b"",
-            ops=msg.ops, generation=msg.generation,
+            ops=msg.ops,
+            generation=msg.generation,
             user_key=wire.decode_user_key(key) if key else None,
         )
 
@@ -268,8 +282,9 @@ class AerospikeTestServer:
         responses: list[wire.AsMsg] = []
         for row in rows:
             if row.command.unsupported:
-                log.warning("aerospike test server: unsupported %s in batch row",
-                            row.command.unsupported)
+                log.warning(
+                    "aerospike test server: unsupported %s in batch row", row.command.unsupported
+                )
                 response = wire.AsMsg(result_code=wire.ERR_UNSUPPORTED_FEATURE)
             else:
                 response = self.store.execute(row.command)
@@ -288,8 +303,9 @@ class AerospikeTestServer:
 class ThreadedAerospikeServer:
     """Runs an :class:`AerospikeTestServer` on its own event loop in a daemon thread."""
 
-    def __init__(self, namespace: str = "test", host: str = "127.0.0.1", port: int = 0,
-                 **kwargs: Any) -> None:
+    def __init__(
+        self, namespace: str = "test", host: str = "127.0.0.1", port: int = 0, **kwargs: Any
+    ) -> None:
         self.server = AerospikeTestServer(namespace, host, port, **kwargs)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -407,15 +423,17 @@ class ThreadedAerospikeServer:
     def records(self, set_name: str, namespace: str | None = None) -> dict[Any, dict[str, Any]]:
         return self.server.records(set_name, namespace)
 
-    def record(self, set_name: str, key: Any, namespace: str | None = None
-               ) -> dict[str, Any] | None:
+    def record(
+        self, set_name: str, key: Any, namespace: str | None = None
+    ) -> dict[str, Any] | None:
         return self.server.record(set_name, key, namespace)
 
     def generation(self, set_name: str, key: Any, namespace: str | None = None) -> int | None:
         return self.server.generation(set_name, key, namespace)
 
-    def seed(self, set_name: str, key: Any, bins: dict[str, Any],
-             namespace: str | None = None) -> None:
+    def seed(
+        self, set_name: str, key: Any, bins: dict[str, Any], namespace: str | None = None
+    ) -> None:
         self.server.seed(set_name, key, bins, namespace)
 
     def clear(self) -> None:

@@ -120,8 +120,9 @@ def _cdt(bins: dict[str, Particle], op: Op, writable: bool) -> Any:
     return result
 
 
-def apply_ops(bins: dict[str, Particle], ops: list[Op], *, writable: bool,
-              respond_all: bool, get_all: bool) -> list[Op]:
+def apply_ops(
+    bins: dict[str, Particle], ops: list[Op], *, writable: bool, respond_all: bool, get_all: bool
+) -> list[Op]:
     """Apply ops in order to bins (mutated in place when writable); return response ops."""
     out: list[Op] = []
     for op in ops:
@@ -180,8 +181,10 @@ class Store:
 
     def snapshot(self) -> dict[tuple[str, bytes], Record]:
         with self.lock:
-            return {k: Record(r.set_name, dict(r.bins), r.generation, r.user_key)
-                    for k, r in self._records.items()}
+            return {
+                k: Record(r.set_name, dict(r.bins), r.generation, r.user_key)
+                for k, r in self._records.items()
+            }
 
     def get(self, ns: str, digest: bytes) -> Record | None:
         with self.lock:
@@ -193,9 +196,11 @@ class Store:
 
     def clear(self, ns: str | None = None, set_name: str | None = None) -> int:
         with self.lock:
-            doomed = [k for k, r in self._records.items()
-                      if (ns is None or k[0] == ns)
-                      and (set_name is None or r.set_name == set_name)]
+            doomed = [
+                k
+                for k, r in self._records.items()
+                if (ns is None or k[0] == ns) and (set_name is None or r.set_name == set_name)
+            ]
             for k in doomed:
                 del self._records[k]
             return len(doomed)
@@ -223,8 +228,13 @@ class Store:
             return AsMsg(generation=rec.generation)
         get_all = bool(cmd.info1 & wire.INFO1_GET_ALL) or not cmd.ops
         ops = cmd.ops or [Op(wire.OP_READ, wire.PT_NULL, "", b"")]
-        out = apply_ops(rec.bins, ops, writable=False, get_all=get_all,
-                        respond_all=bool(cmd.info2 & wire.INFO2_RESPOND_ALL_OPS))
+        out = apply_ops(
+            rec.bins,
+            ops,
+            writable=False,
+            get_all=get_all,
+            respond_all=bool(cmd.info2 & wire.INFO2_RESPOND_ALL_OPS),
+        )
         return AsMsg(generation=rec.generation, ops=out)
 
     def _check_write(self, cmd: Command, rec: Record | None) -> None:
@@ -251,9 +261,13 @@ class Store:
         self._check_write(cmd, rec)
         replace = bool(cmd.info3 & (wire.INFO3_CREATE_OR_REPLACE | wire.INFO3_REPLACE_ONLY))
         bins = {} if rec is None or replace else dict(rec.bins)
-        out = apply_ops(bins, cmd.ops, writable=True,
-                        respond_all=bool(cmd.info2 & wire.INFO2_RESPOND_ALL_OPS),
-                        get_all=bool(cmd.info1 & wire.INFO1_GET_ALL))
+        out = apply_ops(
+            bins,
+            cmd.ops,
+            writable=True,
+            respond_all=bool(cmd.info2 & wire.INFO2_RESPOND_ALL_OPS),
+            get_all=bool(cmd.info1 & wire.INFO1_GET_ALL),
+        )
         if not bins:
             if rec is None:
                 return AsMsg(result_code=wire.ERR_NOT_FOUND)

@@ -162,8 +162,11 @@ class Op:
     def encode(self) -> bytes:
         name = self.name.encode("utf-8")
         size = 4 + len(name) + len(self.value)
-        return (struct.pack(">IBBBB", size, self.op, self.particle_type, self.flags, len(name))
-                + name + self.value)
+        return (
+            struct.pack(">IBBBB", size, self.op, self.particle_type, self.flags, len(name))
+            + name
+            + self.value
+        )
 
 
 @dataclass
@@ -186,18 +189,31 @@ class AsMsg:
         return None
 
     def encode(self) -> bytes:
-        parts = [struct.pack(">BBBBBBIIIHH", MSG_HEADER_SIZE, self.info1, self.info2,
-                             self.info3, self.info4, self.result_code, self.generation,
-                             self.record_ttl, self.transaction_ttl, len(self.fields),
-                             len(self.ops))]
+        parts = [
+            struct.pack(
+                ">BBBBBBIIIHH",
+                MSG_HEADER_SIZE,
+                self.info1,
+                self.info2,
+                self.info3,
+                self.info4,
+                self.result_code,
+                self.generation,
+                self.record_ttl,
+                self.transaction_ttl,
+                len(self.fields),
+                len(self.ops),
+            )
+        ]
         for ftype, data in self.fields:
             parts.append(struct.pack(">IB", len(data) + 1, ftype) + data)
         parts.extend(op.encode() for op in self.ops)
         return b"".join(parts)
 
 
-def parse_fields_and_ops(buf: bytes, pos: int, n_fields: int, n_ops: int
-                         ) -> tuple[list[tuple[int, bytes]], list[Op], int]:
+def parse_fields_and_ops(
+    buf: bytes, pos: int, n_fields: int, n_ops: int
+) -> tuple[list[tuple[int, bytes]], list[Op], int]:
     fields: list[tuple[int, bytes]] = []
     for _ in range(n_fields):
         if pos + 5 > len(buf):
@@ -226,8 +242,9 @@ def parse_msg(body: bytes, pos: int = 0) -> tuple[AsMsg, int]:
     """Parse one as_msg starting at pos; return it and the position after it."""
     if pos + MSG_HEADER_SIZE > len(body):
         raise ProtocolError("truncated as_msg header")
-    (hsz, info1, info2, info3, info4, rc, gen, rttl, tttl, n_fields,
-     n_ops) = struct.unpack_from(">BBBBBBIIIHH", body, pos)
+    (hsz, info1, info2, info3, info4, rc, gen, rttl, tttl, n_fields, n_ops) = struct.unpack_from(
+        ">BBBBBBIIIHH", body, pos
+    )
     if hsz != MSG_HEADER_SIZE:
         raise ProtocolError(f"unexpected as_msg header size {hsz}")
     fields, ops, end = parse_fields_and_ops(body, pos + MSG_HEADER_SIZE, n_fields, n_ops)

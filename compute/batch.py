@@ -12,9 +12,18 @@ from typing import TYPE_CHECKING
 
 from pyroaring import BitMap64
 
+from compute import lakefs
 from compute.bitmaps import segment_bitmap
 from compute.definitions import DefinitionError, ParamValue, Segment, load
-from compute.lake import GENERATOR, LAKE_FORMAT, SCHEMAS, read_lake_meta, spark_ddl
+from compute.lake import (
+    GENERATOR,
+    LAKE_FORMAT,
+    LAKE_MARKER,
+    SCHEMAS,
+    parse_lake_meta,
+    read_lake_meta,
+    spark_ddl,
+)
 from compute.segment_set import write_segment_set
 
 if TYPE_CHECKING:
@@ -25,6 +34,10 @@ _TABLE_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
 
 class LakeError(RuntimeError):
     """The lake directory is missing or unreadable."""
+
+
+# A lake is a local directory (Path, or str without a scheme) or a Hadoop URI such as
+# s3a://bucket/prefix (str): compute.lakefs. A URI lake is only read through a Spark session.
 
 
 @dataclass(frozen=True)
@@ -48,57 +61,91 @@ class BatchResult:
         return sum(s.cardinality for s in self.segments)
 
 
-def _lake_meta(lake: Path | str) -> dict | None:
+def _lake_meta(lake: Path | str, spark: SparkSession | None = None) -> dict | None:
+    """_lake.json, or None when there is none (or, for a URI lake, when no session is given)."""
     try:
-        return read_lake_meta(lake)
-    except ValueError as e:
+        if not lakefs.is_uri(lake):
+            return read_lake_meta(lake)
+        if spark is None:
+            return None
+        data = lakefs.HadoopDir(spark, str(lake)).read(LAKE_MARKER)
+        return None if data is None else parse_lake_meta(data, lakefs.join(lake, LAKE_MARKER))
+    except (ValueError, lakefs.LakeAccessError) as e:
         raise LakeError(str(e)) from None
 
 
-def base_params(lake: Path | str, today: dt.date | None = None) -> dict[str, ParamValue]:
-    """Parameters every definition can use: `as_of` is the lake's as-of date (from _lake.json),
-    or today (UTC) for a lake that was not generated."""
-    meta = _lake_meta(lake)
+def lake_as_of(
+    lake: Path | str, today: dt.date | None = None, *, spark: SparkSession | None = None
+) -> tuple[dt.date, str]:
+    """The lake's as-of date and where it came from: _lake.json's as_of, or today (UTC) for a
+    lake that was not generated. A URI lake's _lake.json is read through `spark`; without a
+    session its as_of is provisionally today (enough to check definitions)."""
+    meta = _lake_meta(lake, spark)
+    where = lakefs.join(lake, LAKE_MARKER)
     if meta and "as_of" in meta:
         try:
-            return {"as_of": dt.date.fromisoformat(meta["as_of"])}
+            return dt.date.fromisoformat(meta["as_of"]), f"from {where}"
         except (TypeError, ValueError):
             raise LakeError(f"lake {lake}: as_of {meta['as_of']!r} is not a date") from None
-    return {"as_of": today or dt.datetime.now(dt.UTC).date()}
+    today = today or dt.datetime.now(dt.UTC).date()
+    if lakefs.is_uri(lake) and spark is None:
+        return today, f"provisional: {where} is read once Spark runs"
+    return today, f"today (UTC): no as_of in {where}"
+
+
+def base_params(
+    lake: Path | str, today: dt.date | None = None, *, spark: SparkSession | None = None
+) -> dict[str, ParamValue]:
+    """Parameters every definition can use: `as_of` (see lake_as_of)."""
+    return {"as_of": lake_as_of(lake, today, spark=spark)[0]}
 
 
 def load_segments(
     lake: Path | str,
     definitions: Path | str,
     overrides: Mapping[str, ParamValue] | None = None,
+    *,
+    spark: SparkSession | None = None,
 ) -> list[Segment]:
-    """Everything that can be checked without Spark."""
-    return load(definitions, base_params(lake), overrides)
+    """Everything that can be checked without Spark (`spark`: see base_params)."""
+    return load(definitions, base_params(lake, spark=spark), overrides)
+
+
+def _table_dirs(spark: SparkSession, lake: Path | str) -> list[tuple[str, str]]:
+    """(name, location) of every table directory of the lake, sorted by name."""
+    if lakefs.is_uri(lake):
+        try:
+            names = lakefs.HadoopDir(spark, str(lake)).subdirectories()
+        except lakefs.LakeAccessError as e:
+            hint = " (Hadoop's S3 file system is s3a://)" if lakefs.scheme(lake) == "s3" else ""
+            raise LakeError(f"lake {e}{hint}") from None
+        return [(n, lakefs.join(lake, n)) for n in names if _TABLE_RE.match(n)]
+    root = Path(lake)
+    if not root.is_dir():
+        raise LakeError(f"lake {root} is not a directory")
+    return [(child.name, str(child)) for child in sorted(root.iterdir())
+            if child.is_dir() and _TABLE_RE.match(child.name)]  # fmt: skip
 
 
 def register_views(spark: SparkSession, lake: Path | str) -> list[str]:
     """A temp view per table directory of the lake (partitions discovered from dt=... dirs)."""
     from pyspark.errors import PySparkException
 
-    root = Path(lake)
-    if not root.is_dir():
-        raise LakeError(f"lake {root} is not a directory")
-    meta = _lake_meta(root) or {}
+    tables = _table_dirs(spark, lake)
+    meta = _lake_meta(lake, spark) or {}
     generated = meta.get("format") == LAKE_FORMAT and meta.get("generator") == GENERATOR
     names = []
-    for child in sorted(root.iterdir()):
-        if not child.is_dir() or not _TABLE_RE.match(child.name):
-            continue
+    for name, location in tables:
         reader = spark.read
-        if generated and child.name in SCHEMAS:
-            reader = reader.schema(spark_ddl(child.name))  # known: skip the inference job
+        if generated and name in SCHEMAS:
+            reader = reader.schema(spark_ddl(name))  # known: skip the inference job
         try:
-            reader.parquet(str(child)).createOrReplaceTempView(child.name)
+            reader.parquet(location).createOrReplaceTempView(name)
         except PySparkException as e:
-            raise LakeError(f"lake table {child}: {first_line(e)}") from None
-        names.append(child.name)
+            raise LakeError(f"lake table {location}: {first_line(e)}") from None
+        names.append(name)
     if not names:
-        raise LakeError(f"lake {root} has no tables (subdirectories of Parquet files)")
+        raise LakeError(f"lake {lake} has no tables (subdirectories of Parquet files)")
     return names
 
 

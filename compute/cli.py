@@ -60,6 +60,24 @@ def _non_negative_int(text: str) -> int:
     return value
 
 
+_YES, _NO = ("yes", "true", "on", "1"), ("no", "false", "off", "0")
+
+
+def _yes_no(text: str) -> bool:
+    word = text.strip().lower()
+    if word not in _YES + _NO:
+        raise ValueError(text)
+    return word in _YES
+
+
+def _local_path(text: str) -> Path:
+    from compute.lakefs import is_uri
+
+    if is_uri(text):
+        raise ValueError(text)
+    return Path(text)
+
+
 def _non_negative_float(text: str) -> float:
     value = float(text)
     if not value >= 0 or value == float("inf"):
@@ -104,8 +122,9 @@ def _add_gen_data(sub: argparse._SubParsersAction) -> None:
         "(orders and events partitioned by dt=YYYY-MM-DD), plus DIR/_lake.json. "
         "An existing lake at DIR is replaced atomically.",
     )
-    _option(p, "--out", "the lake directory to write", convert=Path, expected="a path",
-            required=True, metavar="DIR")  # fmt: skip
+    _option(p, "--out", "the lake directory to write (local; copy it to S3 to use an s3a:// "
+            "lake)", convert=_local_path, expected="a local path, not a URI", required=True,
+            metavar="DIR")  # fmt: skip
     _option(p, "--users", "number of users", convert=_positive_int,
             expected="a positive integer", required=True, metavar="N")  # fmt: skip
     _option(p, "--seed", "random seed (same seed and options, same bytes)",
@@ -127,7 +146,7 @@ def _add_gen_data(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_batch(sub: argparse._SubParsersAction) -> None:
-    from compute import definitions, spark
+    from compute import definitions, lakefs, spark
 
     p = sub.add_parser(
         "batch",
@@ -137,8 +156,9 @@ def _add_batch(sub: argparse._SubParsersAction) -> None:
         "BitMap64 file per segment), replacing an existing set at DIR atomically. "
         f"Example definitions: {definitions.EXAMPLE}",
     )
-    _option(p, "--lake", "the data lake directory (one subdirectory of Parquet per table)",
-            convert=Path, expected="a path", required=True, metavar="DIR")  # fmt: skip
+    _option(p, "--lake", "the data lake: a directory or an s3a://bucket/prefix URI (one "
+            "subdirectory of Parquet per table)", convert=lakefs.lake_arg,
+            expected="a path or URI", required=True, metavar="DIR|URI")  # fmt: skip
     _option(p, "--definitions", "the segment definitions (TOML)", convert=Path,
             expected="a path", required=True, metavar="FILE")  # fmt: skip
     _option(p, "--out", "the segment-set directory to write", convert=Path, expected="a path",
@@ -156,6 +176,15 @@ def _add_batch(sub: argparse._SubParsersAction) -> None:
             expected="a positive integer", default=spark.DEFAULT_SHUFFLE_PARTITIONS,
             metavar="N")  # fmt: skip
     _option(p, "--driver-memory", "spark.driver.memory", default="2g", metavar="SIZE")
+    _option(p, "--s3-endpoint", "s3a lake: an S3-compatible endpoint such as "
+            "http://127.0.0.1:9000 (http:// turns TLS off); credentials come from "
+            "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY", metavar="URL")  # fmt: skip
+    _option(p, "--s3-path-style", "s3a lake: path-style requests (host/bucket/key); default: "
+            "yes with --s3-endpoint, else no", convert=_yes_no, expected="yes or no",
+            metavar="yes|no")  # fmt: skip
+    _option(p, "--s3-region", "s3a lake: the signing region (default: AWS_REGION, "
+            "AWS_DEFAULT_REGION, else us-east-1 with --s3-endpoint)",
+            metavar="REGION")  # fmt: skip
     p.set_defaults(run=_run_batch)
 
 
@@ -220,27 +249,43 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     return overrides
 
 
+def _lake_conf(args: argparse.Namespace) -> dict[str, str]:
+    """Spark settings for a URI lake: the s3a jars and fs.s3a settings for s3a://."""
+    from compute import lakefs
+
+    scheme = lakefs.scheme(args.lake)
+    if scheme == "s3":
+        raise UsageError(f"--lake {args.lake}: Hadoop reads S3 as s3a://, not s3://")
+    if scheme != "s3a":
+        return {}  # another Hadoop file system (file://, hdfs://): Spark's defaults
+    s3 = lakefs.S3Settings(args.s3_endpoint, args.s3_path_style, args.s3_region)
+    return lakefs.s3a_conf(s3)  # may fetch the jars with Maven (once)
+
+
 def _run_batch(args: argparse.Namespace) -> int:
-    from compute import batch
+    from compute import batch, lakefs
+    from compute.definitions import load
     from compute.fsutil import check_replaceable
     from compute.segment_set import MANIFEST
     from compute.spark import build_session
 
     t0 = time.perf_counter()
-    if not args.lake.is_dir():
+    remote = lakefs.is_uri(args.lake)
+    if not remote and not args.lake.is_dir():
         raise UsageError(f"--lake {args.lake}: not a directory")
-    segments = batch.load_segments(args.lake, args.definitions, _overrides(args))
+    overrides = _overrides(args)
+    # A URI lake's _lake.json is read through Spark: until then as_of is provisional (today),
+    # which is enough to check the definitions before paying for Spark.
+    segments = batch.load_segments(args.lake, args.definitions, overrides)
     check_replaceable(args.out.absolute(), MANIFEST, "segment set")  # before paying for Spark
+    conf = {"spark.driver.memory": args.driver_memory, **_lake_conf(args)}
     print(f"{len(segments)} segment(s) from {args.definitions}; starting Spark ({args.master})",
           file=sys.stderr, flush=True)  # fmt: skip
     from pyspark.sql import SparkSession
 
     ours = SparkSession.getActiveSession() is None  # an embedding caller keeps its session
-    spark = build_session(
-        master=args.master,
-        shuffle_partitions=args.shuffle_partitions,
-        conf={"spark.driver.memory": args.driver_memory},
-    )
+    spark = build_session(master=args.master, shuffle_partitions=args.shuffle_partitions,
+                          conf=conf)  # fmt: skip
     startup = time.perf_counter() - t0
     width = max(len(s.name) for s in segments)
 
@@ -249,6 +294,10 @@ def _run_batch(args: argparse.Namespace) -> int:
               flush=True)  # fmt: skip
 
     try:
+        if remote and "as_of" not in overrides:  # now read _lake.json
+            as_of, source = batch.lake_as_of(args.lake, spark=spark)
+            print(f"as_of {as_of} ({source})", file=sys.stderr, flush=True)
+            segments = load(args.definitions, {"as_of": as_of}, overrides)
         result = batch.run_batch(spark, args.lake, segments, args.out, show)
     finally:
         if ours:

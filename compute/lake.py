@@ -404,9 +404,17 @@ def read_lake_meta(lake: Path | str) -> dict | None:
     if not path.is_file():
         return None
     try:
-        meta = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        return parse_lake_meta(path.read_bytes(), str(path))
+    except OSError as e:
         raise ValueError(f"{path}: unreadable ({e})") from None
+
+
+def parse_lake_meta(data: bytes, where: str) -> dict:
+    """The content of a _lake.json (read from anywhere) as a dict; ValueError naming `where`."""
+    try:
+        meta = json.loads(data.decode())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{where}: unreadable ({e})") from None
     if not isinstance(meta, dict):
-        raise ValueError(f"{path}: not a JSON object")
+        raise ValueError(f"{where}: not a JSON object")
     return meta

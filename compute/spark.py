@@ -72,7 +72,7 @@ def build_session(
         # Quiet the JVM from its first line, not only after setLogLevel below.
         "spark.driver.extraJavaOptions": f"-Dlog4j2.configurationFile={_log4j2_file()}",
     }
-    settings.update(_kafka_source_conf())
+    settings.update(_extra_jars_conf())
     settings.update(conf or {})
     builder = SparkSession.builder.appName(app_name).master(master)
     for key, value in settings.items():
@@ -82,15 +82,16 @@ def build_session(
     return spark
 
 
-def _kafka_source_conf() -> dict[str, str]:
-    """spark.jars for the Kafka source when compute.sparkjars has them cached (never fetches).
+def _extra_jars_conf() -> dict[str, str]:
+    """spark.jars for the Kafka source and s3a when compute.sparkjars has them cached (never
+    fetches).
 
     The driver JVM's classpath is fixed by the first session of a process, and a later one
     (the stream job's) cannot add a data source, so every session carries them when present.
     """
-    from compute.sparkjars import JarsError, kafka_jars
+    from compute.sparkjars import JarsError, spark_jars
 
     try:
-        return {"spark.jars": ",".join(str(j) for j in kafka_jars(fetch=False))}
+        return {"spark.jars": ",".join(str(j) for j in spark_jars(fetch=False))}
     except JarsError:
         return {}

@@ -286,7 +286,8 @@ class KafkaTransport(Transport):
         """The topics' ids: topics deleted and created again get new ones."""
         names = [self.topic(k) for k in TOPICS]
         try:
-            futures = self._admin().describe_topics(TopicCollection(names), request_timeout=15)
+            admin = self._admin()  # keep it alive until the futures resolve
+            futures = admin.describe_topics(TopicCollection(names), request_timeout=15)
             ids = [str(futures[n].result().topic_id) for n in names]
         except KafkaException as exc:
             raise TransportError(f"cannot describe topics {names}: {exc}") from exc

@@ -259,6 +259,8 @@ def _lake_conf(args: argparse.Namespace) -> dict[str, str]:
     if scheme != "s3a":
         return {}  # another Hadoop file system (file://, hdfs://): Spark's defaults
     s3 = lakefs.S3Settings(args.s3_endpoint, args.s3_path_style, args.s3_region)
+    if s3.endpoint:
+        lakefs.check_endpoint(s3.endpoint)
     return lakefs.s3a_conf(s3)  # may fetch the jars with Maven (once)
 
 

@@ -61,6 +61,7 @@ class KafkaWriter(LogWriter):
         self.partitions = partitions
         conf = {
             "bootstrap.servers": transport.bootstrap,
+            "logger": log,  # librdkafka's log lines go through Python logging
             "transactional.id": writer_id,
             "enable.idempotence": True,
             "compression.type": "zstd",
@@ -127,6 +128,7 @@ class KafkaReader(LogReader):
         self._consumer = Consumer(
             {
                 "bootstrap.servers": transport.bootstrap,
+                "logger": log,
                 "group.id": f"seg-reader-{uuid.uuid4().hex}",
                 "enable.auto.commit": False,
                 "enable.auto.offset.store": False,
@@ -210,7 +212,7 @@ class KafkaTransport(Transport):
         return f"{self.prefix}.{kind}"
 
     def _admin(self) -> AdminClient:
-        return AdminClient({"bootstrap.servers": self.bootstrap, **self.config})
+        return AdminClient({"bootstrap.servers": self.bootstrap, "logger": log, **self.config})
 
     def partition_count(self) -> int:
         """Partitions of the topics; TransportError when they do not exist (yet)."""

@@ -174,7 +174,10 @@ def run_stream(args: argparse.Namespace) -> int:
         conf={**jars, "spark.driver.memory": args.driver_memory},
     )
     job = stream.StreamJob(
-        definitions, Publisher(transport, writer_id=args.writer_id), args.checkpoint, on_batch=say
+        definitions,
+        Publisher(transport, writer_id=args.writer_id, session=True),
+        args.checkpoint,
+        on_batch=say,
     )
     opts = stream.StreamOptions(
         kafka=args.kafka,
@@ -208,6 +211,7 @@ def run_stream(args: argparse.Namespace) -> int:
     finally:
         for s, handler in old.items():
             signal.signal(s, handler)
+        job.publisher.close()
         spark.stop()
     print(f"stream: done in {time.monotonic() - started:.1f} s", file=sys.stderr)
     return 0

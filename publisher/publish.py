@@ -12,8 +12,10 @@ from typing import Protocol
 
 from pyroaring import BitMap64
 
+from sidecar.record import Delta
 from sidecar.replica.engine import Engine
-from sidecar.replica.recovery import bootstrap
+from sidecar.replica.recovery import bootstrap, read_until
+from sidecar.replica.state import SegmentState
 from sidecar.transport.base import Transport
 
 from .plan import Change, SnapshotPolicy, diff, records
@@ -67,11 +69,65 @@ def _quiet(_msg: str) -> None:
     return None
 
 
+class _Session:
+    """The writer (holding the log: it fences or locks out other writers) and the state
+    recovered from the log, kept current by reading on from where the recovery stopped."""
+
+    def __init__(self, publisher: Publisher) -> None:
+        t = publisher.transport
+        # The writer first: on Kafka, init_transactions fences an older publisher and aborts
+        # its unfinished transaction, so the state read next cannot change under us.
+        self.writer = t.writer(publisher.writer_id, publisher.partitions)
+        try:
+            self.engine = Engine()
+            self.reader = t.reader()
+            bootstrap(
+                self.reader, self.engine, progress=lambda m: publisher.progress(f"recover: {m}")
+            )
+        except BaseException:
+            self.writer.close()
+            raise
+
+    def catch_up(self) -> None:
+        ends = {
+            ("deltas", p): self.reader.watermarks("deltas", p)[1]
+            for p in range(self.reader.partitions)
+        }
+        for rec in read_until(self.reader, ends):
+            self.engine.apply_record(rec)
+
+    def offsets(self) -> dict[int, int]:
+        return {p: self.reader.position("deltas", p) for p in range(self.reader.partitions)}
+
+    def remember(self, change: Change, chunks: int, ts: int) -> None:
+        """Apply our own committed change, so the next publish needs no re-read of it."""
+        if change.drop:
+            self.engine.install_drop(change.segment, change.version, 1)
+        elif change.snapshot is not None:
+            state = SegmentState(change.snapshot, change.version, change.cardinality, ts)
+            self.engine.install(change.segment, state, chunks)
+        else:
+            self.engine.apply_delta(
+                Delta(change.segment, change.base, change.version, change.add, change.remove,
+                      change.cardinality, ts)
+            )  # fmt: skip
+
+    def close(self) -> None:
+        try:
+            self.reader.close()
+        finally:
+            self.writer.close()
+
+
 class Publisher:
     """Publishes desired segment states to the log (and Aerospike when a sink is given).
 
     The current state always comes from replaying the log, never from a local file, so
     re-running a publish after a crash at any point converges to the same log and records.
+    With `session=True` (a long-running job such as the stream job), the writer and the
+    recovered state are kept between publishes and only the log's new records are read;
+    `close()` (or leaving a `with` block) releases them. Any error drops the session, so the
+    next publish recovers from the log again.
     """
 
     def __init__(
@@ -83,6 +139,7 @@ class Publisher:
         sink: MembershipSink | None = None,
         policy: SnapshotPolicy | None = None,
         progress: Callable[[str], None] | None = None,
+        session: bool = False,
     ) -> None:
         self.transport = transport
         self.writer_id = writer_id
@@ -90,6 +147,19 @@ class Publisher:
         self.sink = sink
         self.policy = policy or SnapshotPolicy()
         self.progress = progress or _quiet
+        self.keep_session = session
+        self._session: _Session | None = None
+
+    def close(self) -> None:
+        if self._session is not None:
+            session, self._session = self._session, None
+            session.close()
+
+    def __enter__(self) -> Publisher:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def publish(
         self,
@@ -102,48 +172,59 @@ class Publisher:
         if both:
             raise ValueError(f"segments both in the input and to drop: {', '.join(both)}")
         started = time.monotonic()
-        # The writer first: on Kafka, init_transactions fences an older publisher and aborts
-        # its unfinished transaction, so the state read next cannot change under us.
-        with self.transport.writer(self.writer_id, self.partitions) as writer:
-            engine = Engine()
-            with self.transport.reader() as reader:
-                bootstrap(reader, engine, progress=lambda m: self.progress(f"recover: {m}"))
-                offsets = {p: reader.position("deltas", p) for p in range(reader.partitions)}
-                unhealthy = [s for s, st in engine.segments.items() if not st.fresh]
-                if unhealthy:
-                    log.warning("log history damaged for %s: republishing whole", unhealthy)
-            _fault("after-recover")
-            to_drop = set(drop)
-            if prune:
-                to_drop |= set(engine.segments) - set(desired)
-            plan = diff(engine, dict(desired), drop=to_drop, policy=self.policy)
-            result = PublishResult()
-            if not plan.changes:
-                result.seconds = time.monotonic() - started
-                return result
-            if self.sink is not None:
-                result.aerospike_records = self.sink.apply(plan.changes, self._progress_users)
-            _fault("after-aerospike")
-            ts = int(time.time() * 1000)
-            with writer.transaction():
-                for i, change in enumerate(plan.changes):
-                    info = engine.log_info.get(change.segment)
-                    old_chunks = info.snapshot_chunks if info else 0
-                    for topic, p, key, value in records(
-                        change, writer.partitions, ts, offsets, old_chunks
-                    ):
-                        result.log_bytes += writer.append(topic, p, key, value)
-                        result.records += 1
-                    if i == len(plan.changes) // 2:
-                        _fault("mid-transaction")
-            _fault("after-commit")
-        for change in plan.changes:
+        try:
+            if self._session is None:
+                self._session = _Session(self)
+            else:
+                self._session.catch_up()
+            result = self._publish(self._session, desired, prune, set(drop))
+        except BaseException:
+            self.close()
+            raise
+        if not self.keep_session:
+            self.close()
+        result.seconds = time.monotonic() - started
+        return result
+
+    def _publish(
+        self, session: _Session, desired: Mapping[str, BitMap64], prune: bool, drop: set[str]
+    ) -> PublishResult:
+        engine, writer = session.engine, session.writer
+        offsets = session.offsets()
+        unhealthy = [s for s, st in list(engine.segments.items()) if not st.fresh]
+        if unhealthy:
+            log.warning("log history damaged for %s: republishing whole", unhealthy)
+        _fault("after-recover")
+        if prune:
+            drop |= set(engine.segments) - set(desired)
+        plan = diff(engine, dict(desired), drop=drop, policy=self.policy)
+        result = PublishResult()
+        if not plan.changes:
+            return result
+        if self.sink is not None:
+            result.aerospike_records = self.sink.apply(plan.changes, self._progress_users)
+        _fault("after-aerospike")
+        ts = int(time.time() * 1000)
+        chunks: list[int] = []
+        with writer.transaction():
+            for i, change in enumerate(plan.changes):
+                info = engine.log_info.get(change.segment)
+                old_chunks = info.snapshot_chunks if info else 0
+                written = records(change, writer.partitions, ts, offsets, old_chunks)
+                for topic, p, key, value in written:
+                    result.log_bytes += writer.append(topic, p, key, value)
+                    result.records += 1
+                chunks.append(sum(t == "snapshots" and v is not None for t, _, _, v in written))
+                if i == len(plan.changes) // 2:
+                    _fault("mid-transaction")
+        _fault("after-commit")
+        for change, n in zip(plan.changes, chunks, strict=True):
+            session.remember(change, n, ts)
             result.versions[change.segment] = change.version
             result.adds += len(change.add)
             result.removes += len(change.remove) if not change.drop else 0
             result.drops += change.drop
             result.snapshots += change.snapshot is not None
-        result.seconds = time.monotonic() - started
         return result
 
     def _progress_users(self, done: int, total: int) -> None:

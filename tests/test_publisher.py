@@ -30,7 +30,7 @@ from sidecar.record import (
     decode,
 )
 from sidecar.replica import Health, Replica
-from sidecar.transport import LogDirTransport, Transport
+from sidecar.transport import LogDirTransport, Transport, TransportError
 
 ROOT = Path(__file__).resolve().parents[1]
 PARTITIONS = 3
@@ -760,3 +760,44 @@ def test_kafka_republish_after_drop_when_old_deltas_are_gone(
     segments, dropped = cold_answers(transport)
     assert segments == {"s": (4, BitMap64([9])), "t": (1, BitMap64([7]))}
     assert dropped == {}
+
+
+def test_a_session_publisher_matches_one_shot_publishes(tmp_path: Path) -> None:
+    """A long-lived publisher (session=True, as the stream job runs it) reads only the log's
+    new records between publishes; what it writes equals what one-shot publishes would."""
+    rng = random.Random(7)
+    session_log = LogDirTransport(tmp_path / "session")
+    oneshot_log = LogDirTransport(tmp_path / "oneshot")
+    truth: dict[str, BitMap64] = {}
+    policy = SnapshotPolicy(every_versions=3)
+    with Publisher(session_log, partitions=2, session=True, policy=policy) as pub:
+        for step in range(12):
+            for name in ("a", "b", "c"):
+                if rng.random() < 0.7:
+                    truth[name] = BitMap64(rng.sample(range(5000), rng.randrange(0, 300)))
+            drop = ["c"] if step % 5 == 4 and "c" in truth else []
+            desired = {k: v for k, v in truth.items() if k not in drop}
+            got = pub.publish(desired, drop=drop).versions
+            want = (
+                Publisher(oneshot_log, partitions=2, policy=policy)
+                .publish(desired, drop=drop)
+                .versions
+            )
+            assert got == want
+            for name in drop:
+                del truth[name]
+    states, dropped = cold_answers(session_log)
+    assert {k: v for k, (_, v) in states.items()} == truth
+    assert (states, dropped) == cold_answers(oneshot_log)
+    # After close, a one-shot publisher recovers the same state: identical input writes nothing.
+    assert Publisher(session_log).publish(truth).versions == {}
+
+
+def test_a_session_publisher_holds_the_log_directory(tmp_path: Path) -> None:
+    transport = LogDirTransport(tmp_path / "log")
+    with Publisher(transport, session=True) as pub:
+        pub.publish({"a": BitMap64([1])})
+        with pytest.raises(TransportError):
+            Publisher(transport).publish({"a": BitMap64([2])})
+        assert pub.publish({"a": BitMap64([1, 2])}).versions == {"a": 2}
+    assert Publisher(transport).publish({"a": BitMap64([3])}).versions == {"a": 3}

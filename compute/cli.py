@@ -15,7 +15,10 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
+
+if TYPE_CHECKING:
+    from sidecar.transport.base import Transport
 
 PROG = "seg-compute"
 
@@ -161,8 +164,11 @@ def _add_batch(sub: argparse._SubParsersAction) -> None:
             expected="a path or URI", required=True, metavar="DIR|URI")  # fmt: skip
     _option(p, "--definitions", "the segment definitions (TOML)", convert=Path,
             expected="a path", required=True, metavar="FILE")  # fmt: skip
-    _option(p, "--out", "the segment-set directory to write", convert=Path, expected="a path",
-            required=True, metavar="DIR")  # fmt: skip
+    _option(p, "--out", "the segment-set directory to write (default with a --publish-* "
+            "option: a temporary one)", convert=Path, expected="a path", metavar="DIR")  # fmt: skip
+    from compute.publish_target import add_publish_options
+
+    add_publish_options(p, aerospike=True)
     _option(p, "--as-of", "the as_of parameter (default: the lake's _lake.json as_of, else "
             "today UTC)", convert=dt.date.fromisoformat, expected="a date YYYY-MM-DD",
             metavar="YYYY-MM-DD")  # fmt: skip
@@ -276,6 +282,15 @@ def _run_batch(args: argparse.Namespace) -> int:
     if not remote and not args.lake.is_dir():
         raise UsageError(f"--lake {args.lake}: not a directory")
     overrides = _overrides(args)
+    from compute.publish_target import publish_transport
+
+    transport = publish_transport(args, required=False)
+    if args.out is None and transport is None:
+        raise UsageError("give --out DIR, or --publish-kafka / --publish-log-dir to publish")
+    if args.out is None:
+        import tempfile
+
+        args.out = Path(tempfile.mkdtemp(prefix="seg-batch-")) / "segments"
     # A URI lake's _lake.json is read through Spark: until then as_of is provisional (today),
     # which is enough to check the definitions before paying for Spark.
     segments = batch.load_segments(args.lake, args.definitions, overrides)
@@ -311,7 +326,24 @@ def _run_batch(args: argparse.Namespace) -> int:
         f"{sum(r.seconds for r in result.segments):.1f} s segments, "
         f"{result.write_seconds:.1f} s write) -> {args.out}"
     )
+    if transport is not None:
+        _publish(args, transport)
     return 0
+
+
+def _publish(args: argparse.Namespace, transport: Transport) -> None:
+    """Publish the segment set just written, through the publisher's API (the same input
+    validation and diff as seg-publish)."""
+    from publisher import Publisher, read_segment_set
+
+    sink = None
+    if args.publish_aerospike:
+        from publisher.aerospike_sink import AerospikeSink
+
+        sink = AerospikeSink.connect(args.publish_aerospike)
+    desired = read_segment_set(args.out).segments
+    result = Publisher(transport, sink=sink).publish(desired)
+    print(f"published to {transport.describe()}: {result.summary()}")
 
 
 def _one_line(error: BaseException) -> str:

@@ -104,12 +104,7 @@ def add_stream(sub: argparse._SubParsersAction) -> None:
     _option(p, "--events-topic", "the events topic", required=True, metavar="T")
     _option(p, "--definitions", "definitions file with [[stream]] tables (TOML)",
             convert=Path, expected="a path", required=True, metavar="FILE")  # fmt: skip
-    _option(p, "--publish-kafka", "publish to the segment log on this Kafka",
-            metavar="HOST:PORT")  # fmt: skip
-    _option(p, "--topic-prefix", "segment log topics are PREFIX.deltas and PREFIX.snapshots",
-            default="segments", metavar="P")  # fmt: skip
-    _option(p, "--publish-log-dir", "publish to this log directory instead",
-            convert=Path, expected="a path", metavar="DIR")  # fmt: skip
+    add_publish_options(p)
     _option(p, "--checkpoint", "Spark's checkpoint and the rules' state live here",
             convert=Path, expected="a path", required=True, metavar="DIR")  # fmt: skip
     _option(p, "--trigger-seconds", "micro-batch interval", convert=_positive_float,
@@ -129,6 +124,12 @@ def add_stream(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run_stream)
 
 
+def add_publish_options(p: argparse.ArgumentParser) -> None:
+    from compute.publish_target import add_publish_options as add
+
+    add(p)
+
+
 class _Stop:
     """SIGTERM / SIGINT ask the query to stop between batches' progress checks."""
 
@@ -143,23 +144,15 @@ class _Stop:
 def run_stream(args: argparse.Namespace) -> int:
     from compute import rules, sparkjars, stream
     from compute.events import ensure_topic
+    from compute.publish_target import publish_transport
     from compute.spark import build_session
     from publisher import Publisher
 
-    if bool(args.publish_kafka) == bool(args.publish_log_dir):
-        raise UsageError("give exactly one of --publish-kafka HOST:PORT or --publish-log-dir DIR")
+    transport = publish_transport(args)
     if args.starting_offsets not in ("earliest", "latest"):
         where = args.starting_offsets
         raise UsageError(f"--starting-offsets must be earliest or latest, not {where!r}")
     definitions = rules.load(args.definitions)
-    if args.publish_kafka:
-        from sidecar.transport.kafka import KafkaTransport
-
-        transport = KafkaTransport(args.publish_kafka, args.topic_prefix)
-    else:
-        from sidecar.transport.logdir import LogDirTransport
-
-        transport = LogDirTransport(args.publish_log_dir)
     args.checkpoint.mkdir(parents=True, exist_ok=True)
     jars = sparkjars.streaming_conf()
     partitions = ensure_topic(args.kafka, args.events_topic)

@@ -438,3 +438,28 @@ def test_missing_lake_is_a_lake_error(spark, tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(batch.LakeError, match="no tables"):
         batch.register_views(spark, tmp_path / "empty")
+
+
+@pytest.mark.spark
+def test_batch_publishes_to_the_log(spark, lake20k: Path, tmp_path: Path, capsys) -> None:
+    """`batch --publish-log-dir`: the segments reach the log through the publisher, and a
+    replica of that log answers exactly the ground truth."""
+    from sidecar.replica import Replica
+    from sidecar.transport.logdir import LogDirTransport
+
+    log_dir = tmp_path / "log"
+    try:
+        code = cli.main(["batch", "--lake", str(lake20k), "--definitions", str(EXAMPLE),
+                         "--publish-log-dir", str(log_dir)])  # fmt: skip
+    finally:
+        batch.register_views(spark, lake20k)
+    assert code == 0
+    assert "published to log directory" in capsys.readouterr().out
+    truth = truth_from_lake(lake20k, EXAMPLE)
+    replica = Replica(LogDirTransport(log_dir)).start()
+    try:
+        assert replica.wait_ready(30)
+        got = {s: set(st.bitmap) for s, st in replica.engine.segments.items()}
+        assert got == truth
+    finally:
+        replica.stop(save=False)

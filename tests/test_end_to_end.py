@@ -110,6 +110,7 @@ class Sidecar:
                     return self
             except OSError:
                 time.sleep(0.1)
+        self.proc.kill()
         raise AssertionError("sidecar not ready in 90 s")
 
     def client(self) -> SidecarClient:

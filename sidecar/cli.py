@@ -188,7 +188,7 @@ def make_fallback(args: argparse.Namespace) -> Fallback | None:
         hosts = parse_hosts(args.aerospike)
     except ValueError as exc:
         fail(f"--aerospike: {exc}")
-    return AerospikeFallback(
+    fallback = AerospikeFallback(
         hosts,
         namespace=args.aerospike_namespace,
         set_name=args.aerospike_set,
@@ -198,6 +198,8 @@ def make_fallback(args: argparse.Namespace) -> Fallback | None:
         password=args.aerospike_password,
         tls_name=args.aerospike_tls_name,
     )
+    fallback.start()  # connect now, in the background, rather than on the first miss
+    return fallback
 
 
 async def _run(args: argparse.Namespace, replica: Any, fallback: Fallback | None) -> str | None:

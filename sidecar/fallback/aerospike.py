@@ -93,6 +93,10 @@ class AerospikeFallback(Fallback):
             config["tls"] = {"enable": True}
         return config
 
+    def start(self) -> None:
+        """Begin connecting now (in the background), so the first misses find a client."""
+        self._connect_in_background()
+
     def _connect_in_background(self) -> None:
         """Start one connection attempt on its own thread (one at a time, at most once a
         second). Connecting takes longer than the budget, so it stays off the request path:

@@ -1,6 +1,6 @@
 """The wire-level Aerospike test server, checked two ways.
 
-1. Capture replay: every request frame of shared/aerospike-wire-capture.txt (real aerospike
+1. Capture replay: every request frame of tests/vectors/aerospike-wire-capture.txt (real aerospike
    19.3.0 client <-> real Aerospike CE 8.1.2) is sent on a raw socket, in capture order, to a
    fresh server, and the response is compared field by field with the captured one.
 2. The real ``aerospike`` client against the server: round trips, map operations, batches,
@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import os
 import re
 import socket
 import time
@@ -35,15 +34,8 @@ aerospike_client = aerospike_fixture.aerospike_client
 
 
 def _find_capture() -> Path:
-    """shared/ sits beside the repository checkout (in development and in CI)."""
-    override = os.environ.get("AEROSPIKE_WIRE_CAPTURE")
-    if override:
-        return Path(override)
-    for parent in Path(__file__).resolve().parents:
-        candidate = parent / "shared" / "aerospike-wire-capture.txt"
-        if candidate.exists():
-            return candidate
-    return Path(__file__).resolve().parents[2] / "shared" / "aerospike-wire-capture.txt"
+    """The capture is kept in the repository (tests/vectors/), a copy of the one in shared/."""
+    return Path(__file__).resolve().parent / "vectors" / "aerospike-wire-capture.txt"
 
 
 CAPTURE = _find_capture()

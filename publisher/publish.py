@@ -206,6 +206,7 @@ class Publisher:
         _fault("after-aerospike")
         ts = int(time.time() * 1000)
         chunks: list[int] = []
+        shown = time.monotonic()
         with writer.transaction():
             for i, change in enumerate(plan.changes):
                 info = engine.log_info.get(change.segment)
@@ -215,6 +216,13 @@ class Publisher:
                     result.log_bytes += writer.append(topic, p, key, value)
                     result.records += 1
                 chunks.append(sum(t == "snapshots" and v is not None for t, _, _, v in written))
+                now = time.monotonic()
+                if now - shown > 1.0 or i + 1 == len(plan.changes):
+                    shown = now
+                    self.progress(
+                        f"log: {i + 1}/{len(plan.changes)} segments, "
+                        f"{result.records} records, {result.log_bytes:,} bytes"
+                    )
                 if i == len(plan.changes) // 2:
                     _fault("mid-transaction")
         _fault("after-commit")

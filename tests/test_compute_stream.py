@@ -449,6 +449,11 @@ def test_stream_on_kafka(
             produced = time.time()
             produce(kafka_bootstrap, topic, [make_event(8, "add_to_cart")])
             seen = watch.wait(60)
+            # The replica may see the change before the job has filed its batch report.
+            deadline = time.monotonic() + 30
+            while not any(r.published for r in reports[n:]):
+                assert time.monotonic() < deadline, "no published batch report"
+                time.sleep(0.05)
             report = next(r for r in reports[n:] if r.published)
             written = replica.engine.segments[CART].updated_ms / 1000
             print(

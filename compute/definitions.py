@@ -130,17 +130,7 @@ def parse(
     segments: list[Segment] = []
     first_seen: dict[str, int] = {}
     for index, raw in enumerate(raw_segments, start=1):
-        if not isinstance(raw, dict):
-            raise DefinitionError(f"{source}: segment #{index} is not a table")
-        name = raw.get("name")
-        if not isinstance(name, str):
-            raise DefinitionError(f"{source}: segment #{index} has no name (a string)")
-        if not SEGMENT_RE.match(name):
-            raise DefinitionError(
-                "not a valid segment id (1-128 chars of [A-Za-z0-9_.:-], "
-                "starting with a letter or digit)",
-                name,
-            )
+        name = table_name(raw, index, source, "segment")
         if name in first_seen:
             raise DefinitionError(
                 f"defined twice in {source} (segments #{first_seen[name]} and #{index})", name
@@ -161,6 +151,22 @@ def parse(
         segments.append(Segment(name, render(description, params, name), rendered, sql, params))
     _check_single_owner(doc, first_seen)
     return segments
+
+
+def table_name(raw: object, index: int, source: str, kind: str) -> str:
+    """The valid segment id named by the `index`-th `[[kind]]` table of `source`."""
+    if not isinstance(raw, dict):
+        raise DefinitionError(f"{source}: {kind} #{index} is not a table")
+    name = raw.get("name")
+    if not isinstance(name, str):
+        raise DefinitionError(f"{source}: {kind} #{index} has no name (a string)")
+    if not SEGMENT_RE.match(name):
+        raise DefinitionError(
+            "not a valid segment id (1-128 chars of [A-Za-z0-9_.:-], "
+            "starting with a letter or digit)",
+            name,
+        )
+    return name
 
 
 def _check_single_owner(doc: Mapping[str, object], batch_names: Mapping[str, int]) -> None:

@@ -34,7 +34,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from compute.definitions import SEGMENT_RE, DefinitionError
+from compute.definitions import DefinitionError, table_name
 from compute.events import EVENT_TYPES, Event
 
 MAX_WINDOW_MINUTES = 31 * 24 * 60
@@ -130,17 +130,8 @@ def _event_type(raw: Mapping[str, object], key: str, name: str) -> str:
 
 
 def _rule(raw: object, index: int, source: str) -> StreamRule:
-    if not isinstance(raw, dict):
-        raise DefinitionError(f"{source}: stream #{index} is not a table")
-    name = raw.get("name")
-    if not isinstance(name, str):
-        raise DefinitionError(f"{source}: stream #{index} has no name (a string)")
-    if not SEGMENT_RE.match(name):
-        raise DefinitionError(
-            "not a valid segment id (1-128 chars of [A-Za-z0-9_.:-], starting with a letter "
-            "or digit)",
-            name,
-        )
+    name = table_name(raw, index, source, "stream")
+    assert isinstance(raw, dict)
     unknown = sorted(set(raw) - _RULE_KEYS)
     if unknown:
         raise DefinitionError(

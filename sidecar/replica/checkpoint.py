@@ -76,11 +76,12 @@ def load(state_dir: Path, log_id: str) -> Checkpoint | None:
         data = path.read_bytes()
     except FileNotFoundError:
         return None
-    if data[:8] != MAGIC or hashlib.sha256(data[40:]).digest() != data[8:40]:
+    payload = memoryview(data)[40:]  # no copy of a checkpoint that may be 100s of MiB
+    if data[:8] != MAGIC or hashlib.sha256(payload).digest() != data[8:40]:
         log.warning("ignoring %s: bad magic or checksum", path)
         return None
     try:
-        body = msgpack.unpackb(data[40:], raw=False, strict_map_key=False)
+        body = msgpack.unpackb(payload, raw=False, strict_map_key=False)
         if body.get("format") != 1:
             raise ValueError(f"unknown format {body.get('format')!r}")
         if body["log"] != log_id:

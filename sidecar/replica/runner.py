@@ -228,7 +228,7 @@ class Replica:
                 if self.engine.needs_resync:
                     self._resync()
                 now = time.monotonic()
-                if now - last_ends > 1.0:
+                if now - last_ends > 5.0:  # lag only: readiness uses the ends seen at start
                     self._refresh_ends(reader)
                     last_ends = now
                 if not self.ready.is_set() and all(

@@ -172,8 +172,14 @@ class KafkaReader(LogReader):
         deadline = time.monotonic() + timeout
         out: list[LogRecord] = []
         while True:
-            left = max(0.0, deadline - time.monotonic())
-            for msg in self._consumer.consume(num_messages=1000, timeout=left):
+            # consume() with a timeout holds even one ready message until the timeout ends:
+            # drain what is queued, else wait for the first message with poll().
+            msgs = self._consumer.consume(num_messages=1000, timeout=0)
+            if not msgs:
+                first = self._consumer.poll(max(0.0, deadline - time.monotonic()))
+                if first is not None:
+                    msgs = [first, *self._consumer.consume(num_messages=999, timeout=0)]
+            for msg in msgs:
                 err = msg.error()
                 tp = (self._kinds[msg.topic()], msg.partition())
                 if err is not None:

@@ -1,0 +1,157 @@
+"""`bootstrap`: cold start from the real Kafka broker, and warm restart from a checkpoint.
+
+The data set (N segments, M memberships; full size 1,000 / 100M) is published first with the
+`Publisher` (one transaction: deltas plus snapshots). Then, in this process:
+
+- cold: `Replica(KafkaTransport, state_dir=...)`, timed from `start()` to ready (snapshots
+  read to their end, deltas from the snapshots' offsets up to the end offsets seen at start);
+- checkpoint: `stop(save=True)` writes the checkpoint (timed);
+- warm: a new `Replica` with the same state directory, timed from `start()` to ready
+  (checkpoint loaded, then the log from the stored offsets).
+
+The `seg-sidecar` process's own cold start (process start to `/readyz` 200, imports
+included) is measured on the same topics as well.
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+from pathlib import Path
+from typing import Any
+
+from publisher import Publisher
+from sidecar.replica import Replica
+
+from . import data
+from .report import table, target
+from .services import Context, log, rss_bytes
+
+FULL = (1_000, 100_000_000)
+
+
+def run(ctx: Context) -> dict[str, Any]:
+    n_seg, total = ctx.sizes.pick((100, 2_000_000), FULL)
+    wait_s = ctx.sizes.pick(120, 900)  # a replica that cannot get ready fails the scenario
+    full = (n_seg, total) == FULL
+    segs = data.make_segments(n_seg, total, seed=91, prefix="boot")
+    expected = data.memberships(segs)
+    transport = ctx.transport("boot", "kafka")
+    log(f"bootstrap: publishing {n_seg} segments / {expected:,} memberships to Kafka")
+    pub = Publisher(transport, writer_id="perf-boot", partitions=8).publish(segs)
+    log(f"   {pub.summary()}")
+    del segs
+    gc.collect()
+    state_dir = ctx.workdir / "boot-state"
+
+    rss0 = rss_bytes()
+    t0 = time.perf_counter()
+    replica = Replica(transport, state_dir=state_dir).start()
+    if not replica.wait_ready(wait_s):
+        replica.stop(save=False)
+        raise RuntimeError(f"cold replica not ready in {wait_s} s: {replica.status()}")
+    cold = time.perf_counter() - t0
+    cold_status = replica.status()
+    rss1 = rss_bytes()
+    if cold_status["memberships"] != expected:
+        replica.stop(save=False)
+        raise RuntimeError(f"cold replica holds {cold_status['memberships']}, not {expected}")
+    log(f"   cold start {cold:.2f} s")
+    t0 = time.perf_counter()
+    replica.stop(save=True)
+    save_s = time.perf_counter() - t0
+    ckpt = state_dir / "checkpoint.seg"
+    ckpt_bytes = ckpt.stat().st_size if ckpt.exists() else 0
+    del replica
+    gc.collect()
+
+    t0 = time.perf_counter()
+    warm_rep = Replica(transport, state_dir=state_dir).start()
+    if not warm_rep.wait_ready(wait_s):
+        warm_rep.stop(save=False)
+        raise RuntimeError(f"warm replica not ready in {wait_s} s: {warm_rep.status()}")
+    warm = time.perf_counter() - t0
+    warm_status = warm_rep.status()
+    warm_rep.stop(save=False)
+    del warm_rep
+    gc.collect()
+    log(f"   warm restart {warm:.2f} s from {warm_status['started_from']}")
+    if warm_status["memberships"] != expected:
+        raise RuntimeError(f"warm replica holds {warm_status['memberships']}, not {expected}")
+
+    sidecar = ctx.sidecar(transport, "boot")
+    sidecar_ready = sidecar.ready_seconds
+    sidecar_rss = sidecar.rss()
+    sidecar.stop()
+    log(f"   seg-sidecar process start -> /readyz {sidecar_ready:.2f} s")
+
+    size = f"{n_seg:,} segments / {expected:,} memberships"
+    note = "" if full else f" (at {size}; the target is for 1,000 / 100M)"
+    return {
+        "segments": n_seg,
+        "memberships": expected,
+        "full_size": full,
+        "publish": {
+            "seconds": round(pub.seconds, 2),
+            "log_bytes": pub.log_bytes,
+            "records": pub.records,
+            "snapshots": pub.snapshots,
+        },
+        "cold_seconds": round(cold, 3),
+        "cold_memberships_per_s": round(expected / cold),
+        "cold_rss_delta_bytes": rss1 - rss0,
+        "checkpoint_save_seconds": round(save_s, 3),
+        "checkpoint_bytes": ckpt_bytes,
+        "warm_seconds": round(warm, 3),
+        "warm_started_from": warm_status["started_from"],
+        "sidecar_process_ready_seconds": round(sidecar_ready or 0, 3),
+        "sidecar_process_rss_bytes": sidecar_rss,
+        "partitions": 8,
+        "targets": [
+            target(
+                "bootstrap: cold start from Kafka",
+                round(cold, 2),
+                "<",
+                15.0,
+                "s",
+                detail=f"{size}{note}",
+                applies=full,
+            ),
+            target(
+                "bootstrap: warm restart from a checkpoint",
+                round(warm, 2),
+                "<",
+                2.0,
+                "s",
+                detail=f"{size}, checkpoint {ckpt_bytes / 2**20:.1f} MiB{note}",
+                applies=full,
+            ),
+        ],  # fmt: skip
+    }
+
+
+def section(res: dict[str, Any], out: Path, report_dir: Path) -> list[str]:
+    p = res["publish"]
+    lines = [
+        f"{res['segments']:,} segments, {res['memberships']:,} memberships on {res['partitions']} "
+        f"partitions{'' if res['full_size'] else ' (--quick size)'}; published in "
+        f"{p['seconds']} s ({p['records']:,} records, {p['log_bytes'] / 2**20:.1f} MiB before "
+        f"compression, {p['snapshots']} snapshots).",
+        "",
+    ]
+    lines += table(
+        ["phase", "seconds", "detail"],
+        [
+            ["cold: Replica start -> ready (Kafka)", res["cold_seconds"],
+             f"{res['cold_memberships_per_s']:,} memberships/s, RSS +"
+             f"{res['cold_rss_delta_bytes'] / 2**20:.0f} MiB"],
+            ["checkpoint write (stop)", res["checkpoint_save_seconds"],
+             f"{res['checkpoint_bytes'] / 2**20:.1f} MiB"],
+            ["warm: Replica start -> ready", res["warm_seconds"],
+             f"started from {res['warm_started_from']}"],
+            ["seg-sidecar process start -> /readyz 200 (cold)",
+             res["sidecar_process_ready_seconds"],
+             f"RSS {res['sidecar_process_rss_bytes'] / 2**20:.0f} MiB"],
+        ],
+    )  # fmt: skip
+    return lines

@@ -1,0 +1,186 @@
+"""`seg-perf <scenario>... [--quick] [--out DIR]`: the benchmark harness.
+
+Scenarios: check, batch, http, embedded, memory, fanout, propagation, publish, bootstrap, and
+`all` (every one, in that order); `report` only rebuilds the report from the JSON files.
+Each scenario writes `<out>/<scenario>.json`; then the report (`perf/REPORT.md` for the
+default output directory, else `<out>/REPORT.md`) and its plots are rebuilt from every JSON
+file in the output directory.
+
+The harness starts what it needs (the real Kafka broker via deploy/local/kafka in a
+temporary data directory, `seg-sidecar` subprocesses, redis-server, the echo peer) and stops
+all of it at the end, also on errors, Ctrl-C and SIGTERM. Exit 0 when every scenario ran
+(whether or not its targets were met), 1 when one failed, 2 on bad usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import shlex
+import signal
+import sys
+import time
+import traceback
+from pathlib import Path
+from types import FrameType, ModuleType
+from typing import Any
+
+from . import report
+from .services import Context, log
+
+PERF_DIR = Path(__file__).resolve().parent
+DEFAULT_OUT = PERF_DIR / "results"
+DEFAULT_REPORT = PERF_DIR / "REPORT.md"
+SCENARIOS = report.SCENARIOS
+
+
+def module(name: str) -> ModuleType:
+    return importlib.import_module(f"perf.{name}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="seg-perf",
+        description="Benchmarks of DESIGN.md's performance targets against peers measured in "
+        "the same run.",
+    )
+    p.add_argument(
+        "scenario",
+        nargs="+",
+        choices=[*SCENARIOS, "all", "report"],
+        help="what to run, one or more in one run ('report' only rebuilds the report from the "
+        "JSON files)",
+    )
+    p.add_argument(
+        "--quick", action="store_true", help="small sizes (all of them in under 5 minutes)"
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=Path(os.environ.get("SEG_OUT") or DEFAULT_OUT),
+        help=f"results directory (default {os.path.relpath(DEFAULT_OUT)})",
+    )
+    p.add_argument(
+        "--report",
+        type=Path,
+        default=Path(os.environ["SEG_REPORT"]) if os.environ.get("SEG_REPORT") else None,
+        help="report path (default perf/REPORT.md for the default --out, else OUT/REPORT.md)",
+    )
+    p.add_argument(
+        "--source",
+        choices=["kafka", "logdir"],
+        default=os.environ.get("SEG_SOURCE") or "kafka",
+        help="what the latency scenarios' sidecar replays (default kafka, as in production)",
+    )
+    p.add_argument(
+        "--kafka",
+        metavar="HOST:PORT",
+        default=os.environ.get("SEG_KAFKA") or None,
+        help="use this broker instead of starting one",
+    )
+    return p
+
+
+def _sigterm(_signum: int, _frame: FrameType | None) -> None:
+    raise SystemExit(143)
+
+
+def run_one(name: str, ctx: Context, command: str) -> tuple[dict[str, Any], bool]:
+    doc: dict[str, Any] = {
+        "scenario": name,
+        "quick": ctx.quick,
+        "command": command,
+        "started_at": report.stamp(),
+        "machine": report.machine(),
+        "load_before": report.loadavg(),
+    }
+    started = time.monotonic()
+    ok = True
+    log(f"== {name} ({'quick' if ctx.quick else 'full'})")
+    try:
+        results = module(name).run(ctx)
+        doc["targets"] = results.pop("targets", [])
+        doc["results"] = results
+        doc["error"] = None
+    except Exception as exc:
+        ok = False
+        doc["error"] = f"{type(exc).__name__}: {exc}"
+        doc["traceback"] = traceback.format_exc()
+        doc["results"] = {}
+        doc["targets"] = []
+        log(f"{name} FAILED: {doc['error']}\n{doc['traceback']}")
+    doc["seconds"] = round(time.monotonic() - started, 1)
+    doc["load_after"] = report.loadavg()
+    doc["services"] = dict(ctx.services)
+    for t in doc["targets"]:
+        verdict = "n/a" if t["met"] is None else ("met" if t["met"] else "NOT MET")
+        log(f"   {t['name']}: {t['measured']} {t['unit']} (goal {t['op']} {t['goal']}) {verdict}")
+    log(f"== {name} done in {doc['seconds']} s")
+    return doc, ok
+
+
+def _prefer_source_tree() -> None:
+    """Run this checkout's packages, in this process and in the harness's children: an
+    editable install made before a package had its `__init__.py` resolves that top-level name
+    as a namespace package (`from publisher import Publisher` then fails)."""
+    repo = str(PERF_DIR.parent)
+    if not (PERF_DIR.parent / "pyproject.toml").exists():
+        return
+    if repo not in sys.path:
+        sys.path.insert(0, repo)
+    for name in ("publisher", "sidecar"):
+        mod = sys.modules.get(name)
+        if mod is not None and getattr(mod, "__file__", None) is None:
+            del sys.modules[name]  # a namespace stand-in: import the real package again
+    parts = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    if repo not in parts:
+        os.environ["PYTHONPATH"] = os.pathsep.join([repo, *parts])
+
+
+def main(argv: list[str] | None = None) -> int:
+    _prefer_source_tree()
+    args = build_parser().parse_args(argv)
+    out: Path = args.out.resolve()
+    report_path: Path = (
+        args.report.resolve()
+        if args.report
+        else (DEFAULT_REPORT if out == DEFAULT_OUT.resolve() else out / "REPORT.md")
+    )
+    command = "seg-perf " + shlex.join(sys.argv[1:] if argv is None else argv)
+    chosen: list[str] = args.scenario
+    if ("all" in chosen or "report" in chosen) and len(chosen) > 1:
+        print("seg-perf: error: 'all' and 'report' go alone", file=sys.stderr)
+        return 2
+    if chosen == ["report"]:
+        sections = {n: module(n).section for n in SCENARIOS}
+        path = report.write_report(out, report_path, sections)
+        log(f"report {path} rebuilt from {out}")
+        return 0
+    names = list(SCENARIOS) if chosen == ["all"] else [n for n in SCENARIOS if n in chosen]
+    signal.signal(signal.SIGTERM, _sigterm)
+    ctx = Context(quick=args.quick, out=out, source=args.source, kafka_addr=args.kafka)
+    failed: list[str] = []
+    started = time.monotonic()
+    try:
+        for name in names:
+            doc, ok = run_one(name, ctx, command)
+            report.write_json(out, name, doc)
+            if not ok:
+                failed.append(name)
+    except KeyboardInterrupt:
+        log("interrupted")
+        failed.append("interrupted")
+    finally:
+        ctx.close()
+    sections = {n: module(n).section for n in SCENARIOS}
+    path = report.write_report(out, report_path, sections)
+    log(f"results in {out}, report {path}; {time.monotonic() - started:.0f} s in all")
+    if failed:
+        log(f"failed: {', '.join(failed)}")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,418 @@
+"""Results: one JSON file per scenario, the combined REPORT.md and the PNG plots.
+
+The report is rebuilt from every `<scenario>.json` in the output directory, so running one
+scenario again refreshes its section and keeps the others.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import platform
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+SCENARIOS = (
+    "check",
+    "batch",
+    "http",
+    "embedded",
+    "memory",
+    "fanout",
+    "propagation",
+    "publish",
+    "bootstrap",
+)
+
+
+# -- targets -----------------------------------------------------------------------------------
+_OPS: dict[str, Callable[[float, float], bool]] = {
+    "<": lambda a, b: a < b,
+    "<=": lambda a, b: a <= b,
+    ">": lambda a, b: a > b,
+    ">=": lambda a, b: a >= b,
+}
+
+
+def target(
+    name: str,
+    measured: float | None,
+    op: str,
+    goal: float,
+    unit: str,
+    *,
+    detail: str = "",
+    applies: bool = True,
+) -> dict[str, Any]:
+    """One DESIGN.md target beside its measured figure. `applies` False: measured at a
+    smaller size than the target's (--quick), shown but not judged."""
+    met = None if measured is None else _OPS[op](measured, goal)
+    return {
+        "name": name,
+        "goal": goal,
+        "op": op,
+        "unit": unit,
+        "measured": measured,
+        "met": met if applies else None,
+        "met_at_this_size": met,
+        "applies": applies,
+        "measured_over_goal": round(measured / goal, 3) if measured is not None and goal else None,
+        "detail": detail,
+    }
+
+
+# -- machine -----------------------------------------------------------------------------------
+def machine() -> dict[str, Any]:
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = 0
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                mem = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    versions = {}
+    for mod in ("pyroaring", "msgpack", "uvloop", "aiohttp", "confluent_kafka", "redis"):
+        try:
+            m = __import__(mod)
+            versions[mod] = getattr(m, "__version__", None) or getattr(m, "version", lambda: "")()
+        except Exception:
+            versions[mod] = None
+    if isinstance(versions.get("confluent_kafka"), tuple):
+        versions["confluent_kafka"] = versions["confluent_kafka"][0]
+    return {
+        "nproc": os.cpu_count(),
+        "memory_bytes": mem,
+        "memory_gib": round(mem / 2**30, 1),
+        "cpu_model": cpu,
+        "python": sys.version.split()[0],
+        "implementation": platform.python_implementation(),
+        "kernel": platform.release(),
+        "libraries": versions,
+        "source": source_state(),
+    }
+
+
+def source_state() -> dict[str, Any]:
+    """The commit measured, and whether the product code differed from it."""
+    import subprocess
+
+    repo = Path(__file__).resolve().parent.parent
+
+    def git(*args: str) -> str:
+        try:
+            res = subprocess.run(
+                ["git", *args], cwd=repo, capture_output=True, text=True, timeout=10, check=False
+            )
+        except (OSError, subprocess.TimeoutExpired):
+            return ""
+        return res.stdout.strip() if res.returncode == 0 else ""
+
+    changed = git("status", "--porcelain", "--", "sidecar", "publisher")
+    return {
+        "commit": git("rev-parse", "--short", "HEAD") or None,
+        "product_code_changed_since_commit": bool(changed),
+        "changed_files": [line[3:] for line in changed.splitlines()][:20],
+    }
+
+
+def loadavg() -> list[float]:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return []
+
+
+# -- files -------------------------------------------------------------------------------------
+def write_json(out: Path, name: str, doc: dict[str, Any]) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{name}.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(doc, indent=1, default=str) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def load_results(out: Path) -> dict[str, dict[str, Any]]:
+    docs = {}
+    for name in SCENARIOS:
+        path = out / f"{name}.json"
+        if path.exists():
+            try:
+                docs[name] = json.loads(path.read_text())
+            except ValueError:
+                continue
+    return docs
+
+
+# -- plots -------------------------------------------------------------------------------------
+def _plt() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_latency(
+    series: dict[str, dict[str, Any]], title: str, path: Path, unit: str = "us"
+) -> Path | None:
+    """Two panels from histogram summaries with `cdf` points: the CDF (log latency) and the
+    percentile tail (x = 1/(1-q), log). `unit` "ms" plots milliseconds."""
+    series = {k: v for k, v in series.items() if v.get("cdf")}
+    if not series:
+        return None
+    div = 1000.0 if unit == "ms" else 1.0
+    plt = _plt()
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    low = None  # the x range starts near the lowest 5th percentile: below is noise
+    for name, s in series.items():
+        pts = s["cdf"]
+        xs = [max(p[0] / div, 1e-3) for p in pts]
+        qs = [p[1] for p in pts]
+        p1 = next((x for x, q in zip(xs, qs, strict=True) if q >= 5.0), xs[0])
+        low = p1 if low is None else min(low, p1)
+        label = f"{name} (p50 {s['p50_us'] / div:.0f} {unit}, p99 {s['p99_us'] / div:.0f} {unit})"
+        ax1.plot(xs, [q / 100 for q in qs], label=label, drawstyle="steps-post")
+        tail = [(1 / (1 - q / 100), x) for x, q in zip(xs, qs, strict=True) if q < 100]
+        ax2.plot([t[0] for t in tail], [t[1] for t in tail], marker=".", label=name)
+    ax1.set_xscale("log")
+    if low:
+        ax1.set_xlim(left=low / 3)
+        ax2.set_ylim(bottom=low / 3)
+    ax1.set_xlabel(f"latency ({unit}, log)")
+    ax1.set_ylabel("fraction of requests")
+    ax1.set_title(f"{title}: CDF")
+    ax1.grid(True, which="both", alpha=0.3)
+    ax1.legend(fontsize=8, loc="lower right")
+    ax2.set_xscale("log")
+    ax2.set_yscale("log")
+    ticks = [1, 2, 10, 100, 1000, 10000, 100000]
+    ax2.set_xticks(ticks)
+    ax2.set_xticklabels(["0", "50", "90", "99", "99.9", "99.99", "99.999"])
+    ax2.set_xlabel("percentile")
+    ax2.set_ylabel(f"latency ({unit}, log)")
+    ax2.set_title(f"{title}: latency by percentile")
+    ax2.grid(True, which="both", alpha=0.3)
+    ax2.legend(fontsize=8, loc="upper left")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_fanout(steps: list[dict[str, Any]], limit_us: float, path: Path) -> Path | None:
+    steps = [s for s in steps if s.get("latency", {}).get("count")]
+    if not steps:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    xs = [s["achieved_rps"] for s in steps]
+    for key, label in (("p50_us", "p50"), ("p99_us", "p99"), ("p999_us", "p99.9")):
+        ax.plot(xs, [s["latency"][key] for s in steps], marker="o", label=label)
+    lag = [s.get("send_lag", {}).get("p99_us") for s in steps]
+    if all(v is not None for v in lag):
+        ax.plot(xs, lag, linestyle=":", color="gray", marker=".", label="client send lag p99")
+    ax.axhline(limit_us, color="red", linestyle="--", linewidth=1, label=f"{limit_us:.0f} us")
+    for s in steps:
+        ax.annotate(f"{s['offered_rps'] / 1000:g}k", (s["achieved_rps"], s["latency"]["p99_us"]),
+                    fontsize=7, textcoords="offset points", xytext=(0, 6))  # fmt: skip
+    ax.set_yscale("log")
+    ax.set_xlabel("throughput (checks/s achieved; labels: offered)")
+    ax.set_ylabel("latency from the scheduled send (us, log)")
+    ax.set_title("fanout: open-loop clients against one sidecar")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# -- markdown ----------------------------------------------------------------------------------
+def fmt(v: Any, digits: int = 1) -> str:
+    if v is None:
+        return "n/a"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, int):
+        return f"{v:,}"
+    if isinstance(v, float):
+        if abs(v) >= 1000:
+            return f"{v:,.0f}"
+        return f"{v:.{digits}f}"
+    return str(v)
+
+
+def table(headers: list[str], rows: list[list[Any]]) -> list[str]:
+    out = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    for row in rows:
+        out.append("| " + " | ".join(fmt(c) if not isinstance(c, str) else c for c in row) + " |")
+    return out
+
+
+def latency_rows(series: dict[str, dict[str, Any]]) -> list[str]:
+    rows = []
+    for name, s in series.items():
+        if not s.get("count"):
+            continue
+        rows.append([name, s["count"], s["p50_us"], s["p99_us"], s["p999_us"], s["max_us"]])
+    return table(["peer", "requests", "p50 us", "p99 us", "p99.9 us", "max us"], rows)
+
+
+def _met(t: dict[str, Any]) -> str:
+    if t["measured"] is None:
+        return "not measured"
+    if not t["applies"]:
+        at = "met" if t["met_at_this_size"] else "not met"
+        return f"n/a at --quick size ({at} at this size)"
+    return "**met**" if t["met"] else "**not met**"
+
+
+def targets_table(docs: dict[str, dict[str, Any]]) -> list[str]:
+    rows = []
+    for name, doc in docs.items():
+        for t in doc.get("targets") or []:
+            goal = f"{t['op']} {fmt(t['goal'])} {t['unit']}"
+            measured = f"{fmt(t['measured'], 2)} {t['unit']}" if t["measured"] is not None else "-"
+            ratio = fmt(t["measured_over_goal"], 2)
+            rows.append([f"{t['name']} ({name})", goal, measured, ratio, _met(t), t["detail"]])
+    return table(["target", "goal", "measured", "measured / goal", "met?", "detail"], rows)
+
+
+def write_report(out: Path, report: Path, sections: dict[str, Callable[..., list[str]]]) -> Path:
+    docs = load_results(out)
+    rel = os.path.relpath(out, report.parent)
+    lines: list[str] = ["# seg-perf report", ""]
+    lines.append(
+        "Benchmarks of DESIGN.md's performance targets, each against peers measured in the same "
+        "run on the same machine. Written by `seg-perf` from the JSON files in "
+        f"`{rel}/` (one per scenario); regenerate with the commands below."
+    )
+    lines.append("")
+    mach = next((d["machine"] for d in docs.values() if d.get("machine")), machine())
+    lines += ["## Machine", ""]
+    lines += table(
+        ["nproc", "memory", "CPU", "Python", "kernel"],
+        [[str(mach["nproc"]), f"{mach['memory_gib']} GiB", mach["cpu_model"], mach["python"],
+          mach["kernel"]]],
+    )  # fmt: skip
+    libs = ", ".join(f"{k} {v}" for k, v in (mach.get("libraries") or {}).items() if v)
+    lines += ["", f"Libraries: {libs}."]
+    src = mach.get("source") or {}
+    if src.get("commit"):
+        dirty = (
+            " plus uncommitted changes to " + ", ".join(src["changed_files"])
+            if src.get("product_code_changed_since_commit")
+            else ""
+        )
+        lines += ["", f"Code measured: commit {src['commit']}{dirty} (per scenario below)."]
+    lines.append("")
+    lines += [
+        "Load average (1/5/15 min) before and after each scenario: other work on this 2-core "
+        "machine shares the CPUs, so absolute figures are noisy; the ratios are measured "
+        "inside one run, with the peers interleaved.",
+        "",
+    ]
+
+    def commit(d: dict[str, Any]) -> str:
+        src = (d.get("machine") or {}).get("source") or {}
+        dirty = "+changes" if src.get("product_code_changed_since_commit") else ""
+        return f"{src.get('commit') or '?'}{dirty}"
+
+    lines += table(
+        ["scenario", "mode", "ran at (UTC)", "seconds", "load before", "load after", "commit"],
+        [
+            [name, "quick" if d.get("quick") else "full", d.get("started_at", "")[:19],
+             d.get("seconds"), " / ".join(map(str, d.get("load_before") or [])),
+             " / ".join(map(str, d.get("load_after") or [])), commit(d)]
+            for name, d in docs.items()
+        ],
+    )  # fmt: skip
+    lines += ["", "## Commands", "", "```sh"]
+    commands = []
+    for d in docs.values():
+        if d.get("command") and d["command"] not in commands:
+            commands.append(d["command"])
+    lines += commands or ["seg-perf all"]
+    lines += ["```", ""]
+    by_command: dict[str, dict[str, Any]] = {}
+    for d in docs.values():  # the services of each run, as its last scenario saw them
+        by_command.setdefault(d.get("command", ""), {}).update(d.get("services") or {})
+    for cmd, services in by_command.items():
+        if not services:
+            continue
+        lines += [f"Started by the harness for `{cmd}`:", ""]
+        for k, v in services.items():
+            lines.append(f"- {k}: " + ", ".join(f"{x} `{y}`" for x, y in v.items()))
+        lines.append("")
+    lines += ['## Targets (DESIGN.md "Performance targets")', ""]
+    lines += targets_table(docs)
+    lines += [""]
+    for name, doc in docs.items():
+        lines += [f"## {name}", ""]
+        if doc.get("error"):
+            lines += [f"**Failed:** `{doc['error']}`", ""]
+            continue
+        fn = sections.get(name)
+        if fn is not None:
+            try:
+                lines += fn(doc["results"], out, report.parent)
+            except Exception as exc:  # e.g. a JSON file from an older harness
+                lines += [f"(cannot render {name}.json: {type(exc).__name__}: {exc})"]
+        lines.append("")
+    profiles = sorted((out / "profile").glob("*.summary.txt"))
+    pieces = out / "profile" / "pieces.txt"
+    if profiles or pieces.exists():
+        lines += ["## Profiles", ""]
+    if pieces.exists():
+        lines += [
+            "`python -m perf.profile pieces`: each step of a request in the sidecar's server, "
+            "timed in-process (best of 7, no sockets), beside the echo peer's:",
+            "",
+            "```",
+            *pieces.read_text().rstrip().splitlines(),
+            "```",
+            "",
+        ]
+    if profiles:
+        lines.append(
+            "`python -m perf.profile <kind>`: a seg-sidecar on a log directory under a "
+            "closed-loop load, sampled with `py-spy record --native`; busy samples only (a "
+            "thread waiting in epoll or asleep is left out). The hottest frames by self time, "
+            "and the sidecar's own frames by inclusive time:"
+        )
+        for path in profiles:
+            text = path.read_text().splitlines()
+            head = [t for t in text[:3] if t.strip()]
+            try:
+                start, incl = text.index("self:"), text.index("inclusive:")
+            except ValueError:
+                continue
+            own = [t for t in text[incl + 1 :] if "sidecar/" in t][:12]
+            lines += ["", f"### {path.name.split('.')[0]}", "", *head, "", "```", "self:"]
+            lines += [t for t in text[start + 1 : start + 13] if t.strip()]
+            lines += ["inclusive (sidecar code):", *own, "```", ""]
+    analysis = report.parent / "ANALYSIS.md"
+    if analysis.exists() and analysis != report:
+        lines += ["## Analysis", "", f"See [{analysis.name}]({analysis.name}).", ""]
+    report.parent.mkdir(parents=True, exist_ok=True)
+    report.write_text("\n".join(lines).rstrip() + "\n")
+    return report
+
+
+def stamp() -> str:
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")

@@ -1,0 +1,96 @@
+"""`seg-perf all --quick` as a subprocess: every scenario must produce its results.
+
+This is not a timed test: it asserts that each scenario ran and wrote its JSON file with the
+expected keys (and the report), never that a target was met. The harness starts its own
+Kafka broker (deploy/local/kafka), sidecars and Redis, and must stop them all.
+
+Redis: the harness installs redis-server with apt-get when it is missing. If that fails, the
+check scenario records the Redis peer as unavailable with the reason, the report says so, and
+this test warns (it does not pass silently over a missing peer).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+TIMEOUT_S = 600
+
+#: scenario -> keys its "results" must have
+EXPECTED: dict[str, set[str]] = {
+    "check": {"latency", "ratios", "peers", "round_p50_us"},
+    "batch": {"latency", "checks_per_second", "checks_per_request"},
+    "http": {"latency", "round_p50_us"},
+    "embedded": {"per_check", "per_call_with_timer"},
+    "memory": {"densities", "members_per_density"},
+    "fanout": {"steps", "max_rps_p99_under_limit"},
+    "propagation": {"latency", "publishes"},
+    "publish": {"kafka", "logdir"},
+    "bootstrap": {"cold_seconds", "warm_seconds", "checkpoint_bytes"},
+}
+#: scenarios that judge DESIGN.md targets
+WITH_TARGETS = {"check", "batch", "embedded", "memory", "propagation", "bootstrap"}
+DOC_KEYS = {"scenario", "quick", "command", "machine", "results", "targets", "error", "seconds"}
+
+
+@pytest.mark.kafka
+@pytest.mark.timeout(TIMEOUT_S + 60)
+def test_seg_perf_all_quick(tmp_path: Path) -> None:
+    out = tmp_path / "results"
+    # This checkout's packages first, whatever the editable install maps.
+    paths = [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
+    for name in ("SEG_KAFKA", "SEG_OUT", "SEG_REPORT", "SEG_SOURCE"):
+        env.pop(name, None)
+    try:
+        proc = subprocess.run(
+            [str(BIN / "seg-perf"), "all", "--quick", "--out", str(out)],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=TIMEOUT_S,
+            check=False,
+        )
+    except subprocess.TimeoutExpired as exc:
+        err = exc.stderr.decode(errors="replace") if isinstance(exc.stderr, bytes) else ""
+        pytest.fail(f"seg-perf all --quick took over {TIMEOUT_S} s:\n{err[-4000:]}")
+    assert proc.returncode == 0, (
+        f"seg-perf all --quick exited {proc.returncode}:\n" + (proc.stderr[-6000:])
+    )
+    for name, keys in EXPECTED.items():
+        path = out / f"{name}.json"
+        assert path.exists(), f"{name}: no {path}"
+        doc = json.loads(path.read_text())
+        assert set(doc) >= DOC_KEYS, f"{name}: missing {DOC_KEYS - set(doc)}"
+        assert doc["scenario"] == name
+        assert doc["quick"] is True
+        assert doc["error"] is None, f"{name} failed: {doc['error']}"
+        assert set(doc["results"]) >= keys, f"{name}: missing {keys - set(doc['results'])}"
+        if name in WITH_TARGETS:
+            assert doc["targets"], f"{name}: no targets"
+            for t in doc["targets"]:
+                assert set(t) >= {"name", "goal", "measured", "met", "unit"}
+    report = (out / "REPORT.md").read_text()
+    for name in EXPECTED:
+        assert f"## {name}" in report
+    assert (out / "check_latency.png").exists()
+    assert (out / "fanout_throughput_p99.png").exists()
+
+    check = json.loads((out / "check.json").read_text())["results"]
+    redis = check["peers"]["redis"]
+    if redis.get("available") is False:
+        assert redis.get("reason"), "the Redis peer is unavailable without a reason"
+        assert "Redis peer unavailable" in report
+        warnings.warn(f"Redis peer unavailable: {redis['reason']}", stacklevel=1)
+    else:
+        assert "redis" in check["latency"]
+        assert check["latency"]["redis"]["count"] > 0

@@ -68,6 +68,7 @@ def world(
             while client.explain(1000, "other_x").source != "aerospike":
                 assert time.monotonic() < deadline
                 time.sleep(0.05)
+            client.metrics_url = f"http://127.0.0.1:{port}/metrics"  # type: ignore[attr-defined]
             yield truth, client, aerospike_server
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -104,6 +105,8 @@ def test_aerospike_down_gives_unknown_fast(world) -> None:  # type: ignore[no-un
         assert set(answers) <= {None, True}
         assert elapsed < 50 * 0.35  # each within the budget (the breaker makes most instant)
         assert client.check(truth["held_a"].min(), "held_a") is True  # local keeps answering
+        with urllib.request.urlopen(client.metrics_url, timeout=5) as resp:
+            assert b"seg_fallback_breaker_state 2.0" in resp.read()  # open
     finally:
         server.up()
     deadline = time.monotonic() + 15

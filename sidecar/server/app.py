@@ -43,6 +43,13 @@ class Sidecar:
         self.replica = replica
         self.metrics = Metrics(replica, process=process_metrics)
         self.service = Service(replica, fallback, metrics=self.metrics)
+        if fallback is not None and "breaker" in fallback.status():
+            states = {"closed": 0.0, "half_open": 1.0, "open": 2.0}
+            self.metrics.gauge(
+                "seg_fallback_breaker_state",
+                "The fallback's circuit breaker: 0 closed, 1 half-open, 2 open.",
+                lambda: states.get(str(fallback.status()["breaker"]), -1.0),
+            )
         self.grace = grace
         self.uds: UdsServer | None = None
         self.http: HttpServer | None = None

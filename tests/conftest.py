@@ -1,1 +1,1 @@
-pytest_plugins = ["tests.kafka_fixture", "tests.aerospike_fixture"]
+pytest_plugins = ["tests.kafka_fixture", "tests.aerospike_fixture", "tests.sidecar_fixtures"]

@@ -6,12 +6,10 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import urllib.error
@@ -35,32 +33,11 @@ from sidecar.client import (
     UnknownOpError,
 )
 from sidecar.replica.runner import Replica
-from sidecar.transport.logdir import LogDirTransport
-from tests.logtools import LogState, SidecarThread, publish_raw
+from tests.logtools import LogState, SidecarThread
 
 MAX = 2**64 - 1
 SEGMENTS = {"vip": BitMap64([1, 2, 3, MAX]), "cart:30m": BitMap64(range(100, 200))}
 BIN = Path(sys.executable).parent
-
-
-@pytest.fixture
-def workdir() -> Iterator[Path]:
-    d = Path(tempfile.mkdtemp(prefix="sk", dir="/tmp"))
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
-
-
-@pytest.fixture
-def logstate(workdir: Path) -> LogState:
-    return publish_raw(LogDirTransport(workdir / "log"), SEGMENTS)
-
-
-@pytest.fixture
-def replica(workdir: Path, logstate: LogState) -> Iterator[Replica]:
-    r = Replica(LogDirTransport(workdir / "log")).start()
-    assert r.wait_ready(10)
-    yield r
-    r.stop(save=False)
 
 
 @pytest.fixture

@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import http.client
 import json
-import shutil
 import socket
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,7 +18,7 @@ from pyroaring import BitMap64
 from sidecar.fallback.base import Fallback
 from sidecar.replica.runner import Replica
 from sidecar.transport.logdir import LogDirTransport
-from tests.logtools import LogState, SidecarThread, publish_raw
+from tests.logtools import LogState, SidecarThread
 
 MAX = 2**64 - 1
 SEGMENTS = {
@@ -72,26 +70,6 @@ class Http:
 
     def post(self, path: str, body: Any = None, raw: bytes | None = None) -> tuple[int, Any]:
         return self.json("POST", path, body, raw)
-
-
-@pytest.fixture
-def workdir() -> Iterator[Path]:
-    d = Path(tempfile.mkdtemp(prefix="sh", dir="/tmp"))
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
-
-
-@pytest.fixture
-def logstate(workdir: Path) -> LogState:
-    return publish_raw(LogDirTransport(workdir / "log"), SEGMENTS)
-
-
-@pytest.fixture
-def replica(workdir: Path, logstate: LogState) -> Iterator[Replica]:
-    r = Replica(LogDirTransport(workdir / "log")).start()
-    assert r.wait_ready(10)
-    yield r
-    r.stop(save=False)
 
 
 @pytest.fixture

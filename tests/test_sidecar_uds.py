@@ -6,11 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import socket
 import stat
 import struct
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -100,26 +98,6 @@ class Raw:
 
     def close(self) -> None:
         self.sock.close()
-
-
-@pytest.fixture
-def workdir() -> Iterator[Path]:
-    d = Path(tempfile.mkdtemp(prefix="sc", dir="/tmp"))  # short: AF_UNIX paths are limited
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
-
-
-@pytest.fixture
-def logstate(workdir: Path) -> LogState:
-    return publish_raw(LogDirTransport(workdir / "log"), SEGMENTS)
-
-
-@pytest.fixture
-def replica(workdir: Path, logstate: LogState) -> Iterator[Replica]:
-    r = Replica(LogDirTransport(workdir / "log"), poll_interval=0.01).start()
-    assert r.wait_ready(10)
-    yield r
-    r.stop(save=False)
 
 
 @pytest.fixture

@@ -1,0 +1,35 @@
+"""Fixtures shared by the sidecar server and client tests: a short work directory (AF_UNIX
+paths are limited), a log holding the test module's `SEGMENTS`, and a ready replica of it."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from sidecar.replica import Replica
+from sidecar.transport import LogDirTransport
+from tests.logtools import LogState, publish_raw
+
+
+@pytest.fixture
+def workdir() -> Iterator[Path]:
+    d = Path(tempfile.mkdtemp(prefix="sc", dir="/tmp"))
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def logstate(request: pytest.FixtureRequest, workdir: Path) -> LogState:
+    return publish_raw(LogDirTransport(workdir / "log"), request.module.SEGMENTS)
+
+
+@pytest.fixture
+def replica(workdir: Path, logstate: LogState) -> Iterator[Replica]:
+    r = Replica(LogDirTransport(workdir / "log"), poll_interval=0.01).start()
+    assert r.wait_ready(10)
+    yield r
+    r.stop(save=False)

@@ -153,6 +153,30 @@ def queries(
     return out
 
 
+def user_lists(
+    segments: dict[str, BitMap64], n: int, size: int, seed: int, member_share: float = 0.5
+) -> list[tuple[str, list[int]]]:
+    """`n` (segment, `size` users) checks of many users against one segment each, as a
+    notification service filters a recipient list: `member_share` of the users members."""
+    rng = random.Random(seed)
+    names = sorted(segments)
+    members: dict[str, Any] = {}
+    out: list[tuple[str, list[int]]] = []
+    for _ in range(n):
+        seg = rng.choice(names)
+        arr = members.get(seg)
+        if arr is None:
+            arr = members[seg] = segments[seg].to_array()
+        users = [
+            arr[rng.randrange(len(arr))]
+            if rng.random() < member_share and len(arr)
+            else USER_BASE + rng.randrange(USER_SPAN)
+            for _ in range(size)
+        ]
+        out.append((seg, users))
+    return out
+
+
 def chunks(items: list, size: int) -> Iterator[list]:
     for i in range(0, len(items), size):
         yield items[i : i + size]

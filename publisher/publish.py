@@ -89,10 +89,7 @@ class _Session:
             raise
 
     def catch_up(self) -> None:
-        ends = {
-            ("deltas", p): self.reader.watermarks("deltas", p)[1]
-            for p in range(self.reader.partitions)
-        }
+        ends = {("deltas", p): end for p, (_, end) in self.reader.watermarks_all("deltas").items()}
         for rec in read_until(self.reader, ends):
             self.engine.apply_record(rec)
 

@@ -1,5 +1,6 @@
 """Fixtures shared by the sidecar server and client tests: a short work directory (AF_UNIX
-paths are limited), a log holding the test module's `SEGMENTS`, and a ready replica of it."""
+paths are limited), a log holding the test module's `SEGMENTS`, a ready replica of it, and a
+Unix-socket-only server of that replica with a blocking client."""
 
 from __future__ import annotations
 
@@ -10,9 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from sidecar.client import SidecarClient
 from sidecar.replica import Replica
 from sidecar.transport import LogDirTransport
-from tests.logtools import LogState, publish_raw
+from tests.logtools import LogState, SidecarThread, publish_raw
 
 
 @pytest.fixture
@@ -33,3 +35,15 @@ def replica(workdir: Path, logstate: LogState) -> Iterator[Replica]:
     assert r.wait_ready(10)
     yield r
     r.stop(save=False)
+
+
+@pytest.fixture
+def uds_server(replica: Replica, workdir: Path) -> Iterator[SidecarThread]:
+    with SidecarThread(replica, uds_path=workdir / "s.sock", http_host=None) as s:
+        yield s
+
+
+@pytest.fixture
+def client(uds_server: SidecarThread) -> Iterator[SidecarClient]:
+    with SidecarClient(uds_server.uds_path, timeout=5) as c:
+        yield c

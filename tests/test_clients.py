@@ -14,7 +14,6 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -38,18 +37,6 @@ from tests.logtools import LogState, SidecarThread
 MAX = 2**64 - 1
 SEGMENTS = {"vip": BitMap64([1, 2, 3, MAX]), "cart:30m": BitMap64(range(100, 200))}
 BIN = Path(sys.executable).parent
-
-
-@pytest.fixture
-def server(replica: Replica, workdir: Path) -> Iterator[SidecarThread]:
-    with SidecarThread(replica, uds_path=workdir / "s.sock", http_host=None) as s:
-        yield s
-
-
-@pytest.fixture
-def client(server: SidecarThread) -> Iterator[SidecarClient]:
-    with SidecarClient(server.uds_path, timeout=5) as c:
-        yield c
 
 
 class SilentServer:
@@ -99,7 +86,7 @@ def test_sync_ops(client: SidecarClient) -> None:
     assert status["ready"] is True and status["segments"] == 2
 
 
-def test_sync_errors(server: SidecarThread, client: SidecarClient) -> None:
+def test_sync_errors(uds_server: SidecarThread, client: SidecarClient) -> None:
     with pytest.raises(BadRequestError, match="user"):
         client.check(True, "vip")  # type: ignore[arg-type]
     with pytest.raises(BadRequestError, match="user"):
@@ -117,7 +104,7 @@ def test_sync_errors(server: SidecarThread, client: SidecarClient) -> None:
     def broken() -> dict[str, Any]:
         raise RuntimeError("hidden")
 
-    server.service.status = broken  # type: ignore[method-assign]
+    uds_server.service.status = broken  # type: ignore[method-assign]
     with pytest.raises(ServerError) as err:
         client.status()
     assert "hidden" not in str(err.value)
@@ -157,13 +144,13 @@ def test_sync_reconnects_after_server_restart(replica: Replica, workdir: Path) -
     c.close()
 
 
-def test_sync_oversize_request(server: SidecarThread, client: SidecarClient) -> None:
+def test_sync_oversize_request(uds_server: SidecarThread, client: SidecarClient) -> None:
     pairs = [(1, "vip")] * 200_000  # ~1.2 MB: over the frame limit
     with pytest.raises(BadRequestError, match="limit"):
         client.batch(pairs)  # refused before sending
     assert client.check(1, "vip") is True
     # a client configured with a larger limit sends it; the server answers and closes
-    with SidecarClient(server.uds_path, max_frame=4 << 20) as big:
+    with SidecarClient(uds_server.uds_path, max_frame=4 << 20) as big:
         with pytest.raises(SidecarError):
             big.batch(pairs)
         assert big.check(1, "vip") is True  # reconnected
@@ -193,12 +180,12 @@ def test_sync_large_pipeline_does_not_deadlock(client: SidecarClient) -> None:
     assert all(r == [False] * 100 for r in results)
 
 
-def test_sync_client_per_thread(server: SidecarThread) -> None:
+def test_sync_client_per_thread(uds_server: SidecarThread) -> None:
     errors: list[BaseException] = []
 
     def work() -> None:
         try:
-            with SidecarClient(server.uds_path) as c:
+            with SidecarClient(uds_server.uds_path) as c:
                 for i in range(200):
                     assert c.check(100 + i % 100, "cart:30m") is True
         except BaseException as exc:  # pragma: no cover - reported below
@@ -215,9 +202,9 @@ def test_sync_client_per_thread(server: SidecarThread) -> None:
 # -- asyncio client -----------------------------------------------------------------------------
 
 
-def test_async_ops_and_concurrency(server: SidecarThread) -> None:
+def test_async_ops_and_concurrency(uds_server: SidecarThread) -> None:
     async def main() -> None:
-        async with AsyncSidecarClient(server.uds_path, timeout=5) as c:
+        async with AsyncSidecarClient(uds_server.uds_path, timeout=5) as c:
             assert await c.ping() == "pong"
             assert await c.check(1, "vip") is True
             assert await c.check(1, "nope") is None

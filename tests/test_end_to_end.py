@@ -129,7 +129,8 @@ class Sidecar:
 
 
 def answers(client: SidecarClient, users: list[int], segments: list[str]) -> dict[str, set[int]]:
-    """Ask every (user, segment) with batch requests; the set of members per segment."""
+    """Ask every (user, segment) with `batch` requests, and again with `batch_packed` (one
+    segment per request); both must agree. The set of members per segment."""
     pairs = [[u, s] for s in segments for u in users]
     got: dict[str, set[int]] = {s: set() for s in segments}
     for i in range(0, len(pairs), 1000):
@@ -138,6 +139,10 @@ def answers(client: SidecarClient, users: list[int], segments: list[str]) -> dic
             assert member is not None, f"no local answer for {user} in {segment}"
             if member:
                 got[segment].add(user)
+    for segment in segments:
+        packed = client.batch_packed(users, segment)
+        assert {u for u, m in zip(users, packed, strict=True) if m} == got[segment]
+        assert None not in packed
     return got
 
 

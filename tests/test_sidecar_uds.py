@@ -614,3 +614,25 @@ def test_metrics_count_requests(server: SidecarThread, raw: Raw) -> None:
     assert 'seg_request_duration_seconds_count{op="check",transport="uds"}' in text
     assert "seg_replica_memberships 104.0" in text
     assert 'seg_replica_records_total{outcome="applied"} 3.0' in text
+
+
+def test_every_check_is_counted_and_one_in_16_local_checks_is_timed(
+    server: SidecarThread, raw: Raw
+) -> None:
+    def timed() -> float:
+        text = server.sidecar.metrics.render().decode()
+        line = 'seg_request_duration_seconds_count{op="check",transport="uds"} '
+        return float(text.split(line)[1].split()[0])
+
+    # the first check sees the replica ready and the segment id valid; the rest use that
+    assert raw.call(0, "check", 1, "cart:30m") == [0, 0, False]
+    before = timed()
+    for i in range(1, 161):
+        assert raw.call(i, "check", 150 + i % 2, "cart:30m") == [i, 0, True]
+    assert timed() - before == 10  # 160 local checks, whatever the counter's phase
+    assert raw.call(999, "check", 1, "never_published") == [999, 0, None]  # not local: timed
+    assert timed() - before == 11
+    text = server.sidecar.metrics.render().decode()
+    local = 'seg_requests_total{op="check",result="ok",source="local",transport="uds"}'
+    assert f"{local} 161.0" in text  # every check counted
+    assert 'seg_requests_total{op="check",result="ok",source="none",transport="uds"} 1.0' in text

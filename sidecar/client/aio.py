@@ -12,6 +12,7 @@ from typing import Any
 
 import msgpack
 
+from ..packed import pack_batch, unpack_answers
 from .sync import _HEADER as HEADER
 from .sync import (
     DEFAULT_PATH,
@@ -218,6 +219,16 @@ class AsyncSidecarClient:
 
     async def batch(self, pairs: Iterable[tuple[int, str] | Sequence[Any]]) -> list[bool | None]:
         return await self.call("batch", pairs if isinstance(pairs, list | tuple) else list(pairs))
+
+    async def batch_packed(
+        self, users: Iterable[int] | Any, segments: str | Sequence[str]
+    ) -> list[bool | None]:
+        """See `SidecarClient.batch_packed`."""
+        try:
+            args = pack_batch(users, segments)
+        except ValueError as exc:
+            raise BadRequestError(str(exc)) from None
+        return unpack_answers(await self.call("batch_packed", *args))
 
     async def segments(self, user: int) -> list[str]:
         return await self.call("segments", user)

@@ -125,7 +125,8 @@ def read_snapshots(
     reader: LogReader, partitions: list[int], holds: Callable[[str], bool], counters: Counters
 ) -> dict[str, Snapshot]:
     asm = SnapshotAssembler(holds, counters)
-    marks = {("snapshots", p): reader.watermarks("snapshots", p) for p in partitions}
+    every = reader.watermarks_all("snapshots")
+    marks = {("snapshots", p): every[p] for p in partitions}
     reader.assign({tp: low for tp, (low, _) in marks.items()})
     for rec in read_until(reader, {tp: end for tp, (_, end) in marks.items()}):
         asm.add(rec)
@@ -147,8 +148,9 @@ def bootstrap(reader: LogReader, engine: Engine, progress: Progress | None = Non
     )
     starts: dict[tuple[Topic, int], int] = {}
     ends: dict[tuple[Topic, int], int] = {}
+    marks = reader.watermarks_all("deltas")
     for p in partitions:
-        low, end = reader.watermarks("deltas", p)
+        low, end = marks[p]
         offsets = [
             s.delta_offset
             for s in snapshots.values()

@@ -149,8 +149,9 @@ class Replica:
         ckpt = checkpoint.load(self.state_dir, self._log_id)
         if ckpt is None or ckpt.partitions != reader.partitions:
             return None
+        marks = reader.watermarks_all("deltas")
         for p, off in ckpt.offsets.items():
-            low, end = reader.watermarks("deltas", p)
+            low, end = marks[p]
             if off < low or off > end:
                 log.warning(
                     "checkpoint offset %d of deltas[%d] is gone (log holds %d..%d): full bootstrap",
@@ -245,11 +246,7 @@ class Replica:
             reader.close()
 
     def _refresh_ends(self, reader: LogReader) -> None:
-        ends = {}
-        for p in range(self.partitions):
-            _, end = reader.watermarks("deltas", p)
-            ends[p] = end
-        self.ends = ends
+        self.ends = {p: end for p, (_, end) in reader.watermarks_all("deltas").items()}
 
     def _resync(self) -> None:
         wanted = set(self.engine.needs_resync)

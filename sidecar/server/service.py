@@ -18,11 +18,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from ..fallback.base import Fallback, NoFallback
 from ..ids import MAX_USER, BadRequest, segment_id
+from ..packed import UNKNOWN as UNKNOWN_BYTE
+from ..packed import unpack_request
 from ..replica.state import Health, SegmentState
 from .metrics import OK_KEYS
 from .protocol import SegmentNames, user_arg
@@ -86,7 +88,8 @@ class Service:
         self._fb: Fallback | None = None if isinstance(self.fallback, NoFallback) else fallback
         self._engine = replica.engine
         self._ready_event = replica.ready
-        self._ready = False
+        #: True once `is_ready()` has seen the replica ready: a plain attribute for hot paths
+        self.ready_seen = False
         self.names = SegmentNames()
         self._valid_names = self.names.valid
         self.metrics = metrics
@@ -100,16 +103,16 @@ class Service:
 
     # -- readiness and local state ------------------------------------------------------------
     def is_ready(self) -> bool:
-        if self._ready:
+        if self.ready_seen:
             return True
         if self._ready_event.is_set():  # the replica never goes back to not ready
-            self._ready = True
-        return self._ready
+            self.ready_seen = True
+        return self.ready_seen
 
     def local_state(self, segment: str) -> SegmentState | None:
         """The state that answers `segment` locally: present, fresh, replica ready."""
         st = self._engine.segments.get(segment)
-        if st is None or st.health is not _FRESH or not (self._ready or self.is_ready()):
+        if st is None or st.health is not _FRESH or not (self.ready_seen or self.is_ready()):
             return None
         return st
 
@@ -166,7 +169,7 @@ class Service:
         """`user` and `segment` already validated. The membership, or a coroutine returning
         (membership, source) when the fallback is needed."""
         st = self._engine.segments.get(segment)
-        if st is not None and st.health is _FRESH and (self._ready or self.is_ready()):
+        if st is not None and st.health is _FRESH and (self.ready_seen or self.is_ready()):
             return user in st.bitmap
         if self._fb is None:
             return None
@@ -181,7 +184,7 @@ class Service:
         if type(segment) is not str or segment not in self._valid_names:
             self.names.check(segment)
         st = self._engine.segments.get(segment)
-        if st is not None and st.health is _FRESH and self._ready:
+        if st is not None and st.health is _FRESH and self.ready_seen:
             return user in st.bitmap, _K_LOCAL
         r = self.member_fast(user, segment)  # type: ignore[arg-type]
         if r is None:
@@ -222,7 +225,7 @@ class Service:
                 f"segments must be a list of segment ids, got {type(segments).__name__}"
             )
         names = self.names
-        ready = self._ready or self.is_ready()
+        ready = self.ready_seen or self.is_ready()
         table = self._engine.segments
         out: list[bool | None] = []
         missing: list[int] = []
@@ -259,7 +262,7 @@ class Service:
                 f"batch takes a list of [user, segment] pairs, got {type(pairs).__name__}"
             )
         table = self._engine.segments
-        ready = self._ready or self.is_ready()
+        ready = self.ready_seen or self.is_ready()
         names = self.names
         seen: dict[str, Any] = {}  # segment -> its bitmap for this request, or None
         out: list[bool | None] = []
@@ -311,6 +314,57 @@ class Service:
             else:
                 out[i] = seg in m
         return out, source
+
+    def batch_packed_fast(self, segments: object, users: object, index: object) -> bytes | Deferred:
+        """The `batch_packed` op (sidecar/packed.py): one answer byte per user, or a coroutine
+        returning (answers, source) when the fallback is needed."""
+        segs, ids, positions = unpack_request(segments, users, index)
+        names = self.names
+        ready = self.ready_seen or self.is_ready()
+        table = self._engine.segments
+        bitmaps: list[Any] = []
+        for i, seg in enumerate(segs):
+            if type(seg) is not str or not names.is_valid(seg):
+                names.check(seg, f"segments[{i}]")
+            st = table.get(seg) if ready else None
+            bitmaps.append(st.bitmap if st is not None and st.health is _FRESH else None)
+        if not ids:
+            return b""
+        if None not in bitmaps:  # all local: one pass, no per-item branch
+            if positions is None:
+                bm = bitmaps[0]
+                return bytes([u in bm for u in ids])
+            return bytes([u in bitmaps[p] for u, p in zip(ids, positions, strict=True)])
+        out = bytearray(len(ids))
+        missing: list[int] = []
+        for k, u in enumerate(ids):
+            bm = bitmaps[positions[k] if positions is not None else 0]
+            if bm is None:
+                out[k] = UNKNOWN_BYTE
+                missing.append(k)
+            elif u in bm:
+                out[k] = 1
+        if not missing or self._fb is None:
+            return bytes(out)
+        return self._batch_packed_fallback(segs, ids, positions, out, missing)
+
+    async def _batch_packed_fallback(
+        self,
+        segs: Sequence[str],
+        ids: Sequence[int],
+        positions: Sequence[int] | None,
+        out: bytearray,
+        missing: list[int],
+    ) -> tuple[bytes, str]:
+        maps = await self._ask_many(list({ids[k] for k in missing}))
+        source = AEROSPIKE
+        for k in missing:
+            m = maps[ids[k]]
+            if m is None:
+                source = NONE
+            else:
+                out[k] = segs[positions[k] if positions is not None else 0] in m
+        return bytes(out), source
 
     async def batch(self, pairs: object) -> list[tuple[bool | None, str]]:
         """Validating batch with the source of every answer: [(member, source), ...]."""

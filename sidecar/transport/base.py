@@ -84,6 +84,10 @@ class LogReader(abc.ABC):
     def watermarks(self, topic: Topic, partition: int) -> tuple[int, int]:
         """(first offset still held, end offset of committed data)."""
 
+    def watermarks_all(self, topic: Topic) -> dict[int, tuple[int, int]]:
+        """`watermarks` of every partition of `topic`, in one round trip where the log can."""
+        return {p: self.watermarks(topic, p) for p in range(self.partitions)}
+
     @abc.abstractmethod
     def assign(self, assignments: dict[tuple[Topic, int], int]) -> None:
         """Read exactly these (topic, partition) from these offsets, replacing any earlier
@@ -91,7 +95,8 @@ class LogReader(abc.ABC):
 
     @abc.abstractmethod
     def poll(self, timeout: float) -> list[LogRecord]:
-        """Committed records in offset order per partition; [] after `timeout` seconds idle."""
+        """Committed records in offset order per partition; [] after `timeout` seconds idle, or
+        sooner when a position moved past offsets that hold no records (transaction markers)."""
 
     @abc.abstractmethod
     def position(self, topic: Topic, partition: int) -> int:

@@ -9,13 +9,14 @@ import uuid
 
 from confluent_kafka import (
     Consumer,
+    IsolationLevel,
     KafkaError,
     KafkaException,
     Producer,
     TopicCollection,
     TopicPartition,
 )
-from confluent_kafka.admin import AdminClient, NewTopic
+from confluent_kafka.admin import AdminClient, NewTopic, OffsetSpec
 
 from .base import (
     TOPICS,
@@ -142,6 +143,12 @@ class KafkaReader(LogReader):
         )
         self._next: dict[tuple[Topic, int], int] = {}
         self._kinds = {transport.topic(t): t for t in TOPICS}
+        self._admin: AdminClient | None = None  # for watermarks_all, made on first use
+        # Warm the consumer's metadata for both topics: a topic first met in assign() waits
+        # for librdkafka's next metadata refresh (~1 s) before its first fetch.
+        for kind in TOPICS:
+            with contextlib.suppress(KafkaException):
+                self._consumer.list_topics(transport.topic(kind), timeout=10)
 
     def watermarks(self, topic: Topic, partition: int) -> tuple[int, int]:
         tp = TopicPartition(self._t.topic(topic), partition)
@@ -158,6 +165,37 @@ class KafkaReader(LogReader):
                         f"cannot read offsets of {tp.topic}[{partition}]: {exc}"
                     ) from exc
                 time.sleep(0.2)
+
+    def watermarks_all(self, topic: Topic) -> dict[int, tuple[int, int]]:
+        # One ListOffsets request per spec on an admin connection of its own: the consumer's
+        # connection would queue each query behind its fetch long-poll (fetch.wait.max.ms).
+        name = self._t.topic(topic)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                return self._list_offsets(name)
+            except KafkaException as exc:
+                err = _error(exc)
+                transient = err is not None and (err.retriable() or err.code() in _LEADER_CODES)
+                if not transient or time.monotonic() > deadline:
+                    raise TransportError(f"cannot read offsets of {name}: {exc}") from exc
+                time.sleep(0.2)
+
+    def _list_offsets(self, name: str) -> dict[int, tuple[int, int]]:
+        if self._admin is None:
+            self._admin = self._t._admin()
+        tps = [TopicPartition(name, p) for p in range(self.partitions)]
+        futures = {
+            spec: self._admin.list_offsets(
+                {tp: getattr(OffsetSpec, spec)() for tp in tps},
+                isolation_level=IsolationLevel.READ_COMMITTED,
+                request_timeout=15,
+            )
+            for spec in ("earliest", "latest")
+        }
+        low = {tp.partition: f.result().offset for tp, f in futures["earliest"].items()}
+        end = {tp.partition: f.result().offset for tp, f in futures["latest"].items()}
+        return {p: (low[p], end[p]) for p in range(self.partitions)}
 
     def assign(self, assignments: dict[tuple[Topic, int], int]) -> None:
         self._next = dict(assignments)
@@ -179,12 +217,15 @@ class KafkaReader(LogReader):
                 first = self._consumer.poll(max(0.0, deadline - time.monotonic()))
                 if first is not None:
                     msgs = [first, *self._consumer.consume(num_messages=999, timeout=0)]
+            moved = False
             for msg in msgs:
                 err = msg.error()
                 tp = (self._kinds[msg.topic()], msg.partition())
                 if err is not None:
                     if err.code() == KafkaError._PARTITION_EOF:
                         # read_committed: EOF sits at the last stable offset, past markers.
+                        # A caller waiting for a position (read_until) must hear of it now.
+                        moved = moved or msg.offset() > self._next.get(tp, 0)
                         self._next[tp] = max(self._next.get(tp, 0), msg.offset())
                         continue
                     if err.fatal():
@@ -194,7 +235,7 @@ class KafkaReader(LogReader):
                 offset = msg.offset()
                 self._next[tp] = offset + 1
                 out.append(LogRecord(tp[0], tp[1], offset, msg.key(), msg.value()))
-            if out or time.monotonic() >= deadline:
+            if out or moved or time.monotonic() >= deadline:
                 return out
 
     def close(self) -> None:

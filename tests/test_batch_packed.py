@@ -1,0 +1,235 @@
+"""The packed batch (`batch_packed`, sidecar/packed.py): the codec, and the server's answers
+against the data and against the `batch` op, over the real socket server."""
+
+from __future__ import annotations
+
+import asyncio
+from array import array
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from pyroaring import BitMap64
+
+from sidecar.client import AsyncSidecarClient, BadRequestError, SidecarClient
+from sidecar.ids import BadRequest
+from sidecar.packed import MAX_SEGMENTS, pack_batch, unpack_answers, unpack_request
+from sidecar.replica.runner import Replica
+from tests.logtools import SidecarThread
+from tests.test_sidecar_uds import FakeFallback, Raw
+
+MAX = 2**64 - 1
+SEGMENTS = {
+    "vip": BitMap64([0, 1, 2, 3, 2**32, MAX]),
+    "cart:30m": BitMap64(range(100, 200)),
+    "empty.seg": BitMap64(),
+}
+KNOWN = sorted(SEGMENTS)
+#: users worth asking about: members, their neighbours, the range's ends
+USERS = st.one_of(
+    st.sampled_from([0, 1, 4, 99, 100, 150, 199, 200, 2**32 - 1, 2**32, 2**63, MAX - 1, MAX]),
+    st.integers(0, MAX),
+)
+NAMES = st.sampled_from([*KNOWN, "never_published"])
+_SLOW = settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+
+
+def truth(user: int, segment: str) -> bool | None:
+    bm = SEGMENTS.get(segment)
+    return None if bm is None else user in bm
+
+
+# -- the codec ------------------------------------------------------------------------------------
+
+
+@given(st.lists(st.tuples(st.integers(0, MAX), st.text(min_size=1, max_size=8)), max_size=300))
+def test_codec_round_trip(items: list[tuple[int, str]]) -> None:
+    users = [u for u, _ in items]
+    segs = [s for _, s in items]
+    names, packed, index = pack_batch(users, segs)
+    assert len(set(names)) == len(names) and set(names) == set(segs)
+    got_names, got_users, positions = unpack_request(names, packed, index)
+    assert list(got_users) == users
+    if items:
+        assert positions is not None
+        assert [got_names[p] for p in positions] == segs
+
+
+@given(st.lists(st.integers(0, MAX), max_size=200), st.text(min_size=1, max_size=8))
+def test_codec_one_segment(users: list[int], segment: str) -> None:
+    names, packed, index = pack_batch(users, segment)
+    assert names == [segment] and index == b""
+    got_names, got_users, positions = unpack_request(names, packed, index)
+    assert list(got_users) == users and positions is None
+
+
+@given(st.lists(st.integers(0, MAX), max_size=100))
+def test_uint64_arrays_are_taken_as_they_are(users: list[int]) -> None:
+    expected = pack_batch(users, "s")
+    assert pack_batch(array("Q", users), "s") == expected
+    assert pack_batch(np.array(users, dtype=np.uint64), "s") == expected
+    assert pack_batch(tuple(users), "s") == expected
+    assert pack_batch(iter(users), "s") == expected
+
+
+@given(st.lists(st.sampled_from([0, 1, 2]), max_size=100))
+def test_answers_decode(codes: list[int]) -> None:
+    assert unpack_answers(bytes(codes)) == [(False, True, None)[c] for c in codes]
+
+
+@pytest.mark.parametrize(
+    ("users", "segments", "needle"),
+    [
+        ([-1], "s", "unsigned 64-bit"),
+        ([2**64], "s", "unsigned 64-bit"),
+        (["1"], "s", "unsigned 64-bit"),
+        (b"\x00" * 8, "s", "not a string or bytes"),
+        ([1, 2], ["a"], "2 users but 1 segments"),
+        ([1], [["a"]], "segments must be strings"),
+    ],
+)
+def test_client_side_bad_input(users: object, segments: object, needle: str) -> None:
+    with pytest.raises(ValueError, match=needle):
+        pack_batch(users, segments)  # type: ignore[arg-type]
+
+
+def test_answers_reject_garbage() -> None:
+    with pytest.raises(ValueError, match="malformed"):
+        unpack_answers(b"\x03")
+
+
+def test_too_many_segments() -> None:
+    segs = [f"s{i}" for i in range(MAX_SEGMENTS + 1)]
+    with pytest.raises(ValueError, match="distinct segments"):
+        pack_batch([0] * len(segs), segs)
+    with pytest.raises(BadRequest, match="at most"):
+        unpack_request(segs, b"", b"")
+
+
+# -- the server -------------------------------------------------------------------------------
+
+
+@_SLOW
+@given(st.lists(st.tuples(USERS, NAMES), max_size=400))
+def test_answers_equal_the_data_and_the_batch_op(
+    client: SidecarClient, items: list[tuple[int, str]]
+) -> None:
+    users = [u for u, _ in items]
+    segs = [s for _, s in items]
+    expected = [truth(u, s) for u, s in items]
+    assert client.batch_packed(users, segs) == expected
+    assert client.batch(items) == expected
+
+
+@_SLOW
+@given(st.lists(USERS, max_size=400), NAMES)
+def test_one_segment_answers_equal_the_data(
+    client: SidecarClient, users: list[int], segment: str
+) -> None:
+    assert client.batch_packed(users, segment) == [truth(u, segment) for u in users]
+
+
+def test_wire_form(uds_server: SidecarThread) -> None:
+    raw = Raw(uds_server.uds_path)
+    users = array("Q", [1, 150, 4, 7]).tobytes()
+    index = array("H", [0, 1, 0, 2]).tobytes()
+    assert raw.call(1, "batch_packed", ["vip", "cart:30m", "nope"], users, index) == [
+        1,
+        0,
+        b"\x01\x01\x00\x02",
+    ]
+    assert raw.call(2, "batch_packed", ["cart:30m"], users, b"") == [2, 0, b"\x00\x01\x00\x00"]
+    assert raw.call(3, "batch_packed", [], b"", b"") == [3, 0, b""]
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["vip", b"", b""], "segments must be an array"),
+        ([["vip"], [1, 2], b""], "users must be bin"),
+        ([["vip"], b"\x00" * 7, b""], "8 bytes per user"),
+        ([["vip"], b"\x00" * 8, None], "index must be bin"),
+        ([["vip", "cart:30m"], b"\x00" * 8, b""], "empty index needs exactly one segment"),
+        ([["vip"], b"\x00" * 16, b"\x00\x00"], "2 bytes per user"),
+        ([["vip"], b"\x00" * 8, b"\x01\x00"], "refers to segment 1"),
+        ([[], b"\x00" * 8, b"\x00\x00"], "segments is empty"),
+        ([["bad id!"], b"\x00" * 8, b""], "segments[0]"),
+        ([["vip", 5], b"\x00" * 8, b"\x00\x00"], "segments[1]"),
+        ([["vip"], b"\x00" * 8], "takes 3 arguments"),
+    ],
+)
+def test_bad_requests_fail_whole_and_keep_the_connection(
+    uds_server: SidecarThread, args: list[object], needle: str
+) -> None:
+    raw = Raw(uds_server.uds_path)
+    rid, status, message = raw.call(7, "batch_packed", *args)
+    assert (rid, status) == (7, 1)
+    assert needle in message
+    assert raw.call(8, "ping") == [8, 0, "pong"]
+
+
+def test_client_errors(client: SidecarClient) -> None:
+    with pytest.raises(BadRequestError, match="unsigned 64-bit"):
+        client.batch_packed([-1], "vip")
+    with pytest.raises(BadRequestError, match="not a valid segment id"):
+        client.batch_packed([1], "bad id!")
+    assert client.batch_packed([], "vip") == []
+    assert client.batch_packed([], []) == []
+    assert client.ping() == "pong"
+
+
+def test_async_client(uds_server: SidecarThread) -> None:
+    async def main() -> None:
+        async with AsyncSidecarClient(uds_server.uds_path, timeout=5) as c:
+            assert await c.batch_packed([1, 150, 4], ["vip", "cart:30m", "nope"]) == [
+                True,
+                True,
+                None,
+            ]
+            assert await c.batch_packed(np.array([2**32, 5], dtype=np.uint64), "vip") == [
+                True,
+                False,
+            ]
+            with pytest.raises(BadRequestError):
+                await c.batch_packed([1, 2], ["vip"])
+
+    asyncio.run(main())
+
+
+# -- with a fallback ------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def fake() -> FakeFallback:
+    return FakeFallback({1: {"remote_seg": 4}, 150: {"other": 2}})
+
+
+@pytest.fixture
+def fb_client(replica: Replica, workdir: Path, fake: FakeFallback) -> Iterator[SidecarClient]:
+    with (
+        SidecarThread(replica, fake, uds_path=workdir / "f.sock", http_host=None) as s,
+        SidecarClient(s.uds_path, timeout=5) as c,
+    ):
+        yield c
+
+
+def test_fallback_answers_what_is_not_local(fb_client: SidecarClient, fake: FakeFallback) -> None:
+    users = [1, 1, 150, 150, 4, 1]
+    segs = ["remote_seg", "vip", "other", "remote_seg", "vip", "x"]
+    assert fb_client.batch_packed(users, segs) == [True, True, True, False, False, False]
+    assert sorted(fake.calls) == [1, 150]  # one call per user, none for local answers
+    fake.calls.clear()
+    assert fb_client.batch_packed([4, 150], "vip") == [False, False]
+    assert fake.calls == []
+
+
+def test_fallback_that_cannot_answer_gives_unknown(
+    fb_client: SidecarClient, fake: FakeFallback
+) -> None:
+    fake.answer_none = True
+    assert fb_client.batch_packed([1, 1], ["remote_seg", "vip"]) == [None, True]

@@ -9,6 +9,7 @@ import threading
 import time
 from pathlib import Path
 
+from ..memory import release_free_memory
 from ..partitioner import partition_for
 from ..transport.base import LogReader, Transport, TransportError
 from . import checkpoint, recovery
@@ -238,6 +239,7 @@ class Replica:
                     self.ready_at = time.time()
                     self._is_ready = True
                     self.ready.set()
+                    release_free_memory()
                     log.info("ready: %s", self.status())
                 if self.state_dir and now - last_ckpt > self.checkpoint_interval:
                     self.save_checkpoint()

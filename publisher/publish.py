@@ -101,7 +101,8 @@ class _Session:
         if change.drop:
             self.engine.install_drop(change.segment, change.version, 1)
         elif change.snapshot is not None:
-            state = SegmentState(change.snapshot, change.version, change.cardinality, ts)
+            # a copy: the engine changes its bitmaps in place, and this one may be the caller's
+            state = SegmentState(change.snapshot.copy(), change.version, change.cardinality, ts)
             self.engine.install(change.segment, state, chunks)
         else:
             self.engine.apply_delta(

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import bisect
 from array import array
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import msgpack
@@ -87,6 +88,15 @@ class DropMarker:
     ts: int
 
 
+@dataclass(frozen=True, slots=True)
+class Skipped:
+    """A well-formed record the reader said it did not want (`decode(..., wanted=...)`); its
+    bitmaps were not deserialized."""
+
+    segment: str
+    version: int
+
+
 Record = Delta | Drop | SnapshotChunk | DropMarker
 
 
@@ -147,6 +157,9 @@ def encode(record: Record) -> bytes:
     return msgpack.packb({"format": FORMAT, **body}, use_bin_type=True)
 
 
+_KINDS = frozenset(("delta", "drop", "snapshot"))
+
+
 def _int(body: dict, name: str, minimum: int = 0) -> int:
     value = body.get(name)
     if type(value) is not int or value < minimum:
@@ -171,8 +184,15 @@ def _bitmap(body: dict, name: str) -> BitMap64:
         raise CorruptRecord(f"field {name!r} is not a portable roaring64 bitmap: {exc}") from exc
 
 
-def decode(value: bytes, *, snapshots: bool = False) -> Record:
-    """Parse one log value. `snapshots` says which topic it came from (a drop differs).
+def decode(
+    value: bytes,
+    *,
+    snapshots: bool = False,
+    wanted: Callable[[str, int], bool] | None = None,
+) -> Record | Skipped:
+    """Parse one log value. `snapshots` says which topic it came from (a drop differs). When
+    `wanted(segment, version)` is False the result is `Skipped`, before any bitmap is
+    deserialized: replays skip most records they read, and each bitmap is many allocations.
 
     Raises UnknownRecord for an unknown format or kind, CorruptRecord for anything malformed.
     """
@@ -186,6 +206,10 @@ def decode(value: bytes, *, snapshots: bool = False) -> Record:
     if fmt != FORMAT:
         raise UnknownRecord(f"unknown format {fmt!r}")
     kind = body.get("kind")
+    if wanted is not None and kind in _KINDS:
+        segment, version = _str(body, "segment"), _int(body, "version", 1)
+        if not wanted(segment, version):
+            return Skipped(segment, version)
     if kind == "delta" and not snapshots:
         parts = _int(body, "parts", 1) if "parts" in body else 1
         part = _int(body, "part") if "part" in body else 0

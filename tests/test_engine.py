@@ -101,12 +101,20 @@ def test_the_applied_bitmap_is_not_shared_with_the_record(engine: Engine) -> Non
     assert list(engine.segments["s"].bitmap) == [1, 2]
 
 
-def test_state_swaps_are_new_objects(engine: Engine, feed: Feed) -> None:
-    feed.delta("s", 0, 1, [1])
+def test_deltas_change_the_bitmap_in_place_and_the_state_whole(
+    engine: Engine, feed: Feed
+) -> None:
+    feed.delta("s", 0, 1, [1, 5])
     before = engine.segments["s"]
-    feed.delta("s", 1, 2, [2])
-    assert list(before.bitmap) == [1]  # a reader holding the old state sees the old state
-    assert before.version == 1
+    feed.delta("s", 1, 2, [2], [5])
+    after = engine.segments["s"]
+    # no copy of the segment per delta: the same bitmap, changed; a new state object
+    assert after.bitmap is before.bitmap and list(after.bitmap) == [1, 2]
+    assert (before.version, before.cardinality) == (1, 2)
+    assert (after.version, after.cardinality) == (2, 2)
+    feed.delta("s", 1, 2, [9])  # a duplicate changes nothing
+    feed.delta("s", 5, 6, [9])  # neither does a gap
+    assert list(engine.segments["s"].bitmap) == [1, 2]
 
 
 # -- duplicates -------------------------------------------------------------------------------
@@ -303,15 +311,17 @@ def test_split_parts_interleaved_with_other_segments(engine: Engine, feed: Feed)
     assert engine.counters.gaps == engine.counters.diverged == 0
 
 
-def test_split_delta_replayed_is_one_duplicate(engine: Engine, feed: Feed) -> None:
+def test_split_delta_replayed_is_skipped_part_by_part(engine: Engine, feed: Feed) -> None:
     feed.delta("s", 0, 1, [1], [], 2, part=0, parts=2)
     feed.delta("s", 0, 1, [2**63], [], 2, part=1, parts=2)
     assert _state(engine, "s") == ([1, 2**63], 1, 2, Health.FRESH)
+    # each part of a version already applied is a duplicate record at once, not assembled
     feed.delta("s", 0, 1, [1], [], 2, part=0, parts=2)
-    assert engine.counters.duplicates == 0  # not judged before it is whole
-    feed.delta("s", 0, 1, [2**63], [], 2, part=1, parts=2)
     assert engine.counters.duplicates == 1
+    feed.delta("s", 0, 1, [2**63], [], 2, part=1, parts=2)
+    assert engine.counters.duplicates == 2
     assert _state(engine, "s") == ([1, 2**63], 1, 2, Health.FRESH)
+    assert not engine.pending_offset(lambda _s: 0, 0)  # nothing left half-assembled
 
 
 def test_split_delta_cardinality_is_checked_on_the_whole_change(engine: Engine, feed: Feed) -> None:

@@ -801,3 +801,14 @@ def test_a_session_publisher_holds_the_log_directory(tmp_path: Path) -> None:
             Publisher(transport).publish({"a": BitMap64([2])})
         assert pub.publish({"a": BitMap64([1, 2])}).versions == {"a": 2}
     assert Publisher(transport).publish({"a": BitMap64([3])}).versions == {"a": 3}
+
+
+def test_a_session_never_changes_the_callers_bitmaps(tmp_path: Path) -> None:
+    """The engine changes its bitmaps in place; what the caller passed stays as it was."""
+    mine = BitMap64([1, 2])
+    with Publisher(LogDirTransport(tmp_path / "log"), session=True) as pub:
+        pub.publish({"a": mine})  # the first publish writes a snapshot of `mine`
+        bigger = mine | BitMap64([3])
+        assert pub.publish({"a": bigger}).versions == {"a": 2}  # a delta on the session's copy
+        assert list(mine) == [1, 2] and list(bigger) == [1, 2, 3]
+        assert pub.publish({"a": mine}).versions == {"a": 3}  # and it still sees the change

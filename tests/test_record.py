@@ -23,6 +23,7 @@ from sidecar.record import (
     Drop,
     DropMarker,
     RecordError,
+    Skipped,
     SnapshotChunk,
     UnknownRecord,
     decode,
@@ -119,6 +120,29 @@ def test_round_trip_every_record_type(record: object) -> None:
 )
 def test_round_trip_edges(record: object) -> None:
     assert decode(encode(record), snapshots=_is_snapshot_topic(record)) == record  # type: ignore[arg-type]
+
+
+@settings(max_examples=100, suppress_health_check=[HealthCheck.too_slow])
+@given(st.one_of(deltas, drops, chunks, markers), st.booleans())
+def test_wanted_decides_before_the_bitmaps_are_read(record: object, want: bool) -> None:
+    asked: list[tuple[str, int]] = []
+
+    def wanted(segment: str, version: int) -> bool:
+        asked.append((segment, version))
+        return want
+
+    back = decode(encode(record), snapshots=_is_snapshot_topic(record), wanted=wanted)  # type: ignore[arg-type]
+    assert asked == [(record.segment, record.version)]  # type: ignore[attr-defined]
+    assert back == (record if want else Skipped(record.segment, record.version))  # type: ignore[attr-defined]
+
+
+def test_an_unwanted_record_with_a_broken_bitmap_is_skipped_not_corrupt() -> None:
+    body = msgpack.unpackb(encode(Delta("vip", 4, 5, BitMap64([1]), BitMap64(), 1, 123)))
+    body["add"] = b"not a bitmap"
+    value = msgpack.packb(body)
+    assert decode(value, wanted=lambda _s, _v: False) == Skipped("vip", 5)
+    with pytest.raises(CorruptRecord, match="add"):
+        decode(value, wanted=lambda _s, _v: True)
 
 
 def test_encoding_shape_matches_design() -> None:

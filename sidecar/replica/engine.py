@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from pyroaring import BitMap64
 
-from ..record import CorruptRecord, Delta, Drop, UnknownRecord, decode
+from ..record import CorruptRecord, Delta, Drop, Skipped, UnknownRecord, decode
 from ..transport.base import LogRecord
 from .state import Counters, Health, SegmentState
 
@@ -89,8 +89,17 @@ class Engine:
         """Apply one record of the deltas topic; bad values are counted, never raised."""
         if rec.value is None:
             return
+        offset = rec.offset
+
+        def wanted(segment: str, version: int) -> bool:
+            return (
+                self.holds(segment)
+                and offset >= self.replay_from.get(segment, 0)
+                and version > self.version_of(segment)
+            )
+
         try:
-            record = decode(rec.value)
+            record = decode(rec.value, wanted=wanted)
         except UnknownRecord:
             self.counters.unknown += 1
             return
@@ -98,11 +107,11 @@ class Engine:
             self.counters.corrupt += 1
             log.warning("corrupt record at deltas[%d]@%d: %s", rec.partition, rec.offset, exc)
             return
-        if not self.holds(record.segment):
-            self.counters.ignored += 1
-            return
-        if rec.offset < self.replay_from.get(record.segment, 0):
-            self.counters.duplicates += 1
+        if isinstance(record, Skipped):
+            if self.holds(record.segment):
+                self.counters.duplicates += 1  # before its snapshot, or already applied
+            else:
+                self.counters.ignored += 1
             return
         if isinstance(record, Delta):
             self.apply_delta(record, rec.offset)
@@ -131,7 +140,15 @@ class Engine:
         if not self._check_order(delta.segment, delta.base, delta.version):
             return
         current = self.segments.get(delta.segment)
-        bitmap = current.bitmap | delta.add if current is not None else BitMap64(delta.add)
+        if current is None:
+            bitmap = BitMap64(delta.add)
+        else:
+            # In place: a copy costs time in proportion to the segment (milliseconds for
+            # millions of members), all of it holding the GIL the servers need. Each bitmap
+            # operation runs under the GIL, so a concurrent reader sees a user either before
+            # or after the change. Engine bitmaps are never shared with callers.
+            bitmap = current.bitmap
+            bitmap |= delta.add
         if delta.remove:
             bitmap -= delta.remove
         health = Health.FRESH

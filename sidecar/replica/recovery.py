@@ -11,7 +11,14 @@ from dataclasses import dataclass
 from pyroaring import BitMap64
 
 from ..partitioner import partition_for
-from ..record import CorruptRecord, DropMarker, SnapshotChunk, UnknownRecord, decode
+from ..record import (
+    CorruptRecord,
+    DropMarker,
+    Skipped,
+    SnapshotChunk,
+    UnknownRecord,
+    decode,
+)
 from ..transport.base import LogReader, LogRecord, Topic, Transport, TransportError
 from .engine import Engine
 from .state import Counters, SegmentState
@@ -44,8 +51,13 @@ class SnapshotAssembler:
     def add(self, rec: LogRecord) -> None:
         if rec.value is None:  # a tombstone of a chunk key a smaller snapshot no longer uses
             return
+
+        def wanted(segment: str, version: int) -> bool:
+            done = self.complete.get(segment)
+            return self._holds(segment) and (done is None or done.version < version)
+
         try:
-            record = decode(rec.value, snapshots=True)
+            record = decode(rec.value, snapshots=True, wanted=wanted)
         except UnknownRecord:
             self._counters.unknown += 1
             return
@@ -53,7 +65,7 @@ class SnapshotAssembler:
             self._counters.corrupt += 1
             log.warning("corrupt snapshot at [%d]@%d: %s", rec.partition, rec.offset, exc)
             return
-        if not self._holds(record.segment):
+        if isinstance(record, Skipped):
             return
         done = self.complete.get(record.segment)
         if done is not None and done.version >= record.version:

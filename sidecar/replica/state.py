@@ -16,8 +16,12 @@ class Health(enum.Enum):
 
 @dataclass(frozen=True, slots=True)
 class SegmentState:
-    """Immutable: a change builds a new state and swaps it into the table in one assignment,
-    so a reader on another thread never sees half of a change."""
+    """A change builds a new state and swaps it into the table in one assignment, so version,
+    cardinality and health always belong together. The bitmap is the exception: a delta
+    changes it in place (a copy would cost time in proportion to the segment, holding the
+    GIL). Each bitmap operation runs under the GIL, so a reader on another thread sees any one
+    user either before or after a change; readers must not iterate an engine bitmap outside
+    the replica's thread."""
 
     bitmap: BitMap64
     version: int

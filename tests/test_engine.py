@@ -101,9 +101,7 @@ def test_the_applied_bitmap_is_not_shared_with_the_record(engine: Engine) -> Non
     assert list(engine.segments["s"].bitmap) == [1, 2]
 
 
-def test_deltas_change_the_bitmap_in_place_and_the_state_whole(
-    engine: Engine, feed: Feed
-) -> None:
+def test_deltas_change_the_bitmap_in_place_and_the_state_whole(engine: Engine, feed: Feed) -> None:
     feed.delta("s", 0, 1, [1, 5])
     before = engine.segments["s"]
     feed.delta("s", 1, 2, [2], [5])

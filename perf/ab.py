@@ -1,0 +1,147 @@
+"""`python -m perf.ab --before DIR [--rounds N] [--out DIR]`: the single check of two versions of
+the sidecar in one interleaved run, for before/after comparisons on a noisy machine.
+
+DIR is a checkout of the older commit (`git worktree add /tmp/before <commit>`). Both sidecars
+are `seg-sidecar` processes of this environment replaying the same Kafka topics (the latency
+data set); the `before` one runs with `PYTHONPATH=DIR`, so it imports the older code. The
+echo peer is interleaved with them as in `check`. Reported: p50 / p99 per target, the
+per-round median of after/before p50, each server's main-thread CPU per request, and, when
+Linux `perf` is installed, `perf record` samples per library of each server's main thread
+over 100,000 checks. Writes OUT/ab_check.json (default perf/results/ab).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from sidecar.client import SidecarClient
+
+from . import data
+from .check import interleave
+from .services import Context, log
+
+PER_ROUND = 5_000
+PROFILE_CHECKS = 100_000
+
+
+def sidecar_with_path(ctx: Context, transport: Any, name: str, pythonpath: str) -> Any:
+    """A seg-sidecar process importing the code at `pythonpath`."""
+    old = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = pythonpath
+    try:
+        return ctx.sidecar(transport, name)
+    finally:
+        if old is None:
+            del os.environ["PYTHONPATH"]
+        else:
+            os.environ["PYTHONPATH"] = old
+
+
+def profile(pid: int, client: SidecarClient, qs: list[tuple[int, str]], path: Path) -> str:
+    """perf-record the main thread of `pid` while `client` runs checks; samples per library."""
+    rec = subprocess.Popen(
+        ["perf", "record", "-F", "4999", "-t", str(pid), "-o", str(path)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    time.sleep(1.0)
+    for u, s in qs[:PROFILE_CHECKS]:
+        client.check(u, s)
+    rec.send_signal(2)
+    rec.wait(60)
+    report = subprocess.run(
+        ["perf", "report", "-i", str(path), "-n", "--sort", "dso", "--stdio"],
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout
+    return "\n".join(line for line in report.splitlines() if "%" in line and "#" not in line)
+
+
+def run(before: Path, rounds: int, out: Path) -> dict[str, Any]:
+    ctx = Context(quick=False, out=out, source="kafka")
+    try:
+        segments = data.make_segments(100, 10_000_000, seed=7)
+        transport = ctx.transport("ab")
+        from publisher import Publisher
+
+        Publisher(transport, writer_id="perf-ab", partitions=8).publish(segments)
+        servers = {
+            "after": ctx.sidecar(transport, "after"),
+            "before": sidecar_with_path(ctx, transport, "before", str(before)),
+        }
+        echo = ctx.echo()
+        qs = data.queries(segments, PROFILE_CHECKS * 2, seed=3)
+        clients = {n: SidecarClient(p.uds).connect() for n, p in servers.items()}
+        clients["echo"] = SidecarClient(echo.path).connect()
+        targets = {n: clients[n].check for n in ("echo", "before", "after")}
+        pids = {"echo": echo.pid, **{n: p.pid for n, p in servers.items()}}
+        log(f"ab: {rounds} rounds x {PER_ROUND} checks x {len(targets)}")
+        hists, round_p50, first, cpu = interleave(targets, qs, rounds, PER_ROUND, 200, pids)
+        truth = [u in segments[s] for u, s in qs[:PER_ROUND]]
+        res: dict[str, Any] = {
+            "before": str(before),
+            "rounds": rounds,
+            "checks_per_round": PER_ROUND,
+            "latency": {n: h.summary(cdf=False) for n, h in hists.items()},
+            "server_cpu_us_per_request": cpu,
+            "wrong_answers": {
+                n: sum(a is not e for a, e in zip(first[n], truth, strict=True)) for n in servers
+            },
+            "round_p50_us": round_p50,
+            "per_round_median": {
+                "after / before": statistics.median(
+                    a / b for a, b in zip(round_p50["after"], round_p50["before"], strict=True)
+                ),
+                "before / echo": statistics.median(
+                    a / b for a, b in zip(round_p50["before"], round_p50["echo"], strict=True)
+                ),
+                "after / echo": statistics.median(
+                    a / b for a, b in zip(round_p50["after"], round_p50["echo"], strict=True)
+                ),
+            },
+        }
+        if shutil.which("perf"):
+            res["perf_record_by_library"] = {
+                n: profile(pid, clients[n], qs, ctx.workdir / f"ab-{n}.data")  # type: ignore[arg-type]
+                for n, pid in pids.items()
+            }
+        for c in clients.values():
+            c.close()
+        return res
+    finally:
+        ctx.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m perf.ab", description=__doc__)
+    p.add_argument("--before", type=Path, required=True, help="checkout of the older commit")
+    p.add_argument("--rounds", type=int, default=20)
+    p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "ab")
+    args = p.parse_args(argv)
+    if not (args.before / "sidecar" / "__init__.py").is_file():
+        p.error(f"{args.before} is not a checkout of this project (no sidecar/__init__.py)")
+    res = run(args.before.resolve(), args.rounds, args.out)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "ab_check.json").write_text(json.dumps(res, indent=1) + "\n")
+    for n, s in res["latency"].items():
+        cpu = res["server_cpu_us_per_request"].get(n)
+        print(f"{n:7s} p50 {s['p50_us']:.1f} us  p99 {s['p99_us']:.1f} us  server CPU {cpu} us")
+    for k, v in res["per_round_median"].items():
+        print(f"{k}: {v:.3f} (per-round median of p50)")
+    for n, text in res.get("perf_record_by_library", {}).items():
+        print(f"-- {n}: perf samples per library over {PROFILE_CHECKS:,} checks\n{text}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -7,7 +7,10 @@ moving and decoding that request in Python, all interleaved:
   checks: users as packed uint64, a uint16 segment index per user
   (`SidecarClient.batch_packed(users, segments)`);
 - `packed, 1 segment`: `batch_packed` with 1,000 users against one segment, as a
-  notification service filters a recipient list (`SidecarClient.batch_packed(users, seg)`).
+  notification service filters a recipient list (`SidecarClient.batch_packed(users, seg)`);
+- `packed raw, 1 segment`: the same with the users already in a uint64 array and the answers
+  kept as bytes (`batch_packed(array('Q', users), seg, raw=True)`), as a caller holding its
+  ids in numpy would use it: no Python object per check on either side.
 
 Latency per request includes the client's encoding and decoding (the echo rows skip decoding
 the answers: the echo has none). Checks per second are from one blocking client.
@@ -19,6 +22,7 @@ nothing about the servers and was dropped.)"""
 from __future__ import annotations
 
 import os
+from array import array
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +40,7 @@ FORMS = {
     "pairs": "batch of 1,000 (batch op, [user, segment] pairs)",
     "packed": "batch of 1,000 (batch_packed, a segment per user)",
     "packed, 1 segment": "batch of 1,000 (batch_packed, one segment)",
+    "packed raw, 1 segment": "batch of 1,000 (batch_packed, one segment, uint64 in, bytes out)",
 }
 
 
@@ -48,6 +53,7 @@ def run(ctx: Context) -> dict[str, Any]:
     pairs = [[list(q) for q in flat[i : i + BATCH]] for i in range(0, len(flat), BATCH)]
     columns = [([u for u, _ in b], [s for _, s in b]) for b in pairs]
     lists = data.user_lists(serve.segments, n_batches, BATCH, seed=22)
+    arrays = [array("Q", users) for _, users in lists]
     # One "query" of interleave() is a whole batch here: (index, tag).
     qs = [(i, "batch") for i in range(n_batches)]
 
@@ -57,10 +63,16 @@ def run(ctx: Context) -> dict[str, Any]:
         "sidecar pairs": lambda i, _s: client.batch(pairs[i]),
         "sidecar packed": lambda i, _s: client.batch_packed(*columns[i]),
         "sidecar packed, 1 segment": lambda i, _s: client.batch_packed(lists[i][1], lists[i][0]),
+        "sidecar packed raw, 1 segment": lambda i, _s: client.batch_packed(
+            arrays[i], lists[i][0], raw=True
+        ),
         "echo pairs": lambda i, _s: echo.batch(pairs[i]),
         "echo packed": lambda i, _s: echo.call("batch_packed", *pack_batch(*columns[i])),
         "echo packed, 1 segment": lambda i, _s: echo.call(
             "batch_packed", *pack_batch(lists[i][1], lists[i][0])
+        ),
+        "echo packed raw, 1 segment": lambda i, _s: echo.call(
+            "batch_packed", *pack_batch(arrays[i], lists[i][0])
         ),
     }
     log(f"batch: {rounds} rounds x {per_round} requests of {BATCH} checks x {len(targets)}")
@@ -74,6 +86,10 @@ def run(ctx: Context) -> dict[str, Any]:
             "pairs": client.batch(pairs[0]),
             "packed": client.batch_packed(*columns[0]),
             "packed, 1 segment": client.batch_packed(lists[0][1], lists[0][0]),
+            "packed raw, 1 segment": [
+                (False, True, None)[b]
+                for b in client.batch_packed(arrays[0], lists[0][0], raw=True)
+            ],
         }
     finally:
         client.close()
@@ -82,6 +98,7 @@ def run(ctx: Context) -> dict[str, Any]:
         "pairs": [u in serve.segments[s] for u, s in flat[:BATCH]],
         "packed": [u in serve.segments[s] for u, s in flat[:BATCH]],
         "packed, 1 segment": [u in serve.segments[lists[0][0]] for u in lists[0][1]],
+        "packed raw, 1 segment": [u in serve.segments[lists[0][0]] for u in lists[0][1]],
     }
     wrong = {
         form: sum(a is not e for a, e in zip(got[form], truth[form], strict=True)) for form in FORMS

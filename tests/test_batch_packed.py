@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pyroaring import BitMap64
 
-from sidecar.client import AsyncSidecarClient, BadRequestError, SidecarClient
+from sidecar.client import AsyncSidecarClient, BadRequestError, ServerError, SidecarClient
 from sidecar.ids import BadRequest
 from sidecar.packed import MAX_SEGMENTS, pack_batch, unpack_answers, unpack_request
 from sidecar.replica.runner import Replica
@@ -171,6 +171,47 @@ def test_bad_requests_fail_whole_and_keep_the_connection(
     assert (rid, status) == (7, 1)
     assert needle in message
     assert raw.call(8, "ping") == [8, 0, "pong"]
+
+
+def test_raw_answers(client: SidecarClient) -> None:
+    users = array("Q", [1, 150, 4, 2**32])
+    assert client.batch_packed(users, ["vip", "cart:30m", "vip", "nope"], raw=True) == (
+        b"\x01\x01\x00\x02"
+    )
+    answers = client.batch_packed(np.arange(98, 102, dtype=np.uint64), "cart:30m", raw=True)
+    assert np.frombuffer(answers, np.uint8).tolist() == [0, 0, 1, 1]
+
+
+def test_a_malformed_result_is_a_server_error(workdir: Path) -> None:
+    """A server that answers batch_packed with something else than answer bytes."""
+    import socket
+    import struct
+    import threading
+
+    import msgpack
+
+    path = str(workdir / "liar.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(1)
+    answers = [[True, False], b"\x01\x07"]
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            for result in answers:
+                (length,) = struct.unpack(">I", conn.recv(4))
+                rid = msgpack.unpackb(conn.recv(length))[0]
+                body = msgpack.packb([rid, 0, result])
+                conn.sendall(struct.pack(">I", len(body)) + body)
+
+    threading.Thread(target=serve, daemon=True).start()
+    with SidecarClient(path, timeout=5) as liar:
+        with pytest.raises(ServerError, match="malformed"):
+            liar.batch_packed([1, 2], "vip")
+        with pytest.raises(ServerError, match="malformed"):
+            liar.batch_packed([1, 2], "vip", raw=True)
+    listener.close()
 
 
 def test_client_errors(client: SidecarClient) -> None:

@@ -8,7 +8,7 @@ import asyncio
 import os
 from collections import deque
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import Any, Literal, overload
 
 import msgpack
 
@@ -220,15 +220,33 @@ class AsyncSidecarClient:
     async def batch(self, pairs: Iterable[tuple[int, str] | Sequence[Any]]) -> list[bool | None]:
         return await self.call("batch", pairs if isinstance(pairs, list | tuple) else list(pairs))
 
+    @overload
     async def batch_packed(
-        self, users: Iterable[int] | Any, segments: str | Sequence[str]
-    ) -> list[bool | None]:
+        self,
+        users: Iterable[int] | Any,
+        segments: str | Sequence[str],
+        *,
+        raw: Literal[False] = ...,
+    ) -> list[bool | None]: ...
+    @overload
+    async def batch_packed(
+        self, users: Iterable[int] | Any, segments: str | Sequence[str], *, raw: Literal[True]
+    ) -> bytes: ...
+    async def batch_packed(
+        self, users: Iterable[int] | Any, segments: str | Sequence[str], *, raw: bool = False
+    ) -> list[bool | None] | bytes:
         """See `SidecarClient.batch_packed`."""
         try:
             args = pack_batch(users, segments)
         except ValueError as exc:
             raise BadRequestError(str(exc)) from None
-        return unpack_answers(await self.call("batch_packed", *args))
+        answers = await self.call("batch_packed", *args)
+        if type(answers) is not bytes or (raw and answers.translate(None, b"\x00\x01\x02")):
+            raise ServerError(f"malformed batch_packed result: {answers!r}"[:200])
+        try:
+            return answers if raw else unpack_answers(answers)
+        except ValueError as exc:
+            raise ServerError(str(exc)) from None
 
     async def segments(self, user: int) -> list[str]:
         return await self.call("segments", user)

@@ -16,7 +16,7 @@ import socket
 import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, overload
 
 import msgpack
 
@@ -268,17 +268,37 @@ class SidecarClient:
         """`pairs` of (user, segment); tuples are sent as they are (no copy)."""
         return self.call("batch", pairs if isinstance(pairs, list | tuple) else list(pairs))
 
+    @overload
     def batch_packed(
-        self, users: Iterable[int] | Any, segments: str | Sequence[str]
-    ) -> list[bool | None]:
+        self,
+        users: Iterable[int] | Any,
+        segments: str | Sequence[str],
+        *,
+        raw: Literal[False] = ...,
+    ) -> list[bool | None]: ...
+    @overload
+    def batch_packed(
+        self, users: Iterable[int] | Any, segments: str | Sequence[str], *, raw: Literal[True]
+    ) -> bytes: ...
+    def batch_packed(
+        self, users: Iterable[int] | Any, segments: str | Sequence[str], *, raw: bool = False
+    ) -> list[bool | None] | bytes:
         """Many checks in the packed form (`sidecar/packed.py`): `users` (ints, or a uint64
         array such as `array('Q')` or numpy's, taken as it is) against one segment id, or
-        against `segments[i]` each. The fastest way to check a list of users."""
+        against `segments[i]` each. The fastest way to check a list of users. With
+        `raw=True` the answers stay bytes, one per user: 0 not a member, 1 member, 2 unknown
+        (`numpy.frombuffer(answers, numpy.uint8)` reads them without a copy)."""
         try:
             args = pack_batch(users, segments)
         except ValueError as exc:
             raise BadRequestError(str(exc)) from None
-        return unpack_answers(self.call("batch_packed", *args))
+        answers = self.call("batch_packed", *args)
+        if type(answers) is not bytes or (raw and answers.translate(None, b"\x00\x01\x02")):
+            raise ServerError(f"malformed batch_packed result: {answers!r}"[:200])
+        try:
+            return answers if raw else unpack_answers(answers)
+        except ValueError as exc:
+            raise ServerError(str(exc)) from None
 
     def segments(self, user: int) -> list[str]:
         return self.call("segments", user)

@@ -12,7 +12,6 @@ from typing import Any, Literal, overload
 
 import msgpack
 
-from ..packed import pack_batch, unpack_answers
 from .sync import _HEADER as HEADER
 from .sync import (
     DEFAULT_PATH,
@@ -25,6 +24,8 @@ from .sync import (
     SidecarUnavailable,
     convert,
     error_for,
+    packed_args,
+    packed_result,
     too_large,
 )
 
@@ -236,17 +237,8 @@ class AsyncSidecarClient:
         self, users: Iterable[int] | Any, segments: str | Sequence[str], *, raw: bool = False
     ) -> list[bool | None] | bytes:
         """See `SidecarClient.batch_packed`."""
-        try:
-            args = pack_batch(users, segments)
-        except ValueError as exc:
-            raise BadRequestError(str(exc)) from None
-        answers = await self.call("batch_packed", *args)
-        if type(answers) is not bytes or (raw and answers.translate(None, b"\x00\x01\x02")):
-            raise ServerError(f"malformed batch_packed result: {answers!r}"[:200])
-        try:
-            return answers if raw else unpack_answers(answers)
-        except ValueError as exc:
-            raise ServerError(str(exc)) from None
+        args = packed_args(users, segments)
+        return packed_result(await self.call("batch_packed", *args), raw)
 
     async def segments(self, user: int) -> list[str]:
         return await self.call("segments", user)

@@ -97,6 +97,24 @@ def convert(op: str, result: Any) -> Any:
     return result
 
 
+def packed_args(users: Iterable[int] | Any, segments: str | Sequence[str]) -> list[Any]:
+    """The arguments of a `batch_packed` request; BadRequestError for bad input."""
+    try:
+        return list(pack_batch(users, segments))
+    except ValueError as exc:
+        raise BadRequestError(str(exc)) from None
+
+
+def packed_result(answers: Any, raw: bool) -> list[bool | None] | bytes:
+    """The typed result of `batch_packed`; ServerError when it is not answer bytes."""
+    if type(answers) is not bytes or (raw and answers.translate(None, b"\x00\x01\x02")):
+        raise ServerError(f"malformed batch_packed result: {answers!r}"[:200])
+    try:
+        return answers if raw else unpack_answers(answers)
+    except ValueError as exc:
+        raise ServerError(str(exc)) from None
+
+
 class _Eof(Exception):
     """The server closed the connection."""
 
@@ -288,17 +306,7 @@ class SidecarClient:
         against `segments[i]` each. The fastest way to check a list of users. With
         `raw=True` the answers stay bytes, one per user: 0 not a member, 1 member, 2 unknown
         (`numpy.frombuffer(answers, numpy.uint8)` reads them without a copy)."""
-        try:
-            args = pack_batch(users, segments)
-        except ValueError as exc:
-            raise BadRequestError(str(exc)) from None
-        answers = self.call("batch_packed", *args)
-        if type(answers) is not bytes or (raw and answers.translate(None, b"\x00\x01\x02")):
-            raise ServerError(f"malformed batch_packed result: {answers!r}"[:200])
-        try:
-            return answers if raw else unpack_answers(answers)
-        except ValueError as exc:
-            raise ServerError(str(exc)) from None
+        return packed_result(self.call("batch_packed", *packed_args(users, segments)), raw)
 
     def segments(self, user: int) -> list[str]:
         return self.call("segments", user)

@@ -207,6 +207,24 @@ def test_watermarks(transport: Transport, writer_id: str) -> None:
         assert reader.watermarks("snapshots", 1) == (0, 0)
 
 
+def test_a_commit_is_visible_to_readers_when_it_returns(
+    transport: Transport, writer_id: str
+) -> None:
+    """No waiting: the end offsets a reader sees right after commit() include the commit."""
+    with transport.writer(writer_id, PARTITIONS) as w, transport.reader() as reader:
+        for i in range(15):
+            with w.transaction():
+                w.append("deltas", i % PARTITIONS, b"k", str(i).encode())
+                w.append("snapshots", (i + 1) % PARTITIONS, b"k#0", str(i).encode())
+            records = {p: len(range(p, i + 1, PARTITIONS)) for p in range(PARTITIONS)}
+            marks = 2 if _is_kafka(transport) else 1  # each record and, on Kafka, its marker
+            ends = reader.watermarks_all("deltas")
+            for p, count in records.items():
+                assert ends[p][1] == count * marks, (i, p, ends)
+            snapshot_ends = reader.watermarks_all("snapshots")
+            assert sum(end for _, end in snapshot_ends.values()) == (i + 1) * marks
+
+
 def test_assign_from_an_offset(transport: Transport, writer_id: str) -> None:
     _write(
         transport,

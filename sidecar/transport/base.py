@@ -49,7 +49,9 @@ class LogWriter(abc.ABC):
         """Queue one record in the open transaction; returns its size in bytes."""
 
     @abc.abstractmethod
-    def commit(self) -> None: ...
+    def commit(self) -> None:
+        """Commit the open transaction; on return every reader sees it (read-your-writes:
+        a replica that starts right after a publish includes that publish)."""
 
     @abc.abstractmethod
     def abort(self) -> None: ...

@@ -56,6 +56,33 @@ def _error(exc: KafkaException) -> KafkaError | None:
     return exc.args[0] if exc.args and isinstance(exc.args[0], KafkaError) else None
 
 
+def list_offsets(
+    admin: AdminClient,
+    tps: list[TopicPartition],
+    spec: str,
+    isolation: IsolationLevel = IsolationLevel.READ_COMMITTED,
+) -> dict[tuple[str, int], int]:
+    """`spec` ("earliest" or "latest") offsets of `tps` in one ListOffsets request per
+    broker, on the admin client's own connection (a consumer's would queue the request behind
+    its fetch long-poll). Retries while partitions have no leader (new topics, elections)."""
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            futures = admin.list_offsets(
+                {tp: getattr(OffsetSpec, spec)() for tp in tps},
+                isolation_level=isolation,
+                request_timeout=15,
+            )
+            return {(tp.topic, tp.partition): f.result().offset for tp, f in futures.items()}
+        except KafkaException as exc:
+            err = _error(exc)
+            transient = err is not None and (err.retriable() or err.code() in _LEADER_CODES)
+            if not transient or time.monotonic() > deadline:
+                names = sorted({tp.topic for tp in tps})
+                raise TransportError(f"cannot read offsets of {', '.join(names)}: {exc}") from exc
+            time.sleep(0.2)
+
+
 class KafkaWriter(LogWriter):
     def __init__(self, transport: KafkaTransport, writer_id: str, partitions: int) -> None:
         self._t = transport
@@ -73,6 +100,8 @@ class KafkaWriter(LogWriter):
         }
         self._producer = Producer(conf)
         self._call(self._producer.init_transactions, 60)
+        self._written: set[tuple[str, int]] = set()  # partitions of the open transaction
+        self._admin: AdminClient | None = None  # for wait_visible, made on first use
 
     def _call(self, fn, *args) -> None:  # type: ignore[no-untyped-def]
         try:
@@ -86,6 +115,7 @@ class KafkaWriter(LogWriter):
             raise TransportError(f"Kafka {fn.__name__} failed: {exc}") from exc
 
     def begin(self) -> None:
+        self._written.clear()
         self._call(self._producer.begin_transaction)
 
     def append(self, topic: Topic, partition: int, key: bytes | None, value: bytes | None) -> int:
@@ -99,6 +129,7 @@ class KafkaWriter(LogWriter):
             except KafkaException as exc:
                 raise TransportError(f"Kafka produce failed: {exc}") from exc
         self._producer.poll(0)
+        self._written.add((name, partition))
         return len(key or b"") + len(value or b"")
 
     def commit(self) -> None:
@@ -108,6 +139,30 @@ class KafkaWriter(LogWriter):
             with contextlib.suppress(KafkaException):
                 self._producer.abort_transaction(30)
             raise
+        self._wait_visible()
+
+    def _wait_visible(self, timeout: float = 30.0) -> None:
+        """Return once read_committed readers see the committed transaction. The broker
+        writes the commit markers after `commit_transaction` returns; until they land, a
+        reader that starts now (a sidecar, the next one-shot publish) would stop short of
+        this transaction and call itself caught up."""
+        if not self._written:
+            return
+        if self._admin is None:
+            self._admin = self._t._admin()
+        tps = [TopicPartition(t, p) for t, p in sorted(self._written)]
+        ends = list_offsets(self._admin, tps, "latest", IsolationLevel.READ_UNCOMMITTED)
+        deadline = time.monotonic() + timeout
+        while True:
+            stable = list_offsets(self._admin, tps, "latest")
+            if all(stable[k] >= end for k, end in ends.items()):
+                self._written.clear()
+                return
+            if time.monotonic() > deadline:
+                raise TransportError(
+                    f"the committed transaction is not visible to readers after {timeout:.0f} s"
+                )
+            time.sleep(0.005)
 
     def abort(self) -> None:
         try:
@@ -167,35 +222,13 @@ class KafkaReader(LogReader):
                 time.sleep(0.2)
 
     def watermarks_all(self, topic: Topic) -> dict[int, tuple[int, int]]:
-        # One ListOffsets request per spec on an admin connection of its own: the consumer's
-        # connection would queue each query behind its fetch long-poll (fetch.wait.max.ms).
-        name = self._t.topic(topic)
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                return self._list_offsets(name)
-            except KafkaException as exc:
-                err = _error(exc)
-                transient = err is not None and (err.retriable() or err.code() in _LEADER_CODES)
-                if not transient or time.monotonic() > deadline:
-                    raise TransportError(f"cannot read offsets of {name}: {exc}") from exc
-                time.sleep(0.2)
-
-    def _list_offsets(self, name: str) -> dict[int, tuple[int, int]]:
         if self._admin is None:
             self._admin = self._t._admin()
+        name = self._t.topic(topic)
         tps = [TopicPartition(name, p) for p in range(self.partitions)]
-        futures = {
-            spec: self._admin.list_offsets(
-                {tp: getattr(OffsetSpec, spec)() for tp in tps},
-                isolation_level=IsolationLevel.READ_COMMITTED,
-                request_timeout=15,
-            )
-            for spec in ("earliest", "latest")
-        }
-        low = {tp.partition: f.result().offset for tp, f in futures["earliest"].items()}
-        end = {tp.partition: f.result().offset for tp, f in futures["latest"].items()}
-        return {p: (low[p], end[p]) for p in range(self.partitions)}
+        low = list_offsets(self._admin, tps, "earliest")
+        end = list_offsets(self._admin, tps, "latest")
+        return {p: (low[(name, p)], end[(name, p)]) for p in range(self.partitions)}
 
     def assign(self, assignments: dict[tuple[Topic, int], int]) -> None:
         self._next = dict(assignments)

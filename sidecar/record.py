@@ -157,7 +157,9 @@ def encode(record: Record) -> bytes:
     return msgpack.packb({"format": FORMAT, **body}, use_bin_type=True)
 
 
-_KINDS = frozenset(("delta", "drop", "snapshot"))
+#: kinds each topic holds: anything else is UnknownRecord, wanted or not
+_DELTA_KINDS = frozenset(("delta", "drop"))
+_SNAPSHOT_KINDS = frozenset(("snapshot", "drop"))
 
 
 def _int(body: dict, name: str, minimum: int = 0) -> int:
@@ -206,7 +208,7 @@ def decode(
     if fmt != FORMAT:
         raise UnknownRecord(f"unknown format {fmt!r}")
     kind = body.get("kind")
-    if wanted is not None and kind in _KINDS:
+    if wanted is not None and kind in (_SNAPSHOT_KINDS if snapshots else _DELTA_KINDS):
         segment, version = _str(body, "segment"), _int(body, "version", 1)
         if not wanted(segment, version):
             return Skipped(segment, version)

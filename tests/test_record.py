@@ -136,6 +136,16 @@ def test_wanted_decides_before_the_bitmaps_are_read(record: object, want: bool) 
     assert back == (record if want else Skipped(record.segment, record.version))  # type: ignore[attr-defined]
 
 
+@pytest.mark.parametrize("want", [True, False])
+def test_a_kind_from_the_other_topic_is_unknown_wanted_or_not(want: bool) -> None:
+    snapshot = encode(SnapshotChunk("s", 1, 0, 1, BitMap64([1]), 1, 0, 0))
+    delta = encode(Delta("s", 0, 1, BitMap64([1]), BitMap64(), 1, 0))
+    with pytest.raises(UnknownRecord):
+        decode(snapshot, wanted=lambda _s, _v: want)
+    with pytest.raises(UnknownRecord):
+        decode(delta, snapshots=True, wanted=lambda _s, _v: want)
+
+
 def test_an_unwanted_record_with_a_broken_bitmap_is_skipped_not_corrupt() -> None:
     body = msgpack.unpackb(encode(Delta("vip", 4, 5, BitMap64([1]), BitMap64(), 1, 123)))
     body["add"] = b"not a bitmap"

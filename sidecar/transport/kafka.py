@@ -206,20 +206,7 @@ class KafkaReader(LogReader):
                 self._consumer.list_topics(transport.topic(kind), timeout=10)
 
     def watermarks(self, topic: Topic, partition: int) -> tuple[int, int]:
-        tp = TopicPartition(self._t.topic(topic), partition)
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                return self._consumer.get_watermark_offsets(tp, timeout=15, cached=False)
-            except KafkaException as exc:
-                # Right after topic creation or during a leader election: wait for a leader.
-                err = _error(exc)
-                transient = err is not None and (err.retriable() or err.code() in _LEADER_CODES)
-                if not transient or time.monotonic() > deadline:
-                    raise TransportError(
-                        f"cannot read offsets of {tp.topic}[{partition}]: {exc}"
-                    ) from exc
-                time.sleep(0.2)
+        return self.watermarks_all(topic)[partition]
 
     def watermarks_all(self, topic: Topic) -> dict[int, tuple[int, int]]:
         if self._admin is None:

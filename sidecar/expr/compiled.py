@@ -1,0 +1,229 @@
+"""A parsed expression compiled for the three ways the replica answers it:
+
+- one user (`evaluate`): Kleene logic over a leaf answer function, short-circuit;
+- many users (`evaluate_many`): the same logic as roaring operations over the set of users;
+- an audience (`members`, `count`): two-valued set algebra over whole segments, for
+  expressions whose result is bounded.
+
+`compile_expr` caches compiled forms per expression string, so a repeated expression costs a
+dictionary lookup. Nothing here knows where answers come from: callers pass the answer
+function or the bitmaps, and must not change those bitmaps while a call runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+
+from pyroaring import BitMap64
+
+from .parser import And, ExprError, Node, Not, Or, Seg, parse
+
+#: leaf index -> True / False / None (unknown)
+Answer = Callable[[int], "bool | None"]
+_Eval = Callable[[Answer], "bool | None"]
+CACHE_SIZE = 4096
+
+
+@dataclass(frozen=True, slots=True)
+class _Lit:
+    """A segment or its negation: the leaves of the negation normal form."""
+
+    index: int
+    negated: bool
+    position: int  # of the segment, or of the "!" that negates it
+
+
+#: negation normal form: And / Or nodes over _Lit leaves only
+NNF = _Lit | And | Or
+
+
+class Expr:
+    """One compiled expression. Immutable; shared through the cache."""
+
+    __slots__ = ("source", "segments", "tree", "_eval", "_nnf", "_unbounded_at")
+
+    def __init__(self, source: str) -> None:
+        parsed = parse(source)
+        self.source = source
+        #: the distinct segments referenced, in order of first reference; leaves index it
+        self.segments: tuple[str, ...] = parsed.segments
+        self.tree: Node = parsed.tree
+        self._eval = _closure(parsed.tree)
+        self._nnf = _to_nnf(parsed.tree, False, -1)
+        self._unbounded_at = _unbounded(self._nnf)
+
+    def __repr__(self) -> str:
+        return f"Expr({self.source!r})"
+
+    # -- one user -------------------------------------------------------------------------
+    def evaluate(self, answer: Answer) -> bool | None:
+        """Kleene value for one user; `answer(i)` is segment i's membership (None unknown).
+        Operands are asked left to right and only until the result is decided."""
+        return self._eval(answer)
+
+    # -- many users -------------------------------------------------------------------------
+    def evaluate_many(
+        self, bitmaps: Sequence[BitMap64 | None], users: BitMap64
+    ) -> tuple[BitMap64, BitMap64]:
+        """(members, unknown) among `users`; `bitmaps[i]` is segment i, or None when its
+        answers are unknown. The rest of `users` are not members."""
+        true, false = _tri(self.tree, bitmaps, users)
+        return true, users - true - false
+
+    # -- audiences ----------------------------------------------------------------------------
+    @property
+    def bounded(self) -> bool:
+        return self._unbounded_at is None
+
+    def require_bounded(self) -> None:
+        """ExprError unless the result is a finite set whatever the segments hold: every
+        negation (after pushing negations down to the segments) sits under an `&` with a
+        bounded side."""
+        if self._unbounded_at is not None:
+            raise ExprError(
+                "the result is unbounded (everyone outside a segment): the negation must sit "
+                "under an '&' with a bounded side, as in 'a & !b'",
+                self._unbounded_at,
+            )
+
+    def members(self, bitmaps: Sequence[BitMap64]) -> BitMap64:
+        """The audience as a new bitmap (never one of `bitmaps`)."""
+        self.require_bounded()
+        result, negated, owned = _sets(self._nnf, bitmaps)
+        assert not negated  # bounded
+        return result if owned else result.copy()
+
+    def count(self, bitmaps: Sequence[BitMap64]) -> int:
+        """len(members(bitmaps)), without building the result for the common shapes."""
+        self.require_bounded()
+        node = self._nnf
+        if isinstance(node, _Lit):
+            return len(bitmaps[node.index])
+        if all(isinstance(x, _Lit) for x in node.operands) and len(node.operands) == 2:
+            a, b = node.operands  # type: ignore[misc]
+            if isinstance(node, Or):
+                return bitmaps[a.index].union_cardinality(bitmaps[b.index])
+            if not a.negated and not b.negated:
+                return bitmaps[a.index].intersection_cardinality(bitmaps[b.index])
+            pos, neg = (a, b) if b.negated else (b, a)
+            return bitmaps[pos.index].difference_cardinality(bitmaps[neg.index])
+        result, negated, _ = _sets(node, bitmaps)
+        assert not negated
+        return len(result)
+
+
+@lru_cache(maxsize=CACHE_SIZE)
+def compile_expr(source: str) -> Expr:
+    """The compiled form of `source` (cached); ExprError / BadRequest when it is not one."""
+    return Expr(source)
+
+
+def compile_arg(source: object) -> Expr:
+    """`compile_expr` for client input of any type."""
+    if type(source) is not str:
+        parse(source)  # raises the BadRequest naming the type
+    return compile_expr(source)  # type: ignore[arg-type]
+
+
+# -- one user: a closure per node ------------------------------------------------------------
+def _closure(node: Node) -> _Eval:
+    if isinstance(node, Seg):
+        index = node.index
+        return lambda answer: answer(index)
+    if isinstance(node, Not):
+        inner = _closure(node.operand)
+
+        def negation(answer: Answer) -> bool | None:
+            v = inner(answer)
+            return None if v is None else not v
+
+        return negation
+    parts = tuple(_closure(x) for x in node.operands)
+    # "&" is decided by the first false operand, "|" by the first true one.
+    decisive = not isinstance(node, And)
+
+    def connective(answer: Answer) -> bool | None:
+        unknown = False
+        for part in parts:
+            v = part(answer)
+            if v is decisive:
+                return decisive
+            if v is None:
+                unknown = True
+        return None if unknown else not decisive
+
+    return connective
+
+
+# -- many users: (members, non-members) bitmaps within the users -------------------------------
+def _tri(
+    node: Node, bitmaps: Sequence[BitMap64 | None], users: BitMap64
+) -> tuple[BitMap64, BitMap64]:
+    if isinstance(node, Seg):
+        bm = bitmaps[node.index]
+        if bm is None:
+            return BitMap64(), BitMap64()
+        true = users & bm
+        return true, users - true
+    if isinstance(node, Not):
+        true, false = _tri(node.operand, bitmaps, users)
+        return false, true
+    values = [_tri(x, bitmaps, users) for x in node.operands]
+    trues = [t for t, _ in values]
+    falses = [f for _, f in values]
+    if isinstance(node, And):
+        return BitMap64.intersection(*trues), BitMap64.union(*falses)
+    return BitMap64.union(*trues), BitMap64.intersection(*falses)
+
+
+# -- audiences: negation normal form and set algebra ------------------------------------------
+def _to_nnf(node: Node, negated: bool, position: int) -> NNF:
+    """Push negations down to the segments (De Morgan); a negated leaf keeps the position of
+    the outermost "!" that negates it."""
+    if isinstance(node, Seg):
+        return _Lit(node.index, negated, position if negated else node.position)
+    if isinstance(node, Not):
+        return _to_nnf(node.operand, not negated, node.position if not negated else -1)
+    parts = tuple(_to_nnf(x, negated, position) for x in node.operands)
+    conjunction = isinstance(node, And) != negated
+    kind: type[And] | type[Or] = And if conjunction else Or
+    flat: list[NNF] = []
+    for p in parts:
+        flat.extend(p.operands if isinstance(p, kind) else (p,))
+    return kind(tuple(flat))
+
+
+def _unbounded(node: NNF) -> int | None:
+    """None when `node` is a finite set for any segments, else the position of a negation
+    that makes it unbounded."""
+    if isinstance(node, _Lit):
+        return node.position if node.negated else None
+    found = [_unbounded(x) for x in node.operands]
+    if isinstance(node, And):
+        return None if None in found else min(p for p in found if p is not None)
+    return next((p for p in found if p is not None), None)
+
+
+def _sets(node: NNF, bitmaps: Sequence[BitMap64]) -> tuple[BitMap64, bool, bool]:
+    """(bitmap, negated, owned): the node's value is `bitmap`, or everything but it when
+    negated; owned is False when `bitmap` is one of the inputs (never to be changed).
+    `&` and `|` nodes have at least two operands, so they always build a new bitmap."""
+    if isinstance(node, _Lit):
+        return bitmaps[node.index], node.negated, False
+    values = [_sets(x, bitmaps) for x in node.operands]
+    pos = [bm for bm, negated, _ in values if not negated]
+    neg = [bm for bm, negated, _ in values if negated]
+    if isinstance(node, And):
+        if not pos:  # !a & !b = !(a | b)
+            return BitMap64.union(*neg), True, True
+        pos.sort(key=len)  # smallest first keeps every intermediate small
+        result = BitMap64.intersection(*pos)
+        return (result.difference(*neg) if neg else result), False, True
+    if not neg:
+        return BitMap64.union(*pos), False, True
+    # !a | !b | c = !((a & b) - c)
+    neg.sort(key=len)
+    core = BitMap64.intersection(*neg)
+    return (core.difference(*pos) if pos else core), True, True

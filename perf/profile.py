@@ -100,7 +100,7 @@ def pieces() -> str:
     from publisher import Publisher
     from sidecar.replica import Replica
     from sidecar.server.metrics import Metrics
-    from sidecar.server.service import Service
+    from sidecar.server.queries import Queries
     from sidecar.transport.logdir import LogDirTransport
 
     work = Path(tempfile.mkdtemp(prefix="seg-pieces-"))
@@ -112,7 +112,7 @@ def pieces() -> str:
         rep = Replica(t).start()
         rep.wait_ready(60)
         m = Metrics(rep, process=False)
-        svc = Service(rep, None, metrics=m)
+        svc = Queries(rep, None, metrics=m)
         pack = msgpack.Packer(use_bin_type=True).pack
         u, s = data.queries(segs, 1, seed=1)[0]
         stats = m.op("uds", "check")
@@ -126,7 +126,7 @@ def pieces() -> str:
             "dec": msgpack.unpackb(msgpack.packb(pairs), use_list=False),
             "bms": {n: st.bitmap for n, st in rep.engine.segments.items()},
         }  # fmt: skip
-        g["res"] = svc.batch_fast(g["dec"])
+        g["res"] = svc.batch(g["dec"])[0]
 
         def ns(stmt: str, n: int) -> float:
             return min(timeit.repeat(stmt, globals=g, number=n, repeat=7)) / n * 1e9
@@ -135,7 +135,7 @@ def pieces() -> str:
             ("check: unpackb(frame, use_list=False, ...) (sidecar)",
              ns("msgpack.unpackb(body, raw=False, use_list=False, strict_map_key=False)", 10**5)),
             ("check: unpackb(frame) (echo)", ns("msgpack.unpackb(body)", 10**5)),
-            ("check: Service.check_op(user, segment)", ns("svc.check_op(u, s)", 10**5)),
+            ("check: Queries.check(user, segment)", ns("svc.check(u, s)", 10**5)),
             ("check:   of which `user in bitmap`", ns("u in bm", 10**5)),
             ("check: metrics OpStats.record", ns("stats.record(key, 1e-5)", 10**5)),
             ("check: 2 x time.perf_counter()",
@@ -145,7 +145,7 @@ def pieces() -> str:
             ("embedded: Replica.contains(user, segment)", ns("rep.contains(u, s)", 10**5)),
             ("batch: unpackb of 1,000 pairs",
              ns("msgpack.unpackb(bbody, raw=False, use_list=False, strict_map_key=False)", 300)),
-            ("batch: Service.batch_fast(1,000 pairs)", ns("svc.batch_fast(dec)", 300)),
+            ("batch: Queries.batch(1,000 pairs)", ns("svc.batch(dec)", 300)),
             ("batch: floor [u in bms[s] for u, s in pairs]",
              ns("[u in bms[s] for u, s in dec]", 300)),
             ("batch: pack 1,000 answers", ns("msgpack.packb([1, 0, res])", 300)),

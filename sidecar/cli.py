@@ -22,9 +22,9 @@ from typing import Any, NoReturn
 
 from .cliutil import add_log_options, apply_env_defaults, fail, transport_from_args
 from .fallback.base import Fallback
+from .protocol import DEFAULT_MAX_FRAME
 from .server.app import DEFAULT_UDS, serve
 from .server.http import DEFAULT_MAX_BODY
-from .server.protocol import DEFAULT_MAX_FRAME
 from .server.uds import SocketPathError
 
 log = logging.getLogger("sidecar")

@@ -12,16 +12,23 @@ class BadRequest(ValueError):
     """Client input that is not well-formed. The message says which part and why."""
 
 
+def describe(value: object) -> str:
+    """A value as error messages show it: scalars with their value, others by type."""
+    if type(value) in (int, float, bool) or value is None:
+        return f"{type(value).__name__} {value!r}"
+    return type(value).__name__
+
+
 def user_id(value: object, what: str = "user") -> int:
     """Return `value` as a user id, or raise BadRequest.
 
     A user id is an unsigned 64-bit integer. bool is rejected even though it is an int.
     """
+    if type(value) is int and 0 <= value <= MAX_USER:
+        return value
     if type(value) is int:
-        if 0 <= value <= MAX_USER:
-            return value
         raise BadRequest(f"{what} must be in 0..2**64-1, got {value}")
-    raise BadRequest(f"{what} must be an unsigned 64-bit integer, got {type(value).__name__}")
+    raise BadRequest(f"{what} must be an unsigned 64-bit integer, got {describe(value)}")
 
 
 def user_id_from_text(text: str, what: str = "user") -> int:
@@ -42,3 +49,24 @@ def segment_id(value: object, what: str = "segment") -> str:
             "(1-128 chars of [A-Za-z0-9_.:-], starting with a letter or digit)"
         )
     return value
+
+
+class SegmentNames:
+    """Segment-id validation with a bounded cache of names already seen to be valid, so the
+    hot path pays one set lookup instead of a regex match."""
+
+    __slots__ = ("valid", "_limit")
+
+    def __init__(self, limit: int = 100_000) -> None:
+        #: names known to be valid; the set object never changes (hot paths may hold it)
+        self.valid: set[str] = set()
+        self._limit = limit
+
+    def check(self, value: object, what: str = "segment") -> str:
+        if type(value) is str and value in self.valid:
+            return value
+        name = segment_id(value, what)
+        if len(self.valid) >= self._limit:
+            self.valid.clear()
+        self.valid.add(name)
+        return name

@@ -119,8 +119,8 @@ class SidecarThread:
         return f"http://127.0.0.1:{self.sidecar.http_port}"
 
     @property
-    def service(self):  # type: ignore[no-untyped-def]
-        return self.sidecar.service
+    def queries(self):  # type: ignore[no-untyped-def]
+        return self.sidecar.queries
 
     def call(self, coro: object, timeout: float = 10) -> object:
         """Run a coroutine on the server's loop and wait for its result."""

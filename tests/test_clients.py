@@ -104,7 +104,7 @@ def test_sync_errors(uds_server: SidecarThread, client: SidecarClient) -> None:
     def broken() -> dict[str, Any]:
         raise RuntimeError("hidden")
 
-    uds_server.service.status = broken  # type: ignore[method-assign]
+    uds_server.queries.status = broken  # type: ignore[method-assign]
     with pytest.raises(ServerError) as err:
         client.status()
     assert "hidden" not in str(err.value)

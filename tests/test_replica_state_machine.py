@@ -52,15 +52,13 @@ def wait_caught_up(replica: Replica, transport: Transport, timeout: float = WAIT
     """Until the replica is ready and its read positions reached the current log end."""
     ends = log_ends(transport)
     deadline = time.monotonic() + timeout
-    while not (
-        replica.ready.is_set() and all(replica.positions.get(p, -1) >= e for p, e in ends.items())
-    ):
+    while not (replica.ready and all(replica.positions.get(p, -1) >= e for p, e in ends.items())):
         if replica.error:
             raise AssertionError(f"replica failed: {replica.error}")
         if time.monotonic() > deadline:
             raise AssertionError(
                 f"replica never caught up: positions {replica.positions}, ends {ends}, "
-                f"ready {replica.ready.is_set()}"
+                f"ready {replica.ready}"
             )
         time.sleep(0.005)
 

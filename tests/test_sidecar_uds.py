@@ -348,7 +348,7 @@ def test_internal_error_is_status_3_without_details(
     def broken() -> dict[str, Any]:
         raise ZeroDivisionError("secret detail")
 
-    server.service.status = broken  # type: ignore[method-assign]
+    server.queries.status = broken  # type: ignore[method-assign]
     rid, status, message = raw.call(7, "status")
     assert (rid, status) == (7, 3)
     assert "secret" not in message and "Traceback" not in message
@@ -513,7 +513,7 @@ def test_fallback_that_cannot_answer_gives_unknown(
 
 
 def test_slow_fallback_is_cut_by_the_deadline(fb_server: SidecarThread, fake: FakeFallback) -> None:
-    fb_server.service.fallback_timeout = 0.05
+    fb_server.queries.fallback_timeout = 0.05
     fake.delay = 5.0
     raw = Raw(fb_server.uds_path)
     started = time.monotonic()

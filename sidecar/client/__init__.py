@@ -2,17 +2,17 @@
 `AsyncSidecarClient` (asyncio, pipelined)."""
 
 from .aio import AsyncSidecarClient
-from .sync import (
+from .base import (
     DEFAULT_PATH,
     BadRequestError,
     Explain,
     ServerError,
-    SidecarClient,
     SidecarError,
     SidecarTimeout,
     SidecarUnavailable,
     UnknownOpError,
 )
+from .sync import SidecarClient
 
 __all__ = [
     "DEFAULT_PATH",

@@ -5,31 +5,23 @@ order; each is matched to its request id)."""
 from __future__ import annotations
 
 import asyncio
-import os
 from collections import deque
 from collections.abc import Iterable, Sequence
 from typing import Any, Literal, overload
 
-import msgpack
-
-from .sync import _HEADER as HEADER
-from .sync import (
-    DEFAULT_PATH,
-    MAX_FRAME,
-    BadRequestError,
+from ..protocol import HEADER, ResponseError, decode_response
+from . import base
+from .base import (
+    BaseClient,
+    Call,
     Explain,
     ServerError,
-    SidecarError,
     SidecarTimeout,
     SidecarUnavailable,
-    convert,
-    error_for,
-    packed_args,
-    packed_result,
-    too_large,
+    typed,
+    value_of,
 )
 
-_hpack = HEADER.pack
 _hunpack = HEADER.unpack_from
 
 
@@ -43,7 +35,6 @@ class _ClientProtocol(asyncio.Protocol):
         self.waiting: deque[tuple[int, asyncio.Future[list[Any]]]] = deque()
         self.buf = bytearray()
         self.closed = False
-        self._unpacker_opts = {"raw": False, "strict_map_key": False}
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's is no subclass
@@ -78,9 +69,9 @@ class _ClientProtocol(asyncio.Protocol):
             if stop > end:
                 break
             try:
-                resp = msgpack.unpackb(buf[pos + 4 : stop], **self._unpacker_opts)
-            except Exception as exc:
-                self._fail(ServerError(f"undecodable response: {exc}"))
+                resp = decode_response(buf[pos + 4 : stop])
+            except ResponseError as exc:
+                self._fail(ServerError(str(exc)))
                 return
             pos = stop
             self._deliver(resp)
@@ -91,7 +82,7 @@ class _ClientProtocol(asyncio.Protocol):
             self._fail(ServerError(f"unexpected response {resp!r}"[:200]))
             return
         rid, fut = self.waiting.popleft()
-        if type(resp) is not list or len(resp) != 3 or resp[0] not in (rid, None):
+        if resp[0] not in (rid, None):
             if not fut.done():
                 fut.set_exception(
                     ServerError(f"response {resp!r} does not match request {rid}"[:200])
@@ -111,24 +102,13 @@ class _ClientProtocol(asyncio.Protocol):
             self.transport.close()
 
 
-class AsyncSidecarClient:
+class AsyncSidecarClient(BaseClient):
     """`AsyncSidecarClient(path, timeout=1.0)`; `async with` or `await connect()`. Safe to
     share between tasks of one event loop."""
 
-    def __init__(
-        self,
-        path: str | os.PathLike[str] = DEFAULT_PATH,
-        timeout: float = 1.0,
-        *,
-        max_frame: int = MAX_FRAME,
-    ) -> None:
-        self.path = os.fspath(path)
-        self.timeout = timeout
-        self.max_frame = max_frame
+    def _init_io(self) -> None:
         self._proto: _ClientProtocol | None = None
         self._lock: asyncio.Lock | None = None
-        self._pack = msgpack.Packer(use_bin_type=True).pack
-        self._id = 0
 
     async def connect(self) -> AsyncSidecarClient:
         await self._connection()
@@ -168,28 +148,12 @@ class AsyncSidecarClient:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
-    def _next_id(self) -> int:
-        self._id = rid = (self._id + 1) & 0xFFFFFFFF
-        return rid
-
-    async def _exchange(self, requests: list[Sequence[Any]]) -> list[list[Any]]:
+    async def _exchange(self, requests: Sequence[Sequence[Any]]) -> list[list[Any]]:
         for attempt in (0, 1):
             proto = await self._connection()
-            ids = []
-            frames = []
-            for req in requests:
-                rid = self._next_id()
-                try:
-                    body = self._pack([rid, *req])
-                except (TypeError, ValueError, OverflowError) as exc:
-                    raise BadRequestError(f"cannot encode the request: {exc}") from None
-                if len(body) > self.max_frame:
-                    raise BadRequestError(too_large(len(body), self.max_frame))
-                frames.append(_hpack(len(body)))
-                frames.append(body)
-                ids.append(rid)
+            payload, ids = self._frames(requests)
             try:
-                futs = proto.send(b"".join(frames), ids)
+                futs = proto.send(payload, ids)
                 async with asyncio.timeout(self.timeout):
                     if len(futs) == 1:
                         return [await futs[0]]
@@ -204,10 +168,13 @@ class AsyncSidecarClient:
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def call(self, op: str, *args: Any) -> Any:
-        resp = (await self._exchange([(op, *args)]))[0]
-        if resp[1] == 0:
-            return resp[2]
-        raise error_for(resp[1], resp[2])
+        """One request; returns the raw result or raises the matching SidecarError."""
+        return value_of((await self._exchange([(op, *args)]))[0])
+
+    async def run(self, call: Call) -> Any:
+        """One request as `base` encodes it, its result decoded."""
+        result = await self.call(call.op, *call.args)
+        return call.decode(result) if call.decode is not None else result
 
     async def ping(self) -> str:
         return await self.call("ping")
@@ -216,10 +183,10 @@ class AsyncSidecarClient:
         return await self.call("check", user, segment)
 
     async def check_many(self, user: int, segments: Sequence[str]) -> list[bool | None]:
-        return await self.call("check_many", user, list(segments))
+        return await self.run(base.check_many(user, segments))
 
     async def batch(self, pairs: Iterable[tuple[int, str] | Sequence[Any]]) -> list[bool | None]:
-        return await self.call("batch", pairs if isinstance(pairs, list | tuple) else list(pairs))
+        return await self.run(base.batch(pairs))
 
     @overload
     async def batch_packed(
@@ -237,14 +204,13 @@ class AsyncSidecarClient:
         self, users: Iterable[int] | Any, segments: str | Sequence[str], *, raw: bool = False
     ) -> list[bool | None] | bytes:
         """See `SidecarClient.batch_packed`."""
-        args = packed_args(users, segments)
-        return packed_result(await self.call("batch_packed", *args), raw)
+        return await self.run(base.batch_packed(users, segments, raw))
 
     async def segments(self, user: int) -> list[str]:
         return await self.call("segments", user)
 
     async def explain(self, user: int, segment: str) -> Explain:
-        return convert("explain", await self.call("explain", user, segment))
+        return await self.run(base.explain(user, segment))
 
     async def status(self) -> dict[str, Any]:
         return await self.call("status")
@@ -256,11 +222,4 @@ class AsyncSidecarClient:
         if not reqs:
             return []
         responses = await self._exchange(reqs)
-        out: list[Any] = []
-        for req, resp in zip(reqs, responses, strict=True):
-            ok = resp[1] == 0
-            out.append(convert(req[0], resp[2]) if ok else error_for(resp[1], resp[2]))
-        return out
-
-
-__all__ = ["AsyncSidecarClient", "SidecarError"]
+        return [typed(req[0], resp) for req, resp in zip(reqs, responses, strict=True)]

@@ -11,135 +11,43 @@ mistaken for the next one).
 from __future__ import annotations
 
 import errno
-import os
 import socket
 import struct
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from typing import Any, Literal, overload
 
-import msgpack
+from ..protocol import HEADER, ResponseError, decode_response
+from . import base
+from .base import (
+    BaseClient,
+    Call,
+    Explain,
+    ServerError,
+    SidecarTimeout,
+    SidecarUnavailable,
+    error_for,
+    typed,
+)
 
-from ..packed import pack_batch, unpack_answers
-
-DEFAULT_PATH = os.environ.get("SEG_UDS") or "/tmp/seg-sidecar/sidecar.sock"
-_HEADER = struct.Struct(">I")
-_hpack = _HEADER.pack
-_hunpack = _HEADER.unpack_from
-_unpackb = msgpack.unpackb
-#: The server's default frame limit; a larger request is refused before it is sent.
-MAX_FRAME = 1 << 20
+_hunpack = HEADER.unpack_from
 #: A pipeline writes at most this many bytes of requests before reading their responses.
 PIPELINE_CHUNK = 128 * 1024
-
-
-class SidecarError(Exception):
-    """Any failure of a sidecar request."""
-
-
-class BadRequestError(SidecarError):
-    """Status 1: the server rejected the request (the message says which part)."""
-
-
-class UnknownOpError(SidecarError):
-    """Status 2: the server does not have this op."""
-
-
-class ServerError(SidecarError):
-    """Status 3 (internal error), or a response that breaks the protocol."""
-
-
-class SidecarTimeout(SidecarError, TimeoutError):
-    """No response within the timeout."""
-
-
-class SidecarUnavailable(SidecarError, ConnectionError):
-    """The socket cannot be reached (not running, wrong path, permissions) or broke twice."""
-
-
-_STATUS_ERRORS: dict[int, type[SidecarError]] = {
-    1: BadRequestError,
-    2: UnknownOpError,
-    3: ServerError,
-}
-
-
-@dataclass(frozen=True, slots=True)
-class Explain:
-    member: bool | None
-    source: str  # "local" | "aerospike" | "none"
-    version: int | None
-    age_ms: int | None
-    reason: str | None = None  # why it was not answered locally (None when it was)
-
-
-def error_for(status: object, message: object) -> SidecarError:
-    cls = _STATUS_ERRORS.get(status, ServerError) if type(status) is int else ServerError
-    if cls is ServerError and status not in _STATUS_ERRORS:
-        return ServerError(f"unexpected response status {status!r}: {message!r}")
-    return cls(str(message))
-
-
-def too_large(size: int, limit: int) -> str:
-    return f"request of {size} bytes is over the frame limit of {limit} bytes"
-
-
-def convert(op: str, result: Any) -> Any:
-    """The typed result of `op`."""
-    if op == "explain" and isinstance(result, dict):
-        return Explain(
-            result.get("member"),
-            result.get("source", "none"),
-            result.get("version"),
-            result.get("age_ms"),
-            result.get("reason"),
-        )
-    return result
-
-
-def packed_args(users: Iterable[int] | Any, segments: str | Sequence[str]) -> list[Any]:
-    """The arguments of a `batch_packed` request; BadRequestError for bad input."""
-    try:
-        return list(pack_batch(users, segments))
-    except ValueError as exc:
-        raise BadRequestError(str(exc)) from None
-
-
-def packed_result(answers: Any, raw: bool) -> list[bool | None] | bytes:
-    """The typed result of `batch_packed`; ServerError when it is not answer bytes."""
-    if type(answers) is not bytes or (raw and answers.translate(None, b"\x00\x01\x02")):
-        raise ServerError(f"malformed batch_packed result: {answers!r}"[:200])
-    try:
-        return answers if raw else unpack_answers(answers)
-    except ValueError as exc:
-        raise ServerError(str(exc)) from None
 
 
 class _Eof(Exception):
     """The server closed the connection."""
 
 
-class SidecarClient:
+class SidecarClient(BaseClient):
     """`SidecarClient(path, timeout=1.0)`; also a context manager. Methods raise
     SidecarError subclasses."""
 
-    def __init__(
-        self,
-        path: str | os.PathLike[str] = DEFAULT_PATH,
-        timeout: float = 1.0,
-        *,
-        max_frame: int = MAX_FRAME,
-    ) -> None:
-        self.path = os.fspath(path)
-        self.timeout = timeout
-        self.max_frame = max_frame
+    def _init_io(self) -> None:
         self._sock: socket.socket | None = None
-        self._pack = msgpack.Packer(use_bin_type=True).pack
         self._buf = bytearray(64 * 1024)
         self._view = memoryview(self._buf)
         self._start = 0  # unread data is self._buf[_start:_end]
         self._end = 0
-        self._id = 0
 
     # -- connection ------------------------------------------------------------------------------
     def connect(self) -> SidecarClient:
@@ -205,11 +113,13 @@ class SidecarClient:
             self._fill(sock, 4 + length)
         body_start = self._start + 4
         self._start = body_start + length
-        resp = _unpackb(self._view[body_start : self._start], raw=False, strict_map_key=False)
-        if self._start == self._end:
-            self._start = self._end = 0
-        if type(resp) is not list or len(resp) != 3:
-            raise ServerError(f"malformed response: {resp!r}"[:200])
+        try:
+            resp = decode_response(self._view[body_start : self._start])
+        except ResponseError as exc:
+            raise ServerError(str(exc)) from None
+        finally:
+            if self._start == self._end:
+                self._start = self._end = 0
         return resp
 
     # -- the round trip --------------------------------------------------------------------------
@@ -253,23 +163,18 @@ class SidecarClient:
                     raise SidecarUnavailable(f"connection to {self.path} failed: {exc}") from exc
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def _next_id(self) -> int:
-        self._id = rid = (self._id + 1) & 0xFFFFFFFF
-        return rid
-
     def call(self, op: str, *args: Any) -> Any:
         """One request; returns the raw result or raises the matching SidecarError."""
         self._id = rid = (self._id + 1) & 0xFFFFFFFF
-        try:
-            body = self._pack([rid, op, *args])
-        except (TypeError, ValueError, OverflowError) as exc:
-            raise BadRequestError(f"cannot encode the request: {exc}") from None
-        if len(body) > self.max_frame:
-            raise BadRequestError(too_large(len(body), self.max_frame))
-        resp = self._exchange(_hpack(len(body)) + body, [rid])[0]
+        resp = self._exchange(self._frame(rid, op, args), [rid])[0]
         if resp[1] == 0:
             return resp[2]
         raise error_for(resp[1], resp[2])
+
+    def run(self, call: Call) -> Any:
+        """One request as `base` encodes it, its result decoded."""
+        result = self.call(call.op, *call.args)
+        return call.decode(result) if call.decode is not None else result
 
     # -- ops -----------------------------------------------------------------------------------
     def ping(self) -> str:
@@ -280,11 +185,11 @@ class SidecarClient:
         return self.call("check", user, segment)
 
     def check_many(self, user: int, segments: Sequence[str]) -> list[bool | None]:
-        return self.call("check_many", user, list(segments))
+        return self.run(base.check_many(user, segments))
 
     def batch(self, pairs: Iterable[tuple[int, str] | Sequence[Any]]) -> list[bool | None]:
         """`pairs` of (user, segment); tuples are sent as they are (no copy)."""
-        return self.call("batch", pairs if isinstance(pairs, list | tuple) else list(pairs))
+        return self.run(base.batch(pairs))
 
     @overload
     def batch_packed(
@@ -306,13 +211,13 @@ class SidecarClient:
         against `segments[i]` each. The fastest way to check a list of users. With
         `raw=True` the answers stay bytes, one per user: 0 not a member, 1 member, 2 unknown
         (`numpy.frombuffer(answers, numpy.uint8)` reads them without a copy)."""
-        return packed_result(self.call("batch_packed", *packed_args(users, segments)), raw)
+        return self.run(base.batch_packed(users, segments, raw))
 
     def segments(self, user: int) -> list[str]:
         return self.call("segments", user)
 
     def explain(self, user: int, segment: str) -> Explain:
-        return convert("explain", self.call("explain", user, segment))
+        return self.run(base.explain(user, segment))
 
     def status(self) -> dict[str, Any]:
         return self.call("status")
@@ -326,20 +231,13 @@ class SidecarClient:
         ops: list[str] = []
         ids: list[int] = []
         size = 0
-        for req in requests:
-            op = req[0]
+        for i, req in enumerate(requests):
             rid = self._next_id()
-            try:
-                body = self._pack([rid, *req])
-            except (TypeError, ValueError, OverflowError) as exc:
-                raise BadRequestError(f"cannot encode request {len(ops)}: {exc}") from None
-            if len(body) > self.max_frame:
-                raise BadRequestError(f"request {len(ops)}: {too_large(len(body), self.max_frame)}")
-            frames.append(_hpack(len(body)))
-            frames.append(body)
-            ops.append(op)
+            frame = self._frame(rid, req[0], req[1:], f"request {i}: ")
+            frames.append(frame)
+            ops.append(req[0])
             ids.append(rid)
-            size += 4 + len(body)
+            size += len(frame)
             if size >= PIPELINE_CHUNK:  # keep both socket buffers from filling up
                 results += self._pipeline_chunk(frames, ops, ids)
                 frames, ops, ids, size = [], [], [], 0
@@ -349,9 +247,7 @@ class SidecarClient:
 
     def _pipeline_chunk(self, frames: list[bytes], ops: list[str], ids: list[int]) -> list[Any]:
         responses = self._exchange(b"".join(frames), ids)
-        out: list[Any] = []
-        for op, resp in zip(ops, responses, strict=False):
-            out.append(convert(op, resp[2]) if resp[1] == 0 else error_for(resp[1], resp[2]))
+        out = [typed(op, resp) for op, resp in zip(ops, responses, strict=False)]
         if len(responses) < len(ids):  # a frame-level error closed the exchange early
             lost = SidecarUnavailable("the connection closed before this response")
             out += [lost] * (len(ids) - len(responses))

@@ -14,9 +14,11 @@ from ..partitioner import partition_for
 from ..transport.base import LogReader, Transport, TransportError
 from . import checkpoint, recovery
 from .engine import Engine, segment_filter
-from .state import Health, SegmentState
+from .state import NOT_HELD, NOT_READY, Health, SegmentState, retry_changed
 
 _FRESH = Health.FRESH
+_DROPPED = "dropped"
+_UNKNOWN = "unknown"
 
 log = logging.getLogger(__name__)
 
@@ -24,9 +26,11 @@ log = logging.getLogger(__name__)
 class Replica:
     """A gossip-free replica of one log.
 
-    `contains(user, segment)` answers from memory in well under a microsecond: True/False for
-    a fresh segment, None when this replica cannot answer (unknown, stale, diverged, not held,
-    or not ready yet), in which case a caller may ask the fallback.
+    `local(segment)` owns the rule of what is answerable from memory: a segment present (so
+    held), fresh, on a replica that is ready. `contains(user, segment)` answers from memory in
+    well under a microsecond: True/False for such a segment, None when this replica cannot
+    answer (unknown, dropped, stale, diverged, not held, or not ready yet), in which case a
+    caller may ask the fallback.
     """
 
     def __init__(
@@ -44,10 +48,12 @@ class Replica:
         self.partial = bool(segments)
         self.engine = Engine(self.holds)
         self._segments = self.engine.segments  # never replaced (reset() clears it in place)
-        self._is_ready = False  # a plain attribute: cheaper than ready.is_set() per check
+        #: True once caught up with the log (never goes back): the one readiness flag, a plain
+        #: attribute so hot paths read it for the cost of an attribute load
+        self.ready = False
+        self._ready_cond = threading.Condition()
         self.checkpoint_interval = checkpoint_interval
         self.poll_interval = poll_interval
-        self.ready = threading.Event()
         self.partitions = 0
         self.positions: dict[int, int] = {}
         self.ends: dict[int, int] = {}
@@ -62,14 +68,50 @@ class Replica:
         self._reader: LogReader | None = None
 
     # -- the check path ----------------------------------------------------------------------
+    def local(self, segment: str) -> SegmentState | str:
+        """The state that answers `segment` from memory, or why it is not answered locally:
+        "not_ready", "not_held", "dropped", "unknown", "stale" or "diverged". The one owner of
+        that rule (the socket server's inlined check is tested against it)."""
+        state = self._segments.get(segment)
+        if state is not None and state.health is _FRESH and self.ready:
+            return state
+        if not self.ready:
+            return NOT_READY
+        if state is None:  # the engine holds no segment outside `holds`
+            if not self.holds(segment):
+                return NOT_HELD
+            return _DROPPED if segment in self.engine.dropped else _UNKNOWN
+        return state.health.value
+
     def contains(self, user: int, segment: str) -> bool | None:
         state = self._segments.get(segment)
-        if state is not None and state.health is _FRESH and self._is_ready:
+        if state is not None and state.health is _FRESH and self.ready:
             return user in state.bitmap
         return None
 
     def state(self, segment: str) -> SegmentState | None:
         return self.engine.segments.get(segment)
+
+    def segment_items(self) -> list[tuple[str, SegmentState]]:
+        """A copy of the segment table, safe to read from another thread."""
+        return retry_changed(lambda: list(self._segments.items()))
+
+    def memberships_of(self, user: int) -> tuple[list[str], set[str], bool]:
+        """(sorted fresh segments containing `user`, every fresh segment, complete): complete
+        when this replica answers for every segment of the log (ready, holds all of them,
+        none unhealthy), so the list is the whole answer."""
+        found: list[str] = []
+        fresh: set[str] = set()
+        unhealthy = False
+        for name, st in self.segment_items():
+            if st.health is _FRESH:
+                fresh.add(name)
+                if user in st.bitmap:
+                    found.append(name)
+            else:
+                unhealthy = True
+        found.sort()
+        return found, fresh, self.ready and not self.partial and not unhealthy
 
     # -- lifecycle -----------------------------------------------------------------------------
     def start(self) -> Replica:
@@ -78,13 +120,20 @@ class Replica:
         return self
 
     def wait_ready(self, timeout: float | None = None) -> bool:
-        return self.ready.wait(timeout)
+        with self._ready_cond:
+            return self._ready_cond.wait_for(lambda: self.ready, timeout)
+
+    def _became_ready(self) -> None:
+        self.ready_at = time.time()
+        with self._ready_cond:
+            self.ready = True
+            self._ready_cond.notify_all()
 
     def stop(self, *, save: bool = True) -> None:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=30)
-        if save and self.ready.is_set():
+        if save and self.ready:
             self.save_checkpoint()
 
     def __enter__(self) -> Replica:
@@ -98,9 +147,13 @@ class Replica:
         return {p: max(0, self.ends.get(p, 0) - off) for p, off in self.positions.items()}
 
     def status(self) -> dict[str, object]:
+        """Safe to call from another thread."""
+        return retry_changed(self._status)
+
+    def _status(self) -> dict[str, object]:
         c = self.engine.counters
         return {
-            "ready": self.ready.is_set(),
+            "ready": self.ready,
             "log": self.transport.describe(),
             "segments": len(self.engine.segments),
             "memberships": self.engine.memberships(),
@@ -123,7 +176,7 @@ class Replica:
 
     # -- checkpoints ---------------------------------------------------------------------------
     def save_checkpoint(self) -> None:
-        if self.state_dir is None or not self.ready.is_set():
+        if self.state_dir is None or not self.ready:
             return
         offsets = {}
         for p, pos in self.positions.items():
@@ -205,7 +258,7 @@ class Replica:
         self.error = None
         if not self._log_id:
             self._log_id = self.transport.identity()
-        if self.ready.is_set():  # a retry after a log error: carry on from where we were
+        if self.ready:  # a retry after a log error: carry on from where we were
             reader.assign({("deltas", p): off for p, off in self.positions.items()})
         else:
             self.engine.reset()  # a bootstrap that failed half-way starts over
@@ -233,12 +286,8 @@ class Replica:
                 if now - last_ends > 5.0:  # lag only: readiness uses the ends seen at start
                     self._refresh_ends(reader)
                     last_ends = now
-                if not self.ready.is_set() and all(
-                    self.positions[p] >= end for p, end in target.items()
-                ):
-                    self.ready_at = time.time()
-                    self._is_ready = True
-                    self.ready.set()
+                if not self.ready and all(self.positions[p] >= end for p, end in target.items()):
+                    self._became_ready()
                     release_free_memory()
                     log.info("ready: %s", self.status())
                 if self.state_dir and now - last_ckpt > self.checkpoint_interval:

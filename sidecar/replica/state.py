@@ -3,9 +3,17 @@
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from pyroaring import BitMap64
+
+T = TypeVar("T")
+
+#: Why a segment is not answered locally, besides its Health value and "dropped"/"unknown"
+NOT_READY = "not_ready"
+NOT_HELD = "not_held"
 
 
 class Health(enum.Enum):
@@ -48,3 +56,14 @@ class Counters:
     drops: int = 0
     ignored: int = 0  # records of segments this replica does not hold (--segments)
     by_kind: dict[str, int] = field(default_factory=dict)
+
+
+def retry_changed(read: Callable[[], T], attempts: int = 5) -> T:
+    """`read()`, retried when the replica thread changed a dict it iterates (servers read
+    the replica's tables from the event loop thread while the replica thread inserts)."""
+    for _ in range(attempts - 1):
+        try:
+            return read()
+        except RuntimeError:
+            continue
+    return read()

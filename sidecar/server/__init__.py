@@ -1,6 +1,6 @@
-"""The sidecar's servers: Unix socket (protocol v1) and HTTP, over one query Service."""
+"""The sidecar's servers: Unix socket (protocol v1) and HTTP, over one query layer."""
 
 from .app import DEFAULT_UDS, Sidecar, serve
-from .service import Answer, Service
+from .queries import Queries, Result, settle
 
-__all__ = ["DEFAULT_UDS", "Answer", "Service", "Sidecar", "serve"]
+__all__ = ["DEFAULT_UDS", "Queries", "Result", "Sidecar", "serve", "settle"]

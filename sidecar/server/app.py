@@ -1,4 +1,4 @@
-"""Both servers (Unix socket and HTTP) on one event loop, around one Service."""
+"""Both servers (Unix socket and HTTP) on one event loop, around one query layer."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ import os
 from typing import TYPE_CHECKING
 
 from ..fallback.base import Fallback
+from ..protocol import DEFAULT_MAX_FRAME
 from .http import DEFAULT_MAX_BODY, HttpServer
 from .metrics import Metrics
-from .protocol import DEFAULT_MAX_FRAME
-from .service import Service
+from .queries import Queries
 from .uds import DEFAULT_SOCKET_MODE, UdsServer
 
 if TYPE_CHECKING:
@@ -42,7 +42,7 @@ class Sidecar:
     ) -> None:
         self.replica = replica
         self.metrics = Metrics(replica, process=process_metrics)
-        self.service = Service(replica, fallback, metrics=self.metrics)
+        self.queries = Queries(replica, fallback, metrics=self.metrics)
         if fallback is not None and "breaker" in fallback.status():
             states = {"closed": 0.0, "half_open": 1.0, "open": 2.0}
             self.metrics.gauge(
@@ -55,11 +55,11 @@ class Sidecar:
         self.http: HttpServer | None = None
         if uds_path:
             self.uds = UdsServer(
-                self.service, uds_path, metrics=self.metrics, mode=socket_mode, max_frame=max_frame
+                self.queries, uds_path, metrics=self.metrics, mode=socket_mode, max_frame=max_frame
             )
         if http_host is not None and http_port is not None:
             self.http = HttpServer(
-                self.service,
+                self.queries,
                 self.metrics,
                 http_host,
                 http_port,

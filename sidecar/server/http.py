@@ -20,7 +20,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from ..ids import BadRequest, user_id_from_text
 from .metrics import OK_KEYS, Metrics
-from .service import LOCAL, NONE, Service
+from .queries import NONE, Queries, settle
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +29,7 @@ DEFAULT_PORT = 8571
 DEFAULT_MAX_BODY = 1 << 20
 MAX_CHECKS = 10_000
 
-SERVICE_KEY = web.AppKey("service", Service)
+QUERIES_KEY = web.AppKey("queries", Queries)
 METRICS_KEY = web.AppKey("metrics", Metrics)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -84,8 +84,8 @@ def _iso(ms: int) -> str:
 
 
 class Api:
-    def __init__(self, service: Service, metrics: Metrics) -> None:
-        self.service = service
+    def __init__(self, queries: Queries, metrics: Metrics) -> None:
+        self.queries = queries
         self.metrics = metrics
         self._check = metrics.op("http", "check")
         self._batch = metrics.op("http", "batch")
@@ -95,16 +95,16 @@ class Api:
     async def check_get(self, request: web.Request) -> web.Response:
         started = time.perf_counter()
         user = _user_text(_query(request, "user"))
-        segment = self.service.names.check(_query(request, "segment"))
-        member, source, version = await self.service.check(user, segment)
+        segment = self.queries.names.check(_query(request, "segment"))
+        doc, source = await settle(self.queries.explain(user, segment))
         self._check.record(OK_KEYS[source], time.perf_counter() - started)
         return _json(
             {
                 "user": user,
                 "segment": segment,
-                "member": member,
+                "member": doc["member"],
                 "source": source,
-                "version": version,
+                "version": doc["version"],
             }
         )
 
@@ -127,50 +127,46 @@ class Api:
             if type(item) is not dict or "user" not in item or "segment" not in item:
                 raise BadRequest(f'checks[{i}] must be an object with "user" and "segment"')
             pairs.append([item["user"], item["segment"]])
-        results = await self.service.batch(pairs)
-        source = NONE if any(s == NONE for _, s in results) else LOCAL
-        if any(s == "aerospike" for _, s in results):
-            source = "aerospike"
+        results, source = await settle(self.queries.batch(pairs, sources=True))
         self._batch.record(OK_KEYS[source], time.perf_counter() - started)
         return _json({"results": [{"member": m, "source": s} for m, s in results]})
 
     async def user_segments(self, request: web.Request) -> web.Response:
         started = time.perf_counter()
         user = _user_text(request.match_info["user"])
-        segments, complete = await self.service.segments(user)
-        self._segments.record(OK_KEYS[LOCAL if complete else NONE], time.perf_counter() - started)
-        return _json({"user": user, "segments": segments, "complete": complete})
+        segments, source = await settle(self.queries.segments(user))
+        self._segments.record(OK_KEYS[source], time.perf_counter() - started)
+        return _json({"user": user, "segments": segments, "complete": source != NONE})
 
     async def explain(self, request: web.Request) -> web.Response:
         started = time.perf_counter()
         user = _user_text(_query(request, "user"))
-        segment = self.service.names.check(_query(request, "segment"))
-        result = await self.service.explain(user, segment)
-        self._explain.record(OK_KEYS[result["source"]], time.perf_counter() - started)
+        segment = self.queries.names.check(_query(request, "segment"))
+        result, source = await settle(self.queries.explain(user, segment))
+        self._explain.record(OK_KEYS[source], time.perf_counter() - started)
         return _json({"user": user, "segment": segment, **result})
 
     async def segment_list(self, request: web.Request) -> web.Response:
-        engine = self.service.replica.engine
-        items = _snapshot_items(engine.segments)
+        items = self.queries.replica.segment_items()
         return _json({"segments": [_segment_doc(name, st) for name, st in sorted(items)]})
 
     async def segment_info(self, request: web.Request) -> web.Response:
-        name = self.service.names.check(request.match_info["segment"])
-        st = self.service.replica.engine.segments.get(name)
+        name = self.queries.names.check(request.match_info["segment"])
+        st = self.queries.replica.state(name)
         if st is None:
             return _error(404, f"segment {name!r} is not known to this sidecar")
         return _json(_segment_doc(name, st))
 
     async def status(self, request: web.Request) -> web.Response:
-        return _json(_jsonable(self.service.status()))
+        return _json(_jsonable(self.queries.status()))
 
     async def healthz(self, request: web.Request) -> web.Response:
         return _json({"status": "ok"})
 
     async def readyz(self, request: web.Request) -> web.Response:
-        replica = self.service.replica
+        replica = self.queries.replica
         lag = {str(p): n for p, n in replica.lag().items()}
-        if self.service.is_ready():
+        if replica.ready:
             return _json({"ready": True, "lag": lag})
         return _json({"ready": False, "lag": lag, "error": replica.error}, status=503)
 
@@ -178,15 +174,6 @@ class Api:
         return web.Response(
             body=self.metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST}
         )
-
-
-def _snapshot_items(table: dict[str, Any]) -> list[tuple[str, Any]]:
-    for _ in range(4):
-        try:
-            return list(table.items())
-        except RuntimeError:  # changed by the replica thread mid-copy
-            continue
-    return list(table.items())
 
 
 def _segment_doc(name: str, st: Any) -> dict[str, Any]:
@@ -212,12 +199,12 @@ def openapi_bytes() -> bytes:
 
 
 def make_app(
-    service: Service, metrics: Metrics, *, max_body: int = DEFAULT_MAX_BODY
+    queries: Queries, metrics: Metrics, *, max_body: int = DEFAULT_MAX_BODY
 ) -> web.Application:
     app = web.Application(client_max_size=max_body, middlewares=[errors_middleware])
-    app[SERVICE_KEY] = service
+    app[QUERIES_KEY] = queries
     app[METRICS_KEY] = metrics
-    api = Api(service, metrics)
+    api = Api(queries, metrics)
     spec = openapi_bytes()
 
     async def openapi(request: web.Request) -> web.Response:
@@ -242,7 +229,7 @@ class HttpServer:
 
     def __init__(
         self,
-        service: Service,
+        queries: Queries,
         metrics: Metrics,
         host: str = DEFAULT_HOST,
         port: int = DEFAULT_PORT,
@@ -250,7 +237,7 @@ class HttpServer:
         max_body: int = DEFAULT_MAX_BODY,
         shutdown_timeout: float = 5.0,
     ) -> None:
-        self.app = make_app(service, metrics, max_body=max_body)
+        self.app = make_app(queries, metrics, max_body=max_body)
         self.host = host
         self.port = port
         self.shutdown_timeout = shutdown_timeout

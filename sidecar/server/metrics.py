@@ -22,6 +22,9 @@ from prometheus_client.metrics_core import (
 )
 from prometheus_client.registry import Collector
 
+from ..replica.state import retry_changed
+from .queries import SOURCES
+
 if TYPE_CHECKING:
     from ..replica.runner import Replica
 
@@ -61,10 +64,10 @@ class Histogram:
         return out
 
 
+#: The source label of requests that look nothing up (ping, status, bad requests).
+NO_SOURCE = "-"
 #: (source, "ok") keys, built once: recording never allocates a label tuple.
-OK_KEYS: dict[str, tuple[str, str]] = {
-    source: (source, "ok") for source in ("local", "aerospike", "none", "-")
-}
+OK_KEYS: dict[str, tuple[str, str]] = {source: (source, "ok") for source in (*SOURCES, NO_SOURCE)}
 
 
 class OpStats:
@@ -199,24 +202,8 @@ class ReplicaCollector(Collector):
     def __init__(self, replica: Replica) -> None:
         self.replica = replica
 
-    def _status(self) -> dict[str, Any]:
-        for _ in range(5):  # the replica thread may change a dict mid-iteration
-            try:
-                return self.replica.status()
-            except RuntimeError:
-                continue
-        return self.replica.status()
-
-    def _bitmap_bytes(self) -> int:
-        for _ in range(5):
-            try:
-                return self.replica.engine.bitmap_bytes()
-            except RuntimeError:
-                continue
-        return 0
-
     def collect(self) -> Iterator[Metric]:
-        status = self._status()
+        status: dict[str, Any] = self.replica.status()
         counters = self.replica.engine.counters
         records = CounterMetricFamily(
             "seg_replica_records",
@@ -243,7 +230,7 @@ class ReplicaCollector(Collector):
         yield GaugeMetricFamily(
             "seg_replica_bitmap_bytes",
             "Bytes in roaring containers.",
-            value=self._bitmap_bytes(),
+            value=retry_changed(self.replica.engine.bitmap_bytes),
         )
         lag = GaugeMetricFamily(
             "seg_replica_lag_records",

@@ -1,4 +1,4 @@
-"""The Unix-socket server (protocol v1, see protocol.py), on asyncio.Protocol.
+"""The Unix-socket server (protocol v1, see sidecar/protocol.py), on asyncio.Protocol.
 
 Requests answerable from memory are answered inside `data_received`; all responses produced
 by one `data_received` call go out in one `transport.write`. Requests that need the fallback
@@ -17,16 +17,10 @@ import time
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
-from types import CoroutineType
 from typing import Any
 
-import msgpack
-
 from ..ids import MAX_USER, BadRequest
-from ..packed import UNKNOWN as _UNKNOWN_BYTE
-from ..replica.state import Health
-from .metrics import OK_KEYS, Metrics, OpStats
-from .protocol import (
+from ..protocol import (
     BAD_REQUEST,
     DEFAULT_MAX_FRAME,
     HEADER,
@@ -41,7 +35,9 @@ from .protocol import (
     op_of,
     oversize_message,
 )
-from .service import LOCAL, NONE, Service
+from ..replica.state import Health
+from .metrics import NO_SOURCE, OK_KEYS, Metrics, OpStats
+from .queries import LOCAL, Deferred, Queries, Result
 
 log = logging.getLogger(__name__)
 
@@ -50,15 +46,9 @@ DEFAULT_SOCKET_MODE = 0o660
 MAX_PENDING = 1024
 _unpack_header = HEADER.unpack_from
 _perf = time.perf_counter
-_NO_SOURCE = "-"
-_BAD = (_NO_SOURCE, "bad_request")
-_K_LOCAL = OK_KEYS[LOCAL]
-_K_NONE = OK_KEYS[NONE]
-_K_NO_SOURCE = OK_KEYS[_NO_SOURCE]
-_unpackb = msgpack.unpackb
-_pack = msgpack.Packer(use_bin_type=True).pack
-_header_pack = HEADER.pack
+_BAD = (NO_SOURCE, "bad_request")
 _FRESH = Health.FRESH
+_K_LOCAL = OK_KEYS[LOCAL]
 #: 1 in (mask + 1) locally answered checks is timed for seg_request_duration_seconds.
 LATENCY_SAMPLE_MASK = 15
 
@@ -73,7 +63,7 @@ class _Slot:
 
 
 Request = tuple[Any, ...]
-Handler = Callable[[Request], tuple[Any, str] | CoroutineType]
+Handler = Callable[[Request], Result | Deferred]
 
 
 class _Connection(asyncio.Protocol):
@@ -205,16 +195,16 @@ class _Connection(asyncio.Protocol):
     def _handle(self, body: bytes | bytearray) -> bytes | _Slot:
         """One frame: an encoded response, or a slot a fallback task will fill."""
         try:
-            req = _unpackb(body, use_list=False, strict_map_key=False)
-        except Exception:
-            req = None
-        if type(req) is not tuple or not req or type(req[0]) is not int or req[0] < 0:
-            return self._frame_error(body)
+            req = decode_request(body)
+        except FrameError as exc:
+            self.metrics.error("uds", "bad_frame")
+            return encode_response(None, BAD_REQUEST, exc.message)
         rid = req[0]
         if len(req) == 4 and req[1] == "check":
-            # The hot path, inline: a valid check answered from a fresh local segment, counted
-            # but not timed. One in LATENCY_SAMPLE_MASK + 1 takes the general path below and
-            # is timed, which keeps the latency histogram honest at a fraction of the cost.
+            # The hot path: `Replica.local`'s rule inlined (tests/test_uds_inline.py proves
+            # they agree on every state), for a valid check, counted but not timed. One in
+            # LATENCY_SAMPLE_MASK + 1 takes the general path below and is timed, which keeps
+            # the latency histogram honest at a fraction of the cost.
             server = self.server
             server.untimed = untimed = (server.untimed + 1) & LATENCY_SAMPLE_MASK
             if untimed:
@@ -225,13 +215,12 @@ class _Connection(asyncio.Protocol):
                     and 0 <= user <= MAX_USER
                     and type(seg) is str
                     and seg in server.valid_names
-                    and server.service.ready_seen
+                    and server.replica.ready
                 ):
                     st = server.segments.get(seg)
                     if st is not None and st.health is _FRESH:
                         server.check_counts[_K_LOCAL] += 1
-                        body = _pack([rid, OK, user in st.bitmap])
-                        return _header_pack(len(body)) + body
+                        return encode_response(rid, OK, user in st.bitmap)
         started = _perf()
         op = req[1] if len(req) > 1 else None
         entry = self.handlers.get(op) if type(op) is str else None
@@ -252,12 +241,8 @@ class _Connection(asyncio.Protocol):
             self.metrics.error("uds", "internal")
             return encode_response(rid, INTERNAL_ERROR, "internal error")
         if type(result) is tuple:
-            entry[2].record(result[1], _perf() - started)
-            try:
-                body = _pack([rid, OK, result[0]])
-            except Exception:
-                return encode_response(rid, OK, result[0])  # says why, as an internal error
-            return _header_pack(len(body)) + body
+            entry[2].record(OK_KEYS[result[1]], _perf() - started)
+            return encode_response(rid, OK, result[0])
         # A coroutine that needs the fallback.
         slot = _Slot()
         self.pending.append(slot)
@@ -273,15 +258,6 @@ class _Connection(asyncio.Protocol):
                 self.transport.pause_reading()
         return slot
 
-    def _frame_error(self, body: bytes | bytearray) -> bytes:
-        self.metrics.error("uds", "bad_frame")
-        try:
-            decode_request(body)
-            message = "malformed request"  # pragma: no cover - decode_request raises
-        except FrameError as exc:
-            message = exc.message
-        return encode_response(None, BAD_REQUEST, message)
-
     def _task_done(self, task: asyncio.Task[None]) -> None:
         self.tasks.discard(task)
         self.server.tasks.discard(task)
@@ -292,7 +268,7 @@ class _Connection(asyncio.Protocol):
         rid: int,
         op: str,
         stats: OpStats,
-        coro: CoroutineType,
+        coro: Deferred,
         started: float,
     ) -> None:
         try:
@@ -336,7 +312,7 @@ class _Connection(asyncio.Protocol):
 class UdsServer:
     def __init__(
         self,
-        service: Service,
+        queries: Queries,
         path: str | os.PathLike[str],
         *,
         metrics: Metrics | None = None,
@@ -344,7 +320,7 @@ class UdsServer:
         max_frame: int = DEFAULT_MAX_FRAME,
         backlog: int = 1024,
     ) -> None:
-        self.service = service
+        self.queries = queries
         self.path = Path(path)
         self.metrics = metrics if metrics is not None else Metrics(process=False)
         self.mode = mode
@@ -354,56 +330,25 @@ class UdsServer:
         self.tasks: set[asyncio.Task[None]] = set()
         self._server: asyncio.AbstractServer | None = None
         self._inode: tuple[int, int] | None = None
-        svc = service
-
-        check_op = svc.check_op
-
-        def check(req: Request) -> tuple[Any, Any] | CoroutineType:
-            return check_op(req[2], req[3])
-
-        def many(fast: Callable[..., Any]) -> Callable[[Request], Any]:
-            def op(req: Request) -> tuple[Any, str] | CoroutineType:
-                r = fast(*req[2:])
-                if type(r) is list:
-                    return r, _K_NONE if None in r else _K_LOCAL
-                return r
-
-            return op
-
-        batch_packed_fast = svc.batch_packed_fast
-
-        def batch_packed(req: Request) -> tuple[Any, str] | CoroutineType:
-            r = batch_packed_fast(req[2], req[3], req[4])
-            if type(r) is bytes:
-                return r, _K_NONE if _UNKNOWN_BYTE in r else _K_LOCAL
-            return r
-
-        def segments(req: Request) -> tuple[Any, str] | CoroutineType:
-            r = svc.segments_fast(req[2])
-            return (r, _K_LOCAL) if type(r) is list else r
-
-        def explain(req: Request) -> tuple[Any, str] | CoroutineType:
-            r = svc.explain_fast(req[2], req[3])
-            return (r, OK_KEYS[r["source"]]) if type(r) is dict else r
-
-        table: dict[str, Callable[[Request], Any]] = {
-            "ping": lambda req: ("pong", _K_NO_SOURCE),
-            "check": check,
-            "check_many": many(svc.check_many_fast),
-            "batch": many(svc.batch_fast),
-            "batch_packed": batch_packed,
-            "segments": segments,
-            "explain": explain,
-            "status": lambda req: (self._status(), _K_NO_SOURCE),
+        ops: dict[str, Handler] = {
+            "ping": lambda req: ("pong", NO_SOURCE),
+            "check": lambda req: queries.check(req[2], req[3]),
+            "check_many": lambda req: queries.check_many(req[2], req[3]),
+            "batch": lambda req: queries.batch(req[2]),
+            "batch_packed": lambda req: queries.batch_packed(req[2], req[3], req[4]),
+            "segments": lambda req: queries.segments(req[2]),
+            "explain": lambda req: queries.explain(req[2], req[3]),
+            "status": lambda req: (self._status(), NO_SOURCE),
         }
         # op -> (request length, handler, pre-bound stats)
-        self.handlers: dict[str, tuple[int, Callable[[Request], Any], OpStats]] = {
-            op: (OPS[op] + 2, fn, self.metrics.op("uds", op)) for op, fn in table.items()
+        self.handlers: dict[str, tuple[int, Handler, OpStats]] = {
+            op: (OPS[op] + 2, fn, self.metrics.op("uds", op)) for op, fn in ops.items()
         }
         # What the connections' inline check path reads (these objects are never replaced).
         self.untimed = 0
-        self.valid_names = svc.names.valid
-        self.segments = svc.replica.engine.segments
+        self.replica = queries.replica
+        self.valid_names = queries.names.valid
+        self.segments = queries.replica.engine.segments
         self.check_counts = self.handlers["check"][2].counts
         self.metrics.gauge(
             "seg_uds_connections", "Open Unix-socket connections.", lambda: len(self.connections)
@@ -414,7 +359,7 @@ class UdsServer:
         return entry[2] if entry is not None else self.metrics.op("uds", "invalid")
 
     def _status(self) -> dict[str, Any]:
-        st = self.service.status()
+        st = self.queries.status()
         st["connections"] = len(self.connections)
         return st
 

@@ -1,11 +1,13 @@
-"""Unix-socket protocol, version 1 (DESIGN.md "Interfaces"): framing, request validation,
-response encoding, and the limits, in one place.
+"""Unix-socket protocol, version 1 (DESIGN.md "Interfaces"): framing, limits, status codes,
+ops and the encoding of requests and responses, for the server and both clients.
 
 A frame is a 4-byte big-endian length and that many bytes of msgpack. A request is an array
 `[id, op, args...]` with a non-negative integer id; the response is `[id, status, result]`,
 in request order. Status 0 ok, 1 bad request, 2 unknown op, 3 internal error (the result is
 then a message). Frame-level errors (over the size limit, not msgpack, no usable id) are
 answered with id nil; only an oversize frame closes the connection.
+
+A leaf module (msgpack and sidecar.ids only): clients import it without the servers.
 """
 
 from __future__ import annotations
@@ -15,15 +17,17 @@ from typing import Any
 
 import msgpack
 
-from ..ids import MAX_USER, BadRequest, segment_id
+from .ids import BadRequest, describe
 
 VERSION = 1
 OK = 0
 BAD_REQUEST = 1
 UNKNOWN_OP = 2
 INTERNAL_ERROR = 3
+STATUSES = (OK, BAD_REQUEST, UNKNOWN_OP, INTERNAL_ERROR)
 
-#: Default limit for one frame body (requests and responses).
+#: Default limit for one frame body (requests and responses); clients refuse a larger request
+#: before sending it.
 DEFAULT_MAX_FRAME = 1 << 20
 HEADER = struct.Struct(">I")
 HEADER_SIZE = HEADER.size
@@ -64,14 +68,67 @@ class UnknownOp(Exception):
     """A well-formed request naming an op this server does not have (status 2)."""
 
 
+class EncodeError(ValueError):
+    """A request that cannot be sent: not encodable, or over the frame limit."""
+
+
+class ResponseError(ValueError):
+    """A response frame that breaks the protocol (not msgpack, not `[id, status, result]`)."""
+
+
 _pack = msgpack.Packer(use_bin_type=True).pack
 _header_pack = HEADER.pack
 _unpackb = msgpack.unpackb
 
+# -- requests ------------------------------------------------------------------------------
 
-def frame(body: bytes) -> bytes:
-    """Prefix `body` with its length."""
+
+def encode_request(rid: int, op: str, args: tuple[Any, ...] | list[Any], limit: int) -> bytes:
+    """One framed request; EncodeError when it cannot be encoded or is over `limit` bytes."""
+    try:
+        body = _pack([rid, op, *args])
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise EncodeError(f"cannot encode the request: {exc}") from None
+    if len(body) > limit:
+        raise EncodeError(f"request of {len(body)} bytes is over the frame limit of {limit} bytes")
     return _header_pack(len(body)) + body
+
+
+def decode_request(body: bytes | bytearray | memoryview) -> tuple[Any, ...]:
+    """The request array of one frame body (arrays decode as tuples: faster); FrameError when
+    there is no usable request id."""
+    try:
+        req = _unpackb(body, use_list=False, strict_map_key=False)
+    except Exception as exc:  # msgpack raises ValueError/TypeError/its own errors
+        raise FrameError(f"frame body is not valid msgpack: {type(exc).__name__}") from None
+    if type(req) is not tuple or not req:
+        raise FrameError("a request is a msgpack array [id, op, args...]")
+    rid = req[0]
+    if type(rid) is not int or rid < 0:
+        raise FrameError(f"the request id must be a non-negative integer, got {describe(rid)}")
+    return req
+
+
+def op_of(req: tuple[Any, ...]) -> str:
+    """The op name of a decoded request, with its arity checked."""
+    if len(req) < 2:
+        raise BadRequest("a request is [id, op, args...]: the op is missing")
+    op = req[1]
+    if type(op) is not str:
+        raise BadRequest(f"op must be a string, got {describe(op)}")
+    arity = OPS.get(op)
+    if arity is None:
+        raise UnknownOp(f"unknown op {op[:40]!r}; ops are {', '.join(OPS)}")
+    if len(req) != arity + 2:
+        raise BadRequest(f"{op} takes {ARG_NAMES[op]}, got {len(req) - 2}")
+    return op
+
+
+def oversize_message(length: int, limit: int) -> str:
+    return f"frame of {length} bytes is over the limit of {limit} bytes; closing the connection"
+
+
+# -- responses -----------------------------------------------------------------------------
 
 
 def encode_response(rid: int | None, status: int, result: Any) -> bytes:
@@ -83,84 +140,12 @@ def encode_response(rid: int | None, status: int, result: Any) -> bytes:
     return _header_pack(len(body)) + body
 
 
-def encode_request(rid: int, op: str, *args: Any) -> bytes:
-    """One framed request (used by the clients and tests)."""
-    body = _pack([rid, op, *args])
-    return _header_pack(len(body)) + body
-
-
-def oversize_message(length: int, limit: int) -> str:
-    return f"frame of {length} bytes is over the limit of {limit} bytes; closing the connection"
-
-
-def decode_request(body: bytes | bytearray | memoryview) -> tuple[Any, ...]:
-    """The request array of one frame body (arrays decode as tuples: faster); FrameError when
-    there is no usable request id."""
+def decode_response(body: bytes | bytearray | memoryview) -> list[Any]:
+    """`[id, status, result]` of one response frame body; ResponseError when it is not one."""
     try:
-        req = _unpackb(body, raw=False, use_list=False, strict_map_key=False)
-    except Exception as exc:  # msgpack raises ValueError/TypeError/its own errors
-        raise FrameError(f"frame body is not valid msgpack: {type(exc).__name__}") from None
-    if type(req) is not tuple or not req:
-        raise FrameError("a request is a msgpack array [id, op, args...]")
-    rid = req[0]
-    if type(rid) is not int or rid < 0:
-        raise FrameError(f"the request id must be a non-negative integer, got {_describe(rid)}")
-    return req
-
-
-def op_of(req: tuple[Any, ...]) -> str:
-    """The op name of a decoded request, with its arity checked."""
-    if len(req) < 2:
-        raise BadRequest("a request is [id, op, args...]: the op is missing")
-    op = req[1]
-    if type(op) is not str:
-        raise BadRequest(f"op must be a string, got {_describe(op)}")
-    arity = OPS.get(op)
-    if arity is None:
-        raise UnknownOp(f"unknown op {op[:40]!r}; ops are {', '.join(OPS)}")
-    if len(req) != arity + 2:
-        raise BadRequest(f"{op} takes {ARG_NAMES[op]}, got {len(req) - 2}")
-    return op
-
-
-def _describe(value: object) -> str:
-    if type(value) in (int, float, bool) or value is None:
-        return f"{type(value).__name__} {value!r}"
-    return type(value).__name__
-
-
-# -- argument validation (shared with HTTP) -----------------------------------------------
-
-
-def user_arg(value: object, what: str = "user") -> int:
-    """An unsigned 64-bit user id; bool, float, str or out of range is a BadRequest."""
-    if type(value) is int and 0 <= value <= MAX_USER:
-        return value
-    if type(value) is int:
-        raise BadRequest(f"{what} must be in 0..2**64-1, got {value}")
-    raise BadRequest(f"{what} must be an unsigned 64-bit integer, got {_describe(value)}")
-
-
-class SegmentNames:
-    """Segment-id validation with a bounded cache of names already seen to be valid, so the
-    hot path pays one set lookup instead of a regex match."""
-
-    __slots__ = ("valid", "_limit")
-
-    def __init__(self, limit: int = 100_000) -> None:
-        #: names known to be valid; the set object never changes (hot paths may hold it)
-        self.valid: set[str] = set()
-        self._limit = limit
-
-    def check(self, value: object, what: str = "segment") -> str:
-        if type(value) is str and value in self.valid:
-            return value
-        name = segment_id(value, what)
-        if len(self.valid) >= self._limit:
-            self.valid.clear()
-        self.valid.add(name)
-        return name
-
-    def is_valid(self, value: str) -> bool:
-        """Fast path for a str already known to be valid."""
-        return value in self.valid
+        resp = _unpackb(body, raw=False, strict_map_key=False)
+    except Exception as exc:
+        raise ResponseError(f"undecodable response: {exc}") from None
+    if type(resp) is not list or len(resp) != 3:
+        raise ResponseError(f"malformed response: {resp!r}"[:200])
+    return resp

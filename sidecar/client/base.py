@@ -1,0 +1,198 @@
+"""What both clients share (httpx's shared base client is the model): the errors, the typed
+results, and each op's request encoding and result decoding. `SidecarClient` and
+`AsyncSidecarClient` add only the I/O; the wire format is sidecar/protocol.py's."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+from ..packed import pack_batch, unpack_answers
+from ..protocol import (
+    BAD_REQUEST,
+    DEFAULT_MAX_FRAME,
+    INTERNAL_ERROR,
+    OK,
+    UNKNOWN_OP,
+    EncodeError,
+    encode_request,
+)
+
+DEFAULT_PATH = os.environ.get("SEG_UDS") or "/tmp/seg-sidecar/sidecar.sock"
+#: The server's default frame limit; a larger request is refused before it is sent.
+MAX_FRAME = DEFAULT_MAX_FRAME
+
+
+class SidecarError(Exception):
+    """Any failure of a sidecar request."""
+
+
+class BadRequestError(SidecarError):
+    """Status 1: the server rejected the request (the message says which part)."""
+
+
+class UnknownOpError(SidecarError):
+    """Status 2: the server does not have this op."""
+
+
+class ServerError(SidecarError):
+    """Status 3 (internal error), or a response that breaks the protocol."""
+
+
+class SidecarTimeout(SidecarError, TimeoutError):
+    """No response within the timeout."""
+
+
+class SidecarUnavailable(SidecarError, ConnectionError):
+    """The socket cannot be reached (not running, wrong path, permissions) or broke twice."""
+
+
+_STATUS_ERRORS: dict[int, type[SidecarError]] = {
+    BAD_REQUEST: BadRequestError,
+    UNKNOWN_OP: UnknownOpError,
+    INTERNAL_ERROR: ServerError,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Explain:
+    member: bool | None
+    source: str  # "local" | "aerospike" | "none"
+    version: int | None
+    age_ms: int | None
+    reason: str | None = None  # why it was not answered locally (None when it was)
+
+
+def error_for(status: object, message: object) -> SidecarError:
+    """The SidecarError of a response with a status other than OK."""
+    cls = _STATUS_ERRORS.get(status) if type(status) is int else None  # type: ignore[call-overload]
+    if cls is None:
+        return ServerError(f"unexpected response status {status!r}: {message!r}")
+    return cls(str(message))
+
+
+def value_of(resp: list[Any]) -> Any:
+    """The result of a response, or its SidecarError raised."""
+    if resp[1] == OK:
+        return resp[2]
+    raise error_for(resp[1], resp[2])
+
+
+# -- each op's encoding and decoding ---------------------------------------------------------
+
+
+class Call(NamedTuple):
+    """One request as the clients send it: the op, its arguments, and what turns the raw
+    result into the typed one (None: the result as it is)."""
+
+    op: str
+    args: tuple[Any, ...]
+    decode: Callable[[Any], Any] | None = None
+
+
+def explain_result(result: Any) -> Any:
+    if isinstance(result, dict):
+        return Explain(
+            result.get("member"),
+            result.get("source", "none"),
+            result.get("version"),
+            result.get("age_ms"),
+            result.get("reason"),
+        )
+    return result
+
+
+def packed_result(answers: Any, raw: bool = False) -> list[bool | None] | bytes:
+    """The typed result of `batch_packed`; ServerError when it is not answer bytes."""
+    if type(answers) is not bytes or (raw and answers.translate(None, b"\x00\x01\x02")):
+        raise ServerError(f"malformed batch_packed result: {answers!r}"[:200])
+    try:
+        return answers if raw else unpack_answers(answers)
+    except ValueError as exc:
+        raise ServerError(str(exc)) from None
+
+
+def _packed_raw(answers: Any) -> list[bool | None] | bytes:
+    return packed_result(answers, True)
+
+
+def check_many(user: int, segments: Sequence[str]) -> Call:
+    return Call("check_many", (user, list(segments)))
+
+
+def batch(pairs: Iterable[tuple[int, str] | Sequence[Any]]) -> Call:
+    """`pairs` of (user, segment); a list or tuple is sent as it is (no copy)."""
+    return Call("batch", (pairs if isinstance(pairs, list | tuple) else list(pairs),))
+
+
+def batch_packed(users: Iterable[int] | Any, segments: str | Sequence[str], raw: bool) -> Call:
+    """BadRequestError for bad input, before anything is sent."""
+    try:
+        args = pack_batch(users, segments)
+    except ValueError as exc:
+        raise BadRequestError(str(exc)) from None
+    return Call("batch_packed", tuple(args), _packed_raw if raw else packed_result)
+
+
+def explain(user: int, segment: str) -> Call:
+    return Call("explain", (user, segment), explain_result)
+
+
+#: How a pipeline types the result of each op given as `(op, *args)`.
+PIPELINE_DECODERS: dict[str, Callable[[Any], Any]] = {"explain": explain_result}
+
+
+def typed(op: str, resp: list[Any]) -> Any:
+    """A pipelined response: its typed result, or the SidecarError of that request."""
+    if resp[1] != OK:
+        return error_for(resp[1], resp[2])
+    decode = PIPELINE_DECODERS.get(op)
+    return decode(resp[2]) if decode is not None else resp[2]
+
+
+# -- the shared client state ----------------------------------------------------------------
+
+
+class BaseClient:
+    """Settings, request ids and request framing of both clients."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str] = DEFAULT_PATH,
+        timeout: float = 1.0,
+        *,
+        max_frame: int = MAX_FRAME,
+    ) -> None:
+        self.path = os.fspath(path)
+        self.timeout = timeout
+        self.max_frame = max_frame
+        self._id = 0
+        self._init_io()
+
+    def _init_io(self) -> None:
+        """The client's own connection state."""
+
+    def _next_id(self) -> int:
+        self._id = rid = (self._id + 1) & 0xFFFFFFFF
+        return rid
+
+    def _frame(self, rid: int, op: str, args: Sequence[Any], what: str = "") -> bytes:
+        """One framed request; BadRequestError when it cannot be sent (`what` names it in a
+        pipeline)."""
+        try:
+            return encode_request(rid, op, args, self.max_frame)
+        except EncodeError as exc:
+            raise BadRequestError(f"{what}{exc}") from None
+
+    def _frames(self, requests: Sequence[Sequence[Any]]) -> tuple[bytes, list[int]]:
+        """The frames of many requests `(op, *args)` in one payload, and their ids."""
+        ids = []
+        frames = []
+        many = len(requests) > 1
+        for i, req in enumerate(requests):
+            rid = self._next_id()
+            frames.append(self._frame(rid, req[0], req[1:], f"request {i}: " if many else ""))
+            ids.append(rid)
+        return b"".join(frames), ids

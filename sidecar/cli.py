@@ -121,6 +121,11 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"HTTP address ('' turns it off; default {DEFAULT_HTTP}; port 0 picks a free one)",
     )
     srv.add_argument(
+        "--no-ui",
+        action="store_true",
+        help="do not serve the operators' page at /ui on the HTTP address",
+    )
+    srv.add_argument(
         "--socket-mode", type=_octal, default=0o660, help="socket file mode (default 0660)"
     )
     srv.add_argument(
@@ -231,6 +236,7 @@ async def _run(args: argparse.Namespace, replica: Any, fallback: Fallback | None
             socket_mode=args.socket_mode,
             max_frame=args.max_frame,
             max_body=args.max_body,
+            ui=not args.no_ui,
         )
     except (SocketPathError, OSError) as exc:
         log.error("cannot start the servers: %s", exc)

@@ -263,6 +263,19 @@ def test_explain_and_status(api: Http) -> None:
     assert doc["lag"] == {"0": 0, "1": 0}
 
 
+def test_status_counts_requests_as_the_metrics_do(api: Http) -> None:
+    for query in ("user=1&segment=vip", "user=9&segment=vip", "user=1&segment=nope"):
+        api.get("/v1/check?" + query)
+    api.get("/v1/explain?user=1&segment=vip")
+    api.get("/v1/check?user=x&segment=vip")  # a 400 is not a served request
+    requests = api.get("/v1/status")[1]["requests"]["http"]
+    assert requests["check"] == {"local": 2, "none": 1}
+    assert requests["explain"] == {"local": 1}
+    assert requests["batch"] == {}
+    text = api.request("GET", "/metrics")[2].decode()
+    assert 'seg_requests_total{op="check",result="ok",source="local",transport="http"} 2.0' in text
+
+
 def test_health_and_ready(api: Http) -> None:
     assert api.get("/healthz") == (200, {"status": "ok"})
     status, doc = api.get("/readyz")

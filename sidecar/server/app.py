@@ -39,6 +39,7 @@ class Sidecar:
         max_body: int = DEFAULT_MAX_BODY,
         grace: float = 5.0,
         process_metrics: bool = True,
+        ui: bool = True,
     ) -> None:
         self.replica = replica
         self.metrics = Metrics(replica, process=process_metrics)
@@ -65,6 +66,7 @@ class Sidecar:
                 http_port,
                 max_body=max_body,
                 shutdown_timeout=grace,
+                ui=ui,
             )
 
     @property
@@ -104,6 +106,7 @@ async def serve(
     max_frame: int = DEFAULT_MAX_FRAME,
     max_body: int = DEFAULT_MAX_BODY,
     grace: float = 5.0,
+    ui: bool = True,
 ) -> None:
     """Run both servers until `stop` is set (forever when None), then shut down gracefully.
     Run it on a uvloop loop (`uvloop.run(serve(...))`); the replica runs on its own thread."""
@@ -117,6 +120,7 @@ async def serve(
         max_frame=max_frame,
         max_body=max_body,
         grace=grace,
+        ui=ui,
     )
     await sidecar.start()
     if started is not None:

@@ -19,6 +19,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from ..ids import BadRequest, user_id_from_text
+from .console import add_console
 from .metrics import OK_KEYS, Metrics
 from .queries import NONE, Queries, settle
 
@@ -199,7 +200,7 @@ def openapi_bytes() -> bytes:
 
 
 def make_app(
-    queries: Queries, metrics: Metrics, *, max_body: int = DEFAULT_MAX_BODY
+    queries: Queries, metrics: Metrics, *, max_body: int = DEFAULT_MAX_BODY, ui: bool = True
 ) -> web.Application:
     app = web.Application(client_max_size=max_body, middlewares=[errors_middleware])
     app[QUERIES_KEY] = queries
@@ -221,6 +222,8 @@ def make_app(
     app.router.add_get("/readyz", api.readyz)
     app.router.add_get("/metrics", api.metrics_text, allow_head=False)
     app.router.add_get("/openapi.json", openapi, allow_head=False)
+    if ui:
+        add_console(app)
     return app
 
 
@@ -236,8 +239,9 @@ class HttpServer:
         *,
         max_body: int = DEFAULT_MAX_BODY,
         shutdown_timeout: float = 5.0,
+        ui: bool = True,
     ) -> None:
-        self.app = make_app(queries, metrics, max_body=max_body)
+        self.app = make_app(queries, metrics, max_body=max_body, ui=ui)
         self.host = host
         self.port = port
         self.shutdown_timeout = shutdown_timeout

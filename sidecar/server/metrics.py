@@ -124,6 +124,20 @@ class Metrics(Collector):
         self.fallback_calls["ok" if ok else "none"] += 1
         self.fallback_latency.observe(seconds)
 
+    def request_counts(self) -> dict[str, dict[str, dict[str, int]]]:
+        """Requests so far as `{transport: {op: {key: count}}}`, the key being the answer's
+        source for a served request (`ok` for ops without one), else the result (e.g.
+        `bad_request`): the JSON view of `seg_requests_total` that /v1/status carries."""
+        out: dict[str, dict[str, dict[str, int]]] = {}
+        for (transport, op), stats in list(self.ops.items()):
+            counts: dict[str, int] = {}
+            for (source, result), n in list(stats.counts.items()):
+                if n:
+                    key = result if result != "ok" else ("ok" if source == NO_SOURCE else source)
+                    counts[key] = counts.get(key, 0) + n
+            out.setdefault(transport, {})[op] = counts
+        return out
+
     def gauge(self, name: str, doc: str, read: Callable[[], float]) -> None:
         """A gauge read on scrape (e.g. open connections)."""
         self.gauges[name] = (doc, read)

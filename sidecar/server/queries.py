@@ -359,6 +359,8 @@ class Queries:
         st: dict[str, Any] = self.replica.status()
         st["fallback"] = self.fallback.status()
         st["protocol"] = VERSION
+        if self.metrics is not None:
+            st["requests"] = self.metrics.request_counts()
         return st
 
 

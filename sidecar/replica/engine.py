@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import fnmatch
 import logging
+import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -61,6 +62,10 @@ class Engine:
         self.holds = holds or (lambda _segment: True)
         self.needs_resync: set[str] = set()
         self._pending: dict[str, _PendingParts] = {}
+        #: Held while a bitmap is changed in place and its new state swapped in, so that a
+        #: reader holding it (sidecar/replica/view.py) sees every segment at one version.
+        #: Swapping in a whole new state needs no lock: one dict assignment.
+        self.lock = threading.Lock()
 
     def reset(self) -> None:
         """Forget all state, keeping this object (servers hold a reference to it)."""
@@ -139,18 +144,27 @@ class Engine:
             delta = assembled
         if not self._check_order(delta.segment, delta.base, delta.version):
             return
-        current = self.segments.get(delta.segment)
-        if current is None:
-            bitmap = BitMap64(delta.add)
-        else:
-            # In place: a copy costs time in proportion to the segment (milliseconds for
-            # millions of members), all of it holding the GIL the servers need. Each bitmap
-            # operation runs under the GIL, so a concurrent reader sees a user either before
-            # or after the change. Engine bitmaps are never shared with callers.
-            bitmap = current.bitmap
-            bitmap |= delta.add
-        if delta.remove:
-            bitmap -= delta.remove
+        with self.lock:
+            current = self.segments.get(delta.segment)
+            if current is None:
+                bitmap = BitMap64(delta.add)
+            else:
+                # In place: a copy costs time in proportion to the segment (milliseconds for
+                # millions of members), all of it holding the GIL the servers need. Each bitmap
+                # operation runs under the GIL, so a concurrent reader sees a user either before
+                # or after the change; readers of several memberships take the lock. Engine
+                # bitmaps are never shared with callers.
+                bitmap = current.bitmap
+                bitmap |= delta.add
+            if delta.remove:
+                bitmap -= delta.remove
+            self._swap_in(delta, bitmap)
+        self.dropped.pop(delta.segment, None)
+        self.counters.applied += 1
+        info = self.log_info.setdefault(delta.segment, LogInfo())
+        info.churn += len(delta.add) + len(delta.remove)
+
+    def _swap_in(self, delta: Delta, bitmap: BitMap64) -> None:
         health = Health.FRESH
         if len(bitmap) != delta.cardinality:
             self.counters.diverged += 1
@@ -166,10 +180,6 @@ class Engine:
         self.segments[delta.segment] = SegmentState(
             bitmap, delta.version, len(bitmap), delta.ts, health
         )
-        self.dropped.pop(delta.segment, None)
-        self.counters.applied += 1
-        info = self.log_info.setdefault(delta.segment, LogInfo())
-        info.churn += len(delta.add) + len(delta.remove)
 
     def _assemble(self, part: Delta, offset: int) -> Delta | None:
         pending = self._pending.get(part.segment)

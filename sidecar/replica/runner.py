@@ -9,10 +9,12 @@ import threading
 import time
 from pathlib import Path
 
+from ..expr import compile_arg
+from ..ids import user_id
 from ..memory import release_free_memory
 from ..partitioner import partition_for
 from ..transport.base import LogReader, Transport, TransportError
-from . import checkpoint, recovery
+from . import checkpoint, recovery, view
 from .engine import Engine, segment_filter
 from .state import NOT_HELD, NOT_READY, Health, SegmentState, retry_changed
 
@@ -112,6 +114,23 @@ class Replica:
                 unhealthy = True
         found.sort()
         return found, fresh, self.ready and not self.partial and not unhealthy
+
+    # -- segment expressions (sidecar/replica/view.py), from memory only -------------------------
+    def eval(self, user: int, expr: str) -> bool | None:
+        """`expr` (say "vip & !churned") for `user`, in Kleene logic: a segment this replica
+        does not answer (as `contains` returns None for it) is unknown."""
+        compiled = compile_arg(expr)
+        values = view.local_answers(self, compiled, user_id(user)).values
+        return compiled.evaluate(values.__getitem__)
+
+    def count(self, expr: str) -> view.Count:
+        """(count, versions) of a bounded expression; NotLocal names the segments this replica
+        does not answer, ExprError (a BadRequest) the position of what is wrong."""
+        return view.count(self, compile_arg(expr))
+
+    def audience(self, expr: str) -> view.Audience:
+        """(members, versions) of a bounded expression: the members as a new BitMap64."""
+        return view.audience(self, compile_arg(expr))
 
     # -- lifecycle -----------------------------------------------------------------------------
     def start(self) -> Replica:

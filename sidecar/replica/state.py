@@ -29,7 +29,8 @@ class SegmentState:
     changes it in place (a copy would cost time in proportion to the segment, holding the
     GIL). Each bitmap operation runs under the GIL, so a reader on another thread sees any one
     user either before or after a change; readers must not iterate an engine bitmap outside
-    the replica's thread."""
+    the replica's thread unless they hold `Engine.lock` (sidecar/replica/view.py does), and
+    whatever changes a bitmap in place must hold it."""
 
     bitmap: BitMap64
     version: int

@@ -3,7 +3,8 @@ HTTP, falling back to Aerospike for what the replica cannot answer.
 
 Every option can also come from the environment as SEG_<OPTION> (e.g. SEG_LOG_DIR,
 SEG_HTTP). Defaults: --uds /tmp/seg-sidecar/sidecar.sock and --http 127.0.0.1:8571; an empty
-value (`--uds ''`, `--http ''`) turns that server off. SIGTERM or SIGINT shuts down
+value (`--uds ''`, `--http ''`) turns that server off. The HTTP server also serves the
+operators' page at /ui unless --no-ui. SIGTERM or SIGINT shuts down
 gracefully: stop accepting, finish in-flight requests, write a checkpoint (with
 --state-dir), exit 0. Logs are JSON lines on stderr.
 """

@@ -26,9 +26,11 @@ from urllib.parse import urlsplit
 import pytest
 from pyroaring import BitMap64
 
+from publisher.aerospike_sink import AerospikeSink
 from publisher.publish import Publisher
 from sidecar.server.http import openapi_bytes
 from sidecar.transport.logdir import LogDirTransport
+from tests.aerospike_server.server import ThreadedAerospikeServer
 from tests.browser import INSTALL_HINT, Browser, find_chromium
 
 BIN = Path(sys.executable).parent
@@ -310,6 +312,44 @@ def test_audience_box_follows_the_routes(page: Browser, sidecar: SidecarProcess)
     assert page.eval("document.getElementById('audience-count').textContent") == "100"
     ids = page.eval("[...document.querySelectorAll('#audience-ids li')].map(li => li.textContent)")
     assert ids == [str(u) for u in range(100, 120)]
+
+
+def test_fallback_answers_and_the_breaker(
+    chromium: Browser, aerospike_server: ThreadedAerospikeServer, tmp_path: Path
+) -> None:
+    log = LogDirTransport(tmp_path / "log")
+    sink = AerospikeSink.connect(aerospike_server.address)
+    Publisher(log, sink=sink).publish({"held": BitMap64([5]), "remote": BitMap64([5, 6])})
+    sink.client.close()
+    s = SidecarProcess(
+        log.path, "--segments", "held", "--aerospike", aerospike_server.address,
+        "--fallback-budget-ms", "300",
+    )  # fmt: skip
+    del chromium.dialogs[:], chromium.errors[:]
+    try:
+        chromium.goto(s.url + "/ui")
+        breaker = "document.getElementById('c-breaker').dataset.state"
+        chromium.wait_for(f"{breaker} === 'closed'", what="the breaker closed")
+        assert chromium.eval("document.getElementById('c-fallback').textContent") == "aerospike"
+        deadline = time.monotonic() + 15  # the fallback connects in the background
+        while (got := _explain(chromium, "6", "remote"))["source"] != "aerospike":
+            assert time.monotonic() < deadline, got
+        assert (got["member"], got["version"], got["reason"]) == ("yes", "1", "not_held")
+        assert _explain(chromium, "7", "remote")["member"] == "no"
+        aerospike_server.down()
+        try:
+            for _ in range(20):  # failures open the breaker
+                _get(s.url + "/v1/check?user=6&segment=remote")
+            chromium.wait_for(f"{breaker} === 'open'", what="the breaker open")
+            shown = chromium.eval("document.getElementById('c-breaker').textContent")
+            assert shown.startswith("breaker open")
+            got = _explain(chromium, "6", "remote")
+            assert (got["member"], got["source"]) == ("unknown", "none")
+        finally:
+            aerospike_server.up()
+        assert chromium.dialogs == [] and chromium.errors == []
+    finally:
+        s.stop()
 
 
 def test_narrow_screen(page: Browser) -> None:

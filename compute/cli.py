@@ -2,117 +2,52 @@
 come).
 
 Every option can also be given as an environment variable SEG_<OPTION> (`--orders-per-user`
-is SEG_ORDERS_PER_USER); the command line wins. Exit status: 0 on success, 2 for usage and
-definition errors, 1 for anything else, always with a one-line reason on stderr.
+is SEG_ORDERS_PER_USER); the command line wins (sidecar/cliutil.py has the rules). Exit
+status: 0 on success, 2 for usage and definition errors (and when the `compute` extra is not
+installed), 1 for anything else, always with a one-line reason on stderr.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import os
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any
+
+from compute import lakefs, publish_target, stream_cli
+from sidecar.cliutil import (
+    FAILURE,
+    USAGE,
+    CommandError,
+    Parser,
+    arg_type,
+    exits_on_error,
+    iso_date,
+    missing_extra,
+    non_negative_float,
+    non_negative_int,
+    positive_int,
+    report,
+    yes_no,
+)
 
 if TYPE_CHECKING:
     from sidecar.transport.base import Transport
 
 PROG = "seg-compute"
+EXTRA = "compute"  # the optional dependencies every subcommand needs
 
 
-class UsageError(Exception):
-    """Bad command-line or environment input (exit status 2)."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
-def env_name(flag: str) -> str:
-    return "SEG_" + flag.lstrip("-").upper().replace("-", "_")
-
-
-def _typed(convert: Callable[[str], Any], expected: str, flag: str) -> Callable[[str], Any]:
-    def parse(text: str) -> Any:
-        try:
-            return convert(text)
-        except (ValueError, TypeError):
-            raise argparse.ArgumentTypeError(
-                f"expected {expected}, got {text!r} (from {flag} or {env_name(flag)})"
-            ) from None
-
-    parse.__name__ = expected
-    return parse
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise ValueError(text)
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise ValueError(text)
-    return value
-
-
-_YES, _NO = ("yes", "true", "on", "1"), ("no", "false", "off", "0")
-
-
-def _yes_no(text: str) -> bool:
-    word = text.strip().lower()
-    if word not in _YES + _NO:
-        raise ValueError(text)
-    return word in _YES
-
-
+@arg_type("a local path, not a URI")
 def _local_path(text: str) -> Path:
-    from compute.lakefs import is_uri
-
-    if is_uri(text):
+    if lakefs.is_uri(text):
         raise ValueError(text)
     return Path(text)
 
 
-def _non_negative_float(text: str) -> float:
-    value = float(text)
-    if not value >= 0 or value == float("inf"):
-        raise ValueError(text)
-    return value
-
-
-def _option(
-    parser: argparse.ArgumentParser,
-    flag: str,
-    help: str,
-    *,
-    convert: Callable[[str], Any] = str,
-    expected: str = "a value",
-    default: Any = None,
-    required: bool = False,
-    metavar: str | None = None,
-) -> None:
-    """An option that falls back to the environment variable SEG_<OPTION>."""
-    env = env_name(flag)
-    from_env = os.environ.get(env)
-    shown = f" (default: {default})" if default is not None else ""
-    if from_env:
-        default, required = from_env, False  # argparse converts string defaults with `type`
-    parser.add_argument(
-        flag,
-        type=_typed(convert, expected, flag),
-        default=default,
-        required=required,
-        metavar=metavar,
-        help=f"{help}{shown} [env: {env}]",
-    )
+_lake = arg_type("a path or URI")(lakefs.lake_arg)
 
 
 def _add_gen_data(sub: argparse._SubParsersAction) -> None:
@@ -125,31 +60,55 @@ def _add_gen_data(sub: argparse._SubParsersAction) -> None:
         "(orders and events partitioned by dt=YYYY-MM-DD), plus DIR/_lake.json. "
         "An existing lake at DIR is replaced atomically.",
     )
-    _option(p, "--out", "the lake directory to write (local; copy it to S3 to use an s3a:// "
-            "lake)", convert=_local_path, expected="a local path, not a URI", required=True,
-            metavar="DIR")  # fmt: skip
-    _option(p, "--users", "number of users", convert=_positive_int,
-            expected="a positive integer", required=True, metavar="N")  # fmt: skip
-    _option(p, "--seed", "random seed (same seed and options, same bytes)",
-            convert=_non_negative_int, expected="a non-negative integer",
-            default=lake.DEFAULT_SEED, metavar="S")  # fmt: skip
-    _option(p, "--days", "days of orders and events, ending the day before --as-of",
-            convert=_positive_int, expected="a positive integer", default=lake.DEFAULT_DAYS,
-            metavar="D")  # fmt: skip
-    _option(p, "--orders-per-user", "mean orders per user over the whole period",
-            convert=_non_negative_float, expected="a non-negative number",
-            default=lake.DEFAULT_ORDERS_PER_USER, metavar="F")  # fmt: skip
-    _option(p, "--events-per-user", "mean page-view and cart events per user",
-            convert=_non_negative_float, expected="a non-negative number",
-            default=lake.DEFAULT_EVENTS_PER_USER, metavar="F")  # fmt: skip
-    _option(p, "--as-of", "the lake's 'now': data ends at midnight UTC starting this day",
-            convert=dt.date.fromisoformat, expected="a date YYYY-MM-DD",
-            default=lake.DEFAULT_AS_OF, metavar="YYYY-MM-DD")  # fmt: skip
+    opt = p.add_argument
+    opt(
+        "--out",
+        type=_local_path,
+        required=True,
+        metavar="DIR",
+        help="the lake directory to write (local; copy it to S3 to use an s3a:// lake)",
+    )
+    opt("--users", type=positive_int, required=True, metavar="N", help="number of users")
+    opt(
+        "--seed",
+        type=non_negative_int,
+        default=lake.DEFAULT_SEED,
+        metavar="S",
+        help="random seed (same seed and options, same bytes)",
+    )
+    opt(
+        "--days",
+        type=positive_int,
+        default=lake.DEFAULT_DAYS,
+        metavar="D",
+        help="days of orders and events, ending the day before --as-of",
+    )
+    opt(
+        "--orders-per-user",
+        type=non_negative_float,
+        default=lake.DEFAULT_ORDERS_PER_USER,
+        metavar="F",
+        help="mean orders per user over the whole period",
+    )
+    opt(
+        "--events-per-user",
+        type=non_negative_float,
+        default=lake.DEFAULT_EVENTS_PER_USER,
+        metavar="F",
+        help="mean page-view and cart events per user",
+    )
+    opt(
+        "--as-of",
+        type=iso_date,
+        default=lake.DEFAULT_AS_OF,
+        metavar="YYYY-MM-DD",
+        help="the lake's 'now': data ends at midnight UTC starting this day",
+    )
     p.set_defaults(run=_run_gen_data)
 
 
 def _add_batch(sub: argparse._SubParsersAction) -> None:
-    from compute import definitions, lakefs, spark
+    from compute import definitions, spark
 
     p = sub.add_parser(
         "batch",
@@ -159,38 +118,71 @@ def _add_batch(sub: argparse._SubParsersAction) -> None:
         "BitMap64 file per segment), replacing an existing set at DIR atomically. "
         f"Example definitions: {definitions.EXAMPLE}",
     )
-    _option(p, "--lake", "the data lake: a directory or an s3a://bucket/prefix URI (one "
-            "subdirectory of Parquet per table)", convert=lakefs.lake_arg,
-            expected="a path or URI", required=True, metavar="DIR|URI")  # fmt: skip
-    _option(p, "--definitions", "the segment definitions (TOML)", convert=Path,
-            expected="a path", required=True, metavar="FILE")  # fmt: skip
-    _option(p, "--out", "the segment-set directory to write (default with a --publish-* "
-            "option: a temporary one)", convert=Path, expected="a path", metavar="DIR")  # fmt: skip
-    from compute.publish_target import add_publish_options
-
-    add_publish_options(p, aerospike=True)
-    _option(p, "--as-of", "the as_of parameter (default: the lake's _lake.json as_of, else "
-            "today UTC)", convert=dt.date.fromisoformat, expected="a date YYYY-MM-DD",
-            metavar="YYYY-MM-DD")  # fmt: skip
-    p.add_argument(
-        "--param", action="append", default=[], metavar="NAME=VALUE",
-        help="override a definitions parameter, repeatable; wins over the file "
-        "[env: SEG_PARAM, comma-separated NAME=VALUE list, applied before the command line]",
-    )  # fmt: skip
-    _option(p, "--master", "Spark master", default=spark.DEFAULT_MASTER, metavar="URL")
-    _option(p, "--shuffle-partitions", "spark.sql.shuffle.partitions", convert=_positive_int,
-            expected="a positive integer", default=spark.DEFAULT_SHUFFLE_PARTITIONS,
-            metavar="N")  # fmt: skip
-    _option(p, "--driver-memory", "spark.driver.memory", default="2g", metavar="SIZE")
-    _option(p, "--s3-endpoint", "s3a lake: an S3-compatible endpoint such as "
-            "http://127.0.0.1:9000 (http:// turns TLS off); credentials come from "
-            "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY", metavar="URL")  # fmt: skip
-    _option(p, "--s3-path-style", "s3a lake: path-style requests (host/bucket/key); default: "
-            "yes with --s3-endpoint, else no", convert=_yes_no, expected="yes or no",
-            metavar="yes|no")  # fmt: skip
-    _option(p, "--s3-region", "s3a lake: the signing region (default: AWS_REGION, "
-            "AWS_DEFAULT_REGION, else us-east-1 with --s3-endpoint)",
-            metavar="REGION")  # fmt: skip
+    opt = p.add_argument
+    opt(
+        "--lake",
+        type=_lake,
+        required=True,
+        metavar="DIR|URI",
+        help="the data lake: a directory or an s3a://bucket/prefix URI (one subdirectory of "
+        "Parquet per table)",
+    )
+    opt(
+        "--definitions",
+        type=Path,
+        required=True,
+        metavar="FILE",
+        help="the segment definitions (TOML)",
+    )
+    opt(
+        "--out",
+        type=Path,
+        metavar="DIR",
+        help="the segment-set directory to write "
+        "(default with a --publish-* option: a temporary one)",
+    )
+    publish_target.add_publish_options(p, required=False, aerospike=True)
+    opt(
+        "--as-of",
+        type=iso_date,
+        metavar="YYYY-MM-DD",
+        help="the as_of parameter (default: the lake's _lake.json as_of, else today UTC)",
+    )
+    opt(
+        "--param",
+        action="append",
+        metavar="NAME=VALUE",
+        help="override a definitions parameter, repeatable; wins over the file",
+    )
+    opt("--master", default=spark.DEFAULT_MASTER, metavar="URL", help="Spark master")
+    opt(
+        "--shuffle-partitions",
+        type=positive_int,
+        default=spark.DEFAULT_SHUFFLE_PARTITIONS,
+        metavar="N",
+        help="spark.sql.shuffle.partitions",
+    )
+    opt("--driver-memory", default="2g", metavar="SIZE", help="spark.driver.memory")
+    opt(
+        "--s3-endpoint",
+        metavar="URL",
+        help="s3a lake: an S3-compatible endpoint such as "
+        "http://127.0.0.1:9000 (http:// turns TLS off); credentials come from "
+        "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY",
+    )
+    opt(
+        "--s3-path-style",
+        type=yes_no,
+        metavar="yes|no",
+        help="s3a lake: path-style "
+        "requests (host/bucket/key); default: yes with --s3-endpoint, else no",
+    )
+    opt(
+        "--s3-region",
+        metavar="REGION",
+        help="s3a lake: the signing region (default: "
+        "AWS_REGION, AWS_DEFAULT_REGION, else us-east-1 with --s3-endpoint)",
+    )
     p.set_defaults(run=_run_batch)
 
 
@@ -200,15 +192,12 @@ def _add_stub(sub: argparse._SubParsersAction, name: str, what: str) -> None:
 
 
 def _not_implemented(name: str) -> int:
-    raise UsageError(f"{name} is not implemented yet")
+    raise CommandError(f"{name} is not implemented yet")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog=PROG, description="Spark jobs of the segment platform.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
-                                parser_class=_Parser)  # fmt: skip
-    from compute import stream_cli
-
+def build_parser() -> Parser:
+    parser = Parser(prog=PROG, description="Spark jobs of the segment platform.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_gen_data(sub)
     stream_cli.add_gen_events(sub)
     _add_batch(sub)
@@ -227,7 +216,7 @@ def _run_gen_data(args: argparse.Namespace) -> int:
             as_of=args.as_of,
         )  # fmt: skip
     except ValueError as e:
-        raise UsageError(str(e)) from None
+        raise CommandError(str(e)) from None
     t0 = time.perf_counter()
     meta = generate(args.out, params)
     rows = meta["rows"]
@@ -242,13 +231,12 @@ def _run_gen_data(args: argparse.Namespace) -> int:
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     from compute.definitions import parse_assignment
 
-    items = [s for s in os.environ.get("SEG_PARAM", "").split(",") if s.strip()]
     overrides: dict[str, Any] = {}
-    for item in [*items, *args.param]:
+    for item in args.param:
         try:
             name, value = parse_assignment(item)
         except ValueError as e:
-            raise UsageError(f"--param: {e}") from None
+            raise CommandError(f"--param: {e}") from None
         overrides[name] = value
     if args.as_of is not None:
         overrides["as_of"] = args.as_of
@@ -257,11 +245,9 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 def _lake_conf(args: argparse.Namespace) -> dict[str, str]:
     """Spark settings for a URI lake: the s3a jars and fs.s3a settings for s3a://."""
-    from compute import lakefs
-
     scheme = lakefs.scheme(args.lake)
     if scheme == "s3":
-        raise UsageError(f"--lake {args.lake}: Hadoop reads S3 as s3a://, not s3://")
+        raise CommandError(f"--lake {args.lake}: Hadoop reads S3 as s3a://, not s3://")
     if scheme != "s3a":
         return {}  # another Hadoop file system (file://, hdfs://): Spark's defaults
     s3 = lakefs.S3Settings(args.s3_endpoint, args.s3_path_style, args.s3_region)
@@ -271,7 +257,7 @@ def _lake_conf(args: argparse.Namespace) -> dict[str, str]:
 
 
 def _run_batch(args: argparse.Namespace) -> int:
-    from compute import batch, lakefs
+    from compute import batch
     from compute.definitions import load
     from compute.fsutil import check_replaceable
     from compute.segment_set import MANIFEST
@@ -280,13 +266,11 @@ def _run_batch(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     remote = lakefs.is_uri(args.lake)
     if not remote and not args.lake.is_dir():
-        raise UsageError(f"--lake {args.lake}: not a directory")
+        raise CommandError(f"--lake {args.lake}: not a directory")
     overrides = _overrides(args)
-    from compute.publish_target import publish_transport
-
-    transport = publish_transport(args, required=False)
+    transport = publish_target.publish_transport(args, required=False)
     if args.out is None and transport is None:
-        raise UsageError("give --out DIR, or --publish-kafka / --publish-log-dir to publish")
+        raise CommandError("give --out DIR, or --publish-kafka / --publish-log-dir to publish")
     if args.out is None:
         import tempfile
 
@@ -346,33 +330,30 @@ def _publish(args: argparse.Namespace, transport: Transport) -> None:
     print(f"published to {transport.describe()}: {result.summary()}")
 
 
-def _one_line(error: BaseException) -> str:
-    for line in str(error).splitlines():
-        if line.strip():
-            return line.strip()
-    return type(error).__name__
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    with exits_on_error(PROG, extra=EXTRA):  # the subcommands' modules need the extra
+        parser = build_parser()
     args = parser.parse_args(argv)
     prog = f"{PROG} {args.command}"
     from compute.definitions import DefinitionError
 
     try:
         return int(args.run(args))
-    except (UsageError, DefinitionError) as e:
-        print(f"{prog}: error: {_one_line(e)}", file=sys.stderr)
-        return 2
+    except CommandError as e:
+        return report(prog, str(e), e.code)
+    except DefinitionError as e:
+        return report(prog, str(e), USAGE)
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
     except Exception as e:  # noqa: BLE001 - the contract is a one-line reason, not a trace
+        extra = missing_extra(e, EXTRA) if isinstance(e, ModuleNotFoundError) else None
+        if extra is not None:
+            return report(prog, extra, USAGE)
         # Our own errors (LakeError, OutputError, ...) carry a reason; others get their type.
         ours = type(e).__module__.startswith("compute.")
-        reason = _one_line(e) if ours else f"{type(e).__name__}: {_one_line(e)}"
-        print(f"{prog}: error: {reason}", file=sys.stderr)
-        return 1
+        reason = str(e).strip() if ours else f"{type(e).__name__}: {str(e).strip()}"
+        return report(prog, reason or type(e).__name__, FAILURE)
 
 
 if __name__ == "__main__":

@@ -3,28 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import os
 import signal
 import sys
 import time
 from pathlib import Path
 from types import FrameType
 
-from compute.cli import UsageError, _non_negative_int, _option, _positive_int, env_name
-
-
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not 0 < value < float("inf"):
-        raise ValueError(text)
-    return value
-
-
-def _flag(parser: argparse.ArgumentParser, flag: str, help: str) -> None:
-    """A store-true flag that SEG_<OPTION>=1/true/yes also turns on."""
-    env = env_name(flag)
-    default = os.environ.get(env, "").strip().lower() in ("1", "true", "yes", "on")
-    parser.add_argument(flag, action="store_true", default=default, help=f"{help} [env: {env}]")
+from compute import publish_target
+from sidecar.cliutil import CommandError, non_negative_int, positive_float, positive_int
 
 
 def add_gen_events(sub: argparse._SubParsersAction) -> None:
@@ -38,25 +24,45 @@ def add_gen_events(sub: argparse._SubParsersAction) -> None:
         "keyed by user id; creates the topic when missing. Runs for --duration seconds or "
         "--count events (else until interrupted). Progress goes to stderr.",
     )
-    _option(p, "--kafka", "Kafka bootstrap servers", required=True, metavar="HOST:PORT")
-    _option(p, "--topic", "the events topic", required=True, metavar="T")
-    _option(p, "--rate", "events per second", convert=_positive_float,
-            expected="a positive number", default=100.0, metavar="R")  # fmt: skip
-    _option(p, "--duration", "stop after this many seconds", convert=_positive_float,
-            expected="a positive number", metavar="S")  # fmt: skip
-    _option(p, "--count", "stop after this many events", convert=_positive_int,
-            expected="a positive integer", metavar="N")  # fmt: skip
-    _option(p, "--users-from", "take the user ids from this lake (seg-compute gen-data)",
-            convert=Path, expected="a path", metavar="LAKE")  # fmt: skip
-    _option(p, "--users", "use the first N user ids gen-data --users N makes (default 10000 "
-            "unless --users-from)", convert=_positive_int, expected="a positive integer",
-            metavar="N")  # fmt: skip
-    _option(p, "--seed", "random seed (same seed, same sequence of users and types)",
-            convert=_non_negative_int, expected="a non-negative integer",
-            default=events.DEFAULT_SEED, metavar="S")  # fmt: skip
-    _option(p, "--partitions", "partitions when creating the topic", convert=_positive_int,
-            expected="a positive integer", default=events.DEFAULT_PARTITIONS,
-            metavar="N")  # fmt: skip
+    opt = p.add_argument
+    opt(
+        "--events-kafka",
+        required=True,
+        metavar="HOST:PORT",
+        help="Kafka bootstrap servers of the events topic",
+    )
+    opt("--topic", required=True, metavar="T", help="the events topic")
+    opt("--rate", type=positive_float, default=100.0, metavar="R", help="events per second")
+    opt("--duration", type=positive_float, metavar="S", help="stop after this many seconds")
+    opt("--count", type=positive_int, metavar="N", help="stop after this many events")
+    opt(
+        "--users-from",
+        type=Path,
+        metavar="LAKE",
+        help="take the user ids from this lake (seg-compute gen-data)",
+    )
+    opt(
+        "--users",
+        type=positive_int,
+        metavar="N",
+        help="use the first N user ids gen-data "
+        "--users N makes (default 10000 unless --users-from)",
+    )
+    p.exclusive("--users-from", "--users")
+    opt(
+        "--seed",
+        type=non_negative_int,
+        default=events.DEFAULT_SEED,
+        metavar="S",
+        help="random seed (same seed, same sequence of users and types)",
+    )
+    opt(
+        "--partitions",
+        type=positive_int,
+        default=events.DEFAULT_PARTITIONS,
+        metavar="N",
+        help="partitions when creating the topic",
+    )
     p.set_defaults(run=run_gen_events)
 
 
@@ -64,23 +70,24 @@ def run_gen_events(args: argparse.Namespace) -> int:
     from compute import events
 
     if args.users_from is not None and args.users is not None:
-        raise UsageError("give --users-from LAKE or --users N, not both")
+        raise CommandError("give --users-from LAKE or --users N, not both")
     try:
         if args.users_from is not None:
             users = events.users_from_lake(args.users_from)
         else:
             users = events.synthetic_users(args.users or 10_000)
     except (ValueError, OSError) as e:
-        raise UsageError(str(e)) from None
-    partitions = events.ensure_topic(args.kafka, args.topic, args.partitions)
+        raise CommandError(str(e)) from None
+    partitions = events.ensure_topic(args.events_kafka, args.topic, args.partitions)
     limit = f"{args.count:,} events" if args.count else (
         f"{args.duration:g} s" if args.duration else "until interrupted")  # fmt: skip
     events.stderr_progress(
-        f"{len(users):,} users -> {args.kafka} topic {args.topic} ({partitions} partitions), "
+        f"{len(users):,} users -> {args.events_kafka} topic {args.topic} "
+        f"({partitions} partitions), "
         f"{args.rate:g}/s, {limit}"
     )
     stream = events.generate(users, seed=args.seed, count=args.count, duration=args.duration)
-    sent = events.produce(args.kafka, args.topic, stream, rate=args.rate,
+    sent = events.produce(args.events_kafka, args.topic, stream, rate=args.rate,
                           progress=events.stderr_progress)  # fmt: skip
     print(f"{sent} events to {args.topic}")
     return 0
@@ -99,35 +106,69 @@ def add_stream(sub: argparse._SubParsersAction) -> None:
         "--publish-log-dir. Restart with the same --checkpoint to resume exactly where it "
         "stopped. See compute/README.md.",
     )
-    _option(p, "--kafka", "Kafka bootstrap servers of the events", required=True,
-            metavar="HOST:PORT")  # fmt: skip
-    _option(p, "--events-topic", "the events topic", required=True, metavar="T")
-    _option(p, "--definitions", "definitions file with [[stream]] tables (TOML)",
-            convert=Path, expected="a path", required=True, metavar="FILE")  # fmt: skip
-    add_publish_options(p)
-    _option(p, "--checkpoint", "Spark's checkpoint and the rules' state live here",
-            convert=Path, expected="a path", required=True, metavar="DIR")  # fmt: skip
-    _option(p, "--trigger-seconds", "micro-batch interval", convert=_positive_float,
-            expected="a positive number", default=5.0, metavar="N")  # fmt: skip
-    _flag(p, "--once", "process what is in the topic now, publish, and exit (availableNow)")
-    _option(p, "--starting-offsets", "where a new checkpoint starts reading: earliest or "
-            "latest", default="earliest", metavar="WHERE")  # fmt: skip
-    _option(p, "--max-events-per-batch", "cap on events per micro-batch",
-            convert=_positive_int, expected="a positive integer", metavar="N")  # fmt: skip
-    _option(p, "--writer-id", "the publisher's transactional.id (one stream job per id)",
-            default="seg-compute-stream", metavar="ID")  # fmt: skip
-    _option(p, "--master", "Spark master", default=spark.DEFAULT_MASTER, metavar="URL")
-    _option(p, "--shuffle-partitions", "spark.sql.shuffle.partitions", convert=_positive_int,
-            expected="a positive integer", default=spark.DEFAULT_SHUFFLE_PARTITIONS,
-            metavar="N")  # fmt: skip
-    _option(p, "--driver-memory", "spark.driver.memory", default="2g", metavar="SIZE")
+    opt = p.add_argument
+    opt(
+        "--events-kafka",
+        required=True,
+        metavar="HOST:PORT",
+        help="Kafka bootstrap servers of the events topic",
+    )
+    opt("--events-topic", required=True, metavar="T", help="the events topic")
+    opt(
+        "--definitions",
+        type=Path,
+        required=True,
+        metavar="FILE",
+        help="definitions file with [[stream]] tables (TOML)",
+    )
+    publish_target.add_publish_options(p, required=True)
+    opt(
+        "--checkpoint",
+        type=Path,
+        required=True,
+        metavar="DIR",
+        help="Spark's checkpoint and the rules' state live here",
+    )
+    opt(
+        "--trigger-seconds",
+        type=positive_float,
+        default=5.0,
+        metavar="N",
+        help="micro-batch interval",
+    )
+    opt(
+        "--once",
+        action="store_true",
+        help="process what is in the topic now, publish, and exit (availableNow)",
+    )
+    opt(
+        "--starting-offsets",
+        choices=("earliest", "latest"),
+        default="earliest",
+        help="where a new checkpoint starts reading",
+    )
+    opt(
+        "--max-events-per-batch",
+        type=positive_int,
+        metavar="N",
+        help="cap on events per micro-batch",
+    )
+    opt(
+        "--writer-id",
+        default="seg-compute-stream",
+        metavar="ID",
+        help="the publisher's transactional.id (one stream job per id)",
+    )
+    opt("--master", default=spark.DEFAULT_MASTER, metavar="URL", help="Spark master")
+    opt(
+        "--shuffle-partitions",
+        type=positive_int,
+        default=spark.DEFAULT_SHUFFLE_PARTITIONS,
+        metavar="N",
+        help="spark.sql.shuffle.partitions",
+    )
+    opt("--driver-memory", default="2g", metavar="SIZE", help="spark.driver.memory")
     p.set_defaults(run=run_stream)
-
-
-def add_publish_options(p: argparse.ArgumentParser) -> None:
-    from compute.publish_target import add_publish_options as add
-
-    add(p)
 
 
 class _Stop:
@@ -144,18 +185,14 @@ class _Stop:
 def run_stream(args: argparse.Namespace) -> int:
     from compute import rules, sparkjars, stream
     from compute.events import ensure_topic
-    from compute.publish_target import publish_transport
     from compute.spark import build_session
     from publisher import Publisher
 
-    transport = publish_transport(args)
-    if args.starting_offsets not in ("earliest", "latest"):
-        where = args.starting_offsets
-        raise UsageError(f"--starting-offsets must be earliest or latest, not {where!r}")
+    transport = publish_target.publish_transport(args)
     definitions = rules.load(args.definitions)
     args.checkpoint.mkdir(parents=True, exist_ok=True)
     jars = sparkjars.streaming_conf()
-    partitions = ensure_topic(args.kafka, args.events_topic)
+    partitions = ensure_topic(args.events_kafka, args.events_topic)
     say = stream.print_report
     print(f"stream: {len(definitions.rules)} rule(s) ({', '.join(definitions.names)}) from "
           f"{args.events_topic} ({partitions} partitions) -> {transport.describe()}; "
@@ -173,7 +210,7 @@ def run_stream(args: argparse.Namespace) -> int:
         on_batch=say,
     )
     opts = stream.StreamOptions(
-        kafka=args.kafka,
+        kafka=args.events_kafka,
         events_topic=args.events_topic,
         checkpoint=args.checkpoint,
         trigger_seconds=args.trigger_seconds,

@@ -9,12 +9,12 @@ file in the output directory.
 The harness starts what it needs (the real Kafka broker via deploy/local/kafka in a
 temporary data directory, `seg-sidecar` subprocesses, redis-server, the echo peer) and stops
 all of it at the end, also on errors, Ctrl-C and SIGTERM. Exit 0 when every scenario ran
-(whether or not its targets were met), 1 when one failed, 2 on bad usage.
+(whether or not its targets were met), 1 when one failed, 2 on bad usage. Every option can
+also come from the environment as SEG_<OPTION> (sidecar/cliutil.py has the rules).
 """
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import os
 import shlex
@@ -25,6 +25,8 @@ import traceback
 from pathlib import Path
 from types import FrameType, ModuleType
 from typing import Any
+
+from sidecar.cliutil import Parser
 
 from . import report
 from .services import Context, log
@@ -39,8 +41,8 @@ def module(name: str) -> ModuleType:
     return importlib.import_module(f"perf.{name}")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+def build_parser() -> Parser:
+    p = Parser(
         prog="seg-perf",
         description="Benchmarks of DESIGN.md's performance targets against peers measured in "
         "the same run.",
@@ -58,26 +60,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--out",
         type=Path,
-        default=Path(os.environ.get("SEG_OUT") or DEFAULT_OUT),
+        default=DEFAULT_OUT,
+        metavar="DIR",
         help=f"results directory (default {os.path.relpath(DEFAULT_OUT)})",
     )
     p.add_argument(
         "--report",
         type=Path,
-        default=Path(os.environ["SEG_REPORT"]) if os.environ.get("SEG_REPORT") else None,
+        metavar="FILE",
         help="report path (default perf/REPORT.md for the default --out, else OUT/REPORT.md)",
     )
     p.add_argument(
         "--source",
         choices=["kafka", "logdir"],
-        default=os.environ.get("SEG_SOURCE") or "kafka",
+        default="kafka",
         help="what the latency scenarios' sidecar replays (default kafka, as in production)",
     )
     p.add_argument(
         "--kafka",
         metavar="HOST:PORT",
-        default=os.environ.get("SEG_KAFKA") or None,
-        help="use this broker instead of starting one",
+        help="use this broker for the segment log instead of starting one",
     )
     return p
 
@@ -140,7 +142,8 @@ def _prefer_source_tree() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     _prefer_source_tree()
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     out: Path = args.out.resolve()
     report_path: Path = (
         args.report.resolve()
@@ -150,8 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     command = "seg-perf " + shlex.join(sys.argv[1:] if argv is None else argv)
     chosen: list[str] = args.scenario
     if ("all" in chosen or "report" in chosen) and len(chosen) > 1:
-        print("seg-perf: error: 'all' and 'report' go alone", file=sys.stderr)
-        return 2
+        parser.error("'all' and 'report' go alone")
     if chosen == ["report"]:
         sections = {n: module(n).section for n in SCENARIOS}
         path = report.write_report(out, report_path, sections)

@@ -1,4 +1,9 @@
-"""`seg-publish`: publish a segment-set directory to the log (and Aerospike)."""
+"""`seg-publish`: publish a segment-set directory to the log (and Aerospike).
+
+Every option can also come from the environment as SEG_<OPTION> (sidecar/cliutil.py has the
+rules). Exit status: 0 published (or nothing to do), 2 bad input, 3 fenced by another
+publisher, 1 when the log or Aerospike fails; always a one-line reason on stderr.
+"""
 
 from __future__ import annotations
 
@@ -6,16 +11,26 @@ import argparse
 import logging
 import sys
 
-from sidecar.cliutil import add_log_options, apply_env_defaults, fail, transport_from_args
+from sidecar.cliutil import (
+    FAILURE,
+    CommandError,
+    Parser,
+    add_log_options,
+    exits_on_error,
+    positive_int,
+    transport_from_args,
+)
 from sidecar.transport.base import FencedError, TransportError
 
 from .plan import SnapshotPolicy
 from .publish import Publisher
 from .segment_set import InputError, read_segment_set
 
+FENCED = 3  # exit status when another publisher with the same --writer-id took over
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+
+def build_parser() -> Parser:
+    parser = Parser(
         prog="seg-publish",
         description=(
             "Publish a segment-set directory: recover the current state by replaying the log, "
@@ -37,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--drop", action="append", default=[], metavar="SEGMENT", help="drop a segment; repeatable"
     )
     parser.add_argument(
-        "--partitions", type=int, default=None, help="partitions when creating the topics"
+        "--partitions", type=positive_int, metavar="N", help="partitions when creating the topics"
     )
     parser.add_argument(
         "--writer-id",
@@ -45,23 +60,32 @@ def build_parser() -> argparse.ArgumentParser:
         help="transactional.id: a second publisher with the same id fences the first",
     )
     parser.add_argument(
-        "--snapshot-every", type=int, default=50, help="write a snapshot every N versions"
+        "--snapshot-every",
+        type=positive_int,
+        default=50,
+        metavar="N",
+        help="write a snapshot every N versions",
     )
     parser.add_argument("--quiet", action="store_true", help="print only the summary")
-    apply_env_defaults(parser)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    with exits_on_error(parser.prog):
+        return _publish(args)
+
+
+def _publish(args: argparse.Namespace) -> int:
     if not args.input and not args.drop:
-        fail("give --input DIR (and/or --drop SEGMENT)")
+        raise CommandError("give --input DIR (and/or --drop SEGMENT)")
     transport = transport_from_args(args)
     try:
         desired = read_segment_set(args.input).segments if args.input else {}
     except InputError as exc:
-        fail(str(exc))
+        raise CommandError(str(exc)) from None
     sink = None
     if args.aerospike:
         from .aerospike_sink import AerospikeSink, AerospikeSinkError
@@ -71,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.create_index:
                 sink.create_index()
         except (AerospikeSinkError, ValueError) as exc:
-            fail(str(exc), code=1)
+            raise CommandError(str(exc), FAILURE) from None
 
     def progress(message: str) -> None:
         if not args.quiet:
@@ -88,13 +112,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = publisher.publish(desired, prune=args.prune, drop=args.drop)
     except ValueError as exc:
-        fail(str(exc))
+        raise CommandError(str(exc)) from None
     except FencedError as exc:
-        fail(f"fenced: {exc}", code=3)
+        raise CommandError(f"fenced: {exc}", FENCED) from None
     except TransportError as exc:
-        fail(str(exc), code=1)
+        raise CommandError(str(exc), FAILURE) from None
     except RuntimeError as exc:  # AerospikeSinkError: nothing was committed to the log
-        fail(f"{exc} (the log was not written; run the same publish again)", code=1)
+        msg = f"{exc} (the log was not written; run the same publish again)"
+        raise CommandError(msg, FAILURE) from None
     print(f"published to {transport.describe()}: {result.summary()}")
     return 0
 

@@ -19,9 +19,22 @@ import json
 import logging
 import signal
 import sys
-from typing import Any, NoReturn
+from typing import Any
 
-from .cliutil import add_log_options, apply_env_defaults, fail, transport_from_args
+from .cliutil import (
+    FAILURE,
+    CommandError,
+    Parser,
+    add_log_options,
+    exits_on_error,
+    host_port,
+    octal_mode,
+    off_or,
+    positive_float,
+    positive_int,
+    report,
+    transport_from_args,
+)
 from .fallback.base import Fallback
 from .protocol import DEFAULT_MAX_FRAME
 from .server.app import DEFAULT_UDS, serve
@@ -31,11 +44,6 @@ from .server.uds import SocketPathError
 log = logging.getLogger("sidecar")
 
 DEFAULT_HTTP = "127.0.0.1:8571"
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        fail(message)
 
 
 class JsonFormatter(logging.Formatter):
@@ -64,43 +72,8 @@ def setup_logging(level: str) -> None:
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
 
 
-def _octal(text: str) -> int:
-    try:
-        mode = int(text, 8)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an octal mode: {text!r}") from None
-    if not 0 <= mode <= 0o777:
-        raise argparse.ArgumentTypeError(f"mode out of range: {text!r}")
-    return mode
-
-
-def _positive(kind: type[int] | type[float]) -> Any:
-    def parse(text: str) -> int | float:
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
-        return value
-
-    parse.__name__ = kind.__name__
-    return parse
-
-
-def parse_http(spec: str) -> tuple[str, int] | None:
-    """`HOST:PORT` (IPv6 as `[::1]:PORT`); '' turns HTTP off."""
-    if not spec:
-        return None
-    host, sep, port = spec.rpartition(":")
-    host = host.strip("[]")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-        fail(f"--http takes HOST:PORT (or '' to turn HTTP off), got {spec!r}")
-    return host, int(port)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(
+def build_parser() -> Parser:
+    p = Parser(
         prog="seg-sidecar",
         description=(
             "Replay the segment log into in-memory roaring bitmaps and answer membership "
@@ -117,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     srv.add_argument(
         "--http",
+        type=off_or(host_port),
         default=DEFAULT_HTTP,
         metavar="HOST:PORT",
         help=f"HTTP address ('' turns it off; default {DEFAULT_HTTP}; port 0 picks a free one)",
@@ -127,18 +101,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="do not serve the operators' page at /ui on the HTTP address",
     )
     srv.add_argument(
-        "--socket-mode", type=_octal, default=0o660, help="socket file mode (default 0660)"
+        "--socket-mode",
+        type=octal_mode,
+        default=0o660,
+        metavar="MODE",
+        help="socket file mode (default 0660)",
     )
     srv.add_argument(
         "--max-frame",
-        type=_positive(int),
+        type=positive_int,
         default=DEFAULT_MAX_FRAME,
         metavar="BYTES",
         help="largest Unix-socket frame (default 1 MiB)",
     )
     srv.add_argument(
         "--max-body",
-        type=_positive(int),
+        type=positive_int,
         default=DEFAULT_MAX_BODY,
         metavar="BYTES",
         help="largest HTTP request body (default 1 MiB)",
@@ -147,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--state-dir", metavar="DIR", help="where checkpoints are written")
     rep.add_argument(
         "--checkpoint-interval",
-        type=_positive(float),
+        type=positive_float,
         default=60.0,
         metavar="SECONDS",
         help="checkpoint period with --state-dir (default 60)",
@@ -164,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     fb.add_argument("--aerospike-bin", default="segs", help="bin (default segs)")
     fb.add_argument(
         "--fallback-budget-ms",
-        type=_positive(float),
+        type=positive_float,
         default=5.0,
         help="time budget of one fallback lookup (default 5)",
     )
@@ -178,10 +156,6 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
         help="log level (default INFO)",
     )
-    try:
-        apply_env_defaults(p)
-    except (argparse.ArgumentTypeError, ValueError) as exc:
-        fail(f"bad SEG_* environment value: {exc}")
     return p
 
 
@@ -193,7 +167,7 @@ def make_fallback(args: argparse.Namespace) -> Fallback | None:
     try:
         hosts = parse_hosts(args.aerospike)
     except ValueError as exc:
-        fail(f"--aerospike: {exc}")
+        raise CommandError(f"--aerospike: {exc}") from None
     fallback = AerospikeFallback(
         hosts,
         namespace=args.aerospike_namespace,
@@ -210,7 +184,7 @@ def make_fallback(args: argparse.Namespace) -> Fallback | None:
 
 async def _run(args: argparse.Namespace, replica: Any, fallback: Fallback | None) -> str | None:
     """Serve until a signal; returns None on a clean shutdown, else the reason it failed."""
-    http = parse_http(args.http)
+    http = args.http
     stop = asyncio.Event()
     started = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -251,12 +225,13 @@ async def _run(args: argparse.Namespace, replica: Any, fallback: Fallback | None
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if not args.uds and not args.http:
-        fail("nothing to serve: both --uds and --http are turned off")
-    parse_http(args.http)  # validate before starting anything
-    transport = transport_from_args(args)
-    fallback = make_fallback(args)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    with exits_on_error(parser.prog):
+        if not args.uds and not args.http:
+            raise CommandError("nothing to serve: both --uds and --http are turned off")
+        transport = transport_from_args(args)
+        fallback = make_fallback(args)
     setup_logging(args.log_level)
 
     import uvloop
@@ -274,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
         "starting: log %s, uds %s, http %s, fallback %s",
         transport.describe(),
         args.uds or "off",
-        args.http or "off",
+        f"{args.http[0]}:{args.http[1]}" if args.http else "off",
         fallback.name if fallback else "none",
     )
     replica.start()
@@ -285,8 +260,7 @@ def main(argv: list[str] | None = None) -> int:
         replica.stop(save=True)
         log.info("replica stopped%s", " (checkpoint written)" if args.state_dir else "")
     if failure is not None:
-        print(f"seg-sidecar: error: {failure}", file=sys.stderr)  # the last line: the reason
-        return 1
+        return report(parser.prog, failure, FAILURE)  # the last line: the reason
     return 0
 
 

@@ -366,7 +366,7 @@ def test_cli_from_environment_and_warm_restart(workdir: Path, logstate: LogState
     [
         (["--log-dir", "/tmp/x", "--kafka", "localhost:9092"], {}, "exactly one"),
         ([], {}, "exactly one"),
-        (["--log-dir", "/tmp/x"], {"SEG_KAFKA": "localhost:9092"}, "exactly one"),
+        ([], {"SEG_LOG_DIR": "/tmp/x", "SEG_KAFKA": "localhost:9092"}, "exactly one"),
         (["--log-dir", "/tmp/x", "--http", "nonsense"], {}, "--http"),
         (["--log-dir", "/tmp/x", "--http", "", "--uds", ""], {}, "nothing to serve"),
         (["--log-dir", "/tmp/x", "--socket-mode", "999"], {}, "mode"),

@@ -481,7 +481,7 @@ def test_gen_events_cli(kafka_bootstrap: str, topic_prefix: str) -> None:
     from confluent_kafka import Consumer
 
     topic = f"{topic_prefix}.events"
-    cmd = [sys.executable, "-m", "compute.cli", "gen-events", "--kafka", kafka_bootstrap,
+    cmd = [sys.executable, "-m", "compute.cli", "gen-events", "--events-kafka", kafka_bootstrap,
            "--topic", topic, "--rate", "400", "--count", "200", "--users", "50"]  # fmt: skip
     started = time.monotonic()
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)

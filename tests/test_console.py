@@ -67,9 +67,12 @@ def _get(url: str) -> tuple[int, dict[str, str], bytes]:
 
 
 class SidecarProcess:
-    """`seg-sidecar --log-dir DIR` on a free port, HTTP only, ready before it is returned."""
+    """`seg-sidecar --log-dir DIR` on a free port, HTTP only, returned once ready (or, with
+    `ready=False`, once alive)."""
 
-    def __init__(self, log_dir: Path, *args: str, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, log_dir: Path, *args: str, env: dict[str, str] | None = None, ready: bool = True
+    ) -> None:
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc = subprocess.Popen(
@@ -91,7 +94,7 @@ class SidecarProcess:
             if self.proc.poll() is not None:
                 raise AssertionError(self.proc.stderr.read().decode()[-3000:])  # type: ignore[union-attr]
             try:
-                if _get(self.url + "/readyz")[0] == 200:
+                if _get(self.url + ("/readyz" if ready else "/healthz"))[0] == 200:
                     return
             except OSError:
                 pass
@@ -350,6 +353,26 @@ def test_fallback_answers_and_the_breaker(
         assert chromium.dialogs == [] and chromium.errors == []
     finally:
         s.stop()
+
+
+def test_not_ready_then_unreachable(chromium: Browser, tmp_path: Path) -> None:
+    s = SidecarProcess(tmp_path / "no-log-yet", ready=False)  # waits for the log to appear
+    try:
+        chromium.goto(s.url + "/ui")
+        chromium.wait_for("document.getElementById('ready-badge').textContent === 'not ready'")
+        assert chromium.eval("document.getElementById('c-ready').textContent") == "catching up"
+        got = _explain(chromium, "1", "vip")
+        assert (got["member"], got["source"], got["reason"]) == ("unknown", "none", "not_ready")
+    finally:
+        s.stop()
+    chromium.wait_for(
+        "document.getElementById('ready-badge').textContent === 'unreachable'"
+        " && document.getElementById('problem').checkVisibility()",
+        what="the page saying the sidecar is gone",
+    )
+    assert chromium.eval("document.getElementById('problem').textContent").startswith(
+        "Cannot read the sidecar"
+    )
 
 
 def test_narrow_screen(page: Browser) -> None:

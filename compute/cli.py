@@ -1,5 +1,5 @@
-"""`seg-compute`: the compute jobs' command line (gen-data, gen-events, batch, stream; cdc to
-come).
+"""`seg-compute`: the compute jobs' command line (gen-data, gen-events, batch, stream, cdc,
+sink).
 
 Every option can also be given as an environment variable SEG_<OPTION> (`--orders-per-user`
 is SEG_ORDERS_PER_USER); the command line wins (sidecar/cliutil.py has the rules). Exit
@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from compute import lakefs, publish_target, stream_cli
+from compute import lakefs, publish_target, sources_cli, stream_cli
 from sidecar.cliutil import (
     FAILURE,
     USAGE,
@@ -186,15 +186,6 @@ def _add_batch(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=_run_batch)
 
 
-def _add_stub(sub: argparse._SubParsersAction, name: str, what: str) -> None:
-    p = sub.add_parser(name, help=f"{what} (not implemented yet)", description=what)
-    p.set_defaults(run=lambda args: _not_implemented(name))
-
-
-def _not_implemented(name: str) -> int:
-    raise CommandError(f"{name} is not implemented yet")
-
-
 def build_parser() -> Parser:
     parser = Parser(prog=PROG, description="Spark jobs of the segment platform.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -202,7 +193,7 @@ def build_parser() -> Parser:
     stream_cli.add_gen_events(sub)
     _add_batch(sub)
     stream_cli.add_stream(sub)
-    _add_stub(sub, "cdc", "segments from MongoDB change streams")
+    sources_cli.add_cdc(sub)
     return parser
 
 

@@ -172,8 +172,14 @@ def synthetic_users(n: int) -> np.ndarray:
 # -- Kafka -------------------------------------------------------------------------------------
 
 
-def ensure_topic(bootstrap: str, topic: str, partitions: int = DEFAULT_PARTITIONS) -> int:
-    """Create the events topic when it is missing; returns its partition count."""
+def ensure_topic(
+    bootstrap: str,
+    topic: str,
+    partitions: int = DEFAULT_PARTITIONS,
+    config: dict[str, str] | None = None,
+) -> int:
+    """Create the topic (with topic `config`, e.g. compaction) when it is missing; returns
+    its partition count. An existing topic is used as it is."""
     from confluent_kafka import KafkaError, KafkaException
     from confluent_kafka.admin import AdminClient, NewTopic
 
@@ -182,7 +188,9 @@ def ensure_topic(bootstrap: str, topic: str, partitions: int = DEFAULT_PARTITION
     found = meta.topics.get(topic)
     if found is not None and found.error is None:
         return len(found.partitions)
-    futures = admin.create_topics([NewTopic(topic, partitions, 1)], request_timeout=30)
+    futures = admin.create_topics(
+        [NewTopic(topic, partitions, 1, config=config or {})], request_timeout=30
+    )
     try:
         futures[topic].result()
     except KafkaException as exc:

@@ -1,1 +1,6 @@
-pytest_plugins = ["tests.kafka_fixture", "tests.aerospike_fixture", "tests.sidecar_fixtures"]
+pytest_plugins = [
+    "tests.kafka_fixture",
+    "tests.aerospike_fixture",
+    "tests.sidecar_fixtures",
+    "tests.mongo_fixture",
+]

@@ -159,7 +159,6 @@ def test_cli_gen_data_with_env_options(tmp_path: Path) -> None:
         (["gen-data", "--out", "x", "--users", "0"], {}, "--users"),
         (["gen-data", "--out", "x"], {"SEG_USERS": "many"}, "SEG_USERS"),
         (["gen-data", "--users", "5"], {}, "--out"),
-        (["cdc"], {}, "not implemented"),
     ],
 )
 def test_cli_usage_errors_are_one_line(args: list[str], env: dict, needle: str) -> None:

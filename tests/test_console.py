@@ -147,18 +147,24 @@ def page(chromium: Browser, sidecar: SidecarProcess) -> Iterator[Browser]:
     assert chromium.errors == []
     for url in chromium.requests:
         if url.startswith("http"):
-            assert urlsplit(url).path in _documented(), url
+            assert DOCUMENTED.fullmatch(urlsplit(url).path), url
 
 
-def _documented() -> set[str]:
-    paths = set()
-    for path in SPEC["paths"]:
-        if "{asset}" in path:
-            param = SPEC["paths"][path]["get"]["parameters"][0]
-            paths |= {path.replace("{asset}", a) for a in param["schema"]["enum"]}
-        else:
-            paths.add(path)
-    return paths
+def _route_pattern(path: str) -> str:
+    op = SPEC["paths"][path]["get"]
+    out = re.escape(path)
+    for param in op.get("parameters", []):
+        if param.get("in") == "path":
+            values = param["schema"].get("enum")
+            part = "|".join(map(re.escape, values)) if values else "[^/]+"
+            out = out.replace(re.escape("{" + param["name"] + "}"), f"(?:{part})")
+    return out
+
+
+#: what the browser may ask for: a documented GET route, path parameters filled in
+DOCUMENTED = re.compile(
+    "|".join(_route_pattern(p) for p in SPEC["paths"] if "get" in SPEC["paths"][p])
+)
 
 
 def _rows(b: Browser) -> list[dict[str, Any]]:
@@ -179,8 +185,8 @@ def _explain(b: Browser, user: str, segment: str, *, enter: bool = False) -> dic
         what="an answer",
     )
     return b.eval(
-        "Object.fromEntries(['member', 'source', 'version', 'age', 'reason', 'error'].map(k =>"
-        " [k, document.getElementById('check-' + k).textContent]))"
+        "Object.fromEntries(['member', 'source', 'version', 'age', 'reason', 'all', 'error']"
+        ".map(k => [k, document.getElementById('check-' + k).textContent]))"
     )
 
 
@@ -212,11 +218,13 @@ def test_check_box_answers_true_and_false(page: Browser) -> None:
     yes = _explain(page, "150", "cart:30m")
     assert (yes["member"], yes["source"], yes["version"]) == ("yes", "local", "1")
     assert yes["reason"] == "answered by this replica" and yes["age"] != "–"
+    assert yes["all"] == "big.buyers, cart:30m"  # /v1/users/150/segments
     assert yes["error"] == "" and not page.eval(
         "document.getElementById('check-error').checkVisibility()"
     )
     no = _explain(page, "99", "cart:30m", enter=True)
     assert (no["member"], no["source"], no["version"]) == ("no", "local", "1")
+    assert no["all"] == "big.buyers"
     # an id above 2**53 goes to the server as typed (a JS number would round it)
     assert _explain(page, str(MAX), "vip")["member"] == "yes"
     assert _explain(page, str(MAX - 1), "vip")["member"] == "no"
@@ -387,7 +395,12 @@ def test_narrow_screen(page: Browser) -> None:
 
 def test_screenshot(page: Browser, tmp_path: Path) -> None:
     _explain(page, "150", "cart:30m")
-    page.wait_for("document.getElementById('rates').tBodies[0].rows.length > 0")
+    # rates need two readings of the counts: wait for the second refresh
+    page.wait_for(
+        "[...document.getElementById('rates').tBodies[0].rows].some(r =>"
+        " r.cells[2].textContent !== '–')",
+        what="a request rate",
+    )
     page.eval("window.scrollTo(0, 0)")
     target = Path(os.environ.get("SEG_UI_SCREENSHOT") or tmp_path / "ui.png")
     page.screenshot(target)
@@ -418,8 +431,13 @@ def test_the_script_never_writes_markup_and_calls_only_documented_routes() -> No
     # the audience box asks its routes only once openapi.json lists them (the page fixture
     # checks every request the browser made)
     gated = {"/v1/audience", "/v1/audience/count"}
-    assert {"/v1/status", "/v1/segments", "/v1/explain"} <= called
-    assert called - gated <= set(SPEC["paths"]), called
+    assert {"/v1/status", "/v1/segments", "/v1/explain", "/v1/users/"} <= called
+    assert called - gated - {"/v1/users/"} <= set(SPEC["paths"]), called
+    assert "/v1/users/{user}/segments" in SPEC["paths"]
+    # and the pattern the page fixture checks the browser's requests with is not a blank cheque
+    assert DOCUMENTED.fullmatch("/v1/users/150/segments") and DOCUMENTED.fullmatch("/ui/console.js")
+    for stray in ("/ui/x.js", "/v1/users/1/segments/x", "/favicon.ico", "/v1/audience/count"):
+        assert not DOCUMENTED.fullmatch(stray) or stray in SPEC["paths"]
 
 
 @pytest.mark.parametrize(("args", "env"), [(["--no-ui"], {}), ([], {"SEG_NO_UI": "1"})])

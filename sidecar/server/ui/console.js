@@ -261,7 +261,7 @@
     clearTimeout(state.timer);
     if (!$("auto").checked) return;
     state.timer = setTimeout(async () => {
-      await refresh();
+      if (!document.hidden) await refresh(); // a background tab waits (visibilitychange)
       schedule();
     }, Number($("interval").value) || 2000);
   }
@@ -275,8 +275,9 @@
     say($("check-error"), "");
     const q = new URLSearchParams({ user, segment });
     let res;
+    let all;
     try {
-      res = await call(`v1/explain?${q}`);
+      [res, all] = await Promise.all([call(`v1/explain?${q}`), call(`v1/users/${encodeURIComponent(user)}/segments`)]);
     } catch (err) {
       say($("check-error"), `Cannot reach the sidecar: ${err.message}`);
       return;
@@ -294,6 +295,8 @@
     $("check-version").textContent = r.version === null ? "–" : String(r.version);
     $("check-age").textContent = r.age_ms === null ? "–" : fmtAge(r.age_ms);
     $("check-reason").textContent = r.reason === null ? "answered by this replica" : r.reason;
+    const segs = all.ok && all.body && Array.isArray(all.body.segments) ? all.body.segments : null;
+    $("check-all").textContent = segs === null ? "–" : (segs.join(", ") || "none") + (all.body.complete === false ? " (incomplete: the fallback could not answer for all)" : "");
     show($("check-result"), true);
   }
 

@@ -310,14 +310,20 @@ def _publish(args: argparse.Namespace, transport: Transport) -> None:
     """Publish the segment set just written, through the publisher's API (the same input
     validation and diff as seg-publish)."""
     from publisher import Publisher, read_segment_set
+    from publisher.guard import Guard, GuardError
 
     sink = None
     if args.publish_aerospike:
         from publisher.aerospike_sink import AerospikeSink
 
         sink = AerospikeSink.connect(args.publish_aerospike)
-    desired = read_segment_set(args.out).segments
-    result = Publisher(transport, sink=sink).publish(desired)
+    segment_set = read_segment_set(args.out)
+    try:
+        result = Publisher(transport, sink=sink, guard=Guard()).publish(
+            segment_set.segments, min_cardinality=segment_set.min_cardinality
+        )
+    except GuardError as exc:  # the set stays in --out: seg-publish --input OUT --force
+        raise CommandError(f"{exc}; the segment set is in {args.out}", USAGE) from None
     print(f"published to {transport.describe()}: {result.summary()}")
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from types import FrameType
 
 from compute import publish_target
+from publisher.guard import STREAM_MAX_REMOVE_FRACTION, fraction
 from sidecar.cliutil import CommandError, non_negative_int, positive_float, positive_int
 
 
@@ -159,6 +160,14 @@ def add_stream(sub: argparse._SubParsersAction) -> None:
         metavar="ID",
         help="the publisher's transactional.id (one stream job per id)",
     )
+    opt(
+        "--max-remove-fraction",
+        type=fraction,
+        default=STREAM_MAX_REMOVE_FRACTION,
+        metavar="F",
+        help="refuse a micro-batch's publish removing more than this fraction of a segment "
+        "(default 1: no limit, since windows empty segments legitimately; publisher/guard.py)",
+    )
     opt("--master", default=spark.DEFAULT_MASTER, metavar="URL", help="Spark master")
     opt(
         "--shuffle-partitions",
@@ -187,6 +196,7 @@ def run_stream(args: argparse.Namespace) -> int:
     from compute.events import ensure_topic
     from compute.spark import build_session
     from publisher import Publisher
+    from publisher.guard import Guard
 
     transport = publish_target.publish_transport(args)
     definitions = rules.load(args.definitions)
@@ -205,7 +215,12 @@ def run_stream(args: argparse.Namespace) -> int:
     )
     job = stream.StreamJob(
         definitions,
-        Publisher(transport, writer_id=args.writer_id, session=True),
+        Publisher(
+            transport,
+            writer_id=args.writer_id,
+            session=True,
+            guard=Guard(args.max_remove_fraction),
+        ),
         args.checkpoint,
         on_batch=say,
     )

@@ -18,6 +18,7 @@ from sidecar.replica.recovery import bootstrap, read_until
 from sidecar.replica.state import SegmentState
 from sidecar.transport.base import Transport
 
+from .guard import Guard
 from .plan import Change, SnapshotPolicy, diff, records
 
 log = logging.getLogger(__name__)
@@ -138,6 +139,7 @@ class Publisher:
         policy: SnapshotPolicy | None = None,
         progress: Callable[[str], None] | None = None,
         session: bool = False,
+        guard: Guard | None = None,
     ) -> None:
         self.transport = transport
         self.writer_id = writer_id
@@ -146,6 +148,7 @@ class Publisher:
         self.policy = policy or SnapshotPolicy()
         self.progress = progress or _quiet
         self.keep_session = session
+        self.guard = guard
         self._session: _Session | None = None
 
     def close(self) -> None:
@@ -165,7 +168,12 @@ class Publisher:
         *,
         prune: bool = False,
         drop: Iterable[str] = (),
+        min_cardinality: Mapping[str, int] | None = None,
     ) -> PublishResult:
+        """Publish `desired` (segment -> members). With a `guard`, raises GuardError, having
+        written nothing, when a change breaks it (see guard.py); `min_cardinality` holds the
+        manifest's floors. Without one nothing is refused: the tools that publish a job's
+        output (seg-publish, seg-compute batch and stream) pass theirs."""
         both = sorted(set(drop) & set(desired))
         if both:
             raise ValueError(f"segments both in the input and to drop: {', '.join(both)}")
@@ -175,7 +183,7 @@ class Publisher:
                 self._session = _Session(self)
             else:
                 self._session.catch_up()
-            result = self._publish(self._session, desired, prune, set(drop))
+            result = self._publish(self._session, desired, prune, set(drop), min_cardinality or {})
         except BaseException:
             self.close()
             raise
@@ -185,7 +193,12 @@ class Publisher:
         return result
 
     def _publish(
-        self, session: _Session, desired: Mapping[str, BitMap64], prune: bool, drop: set[str]
+        self,
+        session: _Session,
+        desired: Mapping[str, BitMap64],
+        prune: bool,
+        drop: set[str],
+        min_cardinality: Mapping[str, int],
     ) -> PublishResult:
         engine, writer = session.engine, session.writer
         offsets = session.offsets()
@@ -193,9 +206,12 @@ class Publisher:
         if unhealthy:
             log.warning("log history damaged for %s: republishing whole", unhealthy)
         _fault("after-recover")
+        explicit = frozenset(drop)
         if prune:
             drop |= set(engine.segments) - set(desired)
         plan = diff(engine, dict(desired), drop=drop, policy=self.policy)
+        if self.guard is not None:
+            self.guard.check(engine, plan, min_cardinality=min_cardinality, explicit_drops=explicit)
         result = PublishResult()
         if not plan.changes:
             return result

@@ -7,7 +7,7 @@ every file (present, inside the directory, a valid BitMap64) and every cardinali
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from pyroaring import BitMap64
@@ -23,6 +23,8 @@ class InputError(ValueError):
 class SegmentSet:
     computed_at: str
     segments: dict[str, BitMap64]
+    #: the entries' optional "min_cardinality" (publish guards)
+    min_cardinality: dict[str, int] = field(default_factory=dict)
 
 
 def read_segment_set(path: str | Path) -> SegmentSet:
@@ -43,6 +45,7 @@ def read_segment_set(path: str | Path) -> SegmentSet:
     if not isinstance(entries, dict):
         raise InputError(f'{manifest_path}: "segments" must be an object')
     segments: dict[str, BitMap64] = {}
+    floors: dict[str, int] = {}
     for name, entry in entries.items():
         try:
             segment_id(name)
@@ -53,6 +56,11 @@ def read_segment_set(path: str | Path) -> SegmentSet:
         card = entry.get("cardinality")
         if type(card) is not int or card < 0:
             raise InputError(f"segment {name}: cardinality must be a non-negative integer")
+        if "min_cardinality" in entry:
+            floor = entry["min_cardinality"]
+            if type(floor) is not int or floor < 0:
+                raise InputError(f"segment {name}: min_cardinality must be a non-negative integer")
+            floors[name] = floor
         file = (root / entry["file"]).resolve()
         if root.resolve() not in file.parents:
             raise InputError(f"segment {name}: file {entry['file']!r} is outside {root}")
@@ -67,4 +75,4 @@ def read_segment_set(path: str | Path) -> SegmentSet:
                 f"segment {name}: {file.name} holds {len(bitmap)} members, manifest says {card}"
             )
         segments[name] = bitmap
-    return SegmentSet(computed_at, segments)
+    return SegmentSet(computed_at, segments, floors)

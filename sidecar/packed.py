@@ -106,16 +106,12 @@ def unpack_request(
         raise BadRequest(f"segments must be an array of segment ids, got {_kind(segments)}")
     if len(segments) > MAX_SEGMENTS:
         raise BadRequest(f"segments holds {len(segments):,} ids; at most {MAX_SEGMENTS:,}")
-    if type(users) is not bytes:
-        raise BadRequest(f"users must be bin (little-endian uint64 ids), got {_kind(users)}")
-    if len(users) % 8:
-        raise BadRequest(f"users must be 8 bytes per user id, got {len(users)} bytes")
+    ids = unpack_users(users)
     if type(index) is not bytes:
         raise BadRequest(f"index must be bin (little-endian uint16), got {_kind(index)}")
-    n = len(users) // 8
+    n = len(ids)
     if n and not segments:
         raise BadRequest("segments is empty: it must hold the segment ids the index refers to")
-    ids = _little_endian(users, "Q")
     if not index:
         if len(segments) != 1 and n:
             raise BadRequest(
@@ -131,6 +127,16 @@ def unpack_request(
             f"index refers to segment {max(positions)}, but segments holds {len(segments)} ids"
         )
     return segments, ids, positions
+
+
+def unpack_users(users: object) -> Sequence[int]:
+    """The `users` argument (bin of little-endian uint64 ids) as ints; BadRequest says what
+    is wrong. Also the users of `eval_many`."""
+    if type(users) is not bytes:
+        raise BadRequest(f"users must be bin (little-endian uint64 ids), got {_kind(users)}")
+    if len(users) % 8:
+        raise BadRequest(f"users must be 8 bytes per user id, got {len(users)} bytes")
+    return _little_endian(users, "Q")
 
 
 def _little_endian(data: bytes, code: str) -> Sequence[int]:

@@ -42,6 +42,9 @@ OPS: dict[str, int] = {
     "segments": 1,
     "explain": 2,
     "status": 0,
+    "eval": 2,
+    "eval_many": 2,
+    "count": 1,
 }
 ARG_NAMES: dict[str, str] = {
     "ping": "no arguments",
@@ -52,6 +55,9 @@ ARG_NAMES: dict[str, str] = {
     "segments": "1 argument (user)",
     "explain": "2 arguments (user, segment)",
     "status": "no arguments",
+    "eval": "2 arguments (user, expr)",
+    "eval_many": "2 arguments (users as bin uint64, expr)",
+    "count": "1 argument (expr)",
 }
 
 

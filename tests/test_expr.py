@@ -377,6 +377,15 @@ def test_chunks_page_in_order(
     assert lines.decode().splitlines() == [str(u) for u in want]
 
 
+@pytest.mark.parametrize("size", [1, 3, 100])
+def test_chunks_reach_the_largest_id(size: int) -> None:
+    top = 2**64 - 1
+    members = BitMap64([*range(0, 100), *range(top - 10, top + 1)])
+    assert [u for c in id_chunks(members, size=size) for u in c] == list(members)
+    assert [u for c in id_chunks(members, top - 1, size=size) for u in c] == [top]
+    assert list(id_chunks(members, top, size=size)) == []
+
+
 def test_paging_with_after_walks_everything() -> None:
     members = BitMap64(range(0, 100_000, 7))
     seen: list[int] = []

@@ -124,6 +124,15 @@ CASES: list[tuple[str, str, Any, str, int]] = [
     ("GET", "/v1/explain?user=1&segment=vip", None, "/v1/explain", 200),
     ("GET", "/v1/explain?user=1&segment=remote", None, "/v1/explain", 200),
     ("GET", "/v1/explain?user=1", None, "/v1/explain", 400),
+    ("GET", "/v1/eval?user=1&expr=vip%20%26%20!cart:30m", None, "/v1/eval", 200),
+    ("GET", "/v1/eval?user=1&expr=vip%20%26%20remote", None, "/v1/eval", 200),  # fallback
+    ("GET", "/v1/eval?user=7&expr=vip%20%7C%20nope", None, "/v1/eval", 200),  # unknown
+    ("GET", "/v1/eval?user=1&expr=vip%20%26", None, "/v1/eval", 400),
+    ("GET", "/v1/audience/count?expr=vip%20%7C%20cart:30m", None, "/v1/audience/count", 200),
+    ("GET", "/v1/audience/count?expr=!vip", None, "/v1/audience/count", 400),
+    ("GET", "/v1/audience/count?expr=vip%20%26%20remote", None, "/v1/audience/count", 409),
+    ("GET", "/v1/audience?expr=(vip", None, "/v1/audience", 400),
+    ("GET", "/v1/audience?expr=nope", None, "/v1/audience", 409),
     ("GET", "/v1/users/150/segments", None, "/v1/users/{user}/segments", 200),
     ("GET", "/v1/users/18446744073709551615/segments", None, "/v1/users/{user}/segments", 200),
     ("GET", "/v1/users/x/segments", None, "/v1/users/{user}/segments", 400),
@@ -144,6 +153,21 @@ def test_responses_match_the_spec(
     got, doc = fetch(server, method, url, body)
     assert got == status, doc
     validate(doc, path, method, status)
+
+
+def test_audience_is_text_with_the_documented_headers(server: SidecarThread) -> None:
+    port = server.sidecar.http_port
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)  # type: ignore[arg-type]
+    conn.request("GET", "/v1/audience?expr=vip%20%26%20!cart:30m&after=1")
+    resp = conn.getresponse()
+    spec = SPEC["paths"]["/v1/audience"]["get"]["responses"]["200"]
+    assert resp.status == 200 and resp.getheader("Content-Type", "").startswith("text/plain")
+    assert "text/plain" in spec["content"]
+    for header in spec["headers"]:
+        assert resp.getheader(header) is not None, header
+    assert json.loads(resp.getheader("Seg-Versions", "")) == {"vip": 1, "cart:30m": 1}
+    assert resp.read() == b"2\n18446744073709551615\n"
+    conn.close()
 
 
 def test_413_matches_the_spec(server: SidecarThread) -> None:

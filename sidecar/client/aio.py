@@ -6,18 +6,23 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from typing import Any, Literal, overload
 
+from ..expr.results import Count
 from ..protocol import HEADER, ResponseError, decode_response
 from . import base
 from .base import (
     BaseClient,
     Call,
     Explain,
+    Export,
     ServerError,
     SidecarTimeout,
     SidecarUnavailable,
+    audience_target,
+    http_address,
+    http_failure,
     typed,
     value_of,
 )
@@ -212,6 +217,37 @@ class AsyncSidecarClient(BaseClient):
     async def explain(self, user: int, segment: str) -> Explain:
         return await self.run(base.explain(user, segment))
 
+    # -- segment expressions ---------------------------------------------------------------------
+    async def eval(self, user: int, expr: str) -> bool | None:
+        """`expr` (say "vip & !churned") for `user`: True / False / None (unknown)."""
+        return await self.call("eval", user, expr)
+
+    @overload
+    async def eval_many(
+        self, users: Iterable[int] | Any, expr: str, *, raw: Literal[False] = ...
+    ) -> list[bool | None]: ...
+    @overload
+    async def eval_many(
+        self, users: Iterable[int] | Any, expr: str, *, raw: Literal[True]
+    ) -> bytes: ...
+    async def eval_many(
+        self, users: Iterable[int] | Any, expr: str, *, raw: bool = False
+    ) -> list[bool | None] | bytes:
+        """`expr` for each of `users` (as `batch_packed` takes them), in order."""
+        return await self.run(base.eval_many(users, expr, raw))
+
+    async def count(self, expr: str) -> Count:
+        """(count, versions) of a bounded expression over segments the sidecar holds."""
+        return await self.run(base.count(expr))
+
+    def audience(
+        self, expr: str, *, after: int | None = None, limit: int | None = None
+    ) -> AsyncAudienceExport:
+        """The members of a bounded expression, ascending, streamed from the sidecar's HTTP
+        server: `async with client.audience("a & !b") as export:` then `export.versions`
+        and `async for user in export`."""
+        return AsyncAudienceExport(http_address(self.http), audience_target(expr, after, limit))
+
     async def status(self) -> dict[str, Any]:
         return await self.call("status")
 
@@ -223,3 +259,50 @@ class AsyncSidecarClient(BaseClient):
             return []
         responses = await self._exchange(reqs)
         return [typed(req[0], resp) for req, resp in zip(reqs, responses, strict=True)]
+
+
+class AsyncAudienceExport(Export):
+    """One streamed `GET /v1/audience` (aiohttp); `async with`, then `async for` the ids."""
+
+    def __init__(self, address: tuple[str, int], target: str) -> None:
+        self._url = f"http://{address[0]}:{address[1]}{target}"
+        self._session: Any = None
+        self._resp: Any = None
+
+    async def __aenter__(self) -> AsyncAudienceExport:
+        import aiohttp
+
+        self._session = aiohttp.ClientSession()
+        try:
+            self._resp = await self._session.get(self._url)
+            if self._resp.status != 200:
+                raise http_failure(self._resp.status, await self._resp.read())
+        except aiohttp.ClientError as exc:
+            await self.aclose()
+            raise SidecarUnavailable(f"cannot reach the sidecar at {self._url}: {exc}") from exc
+        except BaseException:
+            await self.aclose()
+            raise
+        super().__init__(self._resp.headers)
+        return self
+
+    async def __aiter__(self) -> AsyncIterator[int]:
+        import aiohttp
+
+        try:
+            async for chunk in self._resp.content.iter_any():
+                for user in self._ids(chunk):
+                    yield user
+        except aiohttp.ClientError as exc:
+            raise SidecarUnavailable(f"the audience stream broke: {exc}") from exc
+        for user in self._ids(b"", end=True):
+            yield user
+
+    async def aclose(self) -> None:
+        if self._resp is not None:
+            self._resp.release()
+        if self._session is not None:
+            await self._session.close()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()

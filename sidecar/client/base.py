@@ -4,12 +4,15 @@ results, and each op's request encoding and result decoding. `SidecarClient` and
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
+from urllib.parse import urlencode
 
-from ..packed import pack_batch, unpack_answers
+from ..expr.results import Count
+from ..packed import pack_batch, pack_users, unpack_answers
 from ..protocol import (
     BAD_REQUEST,
     DEFAULT_MAX_FRAME,
@@ -21,6 +24,8 @@ from ..protocol import (
 )
 
 DEFAULT_PATH = os.environ.get("SEG_UDS") or "/tmp/seg-sidecar/sidecar.sock"
+#: The sidecar's HTTP address, for the audience export (the socket protocol has no export).
+DEFAULT_HTTP = os.environ.get("SEG_HTTP") or "127.0.0.1:8571"
 #: The server's default frame limit; a larger request is refused before it is sent.
 MAX_FRAME = DEFAULT_MAX_FRAME
 
@@ -39,6 +44,15 @@ class UnknownOpError(SidecarError):
 
 class ServerError(SidecarError):
     """Status 3 (internal error), or a response that breaks the protocol."""
+
+
+class NotLocalError(BadRequestError):
+    """HTTP 409: a count or an audience names segments the sidecar does not hold locally and
+    fresh; `segments` lists them."""
+
+    def __init__(self, message: str, segments: Sequence[str]) -> None:
+        super().__init__(message)
+        self.segments = list(segments)
 
 
 class SidecarTimeout(SidecarError, TimeoutError):
@@ -140,8 +154,30 @@ def explain(user: int, segment: str) -> Call:
     return Call("explain", (user, segment), explain_result)
 
 
+def eval_many(users: Iterable[int] | Any, expr: str, raw: bool) -> Call:
+    """`users` as `batch_packed` takes them; BadRequestError for bad input before sending."""
+    try:
+        packed = pack_users(users)
+    except ValueError as exc:
+        raise BadRequestError(str(exc)) from None
+    return Call("eval_many", (packed, expr), _packed_raw if raw else packed_result)
+
+
+def count_result(result: Any) -> Any:
+    if isinstance(result, dict) and "count" in result:
+        return Count(result["count"], result.get("versions") or {})
+    raise ServerError(f"malformed count result: {result!r}"[:200])
+
+
+def count(expr: str) -> Call:
+    return Call("count", (expr,), count_result)
+
+
 #: How a pipeline types the result of each op given as `(op, *args)`.
-PIPELINE_DECODERS: dict[str, Callable[[Any], Any]] = {"explain": explain_result}
+PIPELINE_DECODERS: dict[str, Callable[[Any], Any]] = {
+    "explain": explain_result,
+    "count": count_result,
+}
 
 
 def typed(op: str, resp: list[Any]) -> Any:
@@ -150,6 +186,65 @@ def typed(op: str, resp: list[Any]) -> Any:
         return error_for(resp[1], resp[2])
     decode = PIPELINE_DECODERS.get(op)
     return decode(resp[2]) if decode is not None else resp[2]
+
+
+# -- the audience export (HTTP) --------------------------------------------------------------
+
+
+def audience_target(expr: str, after: int | None, limit: int | None) -> str:
+    """The request target of `GET /v1/audience`."""
+    query: dict[str, Any] = {"expr": expr}
+    if after is not None:
+        query["after"] = after
+    if limit is not None:
+        query["limit"] = limit
+    return "/v1/audience?" + urlencode(query)
+
+
+def http_address(address: str) -> tuple[str, int]:
+    """`HOST:PORT` (or `http://HOST:PORT`) as (host, port); BadRequestError otherwise."""
+    text = address.removeprefix("http://").rstrip("/")
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit():
+        raise BadRequestError(f"the sidecar's HTTP address must be HOST:PORT, got {address!r}")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def http_failure(status: int, body: bytes) -> SidecarError:
+    """The SidecarError of an HTTP error response (`{"error", ...}`)."""
+    try:
+        doc = json.loads(body)
+        message = str(doc["error"])
+    except (ValueError, TypeError, KeyError):
+        doc, message = {}, body[:200].decode("utf-8", "replace")
+    if status == 409:
+        return NotLocalError(message, doc.get("segments") or [])
+    if status == 400:
+        return BadRequestError(message)
+    return ServerError(f"HTTP {status}: {message}")
+
+
+class Export:
+    """An audience being streamed: `versions` and `count` (the whole audience's size, not
+    just this page) from the response headers; iterate it for the ids, ascending."""
+
+    def __init__(self, headers: Any) -> None:
+        try:
+            self.versions: dict[str, int] = json.loads(headers.get("Seg-Versions") or "{}")
+            self.count = int(headers.get("Seg-Count") or 0)
+        except ValueError as exc:
+            raise ServerError(f"malformed audience headers: {exc}") from None
+        self._rest = b""
+
+    def _ids(self, data: bytes, end: bool = False) -> list[int]:
+        """The ids of the complete lines in `data` (after what an earlier call left)."""
+        data = self._rest + data
+        cut = len(data) if end else data.rfind(b"\n") + 1
+        self._rest = data[cut:]
+        try:
+            return [int(line) for line in data[:cut].split()]
+        except ValueError:
+            raise ServerError("malformed audience line") from None
 
 
 # -- the shared client state ----------------------------------------------------------------
@@ -164,8 +259,11 @@ class BaseClient:
         timeout: float = 1.0,
         *,
         max_frame: int = MAX_FRAME,
+        http: str = DEFAULT_HTTP,
     ) -> None:
         self.path = os.fspath(path)
+        #: where the audience export goes: the sidecar's HTTP server, HOST:PORT
+        self.http = http
         self.timeout = timeout
         self.max_frame = max_frame
         self._id = 0

@@ -11,21 +11,27 @@ mistaken for the next one).
 from __future__ import annotations
 
 import errno
+import http.client
 import socket
 import struct
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, Literal, overload
 
+from ..expr.results import Count
 from ..protocol import HEADER, ResponseError, decode_response
 from . import base
 from .base import (
     BaseClient,
     Call,
     Explain,
+    Export,
     ServerError,
     SidecarTimeout,
     SidecarUnavailable,
+    audience_target,
     error_for,
+    http_address,
+    http_failure,
     typed,
 )
 
@@ -222,6 +228,48 @@ class SidecarClient(BaseClient):
     def status(self) -> dict[str, Any]:
         return self.call("status")
 
+    # -- segment expressions ---------------------------------------------------------------------
+    def eval(self, user: int, expr: str) -> bool | None:
+        """`expr` (say "vip & !churned") for `user`: True / False / None (unknown)."""
+        return self.call("eval", user, expr)
+
+    @overload
+    def eval_many(
+        self, users: Iterable[int] | Any, expr: str, *, raw: Literal[False] = ...
+    ) -> list[bool | None]: ...
+    @overload
+    def eval_many(self, users: Iterable[int] | Any, expr: str, *, raw: Literal[True]) -> bytes: ...
+    def eval_many(
+        self, users: Iterable[int] | Any, expr: str, *, raw: bool = False
+    ) -> list[bool | None] | bytes:
+        """`expr` for each of `users` (as `batch_packed` takes them), in order."""
+        return self.run(base.eval_many(users, expr, raw))
+
+    def count(self, expr: str) -> Count:
+        """(count, versions) of a bounded expression over segments the sidecar holds."""
+        return self.run(base.count(expr))
+
+    def audience(
+        self, expr: str, *, after: int | None = None, limit: int | None = None
+    ) -> AudienceExport:
+        """The members of a bounded expression, ascending, streamed from the sidecar's HTTP
+        server (`http=` of the client): `with client.audience("a & !b") as export:` then
+        `export.versions` and `for user in export`. NotLocalError (HTTP 409) names segments
+        the sidecar does not hold; BadRequestError a bad expression."""
+        host, port = http_address(self.http)
+        conn = http.client.HTTPConnection(host, port, timeout=self.timeout)
+        try:
+            conn.request("GET", audience_target(expr, after, limit))
+            resp = conn.getresponse()
+        except OSError as exc:
+            conn.close()
+            raise SidecarUnavailable(f"cannot reach the sidecar at {host}:{port}: {exc}") from exc
+        if resp.status != 200:
+            body = resp.read()
+            conn.close()
+            raise http_failure(resp.status, body)
+        return AudienceExport(conn, resp)
+
     def pipeline(self, requests: Iterable[Sequence[Any]]) -> list[Any]:
         """Send many requests `(op, *args)` in one write and read all responses, in order.
         Each result is typed like the op's method, or the SidecarError of that request
@@ -252,3 +300,31 @@ class SidecarClient(BaseClient):
             lost = SidecarUnavailable("the connection closed before this response")
             out += [lost] * (len(ids) - len(responses))
         return out
+
+
+class AudienceExport(Export):
+    """One streamed `GET /v1/audience`; a context manager and an iterator of user ids."""
+
+    def __init__(self, conn: http.client.HTTPConnection, resp: http.client.HTTPResponse) -> None:
+        super().__init__(resp.headers)
+        self._conn = conn
+        self._resp = resp
+
+    def __iter__(self) -> Iterator[int]:
+        try:
+            while chunk := self._resp.read1(64 * 1024):
+                yield from self._ids(chunk)
+            yield from self._ids(b"", end=True)
+        except OSError as exc:
+            raise SidecarUnavailable(f"the audience stream broke: {exc}") from exc
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        self._conn.close()
+
+    def __enter__(self) -> AudienceExport:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -8,6 +8,8 @@ from collections.abc import Iterator
 
 from pyroaring import BitMap64
 
+from ..ids import MAX_USER
+
 CHUNK = 8192
 
 
@@ -20,8 +22,16 @@ def id_chunks(
     stop = len(members)
     if limit is not None:
         stop = min(stop, start + limit)
+    top = members.max() == MAX_USER if stop else False
     for i in range(start, stop, size):
-        yield members[i : min(i + size, stop)].to_array()
+        j = min(i + size, stop)
+        if top and j == len(members):
+            # pyroaring 1.2 overflows slicing a dense run that ends at 2**64 - 1
+            ids = members[i : j - 1].to_array() if j - 1 > i else array("Q")
+            ids.append(MAX_USER)
+            yield ids
+        else:
+            yield members[i:j].to_array()
 
 
 def as_lines(ids: array) -> bytes:

@@ -1,9 +1,10 @@
 """The replica: engine (version rules), recovery (bootstrap, resync), checkpoints, runner."""
 
+from ..expr import Audience, Count
 from .engine import Engine, segment_filter
 from .runner import Replica
 from .state import Counters, Health, SegmentState
-from .view import Audience, Count, NotLocal
+from .view import NotLocal
 
 __all__ = [
     "Audience",

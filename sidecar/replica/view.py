@@ -17,11 +17,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, NamedTuple, TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from pyroaring import BitMap64
 
-from ..expr import Expr
+from ..expr import Audience, Count, Expr
 from ..ids import BadRequest
 from .state import SegmentState
 
@@ -43,16 +43,6 @@ class NotLocal(BadRequest):
             "a count or an audience needs every segment held locally and fresh; "
             f"not answered locally: {shown}"
         )
-
-
-class Count(NamedTuple):
-    count: int
-    versions: dict[str, int]
-
-
-class Audience(NamedTuple):
-    members: BitMap64  # the caller's own copy, ascending when iterated
-    versions: dict[str, int]
 
 
 @dataclass(slots=True)

@@ -18,10 +18,14 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from ..expr import compile_arg, id_chunks
+from ..expr.stream import as_lines
 from ..ids import BadRequest, user_id_from_text
+from ..replica import NotLocal
 from .console import add_console
 from .metrics import OK_KEYS, Metrics
-from .queries import NONE, Queries, settle
+from .queries import Queries
+from .results import LOCAL, NONE, settle
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +56,8 @@ def _error(status: int, message: str, headers: dict[str, str] | None = None) -> 
 async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         return await handler(request)
+    except NotLocal as exc:
+        return _json({"error": str(exc), "segments": exc.segments}, status=409)
     except BadRequest as exc:
         return _error(400, str(exc))
     except web.HTTPException as exc:
@@ -79,6 +85,12 @@ def _user_text(text: str, what: str = "user") -> int:
     return user_id_from_text(text, what)
 
 
+def _count_text(text: str, what: str) -> int:
+    if not text.isascii() or not text.isdigit() or len(text) > 20:
+        raise BadRequest(f"{what} must be a non-negative decimal integer, got {text[:24]!r}")
+    return int(text)
+
+
 def _iso(ms: int) -> str:
     moment = dt.datetime.fromtimestamp(ms / 1000, tz=dt.UTC)
     return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
@@ -92,6 +104,9 @@ class Api:
         self._batch = metrics.op("http", "batch")
         self._segments = metrics.op("http", "segments")
         self._explain = metrics.op("http", "explain")
+        self._eval = metrics.op("http", "eval")
+        self._count = metrics.op("http", "count")
+        self._audience = metrics.op("http", "audience")
 
     async def check_get(self, request: web.Request) -> web.Response:
         started = time.perf_counter()
@@ -146,6 +161,51 @@ class Api:
         result, source = await settle(self.queries.explain(user, segment))
         self._explain.record(OK_KEYS[source], time.perf_counter() - started)
         return _json({"user": user, "segment": segment, **result})
+
+    # -- segment expressions -------------------------------------------------------------------
+    async def eval(self, request: web.Request) -> web.Response:
+        started = time.perf_counter()
+        user = _user_text(_query(request, "user"))
+        expr = _query(request, "expr")
+        (member, versions), source = await settle(self.queries.eval(user, expr, versions=True))
+        self._eval.record(OK_KEYS[source], time.perf_counter() - started)
+        return _json(
+            {"user": user, "expr": expr, "member": member, "source": source, "versions": versions}
+        )
+
+    async def audience_count(self, request: web.Request) -> web.Response:
+        started = time.perf_counter()
+        expr = _query(request, "expr")
+        doc, source = self.queries.count(expr)
+        self._count.record(OK_KEYS[source], time.perf_counter() - started)
+        return _json({"expr": expr, **doc})
+
+    async def audience(self, request: web.Request) -> web.StreamResponse:
+        """The members, one decimal id per line, ascending, written a chunk at a time from
+        the audience's bitmap (computed once, under the replica's lock)."""
+        started = time.perf_counter()
+        expr = compile_arg(_query(request, "expr"))
+        after_text = request.query.get("after")
+        after = None if after_text is None else _user_text(after_text, "after")
+        limit_text = request.query.get("limit")
+        limit = None if limit_text is None else _count_text(limit_text, "limit")
+        members, versions = self.queries.audience(expr.source)
+        response = web.StreamResponse(
+            headers={
+                "Content-Type": "text/plain; charset=utf-8",
+                "Seg-Versions": _dumps(versions),
+                "Seg-Count": str(len(members)),
+            }
+        )
+        try:
+            await response.prepare(request)
+            for chunk in id_chunks(members, after, limit):
+                await response.write(as_lines(chunk))
+            await response.write_eof()
+        except ConnectionResetError:  # the client went away: nothing left to answer
+            pass
+        self._audience.record(OK_KEYS[LOCAL], time.perf_counter() - started)
+        return response
 
     async def segment_list(self, request: web.Request) -> web.Response:
         items = self.queries.replica.segment_items()
@@ -215,6 +275,9 @@ def make_app(
     app.router.add_post("/v1/check", api.check_post)
     app.router.add_get("/v1/explain", api.explain, allow_head=False)
     app.router.add_get("/v1/users/{user}/segments", api.user_segments, allow_head=False)
+    app.router.add_get("/v1/eval", api.eval, allow_head=False)
+    app.router.add_get("/v1/audience/count", api.audience_count, allow_head=False)
+    app.router.add_get("/v1/audience", api.audience, allow_head=False)
     app.router.add_get("/v1/segments", api.segment_list, allow_head=False)
     app.router.add_get("/v1/segments/{segment}", api.segment_info, allow_head=False)
     app.router.add_get("/v1/status", api.status, allow_head=False)

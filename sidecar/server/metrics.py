@@ -23,7 +23,7 @@ from prometheus_client.metrics_core import (
 from prometheus_client.registry import Collector
 
 from ..replica.state import retry_changed
-from .queries import SOURCES
+from .results import SOURCES
 
 if TYPE_CHECKING:
     from ..replica.runner import Replica

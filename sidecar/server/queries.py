@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Coroutine, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from ..fallback.base import Fallback, NoFallback
@@ -30,6 +30,8 @@ from ..packed import UNKNOWN as UNKNOWN_BYTE
 from ..packed import unpack_request
 from ..protocol import VERSION
 from ..replica.state import SegmentState
+from .expressions import ExpressionQueries
+from .results import AEROSPIKE, LOCAL, NONE, Deferred, Result
 
 if TYPE_CHECKING:
     from ..replica.runner import Replica
@@ -37,28 +39,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-LOCAL = "local"
-AEROSPIKE = "aerospike"
-NONE = "none"
-SOURCES = (LOCAL, AEROSPIKE, NONE)
-
-#: (value, source): what an op answers and where the answer came from.
-Result = tuple[Any, str]
-#: A coroutine the caller awaits when the fallback is needed; it returns a Result.
-Deferred = Coroutine[Any, Any, Result]
-
 _UNSEEN: Any = object()
 _PAIR_TYPES = frozenset((tuple, list))
 
 
-async def settle(result: Result | Deferred) -> Result:
-    """The awaited form of any op: `await settle(q.batch(pairs))`."""
-    if type(result) is tuple:
-        return result
-    return await result  # type: ignore[misc]
-
-
-class Queries:
+class Queries(ExpressionQueries):
     def __init__(
         self,
         replica: Replica,

@@ -37,7 +37,8 @@ from ..protocol import (
 )
 from ..replica.state import Health
 from .metrics import NO_SOURCE, OK_KEYS, Metrics, OpStats
-from .queries import LOCAL, Deferred, Queries, Result
+from .queries import Queries
+from .results import LOCAL, Deferred, Result
 
 log = logging.getLogger(__name__)
 
@@ -339,6 +340,9 @@ class UdsServer:
             "segments": lambda req: queries.segments(req[2]),
             "explain": lambda req: queries.explain(req[2], req[3]),
             "status": lambda req: (self._status(), NO_SOURCE),
+            "eval": lambda req: queries.eval(req[2], req[3]),
+            "eval_many": lambda req: queries.eval_many(req[2], req[3]),
+            "count": lambda req: queries.count(req[2]),
         }
         # op -> (request length, handler, pre-bound stats)
         self.handlers: dict[str, tuple[int, Handler, OpStats]] = {

@@ -154,15 +154,7 @@ def _add_batch(sub: argparse._SubParsersAction) -> None:
         metavar="NAME=VALUE",
         help="override a definitions parameter, repeatable; wins over the file",
     )
-    opt("--master", default=spark.DEFAULT_MASTER, metavar="URL", help="Spark master")
-    opt(
-        "--shuffle-partitions",
-        type=positive_int,
-        default=spark.DEFAULT_SHUFFLE_PARTITIONS,
-        metavar="N",
-        help="spark.sql.shuffle.partitions",
-    )
-    opt("--driver-memory", default="2g", metavar="SIZE", help="spark.driver.memory")
+    spark.add_options(p)
     opt(
         "--s3-endpoint",
         metavar="URL",

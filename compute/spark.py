@@ -13,8 +13,29 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession
 
+    from sidecar.cliutil import Parser
+
 DEFAULT_MASTER = "local[2]"
 DEFAULT_SHUFFLE_PARTITIONS = 4
+DEFAULT_DRIVER_MEMORY = "2g"
+
+
+def add_options(p: Parser) -> None:
+    """The session options of every Spark subcommand (`batch`, `stream`)."""
+    from sidecar.cliutil import positive_int
+
+    group = p.add_argument_group("Spark")
+    group.add_argument("--master", default=DEFAULT_MASTER, metavar="URL", help="Spark master")
+    group.add_argument(
+        "--shuffle-partitions",
+        type=positive_int,
+        default=DEFAULT_SHUFFLE_PARTITIONS,
+        metavar="N",
+        help="spark.sql.shuffle.partitions",
+    )
+    group.add_argument(
+        "--driver-memory", default=DEFAULT_DRIVER_MEMORY, metavar="SIZE", help="spark.driver.memory"
+    )
 
 
 _LOG4J2 = """\

@@ -11,7 +11,19 @@ from types import FrameType
 
 from compute import publish_target
 from publisher.guard import STREAM_MAX_REMOVE_FRACTION, fraction
-from sidecar.cliutil import CommandError, non_negative_int, positive_float, positive_int
+from sidecar.cliutil import CommandError, Parser, non_negative_int, positive_float, positive_int
+
+
+def _add_events_source(p: Parser) -> None:
+    """The events topic: where gen-events writes and stream reads (the same variables)."""
+    group = p.add_argument_group("events")
+    group.add_argument(
+        "--events-kafka",
+        required=True,
+        metavar="HOST:PORT",
+        help="Kafka bootstrap servers of the events topic",
+    )
+    group.add_argument("--events-topic", required=True, metavar="T", help="the events topic")
 
 
 def add_gen_events(sub: argparse._SubParsersAction) -> None:
@@ -26,13 +38,7 @@ def add_gen_events(sub: argparse._SubParsersAction) -> None:
         "--count events (else until interrupted). Progress goes to stderr.",
     )
     opt = p.add_argument
-    opt(
-        "--events-kafka",
-        required=True,
-        metavar="HOST:PORT",
-        help="Kafka bootstrap servers of the events topic",
-    )
-    opt("--topic", required=True, metavar="T", help="the events topic")
+    _add_events_source(p)
     opt("--rate", type=positive_float, default=100.0, metavar="R", help="events per second")
     opt("--duration", type=positive_float, metavar="S", help="stop after this many seconds")
     opt("--count", type=positive_int, metavar="N", help="stop after this many events")
@@ -58,11 +64,11 @@ def add_gen_events(sub: argparse._SubParsersAction) -> None:
         help="random seed (same seed, same sequence of users and types)",
     )
     opt(
-        "--partitions",
+        "--events-partitions",
         type=positive_int,
         default=events.DEFAULT_PARTITIONS,
         metavar="N",
-        help="partitions when creating the topic",
+        help="partitions when creating the events topic",
     )
     p.set_defaults(run=run_gen_events)
 
@@ -79,18 +85,18 @@ def run_gen_events(args: argparse.Namespace) -> int:
             users = events.synthetic_users(args.users or 10_000)
     except (ValueError, OSError) as e:
         raise CommandError(str(e)) from None
-    partitions = events.ensure_topic(args.events_kafka, args.topic, args.partitions)
+    partitions = events.ensure_topic(args.events_kafka, args.events_topic, args.events_partitions)
     limit = f"{args.count:,} events" if args.count else (
         f"{args.duration:g} s" if args.duration else "until interrupted")  # fmt: skip
     events.stderr_progress(
-        f"{len(users):,} users -> {args.events_kafka} topic {args.topic} "
+        f"{len(users):,} users -> {args.events_kafka} topic {args.events_topic} "
         f"({partitions} partitions), "
         f"{args.rate:g}/s, {limit}"
     )
     stream = events.generate(users, seed=args.seed, count=args.count, duration=args.duration)
-    sent = events.produce(args.events_kafka, args.topic, stream, rate=args.rate,
+    sent = events.produce(args.events_kafka, args.events_topic, stream, rate=args.rate,
                           progress=events.stderr_progress)  # fmt: skip
-    print(f"{sent} events to {args.topic}")
+    print(f"{sent} events to {args.events_topic}")
     return 0
 
 
@@ -108,13 +114,7 @@ def add_stream(sub: argparse._SubParsersAction) -> None:
         "stopped. See compute/README.md.",
     )
     opt = p.add_argument
-    opt(
-        "--events-kafka",
-        required=True,
-        metavar="HOST:PORT",
-        help="Kafka bootstrap servers of the events topic",
-    )
-    opt("--events-topic", required=True, metavar="T", help="the events topic")
+    _add_events_source(p)
     opt(
         "--definitions",
         type=Path,
@@ -155,7 +155,7 @@ def add_stream(sub: argparse._SubParsersAction) -> None:
         help="cap on events per micro-batch",
     )
     opt(
-        "--writer-id",
+        "--publish-writer-id",
         default="seg-compute-stream",
         metavar="ID",
         help="the publisher's transactional.id (one stream job per id)",
@@ -168,15 +168,7 @@ def add_stream(sub: argparse._SubParsersAction) -> None:
         help="refuse a micro-batch's publish removing more than this fraction of a segment "
         "(default 1: no limit, since windows empty segments legitimately; publisher/guard.py)",
     )
-    opt("--master", default=spark.DEFAULT_MASTER, metavar="URL", help="Spark master")
-    opt(
-        "--shuffle-partitions",
-        type=positive_int,
-        default=spark.DEFAULT_SHUFFLE_PARTITIONS,
-        metavar="N",
-        help="spark.sql.shuffle.partitions",
-    )
-    opt("--driver-memory", default="2g", metavar="SIZE", help="spark.driver.memory")
+    spark.add_options(p)
     p.set_defaults(run=run_stream)
 
 
@@ -217,7 +209,7 @@ def run_stream(args: argparse.Namespace) -> int:
         definitions,
         Publisher(
             transport,
-            writer_id=args.writer_id,
+            writer_id=args.publish_writer_id,
             session=True,
             guard=Guard(args.max_remove_fraction),
         ),

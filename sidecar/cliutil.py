@@ -81,36 +81,21 @@ def arg_type(expected: str) -> Callable[[Callable[[str], T]], Callable[[str], T]
     return wrap
 
 
-@arg_type("a positive integer")
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise ValueError(text)
-    return value
+def _number(kind: Callable[[str], T], expected: str, ok: Callable[[T], bool]) -> Callable[[str], T]:
+    @arg_type(expected)
+    def parse(text: str) -> T:
+        value = kind(text)
+        if not ok(value):
+            raise ValueError(text)
+        return value
+
+    return parse
 
 
-@arg_type("a non-negative integer")
-def non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise ValueError(text)
-    return value
-
-
-@arg_type("a positive number")
-def positive_float(text: str) -> float:
-    value = float(text)
-    if not 0 < value < math.inf:
-        raise ValueError(text)
-    return value
-
-
-@arg_type("a non-negative number")
-def non_negative_float(text: str) -> float:
-    value = float(text)
-    if not 0 <= value < math.inf:
-        raise ValueError(text)
-    return value
+positive_int = _number(int, "a positive integer", lambda v: v > 0)
+non_negative_int = _number(int, "a non-negative integer", lambda v: v >= 0)
+positive_float = _number(float, "a positive number", lambda v: 0 < v < math.inf)
+non_negative_float = _number(float, "a non-negative number", lambda v: 0 <= v < math.inf)
 
 
 @arg_type("an octal file mode 0..777")

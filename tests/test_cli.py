@@ -128,7 +128,7 @@ def test_seg_kafka_set_for_another_tool_does_not_break_this_one(tmp_path: Path) 
     assert f"published to log directory {log}" in done.stdout
     assert json.loads((log / "meta.json").read_text())["partitions"] >= 1
     # seg-compute does not take SEG_KAFKA for its events broker ...
-    done = run("seg-compute", "gen-events", "--topic", "t", env={"SEG_KAFKA": "h:1"})
+    done = run("seg-compute", "gen-events", "--events-topic", "t", env={"SEG_KAFKA": "h:1"})
     message = one_line_error(done, "seg-compute gen-events")
     assert message == "the following arguments are required: --events-kafka (or SEG_EVENTS_KAFKA)"
     # ... nor does seg-publish take seg-compute's
@@ -187,15 +187,15 @@ def test_the_distribution_name_is_pyproject_s() -> None:
 COMPUTE_COMMANDS = ["gen-data", "gen-events", "batch", "stream"]
 
 
-@pytest.mark.parametrize(
-    ("main", "argv"),
-    [
-        (sidecar_cli.main, []),
-        (publish_cli.main, []),
-        (perf_cli.main, []),
-        *((compute_cli.main, [command]) for command in COMPUTE_COMMANDS),
-    ],
-)
+HELP_COMMANDS = [
+    (sidecar_cli.main, []),
+    (publish_cli.main, []),
+    (perf_cli.main, []),
+    *((compute_cli.main, [command]) for command in COMPUTE_COMMANDS),
+]
+
+
+@pytest.mark.parametrize(("main", "argv"), HELP_COMMANDS)
 def test_help_names_the_variable_of_every_option(
     main, argv: list[str], capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -207,6 +207,48 @@ def test_help_names_the_variable_of_every_option(
     assert len(options) >= 4, text
     for option in options:
         assert f"[env: {env_name(option)}" in " ".join(text.split()), option
+
+
+#: Every variable more than one command reads, and why it means the same thing in each.
+SHARED = {
+    "SEG_KAFKA": "the segment log's broker",
+    "SEG_LOG_DIR": "the segment log's directory",
+    "SEG_TOPIC_PREFIX": "the segment log's topics",
+    "SEG_KAFKA_CONFIG": "the segment log's client settings",
+    "SEG_PUBLISH_KAFKA": "the log the compute jobs publish to",
+    "SEG_PUBLISH_LOG_DIR": "the log directory the compute jobs publish to",
+    "SEG_AEROSPIKE": "the Aerospike seeds",
+    "SEG_AEROSPIKE_NAMESPACE": "the Aerospike namespace",
+    "SEG_EVENTS_KAFKA": "the events broker",
+    "SEG_EVENTS_TOPIC": "the events topic",
+    "SEG_USERS": "the synthetic user count",
+    "SEG_SEED": "the generators' seed",
+    "SEG_AS_OF": "the lake's day",
+    "SEG_DEFINITIONS": "the definitions file (one file may hold both kinds)",
+    "SEG_MASTER": "the Spark session",
+    "SEG_SHUFFLE_PARTITIONS": "the Spark session",
+    "SEG_DRIVER_MEMORY": "the Spark session",
+    "SEG_OUT": "NOT the same: each command's own output directory (set it per command)",
+}
+
+
+def _env_names(main, argv: list[str], capsys: pytest.CaptureFixture[str]) -> set[str]:
+    with pytest.raises(SystemExit):
+        main([*argv, "--help"])
+    return set(re.findall(r"\[env: (SEG_\w+)", " ".join(capsys.readouterr().out.split())))
+
+
+def test_a_variable_two_commands_read_means_the_same_in_both(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The SEG_KAFKA bug class: a variable set for one tool must not mean something else to
+    another (seg-compute's events broker was SEG_KAFKA, its stream writer id SEG_WRITER_ID)."""
+    readers: dict[str, set[str]] = {}
+    for main, argv in HELP_COMMANDS:
+        for name in _env_names(main, argv, capsys):
+            readers.setdefault(name, set()).add(" ".join([main.__module__, *argv]))
+    shared = {name for name, commands in readers.items() if len(commands) > 1}
+    assert shared == set(SHARED), {n: sorted(readers[n]) for n in shared ^ set(SHARED)}
 
 
 def test_the_events_broker_and_the_log_have_their_own_variables(

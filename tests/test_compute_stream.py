@@ -482,7 +482,7 @@ def test_gen_events_cli(kafka_bootstrap: str, topic_prefix: str) -> None:
 
     topic = f"{topic_prefix}.events"
     cmd = [sys.executable, "-m", "compute.cli", "gen-events", "--events-kafka", kafka_bootstrap,
-           "--topic", topic, "--rate", "400", "--count", "200", "--users", "50"]  # fmt: skip
+           "--events-topic", topic, "--rate", "400", "--count", "200", "--users", "50"]  # fmt: skip
     started = time.monotonic()
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     took = time.monotonic() - started

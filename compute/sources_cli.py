@@ -44,14 +44,14 @@ def add_cdc(sub: argparse._SubParsersAction) -> None:
     opt("--db", type=_db_name, required=True, metavar="D", help="the database")
     opt("--collections", type=names, required=True, metavar="C1,C2",
         help="the collections to capture, comma-separated")  # fmt: skip
-    opt("--kafka", required=True, metavar="HOST:PORT",
+    opt("--cdc-kafka", required=True, metavar="HOST:PORT",
         help="Kafka bootstrap servers of the CDC topics")  # fmt: skip
-    opt("--topic-prefix", default=cdc.DEFAULT_PREFIX, metavar="P",
+    opt("--cdc-topic-prefix", default=cdc.DEFAULT_PREFIX, metavar="P",
         help="topics are PREFIX.DB.COLLECTION; the state topic is PREFIX.offsets")  # fmt: skip
-    opt("--partitions", type=positive_int, default=1, metavar="N",
+    opt("--cdc-partitions", type=positive_int, default=1, metavar="N",
         help="partitions of topics this job creates (a document's changes stay in one "
         "partition)")  # fmt: skip
-    opt("--writer-id", default=cdc.DEFAULT_WRITER_ID, metavar="ID",
+    opt("--cdc-writer-id", default=cdc.DEFAULT_WRITER_ID, metavar="ID",
         help="the Kafka transactional.id (one cdc job per id: a second one fences the "
         "first)")  # fmt: skip
     opt("--fresh-copy", action="store_true",
@@ -68,8 +68,9 @@ def run_cdc(args: argparse.Namespace) -> int:
     from compute import cdc
 
     opts = cdc.CdcOptions(
-        mongo=args.mongo, db=args.db, collections=args.collections, kafka=args.kafka,
-        topic_prefix=args.topic_prefix, partitions=args.partitions, writer_id=args.writer_id,
+        mongo=args.mongo, db=args.db, collections=args.collections, kafka=args.cdc_kafka,
+        topic_prefix=args.cdc_topic_prefix, partitions=args.cdc_partitions,
+        writer_id=args.cdc_writer_id,
         fresh_copy=args.fresh_copy, batch_size=args.batch_size,
         progress_seconds=args.progress_seconds,
     )  # fmt: skip

@@ -161,7 +161,7 @@ def add_stream(sub: argparse._SubParsersAction) -> None:
         help="the publisher's transactional.id (one stream job per id)",
     )
     opt(
-        "--max-remove-fraction",
+        "--publish-max-remove-fraction",
         type=fraction,
         default=STREAM_MAX_REMOVE_FRACTION,
         metavar="F",
@@ -211,7 +211,7 @@ def run_stream(args: argparse.Namespace) -> int:
             transport,
             writer_id=args.publish_writer_id,
             session=True,
-            guard=Guard(args.max_remove_fraction),
+            guard=Guard(args.publish_max_remove_fraction),
         ),
         args.checkpoint,
         on_batch=say,

@@ -19,8 +19,8 @@ def cdc_process(server_uri: str, kafka: str, prefix: str, *extra: str, log: Path
     env = {k: v for k, v in os.environ.items() if not k.startswith("SEG_")}
     env["PYTHONPATH"] = str(REPO)
     cmd = [sys.executable, "-m", "compute.cli", "cdc", "--mongo", server_uri, "--db", "shop",
-           "--collections", collections, "--kafka", kafka, "--topic-prefix", prefix,
-           "--writer-id", f"{prefix}-cdc", "--progress-seconds", "1", *extra]  # fmt: skip
+           "--collections", collections, "--cdc-kafka", kafka, "--cdc-topic-prefix", prefix,
+           "--cdc-writer-id", f"{prefix}-cdc", "--progress-seconds", "1", *extra]  # fmt: skip
     with open(log, "ab") as out:
         return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO,
                                 stdin=subprocess.DEVNULL)  # fmt: skip

@@ -208,7 +208,7 @@ def test_record_shape_and_partitioning() -> None:
     ("args", "needle"),
     [
         (["--collections", "a,a"], "--collections"),
-        (["--collections", "a", "--partitions", "0"], "--partitions"),
+        (["--collections", "a", "--cdc-partitions", "0"], "--cdc-partitions"),
         (["--collections", "a", "--db", "x.y"], "--db"),
     ],
 )
@@ -216,7 +216,7 @@ def test_cdc_usage_errors_are_one_line(args: list[str], needle: str) -> None:
     import subprocess
     import sys
 
-    base = ["--mongo", "mongodb://127.0.0.1:1/", "--db", "shop", "--kafka", "127.0.0.1:1"]
+    base = ["--mongo", "mongodb://127.0.0.1:1/", "--db", "shop", "--cdc-kafka", "127.0.0.1:1"]
     done = subprocess.run([sys.executable, "-m", "compute.cli", "cdc", *base, *args],
                           capture_output=True, text=True, timeout=60)  # fmt: skip
     assert done.returncode == 2

@@ -184,7 +184,7 @@ def test_the_distribution_name_is_pyproject_s() -> None:
 
 # -- --help --------------------------------------------------------------------------------------
 
-COMPUTE_COMMANDS = ["gen-data", "gen-events", "batch", "stream"]
+COMPUTE_COMMANDS = ["gen-data", "gen-events", "batch", "stream", "cdc"]
 
 
 HELP_COMMANDS = [

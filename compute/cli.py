@@ -303,12 +303,14 @@ def _publish(args: argparse.Namespace, transport: Transport) -> None:
     validation and diff as seg-publish)."""
     from publisher import Publisher, read_segment_set
     from publisher.guard import Guard, GuardError
+    from sidecar.cliutil import aerospike_target_from_args
 
     sink = None
-    if args.publish_aerospike:
+    target = aerospike_target_from_args(args, prefix="publish-")
+    if target is not None:
         from publisher.aerospike_sink import AerospikeSink
 
-        sink = AerospikeSink.connect(args.publish_aerospike)
+        sink = AerospikeSink.connect(target)
     segment_set = read_segment_set(args.out)
     try:
         result = Publisher(transport, sink=sink, guard=Guard()).publish(

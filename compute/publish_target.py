@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 
-from sidecar.cliutil import Parser, add_log_options, transport_from_args
+from sidecar.cliutil import Parser, add_aerospike_options, add_log_options, transport_from_args
 from sidecar.transport.base import Transport
 
 PREFIX = "publish-"
@@ -16,8 +16,8 @@ PREFIX = "publish-"
 def add_publish_options(p: Parser, *, required: bool, aerospike: bool = False) -> None:
     add_log_options(p, prefix=PREFIX, required=required, title="publish")
     if aerospike:
-        p.add_argument("--publish-aerospike", metavar="HOST:PORT",
-                       help="also write the user records to this Aerospike")  # fmt: skip
+        # the same Aerospike options as seg-publish and seg-sidecar, prefixed
+        add_aerospike_options(p, prefix=PREFIX, title="publish to Aerospike too")
 
 
 def publish_transport(args: argparse.Namespace, *, required: bool = True) -> Transport | None:

@@ -1,31 +1,45 @@
-"""Aerospike writes of a publish (DESIGN.md "Aerospike layout").
+"""Aerospike writes of a publish (DESIGN.md "Aerospike layout"; the layout itself is owned by
+`sidecar.aerospike_layout`).
 
-Set `users`, key = user id (as a signed 64-bit integer, see `sidecar.fallback.aerospike.
-user_key`), bin `segs` = map {segment: version}. Adds are map puts, removes map
-remove-by-key. Users whose operations are the same (the common case: one segment's adds) are
-written together with `batch_operate`, in chunks, on a few threads; rows that fail with a
-transient error are retried. Written before the log transaction commits, and idempotent, so
-re-running a publish after a crash repairs both stores.
+Adds are map puts, removes map remove-by-key, written with the key stored and a never-expire
+TTL. Users whose operations are the same (the common case: one segment's adds) are written
+together with `batch_operate`, in batches of `batch_size`, on a few threads. The groups are
+found with bitmap algebra (one refinement per changed segment), never user by user in Python.
+A remove on a user with no record is a no-op (the server's code 2); a user whose map becomes
+empty has its record deleted (a generation-checked delete, so a concurrent write wins). Rows
+failing with a transient code are retried; a whole-batch error (such as over the server's
+batch-max-requests) fails the publish in one line. Written before the log transaction
+commits, and idempotent, so re-running a publish after a crash repairs both stores.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 import time
-from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import aerospike
+from aerospike_helpers.batch.records import BatchRecords, Remove
 from aerospike_helpers.operations import map_operations
+from pyroaring import BitMap64
 
-from sidecar.fallback.aerospike import parse_hosts, user_key
-
-from .plan import Change
+from sidecar.aerospike_layout import (
+    INDEX,
+    POLICY_KEY_SEND,
+    TTL_NEVER_EXPIRE,
+    AerospikeTarget,
+    user_key,
+    user_of_key,
+)
 
 log = logging.getLogger(__name__)
+
+DEFAULT_BATCH_SIZE = 5000
 
 _TRANSIENT = {
     -11,  # MAX_RETRIES_EXCEEDED
@@ -37,114 +51,309 @@ _TRANSIENT = {
     18,  # DEVICE_OVERLOAD
     22,  # FORBIDDEN (migrations)
 }
+_NOT_FOUND, _GENERATION = 2, 3
+#: the client's "some rows failed" batch result: the rows say which
+_ROWS_FAILED = -16
+#: names of whole-batch codes worth spelling out (the server's, as the client reports them)
+_BATCH_CODES = {
+    151: "batch max requests exceeded: lower --aerospike-batch-size below the server's "
+    "batch-max-requests",
+    152: "batch max queued exceeded on the server",
+    150: "batch is disabled on the server",
+    4: "bad parameter",
+    16: "unsupported feature",
+}
+
+# The parent command's policy carries the timeouts of batch_operate ("batch_write" is the
+# per-row policy and has none; the default parent total timeout, 1 s, times out 5,000-row
+# batches on a loaded server).
+_POLICIES = {
+    "batch_parent_write": {"total_timeout": 60_000, "socket_timeout": 30_000, "max_retries": 2},
+    "batch_write": {"key": POLICY_KEY_SEND},
+    "write": {"key": POLICY_KEY_SEND},
+    "operate": {"key": POLICY_KEY_SEND},
+    "scan": {"total_timeout": 0, "socket_timeout": 30_000},
+    "query": {"total_timeout": 0, "socket_timeout": 30_000},
+}
 
 
 class AerospikeSinkError(RuntimeError):
     pass
 
 
+class MapChange(Protocol):
+    """What the sink needs of a change (publisher.plan.Change has it)."""
+
+    segment: str
+    version: int
+    add: BitMap64
+    remove: BitMap64
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """A map operation: put `segment: version`, or (version None) remove `segment`."""
+
+    segment: str
+    version: int | None
+
+
+Signature = tuple[Entry, ...]
+
+
+def group_users(changes: Iterable[MapChange]) -> list[tuple[Signature, BitMap64]]:
+    """Partition the users the changes touch by the exact list of operations each needs.
+
+    Refinement over bitmaps: each change's adds (then removes) split every class they overlap
+    into the part inside and the part outside. The union of the classes so far answers "does
+    this bitmap touch any class" at once, and the scan of the classes stops once every
+    overlapping user is placed, so disjoint segments cost one bitmap operation each."""
+    classes: list[tuple[Signature, BitMap64]] = []
+    union = BitMap64()
+    for change in changes:
+        for users, entry in (
+            (change.add, Entry(change.segment, change.version)),
+            (change.remove, Entry(change.segment, None)),
+        ):
+            if not users:
+                continue
+            overlap = users & union
+            if overlap:
+                remaining = BitMap64(overlap)
+                refined: list[tuple[Signature, BitMap64]] = []
+                for i, (signature, members) in enumerate(classes):
+                    if not remaining:
+                        refined.extend(classes[i:])
+                        break
+                    inside = members & remaining
+                    if not inside:
+                        refined.append((signature, members))
+                        continue
+                    remaining -= inside
+                    outside = members - inside
+                    if outside:
+                        refined.append((signature, outside))
+                    refined.append(((*signature, entry), inside))
+                classes = refined
+            fresh = users - overlap if overlap else users
+            if fresh:
+                classes.append(((entry,), BitMap64(fresh)))
+                union |= fresh
+    return classes
+
+
+def _chunks(users: BitMap64, size: int) -> Iterator[Sequence[int]]:
+    values = users.to_array()
+    for i in range(0, len(values), size):
+        yield values[i : i + size]
+
+
 class AerospikeSink:
     def __init__(
         self,
         client: Any,
+        target: AerospikeTarget,
         *,
-        namespace: str = "test",
-        set_name: str = "users",
-        bin_name: str = "segs",
-        chunk: int = 5000,
+        batch_size: int = DEFAULT_BATCH_SIZE,
         threads: int = 4,
         retries: int = 3,
     ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch size must be at least 1, got {batch_size}")
         self.client = client
-        self.namespace = namespace
-        self.set_name = set_name
-        self.bin_name = bin_name
-        self.chunk = chunk
+        self.target = target
+        self.batch_size = batch_size
         self.threads = threads
         self.retries = retries
 
     @classmethod
-    def connect(cls, hosts: str, **kwargs: Any) -> AerospikeSink:
-        config = {
-            "hosts": parse_hosts(hosts),
-            # The parent command's policy: it is what carries the timeouts of batch_operate
-            # ("batch_write" is the per-row policy and has none; the default parent total
-            # timeout, 1 s, times out 5,000-row batches on a loaded server).
-            "policies": {
-                "batch_parent_write": {
-                    "total_timeout": 10_000,
-                    "socket_timeout": 10_000,
-                    "max_retries": 2,
-                }
-            },
-        }
+    def connect(cls, target: AerospikeTarget, **kwargs: Any) -> AerospikeSink:
         try:
-            client = aerospike.client(config).connect()
+            client = target.connect(_POLICIES)
         except aerospike.exception.AerospikeError as exc:
-            raise AerospikeSinkError(f"cannot connect to Aerospike at {hosts}: {exc}") from exc
-        return cls(client, **kwargs)
+            raise AerospikeSinkError(
+                f"cannot connect to Aerospike at {target.describe()}: {exc}"
+            ) from exc
+        return cls(client, target, **kwargs)
 
-    def create_index(self, name: str = "users_segs_mapkeys") -> None:
-        """The mapkeys secondary index on `segs` ("who is in segment S" from Aerospike)."""
+    def close(self) -> None:
+        self.client.close()
+
+    # -- the secondary index and what it serves ---------------------------------------------
+
+    def create_index(self, name: str = INDEX) -> None:
+        """The mapkeys secondary index on the bin ("who is in segment S" from Aerospike)."""
+        t = self.target
         with contextlib.suppress(aerospike.exception.IndexFoundError):
             self.client.index_map_keys_create(
-                self.namespace, self.set_name, self.bin_name, aerospike.INDEX_STRING, name
+                t.namespace, t.set_name, t.bin_name, aerospike.INDEX_STRING, name
             )
 
-    def _ops(self, changes: list[Change]) -> dict[tuple[tuple[str, int, bool], ...], list[int]]:
-        """Group users by the exact list of operations they need."""
-        per_user: dict[int, list[tuple[str, int, bool]]] = defaultdict(list)
-        for change in changes:
-            for user in change.add:
-                per_user[user].append((change.segment, change.version, True))
-            for user in change.remove:
-                per_user[user].append((change.segment, change.version, False))
-        groups: dict[tuple[tuple[str, int, bool], ...], list[int]] = defaultdict(list)
-        for user, ops in per_user.items():
-            groups[tuple(ops)].append(user)
-        return groups
+    def members(self, segment: str) -> Iterator[int]:
+        """The users whose map holds `segment`, through the mapkeys index (needs
+        `create_index`), in no particular order. Keys are stored, so each row names its user;
+        a record written without its key (by an older publisher) is skipped and counted in
+        `self.keyless`."""
+        t = self.target
+        query = self.client.query(t.namespace, t.set_name)
+        query.select(t.bin_name)
+        query.where(
+            aerospike.predicates.contains(t.bin_name, aerospike.INDEX_TYPE_MAPKEYS, segment)
+        )
+        self.keyless = 0
+        for (_, _, key, _), _meta, _bins in query.results():
+            if key is None:
+                self.keyless += 1
+            else:
+                yield user_of_key(key)
 
-    def _write(self, signature: tuple[tuple[str, int, bool], ...], users: list[int]) -> int:
-        ops = [
-            map_operations.map_put(self.bin_name, seg, version)
-            if put
-            else map_operations.map_remove_by_key(self.bin_name, seg, aerospike.MAP_RETURN_NONE)
-            for seg, version, put in signature
+    def scan(self, callback: Callable[[Any, bytes, dict[Any, Any] | None], None]) -> None:
+        """Stream every record of the set: callback(user id or None when the key is not
+        stored, digest, the map or None)."""
+        t = self.target
+        query = self.client.query(t.namespace, t.set_name)
+        query.select(t.bin_name)
+
+        def each(record: Any) -> None:
+            (_, _, key, digest), _meta, bins = record
+            value = (bins or {}).get(t.bin_name)
+            callback(None if key is None else user_of_key(key), bytes(digest), value)
+
+        query.foreach(each)
+
+    # -- writes -------------------------------------------------------------------------------
+
+    def _ops(self, signature: Signature) -> tuple[list[Any], bool]:
+        """The map operations of a signature, and whether a record can end up empty (then the
+        last operation reads the map's size)."""
+        bin_name = self.target.bin_name
+        puts = [
+            map_operations.map_put(bin_name, e.segment, e.version)
+            for e in signature
+            if e.version is not None
         ]
-        pending = [(self.namespace, self.set_name, user_key(u)) for u in users]
+        removes = [
+            map_operations.map_remove_by_key(bin_name, e.segment, aerospike.MAP_RETURN_NONE)
+            for e in signature
+            if e.version is None
+        ]
+        if removes and not puts:
+            return [*removes, map_operations.map_size(bin_name)], True
+        return puts + removes, False
+
+    def _batch(self, keys: list[tuple[Any, ...]], ops: list[Any]) -> Any:
+        return self.client.batch_operate(keys, ops, None, None, TTL_NEVER_EXPIRE)
+
+    def _write(
+        self, signature: Signature, users: Sequence[int], emptied: list[tuple[tuple[Any, ...], int]]
+    ) -> int:
+        """One batch of users sharing a signature; records left empty go to `emptied`."""
+        ops, may_empty = self._ops(signature)
+        ns, set_name, bin_name = self.target.namespace, self.target.set_name, self.target.bin_name
+        pending = [(ns, set_name, user_key(u)) for u in users]
         for attempt in range(self.retries + 1):
             try:
-                result = self.client.batch_operate(pending, ops)
+                result = self._batch(pending, ops)
             except aerospike.exception.AerospikeError as exc:
                 if attempt == self.retries:
                     raise AerospikeSinkError(f"batch_operate failed: {exc}") from exc
                 time.sleep(0.05 * 2**attempt)
                 continue
+            if result.result not in (0, _ROWS_FAILED):
+                self._batch_failed(result.result, len(pending), attempt)
+                time.sleep(0.05 * 2**attempt)
+                continue
             failed = []
             for rec in result.batch_records:
-                if rec.result == 0:
+                code = rec.result
+                if code == 0:
+                    if may_empty and rec.record[2].get(bin_name) == 0:
+                        emptied.append((rec.key[:3], rec.record[1]["gen"]))
                     continue
-                if rec.result in _TRANSIENT and attempt < self.retries:
-                    failed.append(rec.key)
+                if code == _NOT_FOUND and may_empty:
+                    continue  # only removes, and no record: nothing to remove
+                if code in _TRANSIENT and attempt < self.retries:
+                    failed.append(rec.key[:3])
                 else:
-                    raise AerospikeSinkError(f"write of {rec.key[2]} failed: code {rec.result}")
+                    raise AerospikeSinkError(
+                        f"write of user {user_of_key(rec.key[2])} failed: code {code}"
+                    )
             if not failed:
                 return len(users)
-            pending = [(k[0], k[1], k[2]) for k in failed]
+            pending = failed
             time.sleep(0.05 * 2**attempt)
         raise AerospikeSinkError(f"{len(pending)} records still failing after retries")
 
-    def apply(self, changes: list[Change], progress: Callable[[int, int], None]) -> int:
-        groups = self._ops(changes)
+    def _batch_failed(self, code: int, rows: int, attempt: int) -> None:
+        """A whole-batch error: raise it (in one line) unless it is transient and retries
+        remain."""
+        if code in _TRANSIENT and attempt < self.retries:
+            return
+        reason = _BATCH_CODES.get(code, "")
+        raise AerospikeSinkError(
+            f"Aerospike refused a batch of {rows:,} records: code {code}"
+            + (f" ({reason})" if reason else "")
+        )
+
+    def _delete_emptied(self, emptied: Sequence[tuple[tuple[Any, ...], int]]) -> int:
+        """Delete records whose map became empty, each only if no write came since (the
+        generation the emptying write returned)."""
+        return self._remove(
+            [
+                Remove(key, policy={"gen": aerospike.POLICY_GEN_EQ, "generation": gen})
+                for key, gen in emptied
+            ]
+        )
+
+    def delete_records(self, records: Iterable[int | bytes]) -> int:
+        """Delete records by user id, or by digest (a record without a stored key)."""
+        t = self.target
+        return self._remove(
+            [
+                Remove((t.namespace, t.set_name, None, r) if isinstance(r, bytes) else t.key(r))
+                for r in records
+            ]
+        )
+
+    def _remove(self, removes: list[Remove]) -> int:
+        """Batched deletes; a record already gone, or written since (generation), is kept
+        out of the count. Returns the number deleted."""
+        deleted = 0
+        for i in range(0, len(removes), self.batch_size):
+            batch = BatchRecords(removes[i : i + self.batch_size])
+            result = self.client.batch_write(batch)
+            if result.result not in (0, _ROWS_FAILED):
+                self._batch_failed(result.result, len(batch.batch_records), self.retries)
+            for rec in result.batch_records:
+                if rec.result == 0:
+                    deleted += 1
+                elif rec.result not in (_NOT_FOUND, _GENERATION):
+                    raise AerospikeSinkError(f"delete of {rec.key[2]} failed: code {rec.result}")
+        return deleted
+
+    def apply(self, changes: Iterable[MapChange], progress: Callable[[int, int], None]) -> int:
+        """Write the changes; returns the number of user records written."""
         jobs = [
-            (signature, users[i : i + self.chunk])
-            for signature, users in groups.items()
-            for i in range(0, len(users), self.chunk)
+            (signature, users)
+            for signature, members in group_users(changes)
+            for users in _chunks(members, self.batch_size)
         ]
         total = sum(len(users) for _, users in jobs)
+        emptied: list[tuple[tuple[Any, ...], int]] = []
+        lock = threading.Lock()
+
+        def run(job: tuple[Signature, Sequence[int]]) -> int:
+            mine: list[tuple[tuple[Any, ...], int]] = []
+            written = self._write(job[0], job[1], mine)
+            if mine:
+                with lock:
+                    emptied.extend(mine)
+            return written
+
         done = 0
         with ThreadPoolExecutor(self.threads) as pool:
-            for written in pool.map(lambda job: self._write(*job), jobs):
+            for written in pool.map(run, jobs):
                 done += written
                 progress(done, total)
+        self.deleted = self._delete_emptied(emptied)
         return done

@@ -2,9 +2,11 @@
 
 Every option can also come from the environment as SEG_<OPTION> (sidecar/cliutil.py has the
 rules). Exit status: 0 published (or nothing to do), 2 bad input or refused by a publish
-guard, 3 fenced by another publisher, 1 when the log or Aerospike fails; always a one-line
-reason on stderr. `--history SEGMENT` prints the versions the log holds; `--rollback SEGMENT
---to-version V` republishes the state of version V as a new version.
+guard, 3 fenced by another publisher, 1 when the log or Aerospike fails, 4 when
+`--reconcile --dry-run` found differences; always a one-line reason on stderr. `--history
+SEGMENT` prints the versions the log holds; `--rollback SEGMENT --to-version V` republishes the
+state of version V as a new version. The Aerospike maintenance modes (`--reconcile`,
+`--members`, `--create-index` alone) are in publisher/aerospike_cli.py.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import argparse
 import logging
 import sys
 import time
+from collections.abc import Callable
 
 from sidecar.cliutil import (
     FAILURE,
@@ -26,13 +29,13 @@ from sidecar.cliutil import (
 from sidecar.ids import BadRequest, segment_id
 from sidecar.transport.base import FencedError, TransportError
 
+from . import aerospike_cli
+from .aerospike_cli import FENCED
 from .guard import DEFAULT_MAX_REMOVE_FRACTION, Guard, fraction
 from .history import HistoryError, format_history, read_history
 from .plan import SnapshotPolicy
 from .publish import Publisher, PublishResult
 from .segment_set import InputError, read_segment_set
-
-FENCED = 3  # exit status when another publisher with the same --writer-id took over
 
 
 def build_parser() -> Parser:
@@ -46,11 +49,7 @@ def build_parser() -> Parser:
     )
     parser.add_argument("--input", metavar="DIR", help="segment-set directory (manifest.json)")
     add_log_options(parser)
-    parser.add_argument("--aerospike", metavar="HOST:PORT", help="also write user records here")
-    parser.add_argument("--aerospike-namespace", default="test", help="Aerospike namespace")
-    parser.add_argument(
-        "--create-index", action="store_true", help="create the mapkeys index on bin segs"
-    )
+    aerospike_cli.add_options(parser)
     parser.add_argument(
         "--prune", action="store_true", help="drop log segments absent from the manifest"
     )
@@ -100,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     with exits_on_error(parser.prog):
+        if aerospike_cli.maintenance(args):
+            return aerospike_cli.run_maintenance(args, _progress(args))
         _check_mode(args)
         if args.history:
             return _history(args)
@@ -157,6 +158,14 @@ def _history(args: argparse.Namespace) -> int:
     return 0
 
 
+def _progress(args: argparse.Namespace) -> Callable[[str], None]:
+    def progress(message: str) -> None:
+        if not args.quiet:
+            print(message, file=sys.stderr, flush=True)
+
+    return progress
+
+
 def _publish(args: argparse.Namespace) -> PublishResult:
     """One publish (or rollback); a CommandError says why it failed."""
     transport = transport_from_args(args)
@@ -172,28 +181,14 @@ def _publish(args: argparse.Namespace) -> PublishResult:
         raise CommandError(str(exc)) from None
     except TransportError as exc:
         raise CommandError(str(exc), FAILURE) from None
-    sink = None
-    if args.aerospike:
-        from .aerospike_sink import AerospikeSink, AerospikeSinkError
-
-        try:
-            sink = AerospikeSink.connect(args.aerospike, namespace=args.aerospike_namespace)
-            if args.create_index:
-                sink.create_index()
-        except (AerospikeSinkError, ValueError) as exc:
-            raise CommandError(str(exc), FAILURE) from None
-
-    def progress(message: str) -> None:
-        if not args.quiet:
-            print(message, file=sys.stderr, flush=True)
-
+    sink = aerospike_cli.sink_from_args(args)
     publisher = Publisher(
         transport,
         writer_id=args.writer_id,
         partitions=args.partitions,
         sink=sink,
         policy=SnapshotPolicy(every_versions=args.snapshot_every),
-        progress=progress,
+        progress=_progress(args),
         guard=Guard(args.max_remove_fraction, force=args.force),
     )
     try:

@@ -25,7 +25,9 @@ from .cliutil import (
     FAILURE,
     CommandError,
     Parser,
+    add_aerospike_options,
     add_log_options,
+    aerospike_target_from_args,
     exits_on_error,
     host_port,
     octal_mode,
@@ -135,20 +137,13 @@ def build_parser() -> Parser:
         metavar="GLOB,...",
         help="hold only segments matching these globs; the rest is asked of the fallback",
     )
-    fb = p.add_argument_group("Aerospike fallback")
-    fb.add_argument("--aerospike", metavar="HOST:PORT[,...]", help="Aerospike seed hosts")
-    fb.add_argument("--aerospike-namespace", default="test", help="namespace (default test)")
-    fb.add_argument("--aerospike-set", default="users", help="set (default users)")
-    fb.add_argument("--aerospike-bin", default="segs", help="bin (default segs)")
-    fb.add_argument(
+    add_aerospike_options(p, title="Aerospike fallback")
+    p.add_argument(
         "--fallback-budget-ms",
         type=positive_float,
         default=5.0,
-        help="time budget of one fallback lookup (default 5)",
+        help='time budget of one fallback lookup (default 5; see README "Aerospike")',
     )
-    fb.add_argument("--aerospike-user", help="user name (security enabled)")
-    fb.add_argument("--aerospike-password", help="password")
-    fb.add_argument("--aerospike-tls-name", help="TLS name of the servers (enables TLS)")
     p.add_argument(
         "--log-level",
         default="INFO",
@@ -160,24 +155,12 @@ def build_parser() -> Parser:
 
 
 def make_fallback(args: argparse.Namespace) -> Fallback | None:
-    if not args.aerospike:
+    target = aerospike_target_from_args(args)
+    if target is None:
         return None
-    from .fallback.aerospike import AerospikeFallback, parse_hosts
+    from .fallback.aerospike import AerospikeFallback
 
-    try:
-        hosts = parse_hosts(args.aerospike)
-    except ValueError as exc:
-        raise CommandError(f"--aerospike: {exc}") from None
-    fallback = AerospikeFallback(
-        hosts,
-        namespace=args.aerospike_namespace,
-        set_name=args.aerospike_set,
-        bin_name=args.aerospike_bin,
-        budget_ms=args.fallback_budget_ms,
-        user=args.aerospike_user,
-        password=args.aerospike_password,
-        tls_name=args.aerospike_tls_name,
-    )
+    fallback = AerospikeFallback(target, budget_ms=args.fallback_budget_ms)
     fallback.start()  # connect now, in the background, rather than on the first miss
     return fallback
 

@@ -383,3 +383,57 @@ def transport_from_args(
     from .transport.kafka import KafkaTransport
 
     return KafkaTransport(kafka, args.topic_prefix, dict(args.kafka_config))
+
+
+# -- the Aerospike option group ------------------------------------------------------------------
+
+
+@arg_type("HOST:PORT[,HOST:PORT...]")
+def aerospike_hosts(text: str) -> list[tuple[str, int]]:
+    from .aerospike_layout import parse_hosts
+
+    return parse_hosts(text)
+
+
+def add_aerospike_options(parser: Parser, *, prefix: str = "", title: str = "Aerospike") -> None:
+    """Where the user records live (DESIGN.md "Aerospike layout"): `--{prefix}aerospike` seed
+    hosts, namespace, set, bin, user and password, TLS name. One definition for seg-sidecar,
+    seg-publish and the compute jobs' publish options, so a publisher and a sidecar can always
+    be configured alike."""
+    from .aerospike_layout import BIN, NAMESPACE, SET
+
+    opt = f"--{prefix}aerospike"
+    group = parser.add_argument_group(title)
+    group.add_argument(
+        opt, type=aerospike_hosts, metavar="HOST:PORT[,...]", help="Aerospike seed hosts"
+    )
+    group.add_argument(f"{opt}-namespace", default=NAMESPACE, metavar="NS", help="namespace")
+    group.add_argument(f"{opt}-set", default=SET, metavar="SET", help="set")
+    group.add_argument(f"{opt}-bin", default=BIN, metavar="BIN", help="bin of the segment map")
+    group.add_argument(f"{opt}-user", metavar="USER", help="user name (security enabled)")
+    group.add_argument(
+        f"{opt}-password", metavar="PASSWORD", help="password (prefer the environment variable)"
+    )
+    group.add_argument(
+        f"{opt}-tls-name", metavar="NAME", help="TLS name of the servers (enables TLS)"
+    )
+
+
+def aerospike_target_from_args(args: argparse.Namespace, *, prefix: str = "") -> Any:
+    """The `sidecar.aerospike_layout.AerospikeTarget` that `add_aerospike_options(prefix=...)`
+    names, or None without `--{prefix}aerospike`."""
+    from .aerospike_layout import AerospikeTarget
+
+    name = dest_of(f"--{prefix}aerospike")
+    hosts = getattr(args, name)
+    if not hosts:
+        return None
+    return AerospikeTarget(
+        hosts,
+        namespace=getattr(args, f"{name}_namespace"),
+        set_name=getattr(args, f"{name}_set"),
+        bin_name=getattr(args, f"{name}_bin"),
+        user=getattr(args, f"{name}_user"),
+        password=getattr(args, f"{name}_password"),
+        tls_name=getattr(args, f"{name}_tls_name"),
+    )

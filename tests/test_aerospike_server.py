@@ -641,3 +641,125 @@ def test_map_ops_match_dict_model(
         return
     assert stored == {"segs": model}
     assert aerospike_client.get(key(user))[2] == {"segs": model}
+
+
+# ---------------------------------------------------------------------------------------
+# what a real server does that the product depends on (DESIGN.md "Aerospike layout")
+
+
+def test_default_ttl_applies_when_the_client_sends_none(
+    aerospike_server_factory: Any,
+) -> None:
+    server = aerospike_server_factory(default_ttl=3600)
+    client = aerospike.client(client_config(server)).connect()
+    try:
+        client.put(key(1), {"segs": {"a": 1}})  # no ttl: the namespace's default-ttl
+        client.put(key(2), {"segs": {"a": 1}}, policy={"ttl": aerospike.TTL_NEVER_EXPIRE})
+        client.put(key(3), {"segs": {"a": 1}}, policy={"ttl": 60})
+        _, meta = client.exists(key(1))
+        assert 3590 <= meta["ttl"] <= 3600
+        assert 3590 <= server.ttl(SET, 1) <= 3600
+        assert server.ttl(SET, 2) == -1
+        assert 50 <= server.ttl(SET, 3) <= 60
+        info = list(client.info_all("namespace/test").values())[0][1]
+        assert "default-ttl=3600" in info
+        # a batch_operate with the never-expire TTL, and one without (default-ttl)
+        client.batch_operate([key(4)], [mo.map_put("segs", "a", 1)], ttl=aerospike.TTL_NEVER_EXPIRE)
+        client.batch_operate([key(5)], [mo.map_put("segs", "a", 1)])
+        assert server.ttl(SET, 4) == -1
+        assert 3590 <= server.ttl(SET, 5) <= 3600
+        # a later write without a TTL resets it to the default; "don't update" keeps it
+        client.operate(
+            key(2), [mo.map_put("segs", "b", 2)], policy={"ttl": aerospike.TTL_DONT_UPDATE}
+        )
+        assert server.ttl(SET, 2) == -1
+        client.operate(key(2), [mo.map_put("segs", "b", 2)])
+        assert 3590 <= server.ttl(SET, 2) <= 3600
+    finally:
+        client.close()
+
+
+def test_records_expire_on_the_test_clock(
+    aerospike_server: ThreadedAerospikeServer, aerospike_client: Any
+) -> None:
+    aerospike_client.put(key(1), {"segs": {"a": 1}}, policy={"ttl": 100})
+    aerospike_client.put(key(2), {"segs": {"a": 1}}, policy={"ttl": aerospike.TTL_NEVER_EXPIRE})
+    aerospike_server.advance(99)
+    assert aerospike_client.get(key(1))[2] == {"segs": {"a": 1}}
+    aerospike_server.advance(2)
+    with pytest.raises(ae.RecordNotFound):
+        aerospike_client.get(key(1))
+    assert aerospike_server.record(SET, 1) is None
+    assert len(aerospike_client.scan("test", SET).results()) == 1
+    # an expired record is gone: an operate with only removes is NOT_FOUND, a put starts over
+    with pytest.raises(ae.RecordNotFound):
+        aerospike_client.operate(
+            key(1), [mo.map_remove_by_key("segs", "a", aerospike.MAP_RETURN_NONE)]
+        )
+    aerospike_client.operate(key(1), [mo.map_put("segs", "b", 1)])
+    assert aerospike_client.get(key(1))[1]["gen"] == 1
+    aerospike_server.advance(10**6)
+    assert aerospike_client.get(key(2))[2] == {"segs": {"a": 1}}
+
+
+def test_batch_operate_of_only_removes_on_missing_records_is_not_found(
+    aerospike_server: ThreadedAerospikeServer, aerospike_client: Any
+) -> None:
+    aerospike_client.put(key(1), {"segs": {"a": 1, "b": 2}})
+    result = aerospike_client.batch_operate(
+        [key(1), key(2)], [mo.map_remove_by_key("segs", "a", aerospike.MAP_RETURN_NONE)]
+    )
+    assert [r.result for r in result.batch_records] == [0, 2]
+    assert aerospike_server.record(SET, 2) is None
+    # removing the last entry leaves an empty map (the record stays), as a real server does
+    aerospike_client.operate(key(1), [mo.map_remove_by_key("segs", "b", aerospike.MAP_RETURN_NONE)])
+    assert aerospike_server.record(SET, 1) == {"segs": {}}
+
+
+def test_scans_and_queries_return_stored_keys_else_none(
+    aerospike_server: ThreadedAerospikeServer, aerospike_client: Any
+) -> None:
+    send = {"key": aerospike.POLICY_KEY_SEND}
+    aerospike_client.put(key(1), {"segs": {"a": 1}}, policy=send)
+    aerospike_client.put(key(2), {"segs": {"a": 1}})
+    aerospike_client.batch_operate(
+        [key(3), key(-5)], [mo.map_put("segs", "a", 1)], policy_batch_write=send
+    )
+    keys = {rec[0][2] for rec in aerospike_client.scan("test", SET).results()}
+    assert keys == {1, None, 3, -5}
+    aerospike_client.index_map_keys_create("test", SET, "segs", aerospike.INDEX_STRING, "ix")
+    query = aerospike_client.query("test", SET)
+    query.where(aerospike.predicates.contains("segs", aerospike.INDEX_TYPE_MAPKEYS, "a"))
+    assert {rec[0][2] for rec in query.results()} == {1, None, 3, -5}
+    streamed: list[Any] = []
+    aerospike_client.query("test", SET).foreach(lambda rec: streamed.append(rec[0][2]))
+    assert sorted(streamed, key=str) == sorted([1, None, 3, -5], key=str)
+
+
+def test_over_batch_max_requests_the_whole_batch_fails_with_151(
+    aerospike_server: ThreadedAerospikeServer, aerospike_client: Any
+) -> None:
+    aerospike_server.batch_max_requests = 100
+    result = aerospike_client.batch_operate(
+        [key(i) for i in range(101)], [mo.map_put("segs", "a", 1)]
+    )
+    assert result.result == 151  # what a real server over batch-max-requests answers
+    assert {r.result for r in result.batch_records} == {-15}
+    assert aerospike_server.records(SET) == {}
+    result = aerospike_client.batch_operate(
+        [key(i) for i in range(100)], [mo.map_put("segs", "a", 1)]
+    )
+    assert result.result == 0 and len(aerospike_server.records(SET)) == 100
+
+
+def test_truncate_set_keeps_other_sets(
+    aerospike_server: ThreadedAerospikeServer, aerospike_client: Any
+) -> None:
+    aerospike_client.put(key(1), {"segs": {"a": 1}})
+    aerospike_client.put(("test", "other", 1), {"x": 1})
+    answer = aerospike_client.info_all("truncate:namespace=test;set=users")
+    assert list(answer.values())[0][1] == "ok\n"
+    assert aerospike_server.records(SET) == {}
+    assert len(aerospike_server.records("other")) == 1
+    with pytest.raises(ae.RecordNotFound):
+        aerospike_client.get(key(1))

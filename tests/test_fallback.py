@@ -19,7 +19,8 @@ from typing import Any, TypeVar
 import pytest
 from aerospike_helpers.operations import map_operations
 
-from sidecar.fallback.aerospike import AerospikeFallback, parse_hosts, user_key
+from sidecar.aerospike_layout import AerospikeTarget, parse_hosts, user_key
+from sidecar.fallback.aerospike import AerospikeFallback
 from sidecar.fallback.breaker import CircuitBreaker
 from tests.aerospike_fixture import aerospike_client, aerospike_server  # noqa: F401
 from tests.aerospike_server import ThreadedAerospikeServer
@@ -53,7 +54,7 @@ async def in_flight(fb: AerospikeFallback, task: asyncio.Task[Any]) -> None:
 
 def make_fallback(server: ThreadedAerospikeServer, **kwargs: Any) -> AerospikeFallback:
     kwargs.setdefault("budget_ms", ANSWER_BUDGET_MS)
-    return AerospikeFallback([(server.host, server.port)], namespace=NS, **kwargs)
+    return AerospikeFallback(AerospikeTarget([(server.host, server.port)], namespace=NS), **kwargs)
 
 
 def write_segs(client: Any, user: int, segs: dict[str, int]) -> None:
@@ -230,7 +231,7 @@ def test_unreachable_server_never_hangs() -> None:
     server.stop()  # nothing listens on that port now
 
     async def body() -> None:
-        fb = AerospikeFallback([(host, port)], budget_ms=5)
+        fb = AerospikeFallback(AerospikeTarget([(host, port)]), budget_ms=5)
         try:
             for _ in range(20):
                 started = time.perf_counter()

@@ -27,7 +27,7 @@ from pyroaring import BitMap64
 
 from publisher.aerospike_sink import AerospikeSink, AerospikeSinkError
 from publisher.publish import FAULT_ENV, FAULT_POINTS, Publisher, PublishResult
-from sidecar.fallback.aerospike import user_key
+from sidecar.aerospike_layout import AerospikeTarget, user_key
 from sidecar.record import Delta, Drop, decode
 from sidecar.replica import Replica
 from sidecar.transport.base import TOPICS
@@ -88,6 +88,10 @@ class Truth:
         return out
 
 
+def truth_users_of(segments: Mapping[str, BitMap64]) -> BitMap64:
+    return BitMap64.union(BitMap64(), *segments.values())
+
+
 def touched_users(changes: Iterable[tuple[BitMap64, BitMap64]]) -> int:
     users = BitMap64()
     for old, new in changes:
@@ -98,30 +102,23 @@ def touched_users(changes: Iterable[tuple[BitMap64, BitMap64]]) -> int:
 # -- inspection helpers --------------------------------------------------------------------
 
 
-def stored_bins(server: ThreadedAerospikeServer) -> dict[bytes, dict[str, int]]:
-    """{digest: segs} of every record of set `users` whose `segs` map is not empty."""
-    out = {}
-    for key, bins in server.records(SET).items():
-        segs = bins.get(BIN) or {}
-        if segs:
-            out[bytes(key)] = segs
-    return out
+def stored_bins(server: ThreadedAerospikeServer) -> dict[Any, dict[str, int]]:
+    """{stored user key: segs} of every record of set `users` (keys are stored)."""
+    return {key: bins.get(BIN) for key, bins in server.records(SET).items()}
 
 
 def assert_aerospike_matches(server: ThreadedAerospikeServer, truth: Truth) -> None:
-    expected = {server.digest_of(SET, user_key(user)): segs for user, segs in truth.bins().items()}
+    """Each member's record holds exactly its segments at the versions that added it; users
+    in no segment have no record (DESIGN.md "Aerospike layout")."""
+    expected = {user_key(user): segs for user, segs in truth.bins().items()}
     actual = stored_bins(server)
     if actual != expected:
-        by_digest = {server.digest_of(SET, user_key(u)): u for u in truth.users}
         wrong = [
-            (by_digest.get(d, d), actual.get(d), expected.get(d))
-            for d in set(actual) | set(expected)
-            if actual.get(d) != expected.get(d)
+            (k, actual.get(k), expected.get(k))
+            for k in set(actual) | set(expected)
+            if actual.get(k) != expected.get(k)
         ]
-        pytest.fail(f"{len(wrong)} user records differ (user, actual, expected): {wrong[:10]}")
-    # Users removed from every segment hold an empty map, or no record at all.
-    for user in truth.users - set(truth.bins()):
-        assert not (server.record(SET, user_key(user)) or {}).get(BIN), user
+        pytest.fail(f"{len(wrong)} user records differ (key, actual, expected): {wrong[:10]}")
 
 
 def data_commands(server: ThreadedAerospikeServer) -> dict[str, int]:
@@ -202,7 +199,7 @@ def assert_log_matches(log_dir: Path, truth: Truth) -> None:
 
 @pytest.fixture
 def sink(aerospike_server: ThreadedAerospikeServer) -> Iterator[AerospikeSink]:  # noqa: F811
-    sink = AerospikeSink.connect(aerospike_server.address, namespace="test")
+    sink = AerospikeSink.connect(AerospikeTarget.at(aerospike_server.address))
     try:
         yield sink
     finally:
@@ -293,6 +290,7 @@ def test_second_publish_updates_bins_exactly(
         "churn_risk": 2,
     }
     rows = written_rows(aerospike_server)
+    before = set(truth_users_of(first))
     result = pub.publish(desired, drop=drop, prune=True)
     assert result.versions == versions
     assert result.drops == 2
@@ -300,11 +298,14 @@ def test_second_publish_updates_bins_exactly(
         [(first.get(s, BitMap64()), desired.get(s, BitMap64())) for s in versions]
     )
     assert result.aerospike_records == changed_users
-    assert written_rows(aerospike_server) - rows == changed_users
+    left_everything = len(before - set(truth.bins()))
+    assert left_everything > 0 and sink.deleted == left_everything
+    # one row per changed user, one delete per user who left every segment
+    assert written_rows(aerospike_server) - rows == changed_users + left_everything
     assert_aerospike_matches(aerospike_server, truth)
     assert_log_matches(log_dir, truth)
     # removed keys are gone, kept memberships keep the version that added them
-    assert aerospike_server.record(SET, 0)[BIN] == {}  # was vip_buyers + newsletter
+    assert aerospike_server.record(SET, 0) is None  # was vip_buyers + newsletter: deleted
     assert aerospike_server.record(SET, 250)[BIN] == {"vip_buyers": 1, "cart_abandoners_30m": 1}
     assert aerospike_server.record(SET, 350)[BIN] == {"vip_buyers": 2, "cart_abandoners_30m": 1}
     assert aerospike_server.record(SET, user_key(BIG + 7))[BIN] == {"winback": 1}
@@ -473,10 +474,11 @@ import sys
 from publisher.aerospike_sink import AerospikeSink
 from publisher.publish import Publisher
 from publisher.segment_set import read_segment_set
+from sidecar.aerospike_layout import AerospikeTarget
 from sidecar.transport.logdir import LogDirTransport
 
 input_dir, log_dir, address, *drop = sys.argv[1:]
-sink = AerospikeSink.connect(address, namespace="test")
+sink = AerospikeSink.connect(AerospikeTarget.at(address))
 desired = read_segment_set(input_dir).segments
 Publisher(LogDirTransport(log_dir), sink=sink, writer_id="test-publisher").publish(
     desired, prune=True, drop=drop

@@ -19,6 +19,7 @@ from pyroaring import BitMap64
 
 from publisher import Publisher
 from publisher.aerospike_sink import AerospikeSink
+from sidecar.aerospike_layout import AerospikeTarget
 from sidecar.client import SidecarClient
 from sidecar.transport.logdir import LogDirTransport
 from tests.aerospike_server.server import ThreadedAerospikeServer
@@ -43,7 +44,7 @@ def world(
         for name in ("held_a", "held_b", "other_x", "other_y")
     }
     log = LogDirTransport(tmp_path / "log")
-    sink = AerospikeSink.connect(aerospike_server.address)
+    sink = AerospikeSink.connect(AerospikeTarget.at(aerospike_server.address))
     Publisher(log, sink=sink).publish(truth)
     sink.client.close()
     uds = tmp_path / "run" / "s.sock"

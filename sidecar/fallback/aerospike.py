@@ -15,27 +15,11 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from ..aerospike_layout import AerospikeTarget
 from .base import Fallback
 from .breaker import CircuitBreaker
 
 log = logging.getLogger(__name__)
-
-
-def user_key(user: int) -> int:
-    """Aerospike integer keys are signed 64-bit: ids >= 2**63 wrap to negative keys. The
-    publisher writes with the same mapping."""
-    return user - 2**64 if user >= 2**63 else user
-
-
-def parse_hosts(spec: str) -> list[tuple[str, int]]:
-    """`host:port[,host:port...]`."""
-    hosts = []
-    for item in spec.split(","):
-        host, sep, port = item.strip().rpartition(":")
-        if not sep or not host or not port.isdigit():
-            raise ValueError(f"expected HOST:PORT, got {item!r}")
-        hosts.append((host, int(port)))
-    return hosts
 
 
 class AerospikeFallback(Fallback):
@@ -43,28 +27,17 @@ class AerospikeFallback(Fallback):
 
     def __init__(
         self,
-        hosts: list[tuple[str, int]],
+        target: AerospikeTarget,
         *,
-        namespace: str = "test",
-        set_name: str = "users",
-        bin_name: str = "segs",
         budget_ms: float = 5.0,
         max_in_flight: int = 64,
         breaker: CircuitBreaker | None = None,
-        user: str | None = None,
-        password: str | None = None,
-        tls_name: str | None = None,
         threads: int = 8,
     ) -> None:
-        self.hosts = hosts
-        self.namespace = namespace
-        self.set_name = set_name
-        self.bin_name = bin_name
+        self.target = target
         self.budget = budget_ms / 1000.0
         self.max_in_flight = max_in_flight
         self.breaker = breaker or CircuitBreaker()
-        self._auth = (user, password) if user else None
-        self._tls_name = tls_name
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="aerospike")
         self._client: Any = None
         self._connect_lock = threading.Lock()
@@ -75,23 +48,12 @@ class AerospikeFallback(Fallback):
         self.calls = {"ok": 0, "not_found": 0, "timeout": 0, "error": 0, "rejected": 0}
 
     # -- connection (lazy, in the background, retried at most once a second) ---------------
-    def _config(self) -> dict[str, Any]:
+    def _policies(self) -> dict[str, Any]:
         budget_ms = max(1, int(self.budget * 1000))
-        hosts: list[tuple[Any, ...]] = (
-            [(h, p, self._tls_name) for h, p in self.hosts] if self._tls_name else self.hosts
-        )
-        config: dict[str, Any] = {
-            "hosts": hosts,
-            "policies": {
-                "read": {"total_timeout": budget_ms, "socket_timeout": budget_ms, "max_retries": 0},
-                "login_timeout_ms": 1000,
-            },
-            "connect_timeout": 1000,
-            "tend_interval": 1000,
+        return {
+            "read": {"total_timeout": budget_ms, "socket_timeout": budget_ms, "max_retries": 0},
+            "login_timeout_ms": 1000,
         }
-        if self._tls_name:
-            config["tls"] = {"enable": True}
-        return config
 
     def start(self) -> None:
         """Begin connecting now (in the background), so the first misses find a client."""
@@ -113,20 +75,14 @@ class AerospikeFallback(Fallback):
         threading.Thread(target=self._connect, name="aerospike-connect", daemon=True).start()
 
     def _connect(self) -> None:
-        import aerospike
-
         try:
-            client = aerospike.client(self._config())
-            if self._auth:
-                client.connect(*self._auth)
-            else:
-                client.connect()
+            client = self.target.connect(self._policies(), connect_timeout=1000, tend_interval=1000)
             if self._closed:  # closed while connecting
                 client.close()
             else:
                 self._client = client
         except Exception as exc:
-            log.warning("cannot connect to Aerospike %s: %s", self.hosts, exc)
+            log.warning("cannot connect to Aerospike %s: %s", self.target.describe(), exc)
         finally:
             self._connecting = False
 
@@ -140,11 +96,12 @@ class AerospikeFallback(Fallback):
         import aerospike
 
         client = self._connected()
+        bin_name = self.target.bin_name
         try:
-            _, _, bins = client.get((self.namespace, self.set_name, user_key(user)))
+            _, _, bins = client.select(self.target.key(user), [bin_name])
         except aerospike.exception.RecordNotFound:
             return {}
-        value = (bins or {}).get(self.bin_name) or {}
+        value = (bins or {}).get(bin_name) or {}
         return {str(k): int(v) for k, v in value.items()}
 
     # -- the fallback ---------------------------------------------------------------------
@@ -180,7 +137,7 @@ class AerospikeFallback(Fallback):
     def status(self) -> dict[str, object]:
         return {
             "kind": self.name,
-            "hosts": [f"{h}:{p}" for h, p in self.hosts],
+            "hosts": [f"{h}:{p}" for h, p in self.target.hosts],
             "breaker": self.breaker.state,
             "breaker_opened": self.breaker.opened_total,
             "in_flight": self.in_flight,

@@ -57,7 +57,7 @@ def parse_batch(data: bytes) -> list[BatchRow]:
             rows.append(BatchRow(index, replace(prev, digest=digest, user_key=None)))
             continue
         info1 = info2 = info3 = 0
-        generation = 0
+        generation = ttl = 0
         if flags & ROW_INFO:
             info1, info2, info3 = data[pos], data[pos + 1], data[pos + 2]
             pos += 3
@@ -70,7 +70,8 @@ def parse_batch(data: bytes) -> list[BatchRow]:
             (generation,) = struct.unpack_from(">H", data, pos)
             pos += 2
         if flags & ROW_TTL:
-            pos += 4  # TTLs are accepted but not enforced
+            (ttl,) = struct.unpack_from(">I", data, pos)
+            pos += 4
         n_fields, n_ops = struct.unpack_from(">HH", data, pos)
         fields, ops, pos = wire.parse_fields_and_ops(data, pos + 4, n_fields, n_ops)
         fmap = dict(fields)
@@ -86,6 +87,7 @@ def parse_batch(data: bytes) -> list[BatchRow]:
             ops=ops,
             generation=generation,
             user_key=wire.decode_user_key(key_field) if key_field else None,
+            ttl=ttl,
             unsupported=unsupported,
         )
         rows.append(BatchRow(index, prev))

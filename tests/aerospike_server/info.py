@@ -179,7 +179,7 @@ class InfoResponder:
         objects = sum(1 for (n, _) in self.server.store.snapshot() if n == ns)
         return (
             f"objects={objects};tombstones=0;replication-factor=1;"
-            "storage-engine=memory;strong-consistency=false;default-ttl=0"
+            f"storage-engine=memory;strong-consistency=false;default-ttl={self.server.store.default_ttl}"
         )
 
     def _cmd_statistics(self, _: str) -> str:

@@ -120,7 +120,7 @@ def _row(ns: str, digest: bytes, rec: Record, msg: wire.AsMsg) -> wire.AsMsg:
         for name, p in rec.bins.items():
             if not wanted or name in wanted:
                 ops.append(wire.Op(wire.OP_READ, p.ptype, name, wire.encode_particle(p)))
-    return wire.AsMsg(generation=rec.generation, fields=fields, ops=ops)
+    return wire.AsMsg(generation=rec.generation, record_ttl=rec.void_time, fields=fields, ops=ops)
 
 
 def run(server: AerospikeTestServer, msg: wire.AsMsg) -> list[bytes]:

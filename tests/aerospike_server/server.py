@@ -14,6 +14,7 @@ import itertools
 import logging
 import struct
 import threading
+import time
 from collections import Counter
 from concurrent.futures import Future
 from typing import Any
@@ -67,6 +68,8 @@ class AerospikeTestServer:
         namespaces: list[str] | None = None,
         node_id: str | None = None,
         cluster_name: str = "test-cluster",
+        default_ttl: int = 0,
+        batch_max_requests: int | None = None,
     ) -> None:
         self.host = host
         self.port = port
@@ -74,7 +77,12 @@ class AerospikeTestServer:
         self.namespace = self.namespaces[0]
         self.node_id = node_id or f"BB9{next(_node_ids):012X}"
         self.cluster_name = cluster_name
-        self.store = Store(self.namespaces)
+        #: seconds added to the wall clock for record expiry (``advance()`` moves it)
+        self.clock_offset = 0.0
+        self.store = Store(self.namespaces, default_ttl=default_ttl, clock=self._clock)
+        #: more rows than this in one batch: the whole batch fails with 151, as on a real
+        #: server over its batch-max-requests (None: no limit)
+        self.batch_max_requests = batch_max_requests
         self.info = InfoResponder(self)
         self.latency_s: float = 0.0
         self.drop_connections: bool = False
@@ -121,6 +129,13 @@ class AerospikeTestServer:
     def is_up(self) -> bool:
         return self._server is not None
 
+    def _clock(self) -> float:
+        return time.time() + self.clock_offset
+
+    def advance(self, seconds: float) -> None:
+        """Move the expiry clock forward (records whose TTL ran out are gone)."""
+        self.clock_offset += seconds
+
     # -- inspection --------------------------------------------------------------------
 
     def digest_of(self, set_name: str, key: Any) -> bytes:
@@ -150,6 +165,14 @@ class AerospikeTestServer:
         ns = namespace or self.namespace
         rec = self.store.get(ns, wire.compute_digest(ns, set_name, key))
         return None if rec is None else rec.generation
+
+    def ttl(self, set_name: str, key: Any, namespace: str | None = None) -> int | None:
+        """Seconds the record has left, -1 when it never expires, None when there is none."""
+        ns = namespace or self.namespace
+        rec = self.store.get(ns, wire.compute_digest(ns, set_name, key))
+        if rec is None:
+            return None
+        return -1 if rec.void_time == 0 else rec.void_time - self.store.now()
 
     def seed(
         self, set_name: str, key: Any, bins: dict[str, Any], namespace: str | None = None
@@ -265,6 +288,7 @@ class AerospikeTestServer:
             ops=msg.ops,
             generation=msg.generation,
             user_key=wire.decode_user_key(key) if key else None,
+            ttl=msg.record_ttl,
         )
 
     def _handle_batch(self, msg: wire.AsMsg, data: bytes | None) -> list[bytes]:
@@ -278,6 +302,9 @@ class AerospikeTestServer:
             log.warning("aerospike test server: filter expressions are not supported")
             return [batch.last_frame(wire.ERR_UNSUPPORTED_FEATURE)]
         rows = batch.parse_batch(data)
+        if self.batch_max_requests is not None and len(rows) > self.batch_max_requests:
+            self._count("batch_rejected")
+            return [batch.last_frame(wire.ERR_BATCH_MAX_REQUESTS)]
         self._count("batch_rows", len(rows))
         responses: list[wire.AsMsg] = []
         for row in rows:
@@ -430,6 +457,28 @@ class ThreadedAerospikeServer:
 
     def generation(self, set_name: str, key: Any, namespace: str | None = None) -> int | None:
         return self.server.generation(set_name, key, namespace)
+
+    def ttl(self, set_name: str, key: Any, namespace: str | None = None) -> int | None:
+        return self.server.ttl(set_name, key, namespace)
+
+    def advance(self, seconds: float) -> None:
+        self.server.advance(seconds)
+
+    @property
+    def batch_max_requests(self) -> int | None:
+        return self.server.batch_max_requests
+
+    @batch_max_requests.setter
+    def batch_max_requests(self, value: int | None) -> None:
+        self.server.batch_max_requests = value
+
+    @property
+    def default_ttl(self) -> int:
+        return self.server.store.default_ttl
+
+    @default_ttl.setter
+    def default_ttl(self, value: int) -> None:
+        self.server.store.default_ttl = value
 
     def seed(
         self, set_name: str, key: Any, bins: dict[str, Any], namespace: str | None = None

@@ -10,6 +10,8 @@ from __future__ import annotations
 import logging
 import struct
 import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,6 +21,11 @@ from .wire import AsMsg, Op, Particle
 log = logging.getLogger(__name__)
 
 MAX_GENERATION = 0xFFFF
+#: Aerospike's void times count seconds from 2010-01-01T00:00:00Z
+CITRUSLEAF_EPOCH = 1262304000
+#: record TTLs on the wire: 0 = the namespace's default-ttl, these two are special
+TTL_NEVER_EXPIRE = 0xFFFF_FFFF
+TTL_DONT_UPDATE = 0xFFFF_FFFE
 
 
 @dataclass
@@ -27,6 +34,7 @@ class Record:
     bins: dict[str, Particle]
     generation: int
     user_key: Any = None
+    void_time: int = 0  # when it expires, in seconds since CITRUSLEAF_EPOCH; 0 = never
 
 
 @dataclass
@@ -42,6 +50,7 @@ class Command:
     ops: list[Op]
     generation: int = 0
     user_key: Any = None
+    ttl: int = 0  # a write's record TTL as sent (0 = the namespace default)
     unsupported: list[str] = field(default_factory=list)
 
 
@@ -170,25 +179,58 @@ def apply_ops(
 
 
 class Store:
-    """All records of all namespaces, plus the command semantics over them."""
+    """All records of all namespaces, plus the command semantics over them.
 
-    def __init__(self, namespaces: list[str]) -> None:
+    Expiry follows the server: a write's TTL of 0 takes `default_ttl` (0 = never expire),
+    TTL_NEVER_EXPIRE clears the void time, TTL_DONT_UPDATE keeps it; a record whose void time
+    has passed (on `clock`, epoch seconds; tests move it) is gone for every command and scan.
+    """
+
+    def __init__(
+        self,
+        namespaces: list[str],
+        *,
+        default_ttl: int = 0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.namespaces = list(namespaces)
+        self.default_ttl = default_ttl
+        self.clock = clock
         self.lock = threading.RLock()
         self._records: dict[tuple[str, bytes], Record] = {}
+
+    def now(self) -> int:
+        """The clock in void-time units (seconds since CITRUSLEAF_EPOCH)."""
+        return int(self.clock()) - CITRUSLEAF_EPOCH
+
+    def _live(self, rec: Record | None, now: int) -> bool:
+        return rec is not None and (rec.void_time == 0 or rec.void_time > now)
+
+    def _void_time(self, ttl: int, rec: Record | None) -> int:
+        if ttl == TTL_NEVER_EXPIRE:
+            return 0
+        if ttl == TTL_DONT_UPDATE:
+            return rec.void_time if rec is not None else self._void_time(0, None)
+        if ttl == 0:
+            ttl = self.default_ttl
+        return self.now() + ttl if ttl else 0
 
     # -- inspection ----------------------------------------------------------------
 
     def snapshot(self) -> dict[tuple[str, bytes], Record]:
+        """Copies of the live (unexpired) records."""
         with self.lock:
+            now = self.now()
             return {
-                k: Record(r.set_name, dict(r.bins), r.generation, r.user_key)
+                k: Record(r.set_name, dict(r.bins), r.generation, r.user_key, r.void_time)
                 for k, r in self._records.items()
+                if self._live(r, now)
             }
 
     def get(self, ns: str, digest: bytes) -> Record | None:
         with self.lock:
-            return self._records.get((ns, digest))
+            rec = self._records.get((ns, digest))
+            return rec if self._live(rec, self.now()) else None
 
     def put_record(self, ns: str, digest: bytes, record: Record) -> None:
         with self.lock:
@@ -221,11 +263,11 @@ class Store:
             return AsMsg(result_code=exc.code)
 
     def _read(self, cmd: Command) -> AsMsg:
-        rec = self._records.get((cmd.namespace, cmd.digest))
+        rec = self.get(cmd.namespace, cmd.digest)
         if rec is None:
             return AsMsg(result_code=wire.ERR_NOT_FOUND)
         if cmd.info1 & wire.INFO1_GET_NOBINDATA:
-            return AsMsg(generation=rec.generation)
+            return AsMsg(generation=rec.generation, record_ttl=rec.void_time)
         get_all = bool(cmd.info1 & wire.INFO1_GET_ALL) or not cmd.ops
         ops = cmd.ops or [Op(wire.OP_READ, wire.PT_NULL, "", b"")]
         out = apply_ops(
@@ -235,7 +277,7 @@ class Store:
             get_all=get_all,
             respond_all=bool(cmd.info2 & wire.INFO2_RESPOND_ALL_OPS),
         )
-        return AsMsg(generation=rec.generation, ops=out)
+        return AsMsg(generation=rec.generation, record_ttl=rec.void_time, ops=out)
 
     def _check_write(self, cmd: Command, rec: Record | None) -> None:
         exists = rec is not None
@@ -251,7 +293,9 @@ class Store:
 
     def _write(self, cmd: Command) -> AsMsg:
         key = (cmd.namespace, cmd.digest)
-        rec = self._records.get(key)
+        rec = self.get(*key)
+        if rec is None:
+            self._records.pop(key, None)  # expired: as if it never was
         if cmd.info2 & wire.INFO2_DELETE:
             if rec is None:
                 return AsMsg(result_code=wire.ERR_NOT_FOUND)
@@ -275,5 +319,6 @@ class Store:
             return AsMsg(ops=out)
         gen = _next_generation(rec.generation if rec else 0)
         user_key = cmd.user_key if cmd.user_key is not None else (rec.user_key if rec else None)
-        self._records[key] = Record(cmd.set_name, bins, gen, user_key)
-        return AsMsg(generation=gen, ops=out)
+        void_time = self._void_time(cmd.ttl, rec)
+        self._records[key] = Record(cmd.set_name, bins, gen, user_key, void_time)
+        return AsMsg(generation=gen, record_ttl=void_time, ops=out)

@@ -1,0 +1,230 @@
+"""`seg-publish --reconcile`: make the Aerospike set a faithful mirror of the log again.
+
+The publisher diffs against the log, so what Aerospike lost (a truncate, a restored backup, a
+namespace added later, `--aerospike` turned on after the first publish) is never written
+again by a publish. Reconcile compares the set with the state the log holds and rewrites only
+what differs (DESIGN.md "Aerospike layout"):
+
+- the log's state is recovered as a publish does (a replica of the log, in memory: bitmaps);
+- the set is scanned once, streaming, with stored keys; per record only its own entries are
+  looked at (`user in bitmap`), and the members that had a valid entry are collected per
+  segment, so the missing entries are one bitmap difference per segment at the end;
+- the repairs go through the sink's batched writes (grouped users, `batch_operate`), and
+  records left with no entry are deleted.
+
+An entry is valid when its segment is in the log, the user is a member, and its version is
+an integer between 1 and the segment's current version (the version of the publish that
+wrote it, which the log no longer tells once compacted; anything newer was written by a
+publish that never committed). A missing or invalid entry is written with the segment's
+current version. A record written without its key (an older publisher) is matched to its
+user by digest among the members with no keyed record, and rewritten with the key; one that
+matches nobody is deleted. Nothing is written to the log.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from pyroaring import BitMap64
+
+from sidecar.replica.engine import Engine
+from sidecar.replica.recovery import bootstrap
+from sidecar.transport.base import Transport
+
+from .aerospike_sink import AerospikeSink, MapChange
+
+Progress = Callable[[str], None]
+
+
+@dataclass(slots=True)
+class ReconcileReport:
+    scanned: int = 0
+    missing_records: int = 0  # members with no record at all
+    missing_entries: int = 0  # a record without an entry its user should have
+    extra_entries: int = 0  # an entry of a segment the user is not in (or no such segment)
+    outdated_entries: int = 0  # an entry whose value is not a version the log allows
+    extra_records: int = 0  # records of users in no segment (empty maps included)
+    keyless_records: int = 0  # records without a stored key
+    written: int = 0  # records written (repairs applied)
+    deleted: int = 0
+    dry_run: bool = False
+    seconds: float = 0.0
+
+    @property
+    def differs(self) -> bool:
+        return bool(
+            self.missing_records
+            or self.missing_entries
+            or self.extra_entries
+            or self.outdated_entries
+            or self.extra_records
+            or self.keyless_records
+        )
+
+    def summary(self) -> str:
+        verb = "would write" if self.dry_run else "wrote"
+        return (
+            f"scanned {self.scanned:,} records: missing records {self.missing_records:,}, "
+            f"missing entries {self.missing_entries:,}, extra entries {self.extra_entries:,}, "
+            f"outdated entries {self.outdated_entries:,}, extra records "
+            f"{self.extra_records:,}, records without a stored key {self.keyless_records:,}; "
+            f"{verb} {self.written:,} records, deleted {self.deleted:,}, "
+            f"time {self.seconds:.2f} s"
+        )
+
+
+@dataclass(slots=True)
+class _Repair:
+    """A MapChange for the sink: put `segment: version` for `add`, remove it for `remove`."""
+
+    segment: str
+    version: int
+    add: BitMap64 = field(default_factory=BitMap64)
+    remove: BitMap64 = field(default_factory=BitMap64)
+
+
+def _valid_version(value: Any, current: int) -> bool:
+    if isinstance(value, list) and value:  # a TTL segment's [version, expires_at_ms]
+        value = value[0]
+    return isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= current
+
+
+class _Comparison:
+    """What one streamed scan finds, against the log's state."""
+
+    def __init__(self, engine: Engine, progress: Progress) -> None:
+        self.members = {name: state.bitmap for name, state in engine.segments.items()}
+        self.versions = {name: state.version for name, state in engine.segments.items()}
+        self.seen = {name: BitMap64() for name in self.members}  # a valid entry was found
+        self.keyed = BitMap64()  # users with a record that has its key
+        self.repairs: dict[str, _Repair] = {}
+        self.delete: list[Any] = []  # user ids or digests of records to delete
+        self.keyless: dict[bytes, dict[Any, Any]] = {}
+        self.matched = BitMap64()  # users whose record was found by digest
+        self.report = ReconcileReport()
+        self._progress = progress
+        self._shown = time.monotonic()
+
+    def repair(self, segment: str) -> _Repair:
+        found = self.repairs.get(segment)
+        if found is None:
+            found = self.repairs[segment] = _Repair(segment, self.versions.get(segment, 0))
+        return found
+
+    def record(self, user: int | None, digest: bytes, segs: dict[Any, Any] | None) -> None:
+        """One scanned record (runs on the client's scan thread, one at a time)."""
+        report = self.report
+        report.scanned += 1
+        if report.scanned % 10_000 == 0 and time.monotonic() - self._shown > 1.0:
+            self._shown = time.monotonic()
+            self._progress(f"reconcile: scanned {report.scanned:,} records")
+        if user is None:
+            report.keyless_records += 1
+            self.keyless[digest] = segs or {}
+            return
+        self.keyed.add(user)
+        self.entries(user, segs or {}, keyed=True)
+
+    def entries(self, user: int, segs: dict[Any, Any], *, keyed: bool) -> None:
+        report = self.report
+        kept = 0
+        for segment, value in segs.items():
+            members = self.members.get(segment)
+            if members is None or user not in members:
+                report.extra_entries += 1
+                self.repair(str(segment)).remove.add(user)
+            else:
+                if not _valid_version(value, self.versions[segment]):
+                    report.outdated_entries += 1
+                    self.repair(segment).add.add(user)
+                if keyed:
+                    self.seen[segment].add(user)
+                kept += 1
+        if not kept:
+            report.extra_records += 1
+            if not segs:
+                self.delete.append(user)  # an empty map: no remove will delete it
+
+    def finish(self, sink: AerospikeSink) -> list[_Repair]:
+        """The missing entries (members with no valid entry), keyless records matched to
+        their users; returns the repairs."""
+        report = self.report
+        everyone = BitMap64.union(BitMap64(), *self.members.values())
+        if self.keyless:
+            self.match_keyless(sink, everyone - self.keyed)
+        report.missing_records = len(everyone - self.keyed - self.matched)
+        for segment, members in self.members.items():
+            missing = members - self.seen[segment]
+            report.missing_entries += len(missing & self.keyed)
+            if missing:
+                repair = self.repair(segment)
+                repair.add |= missing
+        return [r for r in self.repairs.values() if r.add or r.remove]
+
+    def match_keyless(self, sink: AerospikeSink, candidates: BitMap64) -> None:
+        """Keyless records: the digest of each member without a keyed record finds its own;
+        that user's entries are rewritten (storing the key), the rest is deleted."""
+        import aerospike
+
+        t = sink.target
+        for user in candidates:
+            digest = bytes(aerospike.calc_digest(t.namespace, t.set_name, t.key(user)[2]))
+            segs = self.keyless.pop(digest, None)
+            if segs is None:
+                continue
+            self.matched.add(user)
+            self.entries(user, segs, keyed=False)  # its removes; the puts come from `missing`
+            if not self.keyless:
+                break
+        self.delete.extend(self.keyless)  # digests of records that belong to nobody
+
+
+def reconcile(
+    transport: Transport,
+    sink: AerospikeSink,
+    *,
+    dry_run: bool = False,
+    progress: Progress | None = None,
+    writer_id: str = "seg-publisher",
+) -> ReconcileReport:
+    """Compare the set with the log's state and repair it (only report with `dry_run`).
+
+    It holds the log's writer as a publish does (`writer_id`; on Kafka this fences a running
+    publisher with that id), so no publish changes the log or the set meanwhile; it writes
+    nothing to the log."""
+    say = progress or (lambda _m: None)
+    started = time.monotonic()
+    with transport.writer(writer_id) as _writer:
+        report = _reconcile(transport, sink, dry_run, say)
+    report.seconds = time.monotonic() - started
+    return report
+
+
+def _reconcile(
+    transport: Transport, sink: AerospikeSink, dry_run: bool, say: Progress
+) -> ReconcileReport:
+    engine = Engine()
+    with transport.reader() as reader:
+        bootstrap(reader, engine, progress=lambda m: say(f"recover: {m}"))
+    comparison = _Comparison(engine, say)
+    say(f"reconcile: scanning {sink.target.describe()}")
+    sink.scan(comparison.record)
+    repairs: list[MapChange] = list(comparison.finish(sink))
+    report = comparison.report
+    report.dry_run = dry_run
+    users = BitMap64.union(BitMap64(), *(r.add | r.remove for r in repairs))
+    report.written = len(users)
+    report.deleted = len(comparison.delete)
+    if not dry_run and (repairs or comparison.delete):
+        sink.apply(
+            repairs,
+            lambda done, total: say(f"reconcile: {done:,}/{total:,} user records written"),
+        )
+        emptied = sink.deleted
+        sink.delete_records(comparison.delete)
+        report.deleted += emptied
+    say(f"reconcile: scanned {report.scanned:,} records, done")
+    return report

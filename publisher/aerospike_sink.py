@@ -167,7 +167,10 @@ class AerospikeSink:
         self.retries = retries
 
     @classmethod
-    def connect(cls, target: AerospikeTarget, **kwargs: Any) -> AerospikeSink:
+    def connect(cls, target: AerospikeTarget | str, **kwargs: Any) -> AerospikeSink:
+        """A sink on a connected client; `target` may be just `host:port[,...]`."""
+        if isinstance(target, str):
+            target = AerospikeTarget.at(target)
         try:
             client = target.connect(_POLICIES)
         except aerospike.exception.AerospikeError as exc:

@@ -10,10 +10,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from sidecar.cliutil import Parser, positive_int
+
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession
-
-    from sidecar.cliutil import Parser
 
 DEFAULT_MASTER = "local[2]"
 DEFAULT_SHUFFLE_PARTITIONS = 4
@@ -22,8 +22,6 @@ DEFAULT_DRIVER_MEMORY = "2g"
 
 def add_options(p: Parser) -> None:
     """The session options of every Spark subcommand (`batch`, `stream`)."""
-    from sidecar.cliutil import positive_int
-
     group = p.add_argument_group("Spark")
     group.add_argument("--master", default=DEFAULT_MASTER, metavar="URL", help="Spark master")
     group.add_argument(

@@ -179,8 +179,8 @@ class _EnvOption:
 
 class Parser(argparse.ArgumentParser):
     """argparse with the kit's rules (module docstring): SEG_* defaults resolved after the
-    command line through the options' own types, and one-line errors. Its options and those
-    of its argument groups take `env=False` (no variable) or `env="NAME"` (another name)."""
+    command line through the options' own types, and one-line errors; for its own options
+    and those of its argument groups alike."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._env_options: list[_EnvOption] = []  # before super(): it adds --help
@@ -212,15 +212,14 @@ class Parser(argparse.ArgumentParser):
         return namespace, extras
 
     def _add(self, add: Callable[..., argparse.Action], flags: Sequence[str], kwargs: Any) -> Any:
-        env = kwargs.pop("env", True)
         longs = [f for f in flags if f.startswith("--")]
         action = kwargs.get("action")
-        if env is False or not longs or action in ("help", "version"):
+        if not longs or action in ("help", "version"):
             return add(*flags, **kwargs)
         if action not in _ENV_ACTIONS:
             raise TypeError(f"{longs[0]}: action {action!r} has no environment form")
         kind = _ENV_ACTIONS[action]
-        name = env if isinstance(env, str) else env_name(longs[0])
+        name = env_name(longs[0])
         empty = {"flag": False, "list": []}.get(kind)
         default = kwargs.pop("default", empty)
         required = kwargs.pop("required", False)
@@ -293,7 +292,8 @@ def _convert(o: _EnvOption, text: str) -> Any:
 def _help(text: str | None, default: Any, env: str, kind: str) -> str:
     """The help line plus the default (unless the text already says it) and the variable."""
     text = text or ""
-    if default not in (None, False, []) and "default" not in text:
+    shown = not (default is None or default is False or default == [])  # 0 is worth showing
+    if shown and "default" not in text:
         text += f" (default: {default})".replace("%", "%%")
     return f"{text} [env: {env}{', split on commas' if kind == 'list' else ''}]".strip()
 

@@ -290,7 +290,6 @@ def _kit_parser() -> Parser:
     p.add_argument("--name", required=True)
     p.add_argument("--tag", action="append")
     p.add_argument("--fast", action="store_true")
-    p.add_argument("--plain", env=False)
     p.add_argument("--level", type=str.upper, choices=["LOW", "HIGH"], default="low")
     cliutil.add_log_options(p)
     return p
@@ -305,13 +304,13 @@ def test_environment_defaults_follow_the_documented_rules(
     assert (args.count, args.tag, args.fast, args.level) == (1, [], False, "LOW")
     assert args.kafka_config == []
     env = {"SEG_COUNT": "7", "SEG_NAME": "from-env", "SEG_TAG": "a, b,,c", "SEG_FAST": "yes",
-           "SEG_PLAIN": "ignored", "SEG_LEVEL": "high", "SEG_KAFKA_CONFIG": "sasl.x=1,y = 2",
+           "SEG_LEVEL": "high", "SEG_KAFKA_CONFIG": "sasl.x=1,y = 2",
            "SEG_KAFKA": "h:1", "SEG_LOG_DIR": "/d"}  # fmt: skip
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     args = _kit_parser().parse_args([])
-    assert (args.count, args.name, args.tag, args.fast, args.plain, args.level) == (
-        7, "from-env", ["a", "b", "c"], True, None, "HIGH")  # fmt: skip
+    assert (args.count, args.name, args.tag, args.fast, args.level) == (
+        7, "from-env", ["a", "b", "c"], True, "HIGH")  # fmt: skip
     assert args.kafka_config == [("sasl.x", "1"), ("y", "2")]
     assert (args.kafka, args.log_dir) == ("h:1", "/d")  # no flag of the set: both stay
     # the command line wins, option by option (a repeatable one is replaced, not extended)
@@ -335,7 +334,6 @@ def test_the_help_shows_the_default_and_the_variable() -> None:
     text = " ".join(_kit_parser().format_help().split())
     assert "--count COUNT (default: 1) [env: SEG_COUNT]" in text
     assert "--tag TAG [env: SEG_TAG, split on commas]" in text
-    assert "SEG_PLAIN" not in text
 
 
 # -- the option types ----------------------------------------------------------------------------

@@ -273,6 +273,8 @@ class AerospikeTestServer:
             return self._handle_query(msg)
         kind = _command_kind(msg)
         self._count(kind)
+        if kind == "get" and msg.ops and all(op.name for op in msg.ops):
+            self._count("get:" + ",".join(op.name for op in msg.ops))  # named bins only
         if self.error_code:
             self._count("error_injected")
             return [wire.frame(wire.TYPE_MSG, wire.AsMsg(result_code=self.error_code).encode())]

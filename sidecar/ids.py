@@ -42,7 +42,7 @@ def segment_id(value: object, what: str = "segment") -> str:
     """Return `value` as a segment id, or raise BadRequest."""
     if type(value) is not str:
         raise BadRequest(f"{what} must be a string, got {type(value).__name__}")
-    if SEGMENT_RE.match(value) is None:
+    if SEGMENT_RE.fullmatch(value) is None:  # `$` alone would let a trailing newline in
         shown = value if len(value) <= 40 else value[:40] + "..."
         raise BadRequest(
             f"{what} {shown!r} is not a valid segment id "

@@ -22,9 +22,17 @@ from dataclasses import dataclass
 import msgpack
 from pyroaring import BitMap64
 
+from .ids import BadRequest, segment_id
+
 FORMAT = 1
 #: Upper bound for the bitmap bytes of one record; chunks and delta parts stay below it.
 MAX_RECORD_BITMAP_BYTES = 900 * 1024
+#: Most parts of one split delta / chunks of one snapshot a reader accepts (each ~900 KB of
+#: bitmap: far above any real segment). A larger count is corrupt: a reader sizes its
+#: assembly buffers by it.
+MAX_PIECES = 1 << 16
+_U64 = 2**64 - 1
+_I64 = 2**63 - 1  # Kafka offsets are signed 64-bit
 
 
 def deltas_topic(prefix: str) -> str:
@@ -36,7 +44,12 @@ def snapshots_topic(prefix: str) -> str:
 
 
 class RecordError(ValueError):
-    """A log value that cannot be applied."""
+    """A log value that cannot be applied. `reason` is a short stable token for metrics
+    (`unknown_kind`, `not_msgpack`, `bad_segment`, ...)."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 class UnknownRecord(RecordError):
@@ -44,7 +57,9 @@ class UnknownRecord(RecordError):
 
 
 class CorruptRecord(RecordError):
-    """Not msgpack, a bitmap that does not deserialize, or missing/mistyped fields."""
+    """Not msgpack, a bitmap that does not deserialize, or a field that is missing, mistyped
+    or out of its range (an invalid segment id, a version that is not base + 1, a chunk or
+    part index past its count, a cardinality smaller than the record's own members)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,28 +177,65 @@ _DELTA_KINDS = frozenset(("delta", "drop"))
 _SNAPSHOT_KINDS = frozenset(("snapshot", "drop"))
 
 
-def _int(body: dict, name: str, minimum: int = 0) -> int:
+def _int(body: dict, name: str, minimum: int = 0, maximum: int = _U64) -> int:
     value = body.get(name)
-    if type(value) is not int or value < minimum:
-        raise CorruptRecord(f"field {name!r} must be an integer >= {minimum}, got {value!r}")
+    if type(value) is not int or not minimum <= value <= maximum:
+        shown = value if type(value) is int else type(value).__name__
+        raise CorruptRecord(
+            f"field {name!r} must be an integer in {minimum}..{maximum}, got {shown!r}",
+            f"bad_{name}",
+        )
     return value
 
 
-def _str(body: dict, name: str) -> str:
-    value = body.get(name)
-    if type(value) is not str or not value:
-        raise CorruptRecord(f"field {name!r} must be a non-empty string, got {value!r}")
-    return value
+def _segment(body: dict) -> str:
+    """The segment id, validated by the same rule as every request (`ids.segment_id`)."""
+    try:
+        return segment_id(body.get("segment"), "field 'segment'")
+    except BadRequest as exc:
+        raise CorruptRecord(str(exc), "bad_segment") from None
 
 
 def _bitmap(body: dict, name: str) -> BitMap64:
     value = body.get(name)
     if type(value) is not bytes:
-        raise CorruptRecord(f"field {name!r} must be bitmap bytes, got {type(value).__name__}")
+        raise CorruptRecord(
+            f"field {name!r} must be bitmap bytes, got {type(value).__name__}", "bad_bitmap"
+        )
     try:
         return BitMap64.deserialize(value)
     except Exception as exc:  # pyroaring raises ValueError or its own errors on bad bytes
-        raise CorruptRecord(f"field {name!r} is not a portable roaring64 bitmap: {exc}") from exc
+        raise CorruptRecord(
+            f"field {name!r} is not a portable roaring64 bitmap: {exc}", "bad_bitmap"
+        ) from exc
+
+
+def _piece(body: dict, index: str, count: str, optional: bool = False) -> tuple[int, int]:
+    """(index, count) of a chunk or part: 0 <= index < count <= MAX_PIECES. An optional pair
+    (a delta's part/parts) defaults to part 0 of 1."""
+    n = _int(body, count, 1, MAX_PIECES) if not optional or count in body else 1
+    i = _int(body, index, 0, n - 1) if not optional or index in body else 0
+    return i, n
+
+
+def _step(body: dict) -> tuple[int, int]:
+    """(base, version) of a change: base < version (a step of more than one is well-formed:
+    the engine's gap rule handles it)."""
+    version = _int(body, "version", 1)
+    base = _int(body, "base")
+    if base >= version:
+        raise CorruptRecord(
+            f"a change must go to a higher version, got {base} -> {version}", "bad_base"
+        )
+    return base, version
+
+
+def _at_least(cardinality: int, members: int, what: str) -> None:
+    if cardinality < members:
+        raise CorruptRecord(
+            f"cardinality {cardinality} is below the {members} members of its {what}",
+            "bad_cardinality",
+        )
 
 
 def decode(
@@ -192,72 +244,54 @@ def decode(
     snapshots: bool = False,
     wanted: Callable[[str, int], bool] | None = None,
 ) -> Record | Skipped:
-    """Parse one log value. `snapshots` says which topic it came from (a drop differs). When
-    `wanted(segment, version)` is False the result is `Skipped`, before any bitmap is
-    deserialized: replays skip most records they read, and each bitmap is many allocations.
+    """Parse and validate one log value. `snapshots` says which topic it came from (a drop
+    differs). When `wanted(segment, version)` is False the result is `Skipped`, before any
+    bitmap is deserialized: replays skip most records they read, and each bitmap is many
+    allocations.
 
-    Raises UnknownRecord for an unknown format or kind, CorruptRecord for anything malformed.
+    Raises UnknownRecord for an unknown format or kind, CorruptRecord for anything malformed;
+    each carries a `reason` token.
     """
     try:
         body = msgpack.unpackb(value, raw=False, strict_map_key=False)
     except Exception as exc:
-        raise CorruptRecord(f"not msgpack: {exc}") from exc
+        raise CorruptRecord(f"not msgpack: {exc}", "not_msgpack") from exc
     if not isinstance(body, dict):
-        raise CorruptRecord(f"a record is a msgpack map, got {type(body).__name__}")
+        raise CorruptRecord(f"a record is a msgpack map, got {type(body).__name__}", "not_a_map")
     fmt = body.get("format")
     if fmt != FORMAT:
-        raise UnknownRecord(f"unknown format {fmt!r}")
+        raise UnknownRecord(f"unknown format {fmt!r}", "unknown_format")
     kind = body.get("kind")
-    if wanted is not None and kind in (_SNAPSHOT_KINDS if snapshots else _DELTA_KINDS):
-        segment, version = _str(body, "segment"), _int(body, "version", 1)
-        if not wanted(segment, version):
-            return Skipped(segment, version)
-    if kind == "delta" and not snapshots:
-        parts = _int(body, "parts", 1) if "parts" in body else 1
-        part = _int(body, "part") if "part" in body else 0
-        if part >= parts:
-            raise CorruptRecord(f"part {part} of {parts}")
-        return Delta(
-            segment=_str(body, "segment"),
-            base=_int(body, "base"),
-            version=_int(body, "version", 1),
-            add=_bitmap(body, "add"),
-            remove=_bitmap(body, "remove"),
-            cardinality=_int(body, "cardinality"),
-            ts=_int(body, "ts"),
-            part=part,
-            parts=parts,
-        )
-    if kind == "drop" and not snapshots:
-        return Drop(
-            segment=_str(body, "segment"),
-            base=_int(body, "base"),
-            version=_int(body, "version", 1),
-            ts=_int(body, "ts"),
-        )
-    if kind == "snapshot" and snapshots:
-        chunks = _int(body, "chunks", 1)
-        chunk = _int(body, "chunk")
-        if chunk >= chunks:
-            raise CorruptRecord(f"chunk {chunk} of {chunks}")
-        return SnapshotChunk(
-            segment=_str(body, "segment"),
-            version=_int(body, "version", 1),
-            chunk=chunk,
-            chunks=chunks,
-            bitmap=_bitmap(body, "bitmap"),
-            cardinality=_int(body, "cardinality"),
-            delta_offset=_int(body, "delta_offset"),
-            ts=_int(body, "ts"),
-        )
-    if kind == "drop" and snapshots:
-        return DropMarker(
-            segment=_str(body, "segment"),
-            version=_int(body, "version", 1),
-            delta_offset=_int(body, "delta_offset"),
-            ts=_int(body, "ts"),
-        )
-    raise UnknownRecord(f"unknown kind {kind!r}")
+    if type(kind) is not str or kind not in (_SNAPSHOT_KINDS if snapshots else _DELTA_KINDS):
+        raise UnknownRecord(f"unknown kind {kind!r}", "unknown_kind")
+    segment = _segment(body)
+    if snapshots:
+        version = _int(body, "version", 1)
+        delta_offset = _int(body, "delta_offset", 0, _I64)
+    else:
+        base, version = _step(body)
+    ts = _int(body, "ts")
+    if kind == "snapshot":
+        chunk, chunks = _piece(body, "chunk", "chunks")
+        cardinality = _int(body, "cardinality")
+    elif kind == "delta":
+        part, parts = _piece(body, "part", "parts", optional=True)
+        cardinality = _int(body, "cardinality")
+    if wanted is not None and not wanted(segment, version):
+        return Skipped(segment, version)
+    if kind == "delta":
+        add, remove = _bitmap(body, "add"), _bitmap(body, "remove")
+        if not add.isdisjoint(remove):
+            raise CorruptRecord("a delta adds and removes the same ids", "bad_bitmap")
+        _at_least(cardinality, len(add), "adds")
+        return Delta(segment, base, version, add, remove, cardinality, ts, part, parts)
+    if kind == "snapshot":
+        bitmap = _bitmap(body, "bitmap")
+        _at_least(cardinality, len(bitmap), "chunk")
+        return SnapshotChunk(segment, version, chunk, chunks, bitmap, cardinality, delta_offset, ts)
+    if snapshots:
+        return DropMarker(segment, version, delta_offset, ts)
+    return Drop(segment, base, version, ts)
 
 
 def split_bitmaps(

@@ -1,6 +1,6 @@
-"""Fixtures shared by the sidecar server and client tests: a short work directory (AF_UNIX
-paths are limited), a log holding the test module's `SEGMENTS`, a ready replica of it, and a
-Unix-socket-only server of that replica with a blocking client."""
+"""Fixtures shared by the tests: `transport` (each transport in turn), a short work
+directory (AF_UNIX paths are limited), a log holding the test module's `SEGMENTS`, a ready
+replica of it, and a Unix-socket-only server of that replica with a blocking client."""
 
 from __future__ import annotations
 
@@ -14,7 +14,22 @@ import pytest
 from sidecar.client import SidecarClient
 from sidecar.replica import Replica
 from sidecar.transport import LogDirTransport
+from sidecar.transport.base import Transport
 from tests.logtools import LogState, SidecarThread, publish_raw
+
+
+@pytest.fixture(
+    params=["logdir", pytest.param("kafka", marks=[pytest.mark.kafka, pytest.mark.timeout(600)])]
+)
+def transport(request: pytest.FixtureRequest, tmp_path: Path) -> Transport:
+    """Each transport in turn: a log directory, and topics of their own on the test broker."""
+    if request.param == "logdir":
+        return LogDirTransport(tmp_path / "log")
+    from sidecar.transport import KafkaTransport
+
+    bootstrap = request.getfixturevalue("kafka_bootstrap")
+    prefix = request.getfixturevalue("topic_prefix")
+    return KafkaTransport(bootstrap, prefix=prefix)
 
 
 @pytest.fixture

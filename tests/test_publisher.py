@@ -40,19 +40,6 @@ WAIT = 30.0
 # -- helpers ----------------------------------------------------------------------------------
 
 
-@pytest.fixture(
-    params=["logdir", pytest.param("kafka", marks=[pytest.mark.kafka, pytest.mark.timeout(600)])]
-)
-def transport(request: pytest.FixtureRequest, tmp_path: Path) -> Transport:
-    if request.param == "logdir":
-        return LogDirTransport(tmp_path / "log")
-    from sidecar.transport import KafkaTransport
-
-    bootstrap = request.getfixturevalue("kafka_bootstrap")
-    prefix = request.getfixturevalue("topic_prefix")
-    return KafkaTransport(bootstrap, prefix=prefix)
-
-
 @pytest.fixture
 def log(tmp_path: Path) -> LogDirTransport:
     return LogDirTransport(tmp_path / "log")

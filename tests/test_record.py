@@ -58,34 +58,49 @@ def bitmaps(draw: st.DrawFn, ids: st.SearchStrategy[int] = _id_values) -> BitMap
     return bm
 
 
-deltas = st.builds(
-    lambda seg, base, ver, add, rem, card, ts, parts_part: Delta(
-        seg, base, ver, add, rem, card, ts, parts_part[1], parts_part[0]
-    ),
-    segment_ids,
-    U64,
-    st.integers(1, MAX_ID),
-    bitmaps(),
-    bitmaps(),
-    U64,
-    U64,
-    st.integers(1, 50).flatmap(lambda n: st.tuples(st.just(n), st.integers(0, n - 1))),
-)
-drops = st.builds(Drop, segment_ids, U64, st.integers(1, MAX_ID), U64)
-chunks = st.integers(1, 50).flatmap(
-    lambda n: st.builds(
-        SnapshotChunk,
-        segment_ids,
-        st.integers(1, MAX_ID),
-        st.integers(0, n - 1),
-        st.just(n),
-        bitmaps(),
-        U64,
-        U64,
-        U64,
+@st.composite
+def valid_deltas(draw: st.DrawFn) -> Delta:
+    version = draw(st.integers(1, MAX_ID))
+    add, remove = draw(bitmaps()), draw(bitmaps())
+    remove -= add  # a change never adds and removes the same id
+    parts = draw(st.integers(1, 50))
+    return Delta(
+        draw(segment_ids),
+        draw(st.integers(0, version - 1)),
+        version,
+        add,
+        remove,
+        draw(st.integers(len(add), MAX_ID)),
+        draw(U64),
+        draw(st.integers(0, parts - 1)),
+        parts,
     )
+
+
+deltas = valid_deltas()
+drops = st.integers(1, MAX_ID).flatmap(
+    lambda v: st.builds(Drop, segment_ids, st.integers(0, v - 1), st.just(v), U64)
 )
-markers = st.builds(DropMarker, segment_ids, st.integers(1, MAX_ID), U64, U64)
+
+
+@st.composite
+def valid_chunks(draw: st.DrawFn) -> SnapshotChunk:
+    chunks = draw(st.integers(1, 50))
+    bitmap = draw(bitmaps())
+    return SnapshotChunk(
+        draw(segment_ids),
+        draw(st.integers(1, MAX_ID)),
+        draw(st.integers(0, chunks - 1)),
+        chunks,
+        bitmap,
+        draw(st.integers(len(bitmap), MAX_ID)),
+        draw(st.integers(0, 2**63 - 1)),
+        draw(U64),
+    )
+
+
+chunks = valid_chunks()
+markers = st.builds(DropMarker, segment_ids, st.integers(1, MAX_ID), st.integers(0, 2**63 - 1), U64)
 
 
 def _is_snapshot_topic(record: object) -> bool:
@@ -113,8 +128,8 @@ def test_round_trip_every_record_type(record: object) -> None:
         Delta("s", 3, 4, BitMap64([7]), BitMap64(), 1, 5, part=2, parts=3),
         Drop("s", MAX_ID - 1, MAX_ID, MAX_ID),
         SnapshotChunk("s", 1, 0, 1, BitMap64(), 0, 0, 0),
-        SnapshotChunk("s", MAX_ID, 4, 5, BitMap64([MAX_ID]), 1, MAX_ID, MAX_ID),
-        DropMarker("s", MAX_ID, MAX_ID, 0),
+        SnapshotChunk("s", MAX_ID, 4, 5, BitMap64([MAX_ID]), 1, 2**63 - 1, MAX_ID),
+        DropMarker("s", MAX_ID, 2**63 - 1, 0),
     ],
     ids=repr,
 )
@@ -647,3 +662,91 @@ def test_partition_for_java_values() -> None:
     assert partition_for("abc", 1) == 0
     # spreads segments over partitions
     assert len({partition_for(f"seg-{i}", 8) for i in range(200)}) == 8
+
+
+# -- every field validated on decode (issue 12, defect 2) ------------------------------------------
+
+_DELTA = "delta"
+_SNAP = "snapshot"
+_MARK = "marker"
+
+INVALID_FIELDS = [
+    # (which body, field, bad value, reason)
+    (_DELTA, "segment", "bad segment!", "bad_segment"),
+    (_DELTA, "segment", "x" * 5_000_000, "bad_segment"),
+    (_DELTA, "segment", "s\n", "bad_segment"),
+    (_DELTA, "segment", "", "bad_segment"),
+    (_DELTA, "segment", "-leading-dash", "bad_segment"),
+    (_SNAP, "segment", "bad seg!", "bad_segment"),
+    (_SNAP, "segment", "y" * 129, "bad_segment"),
+    (_MARK, "segment", "a/b", "bad_segment"),
+    (_DELTA, "base", 5, "bad_base"),  # version 1 from base 5
+    (_DELTA, "version", 0, "bad_version"),
+    (_SNAP, "version", 0, "bad_version"),
+    (_DELTA, "ts", -1, "bad_ts"),
+    (_SNAP, "delta_offset", 2**63, "bad_delta_offset"),
+    (_MARK, "delta_offset", -3, "bad_delta_offset"),
+    (_SNAP, "chunks", 2**40, "bad_chunks"),
+    (_SNAP, "chunk", 3, "bad_chunk"),
+    (_DELTA, "parts", 2**40, "bad_parts"),
+    (_DELTA, "cardinality", -1, "bad_cardinality"),
+    (_SNAP, "cardinality", "many", "bad_cardinality"),
+]
+
+
+def _body(which: str) -> dict:
+    if which == _DELTA:
+        return _valid_delta_body()
+    if which == _SNAP:
+        return _valid_snapshot_body()
+    return msgpack.unpackb(encode(DropMarker("s", 2, 0, 0)))
+
+
+@pytest.mark.parametrize(
+    "which,field,bad,reason",
+    INVALID_FIELDS,
+    ids=lambda v: repr(v)[:30] if isinstance(v, str) else None,
+)
+def test_every_field_is_validated_on_decode(
+    which: str, field: str, bad: object, reason: str
+) -> None:
+    body = _body(which)
+    body[field] = bad
+    if field == "parts":
+        body["part"] = 0
+    for wanted in (None, lambda _s, _v: False):  # a skipped record is validated the same
+        with pytest.raises(CorruptRecord) as caught:
+            decode(_pack(body), snapshots=which != _DELTA, wanted=wanted)
+        assert caught.value.reason == reason
+        assert "\n" not in str(caught.value) and len(str(caught.value)) < 300
+
+
+def test_a_cardinality_below_the_records_own_members_is_corrupt() -> None:
+    with pytest.raises(CorruptRecord) as caught:
+        decode(encode(Delta("s", 0, 1, BitMap64([1, 2, 3]), BitMap64(), 2, 0)))
+    assert caught.value.reason == "bad_cardinality"
+    with pytest.raises(CorruptRecord) as caught:
+        decode(encode(SnapshotChunk("s", 1, 0, 1, BitMap64([1, 2]), 1, 0, 0)), snapshots=True)
+    assert caught.value.reason == "bad_cardinality"
+
+
+def test_a_delta_that_adds_and_removes_the_same_id_is_corrupt() -> None:
+    with pytest.raises(CorruptRecord) as caught:
+        decode(encode(Delta("s", 0, 1, BitMap64([1, 2]), BitMap64([2]), 2, 0)))
+    assert caught.value.reason == "bad_bitmap"
+
+
+@pytest.mark.parametrize(
+    "value,snapshots,reason",
+    [
+        (b"\xc1garbage", False, "not_msgpack"),
+        (_pack([1, 2]), True, "not_a_map"),
+        (_pack({"format": 2, "kind": "delta"}), False, "unknown_format"),
+        (_pack({"format": 1, "kind": "bogus"}), True, "unknown_kind"),
+        (_pack({"format": 1, "kind": ["delta"]}), False, "unknown_kind"),
+    ],
+)
+def test_unreadable_values_carry_a_reason(value: bytes, snapshots: bool, reason: str) -> None:
+    with pytest.raises(RecordError) as caught:
+        decode(value, snapshots=snapshots)
+    assert caught.value.reason == reason

@@ -105,11 +105,11 @@ class Engine:
 
         try:
             record = decode(rec.value, wanted=wanted)
-        except UnknownRecord:
-            self.counters.unknown += 1
+        except UnknownRecord as exc:
+            self.counters.skip(exc.reason, unknown=True)
             return
         except CorruptRecord as exc:
-            self.counters.corrupt += 1
+            self.counters.skip(exc.reason)
             log.warning("corrupt record at deltas[%d]@%d: %s", rec.partition, rec.offset, exc)
             return
         if isinstance(record, Skipped):
@@ -187,7 +187,7 @@ class Engine:
             pending = _PendingParts(part.version, part.parts, offset)
             self._pending[part.segment] = pending
         if len(pending.parts) != part.parts:
-            self.counters.corrupt += 1
+            self.counters.skip("parts_mismatch")
             del self._pending[part.segment]
             return None
         pending.parts[part.part] = part

@@ -58,11 +58,11 @@ class SnapshotAssembler:
 
         try:
             record = decode(rec.value, snapshots=True, wanted=wanted)
-        except UnknownRecord:
-            self._counters.unknown += 1
+        except UnknownRecord as exc:
+            self._counters.skip(exc.reason, unknown=True)
             return
         except CorruptRecord as exc:
-            self._counters.corrupt += 1
+            self._counters.skip(exc.reason)
             log.warning("corrupt snapshot at [%d]@%d: %s", rec.partition, rec.offset, exc)
             return
         if isinstance(record, Skipped):
@@ -81,11 +81,11 @@ class SnapshotAssembler:
         del self._building[(record.segment, record.version)]
         parts = [chunks.get(i) for i in range(record.chunks)]
         if any(p is None or p.chunks != record.chunks for p in parts):
-            self._counters.corrupt += 1
+            self._counters.skip("chunks_mismatch")
             return
         bitmap = BitMap64.union(*(p.bitmap for p in parts if p is not None))
         if len(bitmap) != record.cardinality:
-            self._counters.corrupt += 1
+            self._counters.skip("snapshot_cardinality")
             log.warning(
                 "snapshot %s@%d has %d members, says %d",
                 record.segment,

@@ -186,6 +186,7 @@ class Replica:
             "resyncs": c.resyncs,
             "unknown": c.unknown,
             "corrupt": c.corrupt,
+            "skipped": dict(c.skipped),
             "partial": self.partial,
             "started_from": self.started_from,
             "error": self.error,

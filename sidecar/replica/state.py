@@ -57,6 +57,18 @@ class Counters:
     drops: int = 0
     ignored: int = 0  # records of segments this replica does not hold (--segments)
     by_kind: dict[str, int] = field(default_factory=dict)
+    #: records skipped because they cannot be applied, by `RecordError.reason` (and the
+    #: assembly checks: `parts_mismatch`, `chunks_mismatch`, `snapshot_cardinality`)
+    skipped: dict[str, int] = field(default_factory=dict)
+
+    def skip(self, reason: str, *, unknown: bool = False) -> None:
+        """Count one record that was not applied: unknown (a newer format or kind) or
+        corrupt, and by reason."""
+        if unknown:
+            self.unknown += 1
+        else:
+            self.corrupt += 1
+        self.skipped[reason] = self.skipped.get(reason, 0) + 1
 
 
 def retry_changed(read: Callable[[], T], attempts: int = 5) -> T:

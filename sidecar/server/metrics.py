@@ -227,6 +227,14 @@ class ReplicaCollector(Collector):
         for name in _RECORD_COUNTERS:
             records.add_metric([name], getattr(counters, name, 0))
         yield records
+        skipped = CounterMetricFamily(
+            "seg_replica_skipped_records",
+            "Log records not applied because they are unknown or invalid, by reason.",
+            labels=["reason"],
+        )
+        for reason, count in sorted(dict(counters.skipped).items()):
+            skipped.add_metric([reason], count)
+        yield skipped
         yield GaugeMetricFamily(
             "seg_replica_ready", "1 once caught up with the log.", value=int(bool(status["ready"]))
         )

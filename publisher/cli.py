@@ -91,6 +91,14 @@ def build_parser() -> Parser:
     run = parser.add_argument_group("run metrics (for the alert on a publisher that stopped)")
     run.add_argument("--metrics-file", metavar="PATH", help="write them here (textfile collector)")
     run.add_argument("--pushgateway", metavar="URL", help="push them to this Pushgateway")
+    parser.add_argument(
+        "--repair-log",
+        action="store_true",
+        help=(
+            "with --log-dir: keep only the intact prefix of a damaged log directory (the rest "
+            "is saved beside it) and say what was dropped; publishes nothing"
+        ),
+    )
     return parser
 
 
@@ -99,6 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     with exits_on_error(parser.prog):
+        if args.repair_log:
+            return _repair(args)
         if aerospike_cli.maintenance(args):
             return aerospike_cli.run_maintenance(args, _progress(args))
         _check_mode(args)
@@ -215,6 +225,18 @@ def _publish(args: argparse.Namespace) -> PublishResult:
             print(f"{segment} already holds the state of version {args.to_version}: no change")
     print(f"published to {transport.describe()}: {result.summary()}")
     return result
+
+
+def _repair(args: argparse.Namespace) -> int:
+    if not args.log_dir or args.kafka or args.input or args.drop:
+        raise CommandError("--repair-log takes --log-dir DIR only (no --kafka, --input or --drop)")
+    from sidecar.transport.logdir import repair
+
+    try:
+        print(repair(args.log_dir))
+    except TransportError as exc:
+        raise CommandError(str(exc), FAILURE) from None
+    return 0
 
 
 if __name__ == "__main__":

@@ -29,6 +29,27 @@ def segment_filter(globs: Iterable[str] | None) -> Callable[[str], bool]:
     return lambda segment: any(fnmatch.fnmatchcase(segment, p) for p in patterns)
 
 
+def _apply_in_one_step(bitmap: BitMap64, delta: Delta) -> BitMap64:
+    """The bitmap after `delta`, changed by one in-place roaring call where it can be: a copy
+    costs time in proportion to the segment (milliseconds for millions of members), all of it
+    holding the GIL the servers need. Readers of several memberships hold `Engine.lock`;
+    readers that take no lock (a check, a batch) still never see a change's adds without its
+    removes, because pyroaring holds the GIL for the whole call (tests/test_atomic_apply.py).
+    A delta that does not fit the local state (adds already present, removes absent: it will
+    diverge) is built aside and returned as a new bitmap, swapped in with its state. Engine
+    bitmaps are never shared with callers."""
+    add, remove = delta.add, delta.remove
+    if not remove:
+        bitmap |= add
+    elif not add:
+        bitmap -= remove
+    elif add.isdisjoint(bitmap) and remove.issubset(bitmap):
+        bitmap ^= add | remove  # flips exactly the adds in and the removes out
+    else:
+        return (bitmap | add) - remove
+    return bitmap
+
+
 class _PendingParts:
     """The parts of one split delta seen so far."""
 
@@ -66,9 +87,12 @@ class Engine:
         #: reader holding it (sidecar/replica/view.py) sees every segment at one version.
         #: Swapping in a whole new state needs no lock: one dict assignment.
         self.lock = threading.Lock()
+        #: bumped after every change of what the engine holds: equal values mean equal state
+        self.generation = 0
 
     def reset(self) -> None:
         """Forget all state, keeping this object (servers hold a reference to it)."""
+        self.generation += 1
         self.segments.clear()
         self.dropped.clear()
         self.log_info.clear()
@@ -149,17 +173,10 @@ class Engine:
             if current is None:
                 bitmap = BitMap64(delta.add)
             else:
-                # In place: a copy costs time in proportion to the segment (milliseconds for
-                # millions of members), all of it holding the GIL the servers need. Each bitmap
-                # operation runs under the GIL, so a concurrent reader sees a user either before
-                # or after the change; readers of several memberships take the lock. Engine
-                # bitmaps are never shared with callers.
-                bitmap = current.bitmap
-                bitmap |= delta.add
-            if delta.remove:
-                bitmap -= delta.remove
+                bitmap = _apply_in_one_step(current.bitmap, delta)
             self._swap_in(delta, bitmap)
         self.dropped.pop(delta.segment, None)
+        self.generation += 1
         self.counters.applied += 1
         info = self.log_info.setdefault(delta.segment, LogInfo())
         info.churn += len(delta.add) + len(delta.remove)
@@ -218,6 +235,7 @@ class Engine:
             self.segments[segment] = SegmentState(
                 state.bitmap, state.version, state.cardinality, state.updated_ms, health
             )
+            self.generation += 1
         self.needs_resync.add(segment)
 
     # -- installing whole states (bootstrap, resync, checkpoint) --------------------------
@@ -227,6 +245,7 @@ class Engine:
         self.segments[segment] = state
         self.dropped.pop(segment, None)
         self._pending.pop(segment, None)
+        self.generation += 1
         if chunks:
             self.log_info[segment] = LogInfo(state.version, chunks, 0)
         if from_offset:
@@ -238,6 +257,7 @@ class Engine:
         self.segments.pop(segment, None)
         self.dropped[segment] = version
         self._pending.pop(segment, None)
+        self.generation += 1
         if chunks:
             self.log_info[segment] = LogInfo(version, chunks, 0)
         if from_offset:

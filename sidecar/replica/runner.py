@@ -62,7 +62,11 @@ class Replica:
         self.started_at = time.time()
         self.ready_at: float | None = None
         self.error: str | None = None
+        #: what the replica is doing, for `reason()` until it is ready
+        self.phase = f"connecting to the {transport.describe()}"
         self.last_checkpoint_ms = 0
+        self.checkpoints_written = 0
+        self._checkpoint_key: tuple[object, ...] | None = None
         self.started_from: str | None = None  # "checkpoint" or "log", once known
         self._log_id = ""  # the log's identity, read when the log is first opened
         self._stop = threading.Event()
@@ -165,6 +169,22 @@ class Replica:
     def lag(self) -> dict[int, int]:
         return {p: max(0, self.ends.get(p, 0) - off) for p, off in self.positions.items()}
 
+    def log_damage(self) -> str | None:
+        reader = self._reader
+        return reader.damage() if reader is not None else None
+
+    def reason(self) -> str | None:
+        """Why this replica is not ready, or what it serves short of (a damaged log), in one
+        line; None when ready and nothing is wrong. Set from the start: a replica waiting for
+        a broker that is down says so on the first ask."""
+        damage = self.log_damage()
+        if self.ready:
+            return f"serving the intact prefix only: {damage}" if damage else None
+        reason = f"{self.phase} for {time.time() - self.started_at:.1f} s"
+        if self.error:
+            reason += f": {self.error}"
+        return f"{reason}; {damage}" if damage else reason
+
     def status(self) -> dict[str, object]:
         """Safe to call from another thread."""
         return retry_changed(self._status)
@@ -190,6 +210,8 @@ class Replica:
             "partial": self.partial,
             "started_from": self.started_from,
             "error": self.error,
+            "reason": self.reason(),
+            "log_damage": self.log_damage(),
             "uptime_s": round(time.time() - self.started_at, 3),
             "last_checkpoint_ms": self.last_checkpoint_ms,
         }
@@ -202,6 +224,11 @@ class Replica:
         for p, pos in self.positions.items():
             pending = self.engine.pending_offset(self._partition_of, p)
             offsets[p] = min(pos, pending) if pending is not None else pos
+        # The same state at the same offsets is the checkpoint already on disk: skip it (a
+        # quiet log would otherwise rewrite the whole file every interval).
+        key = (self.engine.generation, tuple(sorted(offsets.items())))
+        if key == self._checkpoint_key and (self.state_dir / checkpoint.FILENAME).exists():
+            return
         ckpt = checkpoint.Checkpoint(
             log_id=self._log_id,
             partitions=self.partitions,
@@ -211,6 +238,8 @@ class Replica:
         )
         started = time.monotonic()
         size = checkpoint.save(self.state_dir, ckpt)
+        self._checkpoint_key = key
+        self.checkpoints_written += 1
         self.last_checkpoint_ms = int(time.time() * 1000)
         log.info("checkpoint: %d bytes in %.2f s", size, time.monotonic() - started)
 
@@ -248,6 +277,7 @@ class Replica:
     def _open(self) -> LogReader:
         while not self._stop.is_set():
             try:
+                self.phase = f"connecting to the {self.transport.describe()}"
                 return self.transport.reader()
             except TransportError as exc:
                 if self.error != str(exc):
@@ -283,9 +313,11 @@ class Replica:
         else:
             self.engine.reset()  # a bootstrap that failed half-way starts over
             self.partitions = reader.partitions
+            self.phase = "reading the checkpoint" if self.state_dir else "bootstrapping"
             offsets = self._restore(reader)
             self.started_from = "log" if offsets is None else "checkpoint"
             if offsets is None:
+                self.phase = "bootstrapping from the log"
                 recovery.bootstrap(reader, self.engine)
                 self.positions = {p: reader.position("deltas", p) for p in range(self.partitions)}
             else:
@@ -293,6 +325,7 @@ class Replica:
                 reader.assign({("deltas", p): off for p, off in offsets.items()})
         self._refresh_ends(reader)
         target = dict(self.ends)
+        self.phase = "catching up with the log"
         last_ckpt = last_ends = time.monotonic()
         try:
             while not self._stop.is_set():

@@ -227,9 +227,11 @@ class Api:
     async def readyz(self, request: web.Request) -> web.Response:
         replica = self.queries.replica
         lag = {str(p): n for p, n in replica.lag().items()}
+        reason = replica.reason()
         if replica.ready:
-            return _json({"ready": True, "lag": lag})
-        return _json({"ready": False, "lag": lag, "error": replica.error}, status=503)
+            return _json({"ready": True, "lag": lag, **({"reason": reason} if reason else {})})
+        doc = {"ready": False, "lag": lag, "error": replica.error, "reason": reason}
+        return _json(doc, status=503)
 
     async def metrics_text(self, request: web.Request) -> web.Response:
         return web.Response(

@@ -239,6 +239,11 @@ class ReplicaCollector(Collector):
             "seg_replica_ready", "1 once caught up with the log.", value=int(bool(status["ready"]))
         )
         yield GaugeMetricFamily(
+            "seg_replica_log_damaged",
+            "1 while the log directory is damaged: the replica serves its intact prefix only.",
+            value=int(bool(status.get("log_damage"))),
+        )
+        yield GaugeMetricFamily(
             "seg_replica_segments", "Segments held.", value=status.get("segments", 0)
         )
         yield GaugeMetricFamily(

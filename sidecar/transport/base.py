@@ -104,6 +104,11 @@ class LogReader(abc.ABC):
     def position(self, topic: Topic, partition: int) -> int:
         """The offset this reader reads next in that partition (past markers it skipped)."""
 
+    def damage(self) -> str | None:
+        """Why this reader cannot read past some point of the log (a damaged log directory),
+        in one line; None when nothing is in the way."""
+        return None
+
     @abc.abstractmethod
     def close(self) -> None: ...
 

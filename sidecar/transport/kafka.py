@@ -6,6 +6,8 @@ import contextlib
 import logging
 import time
 import uuid
+from collections.abc import Callable
+from typing import TypeVar
 
 from confluent_kafka import (
     Consumer,
@@ -35,6 +37,8 @@ DEFAULT_PARTITIONS = 8
 #: A record holds at most ~1 MB of bitmap; leave room for the envelope and batching.
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 DELTA_RETENTION_MS = 7 * 24 * 3600 * 1000
+#: How long a reader waits for the broker's first answer before it fails (and is retried)
+CONNECT_TIMEOUT = 2.0
 _FENCED_CODES = {
     KafkaError._FENCED,
     KafkaError.PRODUCER_FENCED,
@@ -43,17 +47,69 @@ _FENCED_CODES = {
 }
 
 
-_LEADER_CODES = {
-    KafkaError.NOT_LEADER_FOR_PARTITION,
-    KafkaError.LEADER_NOT_AVAILABLE,
-    KafkaError.UNKNOWN_TOPIC_OR_PART,
-    KafkaError._TIMED_OUT,
-    KafkaError.REQUEST_TIMED_OUT,
-}
+#: Errors the Kafka protocol calls retriable (the Java client's RetriableException family,
+#: plus librdkafka's local transport errors): leader elections and epochs after a broker stall
+#: or restart, coordinators moving, timeouts. librdkafka does not flag the errors an admin
+#: future or a transactional call returns as retriable, so the codes decide.
+RETRIABLE_CODES = frozenset(
+    {
+        KafkaError.NOT_LEADER_FOR_PARTITION,
+        KafkaError.LEADER_NOT_AVAILABLE,
+        KafkaError.UNKNOWN_TOPIC_OR_PART,
+        KafkaError.UNKNOWN_LEADER_EPOCH,
+        KafkaError.FENCED_LEADER_EPOCH,
+        KafkaError.OFFSET_NOT_AVAILABLE,
+        KafkaError.REPLICA_NOT_AVAILABLE,
+        KafkaError.NOT_COORDINATOR,
+        KafkaError.COORDINATOR_NOT_AVAILABLE,
+        KafkaError.COORDINATOR_LOAD_IN_PROGRESS,
+        KafkaError.CONCURRENT_TRANSACTIONS,
+        KafkaError.NOT_ENOUGH_REPLICAS,
+        KafkaError.NOT_ENOUGH_REPLICAS_AFTER_APPEND,
+        KafkaError.BROKER_NOT_AVAILABLE,
+        KafkaError.NETWORK_EXCEPTION,
+        KafkaError.KAFKA_STORAGE_ERROR,
+        KafkaError.REQUEST_TIMED_OUT,
+        KafkaError._TIMED_OUT,
+        KafkaError._TIMED_OUT_QUEUE,
+        KafkaError._TRANSPORT,
+        KafkaError._ALL_BROKERS_DOWN,
+        KafkaError._WAIT_COORD,
+    }
+)
+#: How long one operation keeps retrying retriable errors before it fails.
+RETRY_SECONDS = 30.0
+
+T = TypeVar("T")
 
 
 def _error(exc: KafkaException) -> KafkaError | None:
     return exc.args[0] if exc.args and isinstance(exc.args[0], KafkaError) else None
+
+
+def retriable(err: KafkaError | None) -> bool:
+    """True for an error worth retrying the same call for (never a fatal or fencing one)."""
+    if err is None or err.fatal() or err.code() in _FENCED_CODES:
+        return False
+    return err.retriable() or err.code() in RETRIABLE_CODES
+
+
+def retrying(what: str, call: Callable[[], T], timeout: float = RETRY_SECONDS) -> T:
+    """`call()`, again after retriable Kafka errors (backing off from 50 ms to 1 s) until
+    `timeout` seconds have passed; then, or on any other Kafka error, TransportError saying
+    `what` failed and why."""
+    deadline = time.monotonic() + timeout
+    pause = 0.05
+    while True:
+        try:
+            return call()
+        except KafkaException as exc:
+            err = _error(exc)
+            if not retriable(err) or time.monotonic() + pause > deadline:
+                raise TransportError(f"{what}: {exc}") from exc
+            log.info("%s: %s; retrying in %.2f s", what, exc, pause)
+            time.sleep(pause)
+            pause = min(1.0, pause * 2)
 
 
 def list_offsets(
@@ -64,23 +120,19 @@ def list_offsets(
 ) -> dict[tuple[str, int], int]:
     """`spec` ("earliest" or "latest") offsets of `tps` in one ListOffsets request per
     broker, on the admin client's own connection (a consumer's would queue the request behind
-    its fetch long-poll). Retries while partitions have no leader (new topics, elections)."""
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            futures = admin.list_offsets(
-                {tp: getattr(OffsetSpec, spec)() for tp in tps},
-                isolation_level=isolation,
-                request_timeout=15,
-            )
-            return {(tp.topic, tp.partition): f.result().offset for tp, f in futures.items()}
-        except KafkaException as exc:
-            err = _error(exc)
-            transient = err is not None and (err.retriable() or err.code() in _LEADER_CODES)
-            if not transient or time.monotonic() > deadline:
-                names = sorted({tp.topic for tp in tps})
-                raise TransportError(f"cannot read offsets of {', '.join(names)}: {exc}") from exc
-            time.sleep(0.2)
+    its fetch long-poll). Retries retriable errors (no leader yet, a leader epoch the broker
+    does not know after a stall, ...)."""
+
+    def call() -> dict[tuple[str, int], int]:
+        futures = admin.list_offsets(
+            {tp: getattr(OffsetSpec, spec)() for tp in tps},
+            isolation_level=isolation,
+            request_timeout=15,
+        )
+        return {(tp.topic, tp.partition): f.result().offset for tp, f in futures.items()}
+
+    names = sorted({tp.topic for tp in tps})
+    return retrying(f"cannot read offsets of {', '.join(names)}", call)
 
 
 class KafkaWriter(LogWriter):
@@ -104,15 +156,17 @@ class KafkaWriter(LogWriter):
         self._admin: AdminClient | None = None  # for wait_visible, made on first use
 
     def _call(self, fn, *args) -> None:  # type: ignore[no-untyped-def]
+        """A transactional call; retried on retriable errors, as librdkafka asks (for
+        `commit_transaction` too: a retried commit completes the same transaction)."""
         try:
-            fn(*args)
-        except KafkaException as exc:
-            err = _error(exc)
+            retrying(f"Kafka {fn.__name__} failed", lambda: fn(*args))
+        except TransportError as exc:
+            err = _error(exc.__cause__) if isinstance(exc.__cause__, KafkaException) else None
             if err is not None and (err.code() in _FENCED_CODES or err.fatal()):
                 raise FencedError(
                     f"this publisher was fenced by another with the same transactional.id: {err}"
-                ) from exc
-            raise TransportError(f"Kafka {fn.__name__} failed: {exc}") from exc
+                ) from exc.__cause__
+            raise
 
     def begin(self) -> None:
         self._written.clear()
@@ -180,7 +234,8 @@ class KafkaWriter(LogWriter):
 class KafkaReader(LogReader):
     def __init__(self, transport: KafkaTransport) -> None:
         self._t = transport
-        self.partitions = transport.partition_count()
+        # Short: a replica retries, and says why meanwhile (a broker that is down).
+        self.partitions = transport.partition_count(timeout=CONNECT_TIMEOUT)
         self._consumer = Consumer(
             {
                 "bootstrap.servers": transport.bootstrap,
@@ -281,10 +336,11 @@ class KafkaTransport(Transport):
     def _admin(self) -> AdminClient:
         return AdminClient({"bootstrap.servers": self.bootstrap, "logger": log, **self.config})
 
-    def partition_count(self) -> int:
-        """Partitions of the topics; TransportError when they do not exist (yet)."""
+    def partition_count(self, timeout: float = 15.0) -> int:
+        """Partitions of the topics; TransportError when they do not exist (yet), or when the
+        broker does not answer within `timeout` seconds."""
         try:
-            meta = self._admin().list_topics(timeout=15)
+            meta = self._admin().list_topics(timeout=timeout)
         except KafkaException as exc:
             raise TransportError(f"cannot reach Kafka at {self.bootstrap}: {exc}") from exc
         counts = []
@@ -354,10 +410,11 @@ class KafkaTransport(Transport):
     def identity(self) -> str:
         """The topics' ids: topics deleted and created again get new ones."""
         names = [self.topic(k) for k in TOPICS]
-        try:
-            admin = self._admin()  # keep it alive until the futures resolve
+        admin = self._admin()  # keep it alive until the futures resolve
+
+        def call() -> list[str]:
             futures = admin.describe_topics(TopicCollection(names), request_timeout=15)
-            ids = [str(futures[n].result().topic_id) for n in names]
-        except KafkaException as exc:
-            raise TransportError(f"cannot describe topics {names}: {exc}") from exc
+            return [str(futures[n].result().topic_id) for n in names]
+
+        ids = retrying(f"cannot describe topics {names}", call)
         return f"{self.describe()} ids {','.join(ids)}"

@@ -7,6 +7,12 @@ the payload a list of `[topic, partition, key, value]`. Offsets are counted per
 matches, so a torn tail after a crash is never read; the next writer truncates it.
 One writer at a time (an exclusive `flock` on `writer.lock`); any number of readers tail the
 file. There is no retention or compaction: every record stays.
+
+Damage is not a torn tail: when a valid batch follows bytes that are not one (flipped bytes
+inside an earlier batch), committed history lies beyond them. Readers serve the intact prefix
+and report the damage (`LogDirReader.damage()`); a writer refuses to open, and
+`repair()` (`seg-publish --log-dir DIR --repair-log`) keeps the intact prefix only when told,
+saving the rest beside the log and giving the log a new identity.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import struct
 import time
 import uuid
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 
 import msgpack
@@ -43,33 +50,137 @@ def _read_meta(path: Path) -> tuple[int, str]:
     return meta["partitions"], str(meta.get("log_id", ""))
 
 
-def _scan(data: bytes | memoryview, pos: int) -> tuple[list[list], int]:
+def _batch_end(data: bytes, pos: int) -> int | None:
+    """The end of the whole, valid batch starting at `pos`, or None."""
+    if pos + _HEADER.size > len(data):
+        return None
+    magic, length, crc = _HEADER.unpack_from(data, pos)
+    start = pos + _HEADER.size
+    if magic != MAGIC or start + length > len(data):
+        return None
+    if zlib.crc32(memoryview(data)[start : start + length]) != crc:
+        return None
+    return start + length
+
+
+def _scan(data: bytes, pos: int) -> tuple[list[list], int]:
     """Parse whole, valid batches from `pos`; returns their entries and the next position."""
     entries: list[list] = []
-    end = len(data)
-    while pos + _HEADER.size <= end:
-        magic, length, crc = _HEADER.unpack_from(data, pos)
-        start = pos + _HEADER.size
-        if magic != MAGIC or start + length > end:
-            break
-        payload = bytes(data[start : start + length])
-        if zlib.crc32(payload) != crc:
-            break
-        entries.extend(msgpack.unpackb(payload, raw=False))
-        pos = start + length
+    while (end := _batch_end(data, pos)) is not None:
+        entries.extend(msgpack.unpackb(data[pos + _HEADER.size : end], raw=False))
+        pos = end
     return entries, pos
+
+
+def _next_valid(data: bytes, pos: int) -> int | None:
+    """Where the first whole, valid batch after `pos` starts, or None."""
+    while (pos := data.find(MAGIC, pos + 1)) >= 0:
+        if _batch_end(data, pos) is not None:
+            return pos
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class Damage:
+    """Bytes that are not a valid batch with valid batches after them: committed history the
+    intact prefix (bytes 0..`at`) does not hold. (Invalid bytes with nothing valid after them
+    are a torn tail, not damage.)"""
+
+    at: int  # where the intact prefix ends
+    size: int  # of the log file
+    kept_batches: int  # in the intact prefix
+    dropped_batches: int  # valid batches after `at`
+    dropped_records: int  # in those batches
+
+    def __str__(self) -> str:
+        return (
+            f"damaged at byte {self.at} of {self.size}: {self.dropped_batches} valid batches "
+            f"({self.dropped_records} records) follow bytes that are not a batch; readers see "
+            f"only the {self.kept_batches} batches before byte {self.at}"
+        )
+
+
+def survey(data: bytes) -> tuple[int, Damage | None]:
+    """(end of the intact prefix, the damage past it if any) of a whole log file."""
+    kept, pos = 0, 0
+    while (end := _batch_end(data, pos)) is not None:
+        kept, pos = kept + 1, end
+    prefix = pos
+    resume = _next_valid(data, pos)
+    if resume is None:
+        return prefix, None
+    batches = records = 0
+    pos = resume
+    while True:
+        while (end := _batch_end(data, pos)) is not None:
+            batches += 1
+            records += len(msgpack.unpackb(data[pos + _HEADER.size : end], raw=False))
+            pos = end
+        nxt = _next_valid(data, pos)
+        if nxt is None:
+            break
+        pos = nxt
+    return prefix, Damage(prefix, len(data), kept, batches, records)
+
+
+def _lock(path: Path):  # type: ignore[no-untyped-def]
+    """The writer lock of `path`, held until the returned file is closed."""
+    path.mkdir(parents=True, exist_ok=True)
+    lock = open(path / "writer.lock", "a+")  # noqa: SIM115 - held by the caller
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.close()
+        raise TransportError(f"another writer holds the log directory {path}") from None
+    return lock
+
+
+def repair(path: str | os.PathLike[str]) -> str:
+    """Keep the intact prefix of a damaged log directory: the bytes after it go to
+    `log.damaged-<UTC time>` beside the log, the log gets a new identity (so no checkpoint of
+    the old one is trusted). Returns what was done, in one line."""
+    path = Path(path)
+    _read_meta(path)
+    lock = _lock(path)
+    try:
+        with open(path / "log", "r+b") as f:
+            data = f.read()
+            prefix, damage = survey(data)
+            if prefix == len(data):
+                return f"{path}: the log is intact ({prefix} bytes); nothing to repair"
+            kept = path / f"log.damaged-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
+            with open(kept, "wb") as out:
+                out.write(data[prefix:])
+                out.flush()
+                os.fsync(out.fileno())
+            f.truncate(prefix)
+            f.flush()
+            os.fsync(f.fileno())
+        if damage is None:
+            return (
+                f"{path}: dropped a torn tail of {len(data) - prefix} bytes (saved to "
+                f"{kept.name}); no valid batch was lost"
+            )
+        meta = json.loads((path / "meta.json").read_text())
+        meta["log_id"] = uuid.uuid4().hex
+        tmp = path / "meta.json.tmp"
+        tmp.write_text(json.dumps(meta))
+        os.replace(tmp, path / "meta.json")
+        return (
+            f"{path}: kept the intact prefix ({damage.kept_batches} batches, {prefix} bytes); "
+            f"dropped {damage.dropped_batches} valid batches ({damage.dropped_records} records) "
+            f"and {len(data) - prefix} bytes in all, saved to {kept.name}; the log has a new "
+            "identity: restart its sidecars, then re-run the last publishes to restore the "
+            "dropped changes"
+        )
+    finally:
+        lock.close()
 
 
 class LogDirWriter(LogWriter):
     def __init__(self, path: Path, partitions: int) -> None:
         self._path = path
-        path.mkdir(parents=True, exist_ok=True)
-        self._lock = open(path / "writer.lock", "a+")  # noqa: SIM115 - held for our lifetime
-        try:
-            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self._lock.close()
-            raise TransportError(f"another writer holds the log directory {path}") from None
+        self._lock = _lock(path)
         # The log file exists before meta.json, so a reader that sees meta.json can open it.
         self._fd = os.open(path / "log", os.O_RDWR | os.O_CREAT, 0o644)
         if (path / "meta.json").exists():
@@ -81,7 +192,13 @@ class LogDirWriter(LogWriter):
             os.replace(tmp, path / "meta.json")
             self.partitions = partitions
         data = os.pread(self._fd, os.fstat(self._fd).st_size, 0)
-        _, valid_end = _scan(data, 0)
+        valid_end, damage = survey(data)
+        if damage is not None:  # never cut committed history on our own
+            self.close()
+            raise TransportError(
+                f"log directory {path} is {damage}; nothing was written. To keep only the "
+                f"intact prefix run `seg-publish --log-dir {path} --repair-log`"
+            )
         if valid_end < len(data):  # a torn tail from a crash: never visible, now dropped
             os.ftruncate(self._fd, valid_end)
             os.fsync(self._fd)
@@ -137,6 +254,8 @@ class LogDirReader(LogReader):
             raise TransportError(f"cannot open {path}/log: {exc}") from exc
         self._assigned: dict[tuple[Topic, int], int] = {}
         self._reset()
+        self._damage: Damage | None = None
+        self._damage_seen_at = (-1, -1)  # (position, file size) the damage was looked for at
         # A separate counter over the whole file for watermarks.
         self._wm_pos = 0
         self._wm_counts: dict[tuple[Topic, int], int] = {}
@@ -165,12 +284,34 @@ class LogDirReader(LogReader):
         tp = (topic, partition)
         return max(self._assigned.get(tp, 0), self._next.get(tp, 0))
 
+    def damage(self) -> str | None:
+        return None if self._damage is None else f"log directory {self._path} is {self._damage}"
+
+    def _look_for_damage(self, data: bytes, used: int) -> None:
+        """Bytes past the last whole batch are usually a batch being written; they are damage
+        when a valid batch follows them. Looked for once per (position, size)."""
+        seen = (self._pos, self._pos + len(data))
+        if seen == self._damage_seen_at:
+            return
+        self._damage_seen_at = seen
+        if _next_valid(data, used) is None:
+            return
+        self._file.seek(0)
+        self._damage = survey(self._file.read())[1]
+
     def poll(self, timeout: float) -> list[LogRecord]:
         deadline = time.monotonic() + timeout
         while True:
+            if os.fstat(self._file.fileno()).st_size < self._pos:
+                raise TransportError(
+                    f"{self._path}/log shrank under this reader (repaired?): restart to read "
+                    "the log again"
+                )
             data = self._read_from(self._pos)
             entries, used = _scan(data, 0)
             self._pos += used
+            if used < len(data):
+                self._look_for_damage(data, used)
             out: list[LogRecord] = []
             for t, p, key, value in entries:
                 tp = (TOPICS[t], p)

@@ -1,0 +1,223 @@
+"""A damaged log directory (issue 12, defect 1): bytes flipped inside an earlier batch are not
+a torn tail. The writer refuses with one line and changes nothing; readers (a fresh and a
+tailing replica) serve the intact prefix and report the damage in `status`, `/readyz` and
+`seg_replica_log_damaged`; `seg-publish --repair-log` keeps the prefix only when told and
+says what it drops. Torn and garbage tails stay what they were: invisible, then truncated."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+from pyroaring import BitMap64
+
+from compute.segment_set import write_segment_set
+from publisher import Publisher
+from sidecar.replica import Replica
+from sidecar.transport import LogDirTransport
+from sidecar.transport.base import TransportError
+from sidecar.transport.logdir import MAGIC, survey
+from tests.logtools import SidecarThread
+
+ROOT = Path(__file__).resolve().parent.parent
+WAIT = 30
+HISTORY = [
+    {"a": BitMap64([1]), "b": BitMap64([10])},
+    {"a": BitMap64([1, 2]), "b": BitMap64([10, 11])},
+    {"a": BitMap64([1, 2, 3]), "b": BitMap64([11])},
+    {"a": BitMap64([3]), "b": BitMap64([11, 12])},
+]
+
+
+def batch_starts(data: bytes) -> list[int]:
+    starts, pos = [], 0
+    while pos < len(data):
+        starts.append(pos)
+        length = int.from_bytes(data[pos + 4 : pos + 8], "big")
+        pos += 12 + length
+    return starts
+
+
+def published(path: Path) -> bytes:
+    """A log of four publishes (one batch each); returns the file's bytes."""
+    t = LogDirTransport(path)
+    for desired in HISTORY:
+        Publisher(t, partitions=2).publish(desired)
+    return (path / "log").read_bytes()
+
+
+def flip_middle(path: Path) -> tuple[bytes, int]:
+    """Flip bytes inside the payload of the second of four batches; returns (the damaged
+    bytes, where the intact prefix ends)."""
+    data = bytearray((path / "log").read_bytes())
+    starts = batch_starts(bytes(data))
+    assert len(starts) == 4
+    mid = starts[1] + 12 + 5
+    for i in range(3):
+        data[mid + i] ^= 0x5A
+    (path / "log").write_bytes(bytes(data))
+    return bytes(data), starts[1]
+
+
+def seg_publish(*args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run(
+        [sys.executable, "-m", "publisher.cli", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=120,
+    )
+
+
+def segment_set(tmp: Path, desired: dict[str, BitMap64]) -> Path:
+    write_segment_set(tmp / "set", desired, dt.datetime.now(dt.UTC))
+    return tmp / "set"
+
+
+def test_the_writer_refuses_a_damaged_log_and_changes_nothing(tmp_path: Path) -> None:
+    log = tmp_path / "log"
+    published(log)
+    damaged, _ = flip_middle(log)
+    with pytest.raises(TransportError) as caught:
+        LogDirTransport(log).writer("w")
+    message = str(caught.value)
+    assert "damaged at byte" in message and "--repair-log" in message and "\n" not in message
+    assert "2 valid batches" in message
+    # seg-publish: exit 1, one line, the file untouched
+    run = seg_publish(
+        "--input",
+        str(segment_set(tmp_path, {"a": BitMap64([7])})),
+        "--log-dir",
+        str(log),
+        "--quiet",
+    )
+    assert run.returncode == 1, run
+    last = run.stderr.strip().splitlines()[-1]
+    assert "damaged at byte" in last and "--repair-log" in last
+    assert (log / "log").read_bytes() == damaged
+
+
+def test_a_damaged_tail_batch_with_nothing_valid_after_it_is_a_torn_tail(tmp_path: Path) -> None:
+    log = tmp_path / "log"
+    data = published(log)
+    starts = batch_starts(data)
+    cut = starts[-1] + 20
+    (log / "log").write_bytes(data[:cut])  # the last batch torn mid-append
+    prefix, damage = survey((log / "log").read_bytes())
+    assert (prefix, damage) == (starts[-1], None)
+    (log / "log").write_bytes(data + b"\x00garbage\xff" * 3)  # a garbage tail
+    assert survey((log / "log").read_bytes()) == (len(data), None)
+    with LogDirTransport(log).writer("w"):  # truncated, as before
+        pass
+    assert (log / "log").read_bytes() == data
+
+
+def wait_for(cond, what: str) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + WAIT
+    while not cond():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.02)
+
+
+def readyz(url: str) -> tuple[int, dict]:
+    try:
+        with urllib.request.urlopen(url + "/readyz", timeout=10) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def assert_reports_damage(replica: Replica) -> None:
+    status = replica.status()
+    assert "damaged at byte" in str(status["log_damage"])
+    with SidecarThread(replica, uds_path=None, http_host="127.0.0.1") as s:
+        code, body = readyz(s.http_url)
+        assert code == 200 and "damaged at byte" in body["reason"]
+        with urllib.request.urlopen(s.http_url + "/metrics", timeout=10) as resp:
+            assert "seg_replica_log_damaged 1.0" in resp.read().decode()
+
+
+def test_a_fresh_replica_serves_the_intact_prefix_and_reports_the_damage(tmp_path: Path) -> None:
+    log = tmp_path / "log"
+    published(log)
+    flip_middle(log)
+    replica = Replica(LogDirTransport(log), poll_interval=0.01).start()
+    try:
+        assert replica.wait_ready(WAIT), replica.status()
+        # the first publish only: the second batch is damaged, the rest lies beyond it
+        wait_for(lambda: replica.state("a") is not None, "segment a")
+        assert list(replica.state("a").bitmap) == [1]  # type: ignore[union-attr]
+        assert replica.state("a").version == 1  # type: ignore[union-attr]
+        assert_reports_damage(replica)
+    finally:
+        replica.stop(save=False)
+
+
+def test_a_tailing_replica_stops_at_damage_and_reports_it(tmp_path: Path) -> None:
+    log = tmp_path / "log"
+    good = published(tmp_path / "model")  # the same four batches, built elsewhere
+    starts = batch_starts(good)
+    (log).mkdir()
+    (log / "meta.json").write_bytes((tmp_path / "model" / "meta.json").read_bytes())
+    (log / "log").write_bytes(good[: starts[1]])
+    replica = Replica(LogDirTransport(log), poll_interval=0.01).start()
+    try:
+        assert replica.wait_ready(WAIT), replica.status()
+        assert replica.log_damage() is None
+        rest = bytearray(good[starts[1] :])
+        rest[20] ^= 0xFF  # inside the second batch's payload
+        with open(log / "log", "ab") as f:  # one append: the reader never sees it whole
+            f.write(bytes(rest))
+        wait_for(lambda: replica.log_damage() is not None, "the damage to be reported")
+        assert replica.state("a").version == 1  # type: ignore[union-attr]
+        assert_reports_damage(replica)
+    finally:
+        replica.stop(save=False)
+
+
+def test_repair_log_keeps_the_prefix_says_what_it_drops_and_publishing_resumes(
+    tmp_path: Path,
+) -> None:
+    log = tmp_path / "log"
+    published(log)
+    damaged, prefix = flip_middle(log)
+    old_id = json.loads((log / "meta.json").read_text())["log_id"]
+    run = seg_publish("--log-dir", str(log), "--repair-log")
+    assert run.returncode == 0, run
+    out = run.stdout.strip()
+    assert "kept the intact prefix (1 batches" in out and "dropped 2 valid batches" in out
+    assert (log / "log").read_bytes() == damaged[:prefix]
+    saved = [p for p in log.iterdir() if p.name.startswith("log.damaged-")]
+    assert len(saved) == 1 and saved[0].read_bytes() == damaged[prefix:]
+    assert json.loads((log / "meta.json").read_text())["log_id"] != old_id
+    assert MAGIC in saved[0].read_bytes()
+    # nothing left to repair; publishing works again and restores the state
+    again = seg_publish("--log-dir", str(log), "--repair-log")
+    assert again.returncode == 0 and "nothing to repair" in again.stdout
+    versions = Publisher(LogDirTransport(log), partitions=2).publish(HISTORY[-1]).versions
+    assert versions == {"a": 2, "b": 2}
+    replica = Replica(LogDirTransport(log), poll_interval=0.01).start()
+    try:
+        assert replica.wait_ready(WAIT)
+        assert {s: list(st.bitmap) for s, st in replica.engine.segments.items()} == {
+            "a": [3],
+            "b": [11, 12],
+        }
+        assert replica.log_damage() is None
+    finally:
+        replica.stop(save=False)
+
+
+def test_repair_log_needs_a_log_directory(tmp_path: Path) -> None:
+    run = seg_publish("--kafka", "127.0.0.1:9", "--repair-log")
+    assert run.returncode == 2 and "--repair-log takes --log-dir" in run.stderr

@@ -40,7 +40,7 @@ from .cliutil import (
 from .fallback.base import Fallback
 from .protocol import DEFAULT_MAX_FRAME
 from .server.app import DEFAULT_UDS, serve
-from .server.http import DEFAULT_MAX_BODY
+from .server.http import DEFAULT_MAX_BODY, DEFAULT_TIMEOUTS, HttpTimeouts
 from .server.uds import SocketPathError
 
 log = logging.getLogger("sidecar")
@@ -123,6 +123,24 @@ def build_parser() -> Parser:
         metavar="BYTES",
         help="largest HTTP request body (default 1 MiB)",
     )
+    srv.add_argument(
+        "--http-idle-timeout",
+        type=positive_float,
+        default=DEFAULT_TIMEOUTS.idle,
+        metavar="SECONDS",
+        help=(
+            "close an HTTP connection with no complete request head this long after it opened "
+            f"or after its last response: idle keep-alive and slow headers (default "
+            f"{DEFAULT_TIMEOUTS.idle:g})"
+        ),
+    )
+    srv.add_argument(
+        "--http-body-timeout",
+        type=positive_float,
+        default=DEFAULT_TIMEOUTS.body,
+        metavar="SECONDS",
+        help=f"answer 408 to a request body not read this fast (default {DEFAULT_TIMEOUTS.body:g})",
+    )
     rep = p.add_argument_group("replica")
     rep.add_argument("--state-dir", metavar="DIR", help="where checkpoints are written")
     rep.add_argument(
@@ -195,6 +213,7 @@ async def _run(args: argparse.Namespace, replica: Any, fallback: Fallback | None
             max_frame=args.max_frame,
             max_body=args.max_body,
             ui=not args.no_ui,
+            http_timeouts=HttpTimeouts(args.http_idle_timeout, args.http_body_timeout),
         )
     except (SocketPathError, OSError) as exc:
         log.error("cannot start the servers: %s", exc)

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 from ..fallback.base import Fallback
 from ..protocol import DEFAULT_MAX_FRAME
-from .http import DEFAULT_MAX_BODY, HttpServer
+from .http import DEFAULT_MAX_BODY, DEFAULT_TIMEOUTS, HttpServer, HttpTimeouts
 from .metrics import Metrics
 from .queries import Queries
 from .uds import DEFAULT_SOCKET_MODE, UdsServer
@@ -40,6 +40,7 @@ class Sidecar:
         grace: float = 5.0,
         process_metrics: bool = True,
         ui: bool = True,
+        http_timeouts: HttpTimeouts = DEFAULT_TIMEOUTS,
     ) -> None:
         self.replica = replica
         self.metrics = Metrics(replica, process=process_metrics)
@@ -67,6 +68,7 @@ class Sidecar:
                 max_body=max_body,
                 shutdown_timeout=grace,
                 ui=ui,
+                timeouts=http_timeouts,
             )
 
     @property
@@ -107,6 +109,7 @@ async def serve(
     max_body: int = DEFAULT_MAX_BODY,
     grace: float = 5.0,
     ui: bool = True,
+    http_timeouts: HttpTimeouts = DEFAULT_TIMEOUTS,
 ) -> None:
     """Run both servers until `stop` is set (forever when None), then shut down gracefully.
     Run it on a uvloop loop (`uvloop.run(serve(...))`); the replica runs on its own thread."""
@@ -121,6 +124,7 @@ async def serve(
         max_body=max_body,
         grace=grace,
         ui=ui,
+        http_timeouts=http_timeouts,
     )
     await sidecar.start()
     if started is not None:

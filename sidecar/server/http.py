@@ -7,11 +7,13 @@ client input never produces a 500 (a middleware turns any unexpected exception i
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
@@ -34,8 +36,24 @@ DEFAULT_PORT = 8571
 DEFAULT_MAX_BODY = 1 << 20
 MAX_CHECKS = 10_000
 
+
+@dataclass(frozen=True, slots=True)
+class HttpTimeouts:
+    """Bounds for slow clients (seg-sidecar --http-idle-timeout / --http-body-timeout).
+
+    `idle`: a connection is closed when no complete request head arrived within this many
+    seconds of its opening or of its last response: it bounds both idle keep-alive and the
+    time to send headers (a client trickling them a byte at a time). `body`: a request body
+    not read within this many seconds is answered 408 and the connection closed."""
+
+    idle: float = 15.0
+    body: float = 10.0
+
+
 QUERIES_KEY = web.AppKey("queries", Queries)
 METRICS_KEY = web.AppKey("metrics", Metrics)
+DEFAULT_TIMEOUTS = HttpTimeouts()
+TIMEOUTS_KEY = web.AppKey("timeouts", HttpTimeouts)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -58,6 +76,8 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         return await handler(request)
     except NotLocal as exc:
         return _json({"error": str(exc), "segments": exc.segments}, status=409)
+    except _Respond as answer:
+        return answer.response
     except BadRequest as exc:
         return _error(400, str(exc))
     except web.HTTPException as exc:
@@ -77,6 +97,24 @@ def _query(request: web.Request, name: str) -> str:
     if value is None:
         raise BadRequest(f"missing query parameter {name!r}")
     return value
+
+
+async def _read_body(request: web.Request) -> bytes:
+    limit = request.app[TIMEOUTS_KEY].body
+    try:
+        async with asyncio.timeout(limit):
+            return await request.read()
+    except TimeoutError:
+        response = _error(408, f"request body not received within {limit:g} s")
+        response.force_close()
+        raise _Respond(response) from None
+
+
+class _Respond(Exception):
+    """Answer with this response (raised from a helper, returned by the middleware)."""
+
+    def __init__(self, response: web.Response) -> None:
+        self.response = response
 
 
 def _user_text(text: str, what: str = "user") -> int:
@@ -126,7 +164,7 @@ class Api:
 
     async def check_post(self, request: web.Request) -> web.Response:
         started = time.perf_counter()
-        body = await request.read()
+        body = await _read_body(request)
         try:
             doc = json.loads(body)
         except (ValueError, RecursionError) as exc:
@@ -262,9 +300,15 @@ def openapi_bytes() -> bytes:
 
 
 def make_app(
-    queries: Queries, metrics: Metrics, *, max_body: int = DEFAULT_MAX_BODY, ui: bool = True
+    queries: Queries,
+    metrics: Metrics,
+    *,
+    max_body: int = DEFAULT_MAX_BODY,
+    ui: bool = True,
+    timeouts: HttpTimeouts = DEFAULT_TIMEOUTS,
 ) -> web.Application:
     app = web.Application(client_max_size=max_body, middlewares=[errors_middleware])
+    app[TIMEOUTS_KEY] = timeouts
     app[QUERIES_KEY] = queries
     app[METRICS_KEY] = metrics
     api = Api(queries, metrics)
@@ -305,8 +349,10 @@ class HttpServer:
         max_body: int = DEFAULT_MAX_BODY,
         shutdown_timeout: float = 5.0,
         ui: bool = True,
+        timeouts: HttpTimeouts = DEFAULT_TIMEOUTS,
     ) -> None:
-        self.app = make_app(queries, metrics, max_body=max_body, ui=ui)
+        self.app = make_app(queries, metrics, max_body=max_body, ui=ui, timeouts=timeouts)
+        self.timeouts = timeouts
         self.host = host
         self.port = port
         self.shutdown_timeout = shutdown_timeout
@@ -314,7 +360,11 @@ class HttpServer:
 
     async def start(self) -> None:
         self._runner = web.AppRunner(
-            self.app, access_log=None, shutdown_timeout=self.shutdown_timeout
+            self.app,
+            access_log=None,
+            shutdown_timeout=self.shutdown_timeout,
+            keepalive_timeout=self.timeouts.idle,  # aiohttp's default is an hour
+            lingering_time=self.timeouts.body,  # reading an unread body before closing
         )
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port, reuse_address=True)

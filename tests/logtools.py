@@ -141,3 +141,16 @@ class SidecarThread:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def get_json(url: str) -> tuple[int, dict]:
+    """(status, JSON body) of a GET, error statuses included."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=10) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())

@@ -4,11 +4,8 @@ checkpoints (defect 7)."""
 
 from __future__ import annotations
 
-import json
 import socket
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 from pyroaring import BitMap64
@@ -16,7 +13,7 @@ from pyroaring import BitMap64
 from sidecar.replica import Replica
 from sidecar.transport import LogDirTransport
 from sidecar.transport.kafka import KafkaTransport
-from tests.logtools import SidecarThread, publish_raw
+from tests.logtools import SidecarThread, get_json, publish_raw
 
 
 def _closed_port() -> int:
@@ -25,27 +22,19 @@ def _closed_port() -> int:
         return s.getsockname()[1]
 
 
-def _readyz(url: str) -> tuple[int, dict]:
-    try:
-        with urllib.request.urlopen(url + "/readyz", timeout=10) as resp:
-            return resp.status, json.loads(resp.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read())
-
-
 def test_readyz_says_why_from_the_first_answer_when_the_broker_is_down() -> None:
     transport = KafkaTransport(f"127.0.0.1:{_closed_port()}", prefix="nobody")
     replica = Replica(transport, poll_interval=0.01).start()
     try:
         with SidecarThread(replica, uds_path=None, http_host="127.0.0.1") as s:
-            code, body = _readyz(s.http_url)
+            code, body = get_json(s.http_url + "/readyz")
             assert code == 503 and body["ready"] is False
             assert body["reason"] and "connecting to the Kafka" in body["reason"]
             deadline = time.monotonic() + 20
             while not (body.get("error") and "cannot reach Kafka" in body["reason"]):
                 assert time.monotonic() < deadline, body
                 time.sleep(0.2)
-                code, body = _readyz(s.http_url)
+                code, body = get_json(s.http_url + "/readyz")
             assert code == 503
     finally:
         replica.stop(save=False)

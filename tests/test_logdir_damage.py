@@ -25,7 +25,7 @@ from sidecar.replica import Replica
 from sidecar.transport import LogDirTransport
 from sidecar.transport.base import TransportError
 from sidecar.transport.logdir import MAGIC, survey
-from tests.logtools import SidecarThread
+from tests.logtools import SidecarThread, get_json
 
 ROOT = Path(__file__).resolve().parent.parent
 WAIT = 30
@@ -129,19 +129,11 @@ def wait_for(cond, what: str) -> None:  # type: ignore[no-untyped-def]
         time.sleep(0.02)
 
 
-def readyz(url: str) -> tuple[int, dict]:
-    try:
-        with urllib.request.urlopen(url + "/readyz", timeout=10) as resp:
-            return resp.status, json.loads(resp.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read())
-
-
 def assert_reports_damage(replica: Replica) -> None:
     status = replica.status()
     assert "damaged at byte" in str(status["log_damage"])
     with SidecarThread(replica, uds_path=None, http_host="127.0.0.1") as s:
-        code, body = readyz(s.http_url)
+        code, body = get_json(s.http_url + "/readyz")
         assert code == 200 and "damaged at byte" in body["reason"]
         with urllib.request.urlopen(s.http_url + "/metrics", timeout=10) as resp:
             assert "seg_replica_log_damaged 1.0" in resp.read().decode()

@@ -8,7 +8,6 @@ valid records around it are applied exactly.
 
 from __future__ import annotations
 
-import json
 import time
 import urllib.request
 
@@ -17,7 +16,7 @@ from pyroaring import BitMap64
 from publisher import Publisher
 from sidecar.replica import Replica
 from sidecar.transport.base import Transport
-from tests.logtools import SidecarThread
+from tests.logtools import SidecarThread, get_json
 from tests.poison import POISON_SEGMENTS, expected_skips, inject
 
 PARTITIONS = 2
@@ -64,11 +63,6 @@ def assert_poison_handled(replica: Replica, *, snapshots_read: bool) -> None:
     assert replica.error is None
 
 
-def http_json(url: str) -> dict:
-    with urllib.request.urlopen(url, timeout=10) as resp:
-        return json.loads(resp.read())
-
-
 def http_text(url: str) -> str:
     with urllib.request.urlopen(url, timeout=10) as resp:
         return resp.read().decode()
@@ -84,11 +78,11 @@ def test_a_fresh_replica_skips_and_counts_poison(transport: Transport) -> None:
         settled(replica, TRUTH2, 2)
         assert_poison_handled(replica, snapshots_read=True)
         with SidecarThread(replica, uds_path=None, http_host="127.0.0.1") as s:
-            listed = [d["segment"] for d in http_json(s.http_url + "/v1/segments")["segments"]]
+            listed = [d["segment"] for d in get_json(s.http_url + "/v1/segments")[1]["segments"]]
             assert sorted(listed) == sorted([*TRUTH1, *POISON_SEGMENTS])
             metrics = http_text(s.http_url + "/metrics")
             assert 'seg_replica_skipped_records_total{reason="bad_segment"}' in metrics
-            status = http_json(s.http_url + "/v1/status")
+            status = get_json(s.http_url + "/v1/status")[1]
             assert status["skipped"]["bad_segment"] >= 2
     finally:
         replica.stop(save=False)

@@ -323,8 +323,7 @@
       return;
     }
     if (!count.ok) {
-      const segs = count.body && Array.isArray(count.body.segments) ? ` (${count.body.segments.join(", ")})` : "";
-      say($("audience-error"), errorText(count, "Not counted") + segs);
+      say($("audience-error"), errorText(count, "Not counted")); // a 409's message names the segments
       return;
     }
     $("audience-count").textContent = fmtInt(count.body.count);
@@ -338,6 +337,8 @@
     const lines = ids.ok && typeof ids.body === "string" ? ids.body.split("\n").filter(Boolean).slice(0, FIRST_IDS) : [];
     list.replaceChildren(...lines.map((id) => el("li", id)));
     if (!ids.ok) list.append(el("li", errorText({ status: ids.status, body: null }, "ids"), "bad-text"));
+    const more = typeof count.body.count === "number" ? count.body.count - lines.length : 0;
+    $("audience-more").textContent = ids.ok && more > 0 ? `and ${fmtInt(more)} more` : "";
     show($("audience-result"), true);
   }
 

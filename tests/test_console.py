@@ -376,8 +376,10 @@ def test_fallback_answers_and_the_breaker(
         assert _explain(chromium, "7", "remote")["member"] == "no"
         aerospike_server.down()
         try:
-            for _ in range(20):  # failures open the breaker
-                _get(s.url + "/v1/check?user=6&segment=remote")
+            deadline = time.monotonic() + 60
+            while json.loads(_get(s.url + "/v1/status")[2])["fallback"]["breaker"] != "open":
+                assert time.monotonic() < deadline, "the breaker never opened"
+                _get(s.url + "/v1/check?user=6&segment=remote")  # failures open the breaker
             chromium.wait_for(f"{breaker} === 'open'", what="the breaker open")
             shown = chromium.eval("document.getElementById('c-breaker').textContent")
             assert shown.startswith("breaker open")

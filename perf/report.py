@@ -24,6 +24,7 @@ SCENARIOS = (
     "fanout",
     "propagation",
     "publish",
+    "aerospike",
     "bootstrap",
 )
 

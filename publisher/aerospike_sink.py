@@ -226,7 +226,7 @@ class AerospikeSink:
 
     # -- writes -------------------------------------------------------------------------------
 
-    def _ops(self, signature: Signature) -> tuple[list[Any], bool]:
+    def operations(self, signature: Signature) -> tuple[list[Any], bool]:
         """The map operations of a signature, and whether a record can end up empty (then the
         last operation reads the map's size)."""
         bin_name = self.target.bin_name
@@ -251,7 +251,7 @@ class AerospikeSink:
         self, signature: Signature, users: Sequence[int], emptied: list[tuple[tuple[Any, ...], int]]
     ) -> int:
         """One batch of users sharing a signature; records left empty go to `emptied`."""
-        ops, may_empty = self._ops(signature)
+        ops, may_empty = self.operations(signature)
         ns, set_name, bin_name = self.target.namespace, self.target.set_name, self.target.bin_name
         pending = [(ns, set_name, user_key(u)) for u in users]
         for attempt in range(self.retries + 1):

@@ -141,7 +141,11 @@ def read_response(sock: socket.socket, request: bytes) -> list[bytes]:
 @pytest.fixture(scope="module")
 def replayed(capture: dict[int, Exchange]) -> dict[int, list[bytes]]:
     """Replay every captured request, in order, against one fresh server."""
-    server = ThreadedAerospikeServer(node_id=CAPTURE_NODE_ID).start()
+    return replay(capture)
+
+
+def replay(capture: dict[int, Exchange], **server_options: Any) -> dict[int, list[bytes]]:
+    server = ThreadedAerospikeServer(node_id=CAPTURE_NODE_ID, **server_options).start()
     socks: dict[int, socket.socket] = {}
     try:
         out: dict[int, list[bytes]] = {}
@@ -286,6 +290,37 @@ def test_replay_values_are_byte_identical(
     (record_ttl is 0 on both sides since the capture's namespace has no default TTL)."""
     for number in (9, 10, 11, 12, 13, 14, 15, 16, 17):
         assert replayed[number] == capture[number].responses, number
+
+
+def test_replay_with_a_default_ttl_changes_only_void_times(capture: dict[int, Exchange]) -> None:
+    """The captured requests (written without a TTL) against a namespace with default-ttl 3600:
+    every answer is the captured one except the void time of the records written, which is
+    now + 3600 s in Aerospike's epoch (2010-01-01), as a real server with that default answers.
+    """
+    from tests.aerospike_server.store import CITRUSLEAF_EPOCH
+
+    got = replay(capture, default_ttl=3600)
+    expected_void = time.time() - CITRUSLEAF_EPOCH + 3600
+    voids = set()
+    for number, ex in capture.items():
+        assert describe_frames(got[number]) == describe_frames(ex.responses), number
+        for raw in got[number]:
+            _, ptype, _ = wire.parse_proto_header(raw[:8])
+            if ptype == wire.TYPE_MSG:
+                voids |= {m.record_ttl for m in wire.parse_msgs(raw[8:]) if m.generation}
+    assert voids and all(abs(v - expected_void) < 60 for v in voids), voids
+
+
+def test_replay_over_batch_max_requests_answers_the_last_frame_with_151(
+    capture: dict[int, Exchange],
+) -> None:
+    """The captured 3-key batch_operate against a server whose batch-max-requests is 2: one
+    frame, the captured LAST frame with result 151 (BATCH_MAX_REQUESTS_EXCEEDED) and no rows."""
+    got = replay(capture, batch_max_requests=2)
+    for number in (15, 16, 17):  # the captured batches, 3 keys each
+        last = describe_frames(capture[number].responses[-1:])
+        last[0]["msgs"][0]["result_code"] = 151
+        assert describe_frames(got[number]) == last, number
 
 
 # ---------------------------------------------------------------------------------------

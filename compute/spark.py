@@ -76,24 +76,32 @@ def build_session(
 
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
-    os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
+    # Started by spark-submit (deploy/spark/submit.sh): its --master, driver address and --jars
+    # stand. Local mode (the default) keeps the driver on loopback.
+    submitted = "PYSPARK_GATEWAY_PORT" in os.environ
+    local = master.startswith("local") and not submitted
+    if local:
+        os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
     settings: dict[str, str] = {
         "spark.ui.enabled": "false",
         "spark.ui.showConsoleProgress": "false",
         "spark.sql.shuffle.partitions": str(shuffle_partitions),
         "spark.default.parallelism": str(shuffle_partitions),
         "spark.sql.session.timeZone": "UTC",
-        "spark.driver.host": "127.0.0.1",
-        "spark.driver.bindAddress": "127.0.0.1",
         "spark.sql.execution.arrow.pyspark.enabled": "true",
         # List dt=... partition directories on the driver instead of in a Spark job.
         "spark.sql.sources.parallelPartitionDiscovery.threshold": "4096",
         # Quiet the JVM from its first line, not only after setLogLevel below.
         "spark.driver.extraJavaOptions": f"-Dlog4j2.configurationFile={_log4j2_file()}",
     }
-    settings.update(_extra_jars_conf())
+    if local:
+        settings |= {"spark.driver.host": "127.0.0.1", "spark.driver.bindAddress": "127.0.0.1"}
+    if not submitted:
+        settings.update(_extra_jars_conf())
     settings.update(conf or {})
-    builder = SparkSession.builder.appName(app_name).master(master)
+    builder = SparkSession.builder.appName(app_name)
+    if not submitted:
+        builder = builder.master(master)
     for key, value in settings.items():
         builder = builder.config(key, value)
     spark = builder.getOrCreate()

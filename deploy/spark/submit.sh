@@ -45,9 +45,9 @@ case "$mode" in
   client)
     python=${PYSPARK_PYTHON:-python3}
     jars_dir=${SEG_SPARK_JARS_DIR:-$repo/.cache/spark-jars}
+    export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
     SEG_SPARK_JARS_DIR="$jars_dir" "$python" -m compute.sparkjars >&2
     jars=$(find "$jars_dir" -maxdepth 1 -name '*.jar' | sort | paste -sd, -)
-    export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
     exec "$spark_submit" "${common[@]}" --deploy-mode client --jars "$jars" \
       --conf "spark.pyspark.python=$python" --conf "spark.pyspark.driver.python=$python" \
       "${submit_opts[@]}" "$here/batch_driver.py" "$@"

@@ -28,8 +28,8 @@ from sidecar.replica import Replica
 from sidecar.transport import LogDirTransport, Transport
 from tests import test_publisher
 
-# the publisher tests' fixtures: the log directory, and the log on the real Kafka broker
-transport = test_publisher.transport
+# the publisher tests' log directory fixture and reader (`transport`, the log directory and
+# the log on the real Kafka broker, is a shared fixture: tests/sidecar_fixtures.py)
 log = test_publisher.log
 log_ends = test_publisher.log_ends
 

@@ -26,6 +26,8 @@ SCENARIOS = (
     "publish",
     "aerospike",
     "bootstrap",
+    "eval",
+    "count",
 )
 
 

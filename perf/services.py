@@ -232,6 +232,8 @@ class Context:
     _serve_error: str | None = None
     _closers: list[Any] = field(default_factory=list)
     services: dict[str, Any] = field(default_factory=dict)
+    #: data sets shared by the scenarios of one run (perf/exprset.py)
+    cache: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.sizes = Sizes(self.quick)

@@ -35,10 +35,18 @@ EXPECTED: dict[str, set[str]] = {
     "propagation": {"latency", "publishes"},
     "publish": {"kafka", "logdir"},
     "bootstrap": {"cold_seconds", "warm_seconds", "checkpoint_bytes"},
+    "eval": {"latency", "latency_many", "wrong_answers"},
+    "count": {"latency", "counts", "wrong_answers"},
 }
 #: scenarios that judge DESIGN.md targets
 WITH_TARGETS = {"check", "batch", "embedded", "memory", "propagation", "bootstrap"}
 DOC_KEYS = {"scenario", "quick", "command", "machine", "results", "targets", "error", "seconds"}
+
+
+def check_peers(out: Path) -> set[str]:
+    """The peers the check scenario could measure."""
+    check = json.loads((out / "check.json").read_text())["results"]
+    return {n for n, p in check["peers"].items() if p.get("available") is not False}
 
 
 @pytest.mark.kafka
@@ -84,6 +92,13 @@ def test_seg_perf_all_quick(tmp_path: Path) -> None:
         assert f"## {name}" in report
     assert (out / "check_latency.png").exists()
     assert (out / "fanout_throughput_p99.png").exists()
+
+    for name in ("eval", "count"):  # the expression scenarios check every peer's answers
+        results = json.loads((out / f"{name}.json").read_text())["results"]
+        assert not any(results["wrong_answers"].values()), (name, results["wrong_answers"])
+        assert results["redis"]["available"] == (redis_ok := "redis" in check_peers(out))
+        if redis_ok:
+            assert any(n.startswith("redis") for n in results["latency"])
 
     check = json.loads((out / "check.json").read_text())["results"]
     redis = check["peers"]["redis"]

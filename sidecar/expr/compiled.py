@@ -218,12 +218,35 @@ def _sets(node: NNF, bitmaps: Sequence[BitMap64]) -> tuple[BitMap64, bool, bool]
     if isinstance(node, And):
         if not pos:  # !a & !b = !(a | b)
             return BitMap64.union(*neg), True, True
-        pos.sort(key=len)  # smallest first keeps every intermediate small
-        result = BitMap64.intersection(*pos)
-        return (result.difference(*neg) if neg else result), False, True
+        return _minus(*_intersection(pos), neg), False, True
     if not neg:
         return BitMap64.union(*pos), False, True
     # !a | !b | c = !((a & b) - c)
-    neg.sort(key=len)
-    core = BitMap64.intersection(*neg)
-    return (core.difference(*pos) if pos else core), True, True
+    return _minus(*_intersection(neg), pos), True, True
+
+
+def _intersection(bitmaps: list[BitMap64]) -> tuple[BitMap64, bool]:
+    """(the intersection, whether it is a new bitmap); smallest first keeps every
+    intermediate small."""
+    if len(bitmaps) == 1:
+        return bitmaps[0], False
+    bitmaps = sorted(bitmaps, key=len)
+    result = bitmaps[0] & bitmaps[1]
+    for bm in bitmaps[2:]:
+        result &= bm
+    return result, True
+
+
+def _minus(result: BitMap64, owned: bool, others: list[BitMap64]) -> BitMap64:
+    """A new bitmap: `result` without `others`. Measured with pyroaring 1.2 (BitMap64): the
+    n-ary `difference` is ~15x slower than `-`; in-place `-=` is ~20x slower than `-` for
+    operands of similar size but hundreds of times faster when the removed set is small (it
+    touches only its containers, where `-` walks the whole left side)."""
+    for bm in others:
+        if len(bm) * 8 < len(result):
+            if not owned:
+                result, owned = result.copy(), True
+            result -= bm
+        else:
+            result, owned = result - bm, True
+    return result if owned else result.copy()

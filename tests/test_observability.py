@@ -217,3 +217,26 @@ def test_rules_and_dashboard_name_only_exported_metrics(exported: dict[str, list
         "seg_publish_last_success_timestamp_seconds",
     ):
         assert needed in seen  # fmt: skip
+
+
+def test_scrape_config_gives_the_labels_the_rules_use() -> None:
+    config = yaml.safe_load((OBS / "prometheus.yaml").read_text())
+    jobs = {j["job_name"]: j for j in config["scrape_configs"]}
+    wanted_jobs = set()
+    for _, expr in rule_exprs():
+        for name, matchers in selectors(expr):
+            wanted_jobs |= {v for label, op, v in matchers if name == "up" and label == "job"}
+    assert wanted_jobs and wanted_jobs <= set(jobs)
+    sidecar = jobs["seg-sidecar"]
+    made = {r["target_label"] for r in sidecar["relabel_configs"] if "target_label" in r}
+    assert {"namespace", "pod"} <= made
+    ports = [r["regex"] for r in sidecar["relabel_configs"]
+             if r["source_labels"] == ["__meta_kubernetes_pod_container_port_name"]]  # fmt: skip
+    deployment = next(
+        d
+        for d in yaml.safe_load_all((ROOT / "deploy/k8s/app-with-sidecar.yaml").read_text())
+        if d["kind"] == "Deployment"
+    )
+    (sidecar_container,) = deployment["spec"]["template"]["spec"]["initContainers"]
+    assert ports == [sidecar_container["ports"][0]["name"]]
+    assert jobs["pushgateway"]["honor_labels"] is True

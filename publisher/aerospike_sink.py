@@ -4,7 +4,8 @@
 Adds are map puts, removes map remove-by-key, written with the key stored and a never-expire
 TTL. Users whose operations are the same (the common case: one segment's adds) are written
 together with `batch_operate`, in batches of `batch_size`, on a few threads. The groups are
-found with bitmap algebra (one refinement per changed segment), never user by user in Python.
+found with array sorts when numpy is installed (the compute extra), else with bitmap algebra,
+never user by user in Python.
 A remove on a user with no record is a no-op (the server's code 2); a user whose map becomes
 empty has its record deleted (a generation-checked delete, so a concurrent write wins). Rows
 failing with a transient code are retried; a whole-batch error (such as over the server's
@@ -101,51 +102,108 @@ class Entry:
 Signature = tuple[Entry, ...]
 
 
-def group_users(changes: Iterable[MapChange]) -> list[tuple[Signature, BitMap64]]:
-    """Partition the users the changes touch by the exact list of operations each needs.
+def _entries(changes: Iterable[MapChange]) -> list[tuple[Entry, BitMap64]]:
+    """Every change's adds, then its removes: the operations, in the order rows apply them."""
+    out = []
+    for change in changes:
+        if change.add:
+            out.append((Entry(change.segment, change.version), change.add))
+        if change.remove:
+            out.append((Entry(change.segment, None), change.remove))
+    return out
 
-    Refinement over bitmaps: each change's adds (then removes) split every class they overlap
-    into the part inside and the part outside. The union of the classes so far answers "does
-    this bitmap touch any class" at once, and the scan of the classes stops once every
-    overlapping user is placed, so disjoint segments cost one bitmap operation each."""
+
+def group_users(changes: Iterable[MapChange]) -> list[tuple[Signature, Sequence[int]]]:
+    """Partition the users the changes touch by the exact list of operations each needs;
+    each group's users ascending. With numpy (the compute extra) it is sorting arrays;
+    without it, refinement over bitmaps (`group_users_bitmaps`)."""
+    entries = _entries(changes)
+    try:
+        import numpy as np
+    except ImportError:
+        return [(sig, m.to_array()) for sig, m in group_users_bitmaps(entries)]
+    return _group_users_numpy(entries, np)
+
+
+def _group_users_numpy(entries: list[tuple[Entry, BitMap64]], np: Any) -> list[Any]:
+    """Each user's set of operations as a bit mask (one bit per entry, in words of 64): the
+    users are the bitmaps' union, each entry sets its bit at its users' positions (a binary
+    search), then users are grouped by equal masks with one sort. No Python per user, only
+    per group."""
+    if not entries:
+        return []
+    everyone = BitMap64.union(BitMap64(), *(users for _, users in entries))
+    unique = np.frombuffer(everyone.to_array(), dtype=np.uint64)
+    words = (len(entries) + 63) // 64
+    masks = np.zeros((len(unique), words), dtype=np.uint64)
+    for j, (_, users) in enumerate(entries):
+        at = np.searchsorted(unique, np.frombuffer(users.to_array(), dtype=np.uint64))
+        masks[at, j // 64] |= np.uint64(1 << (j % 64))
+    if words == 1:
+        order = np.argsort(masks[:, 0], kind="stable")  # users stay ascending within a mask
+        ordered = masks[order, 0]
+        changed = ordered[1:] != ordered[:-1]
+    else:
+        order = np.lexsort(masks.T[::-1])  # stable too
+        ordered = masks[order]
+        changed = (ordered[1:] != ordered[:-1]).any(axis=1)
+    starts = np.concatenate(([0], np.flatnonzero(changed) + 1)).tolist()
+    ends = [*starts[1:], len(order)]
+    users_in_order = unique[order]
+    out = []
+    for start, end in zip(starts, ends, strict=True):
+        mask = ordered[start].tolist()
+        signature = []
+        for w, bits in enumerate([mask] if words == 1 else mask):
+            while bits:
+                low = bits & -bits
+                signature.append(entries[w * 64 + low.bit_length() - 1][0])
+                bits ^= low
+        out.append((tuple(signature), users_in_order[start:end]))
+    return out
+
+
+def group_users_bitmaps(
+    entries: list[tuple[Entry, BitMap64]],
+) -> list[tuple[Signature, BitMap64]]:
+    """The same partition by refinement over bitmaps: each entry's users split every class
+    they overlap into the part inside and the part outside. The union of the classes so far
+    answers "does this bitmap touch any class" at once, and the scan of the classes stops once
+    every overlapping user is placed, so disjoint segments cost one bitmap operation each."""
     classes: list[tuple[Signature, BitMap64]] = []
     union = BitMap64()
-    for change in changes:
-        for users, entry in (
-            (change.add, Entry(change.segment, change.version)),
-            (change.remove, Entry(change.segment, None)),
-        ):
-            if not users:
-                continue
-            overlap = users & union
-            if overlap:
-                remaining = BitMap64(overlap)
-                refined: list[tuple[Signature, BitMap64]] = []
-                for i, (signature, members) in enumerate(classes):
-                    if not remaining:
-                        refined.extend(classes[i:])
-                        break
-                    inside = members & remaining
-                    if not inside:
-                        refined.append((signature, members))
-                        continue
-                    remaining -= inside
-                    outside = members - inside
-                    if outside:
-                        refined.append((signature, outside))
-                    refined.append(((*signature, entry), inside))
-                classes = refined
-            fresh = users - overlap if overlap else users
-            if fresh:
-                classes.append(((entry,), BitMap64(fresh)))
-                union |= fresh
+    for entry, users in entries:
+        overlap = users & union
+        if overlap:
+            remaining = BitMap64(overlap)
+            refined: list[tuple[Signature, BitMap64]] = []
+            for i, (signature, members) in enumerate(classes):
+                if not remaining:
+                    refined.extend(classes[i:])
+                    break
+                inside = members & remaining
+                if not inside:
+                    refined.append((signature, members))
+                    continue
+                remaining -= inside
+                outside = members - inside
+                if outside:
+                    refined.append((signature, outside))
+                refined.append(((*signature, entry), inside))
+            classes = refined
+        fresh = users - overlap if overlap else users
+        if fresh:
+            classes.append(((entry,), BitMap64(fresh)))
+            union |= fresh
     return classes
 
 
-def _chunks(users: BitMap64, size: int) -> Iterator[Sequence[int]]:
-    values = users.to_array()
-    for i in range(0, len(values), size):
-        yield values[i : i + size]
+def _chunks(users: Sequence[int], size: int) -> Iterator[list[int]]:
+    """Python ints (numpy's uint64 would not wrap to a signed key)."""
+    tolist = getattr(users, "tolist", None)
+    for i in range(0, len(users), size):
+        part = users[i : i + size]
+        yield part.tolist() if tolist is not None else list(part)
 
 
 class AerospikeSink:

@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from pyroaring import BitMap64
 
 from publisher.aerospike_sink import AerospikeSink, AerospikeSinkError
@@ -375,3 +377,42 @@ def test_reconcile_api_streams_and_batches(
         assert not reconcile(LogDirTransport(log_dir), sink, dry_run=True).differs
     finally:
         sink.close()
+
+
+# -- defect 9: grouping users without Python per user --------------------------------------
+
+
+@st.composite
+def changes_strategy(draw: Any) -> list[Any]:
+    from publisher.plan import Change
+
+    ids = st.one_of(st.integers(0, 300), st.integers(2**64 - 50, 2**64 - 1))
+    out = []
+    for i in range(draw(st.integers(0, 70))):  # over 64 entries: masks of several words
+        add = BitMap64(draw(st.lists(ids, max_size=40)))
+        remove = BitMap64(draw(st.lists(ids, max_size=20))) - add
+        out.append(Change(f"s{i}", i, i + 1, add, remove, len(add)))
+    return out
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(changes_strategy())
+def test_grouping_is_the_exact_partition_by_operations(changes: list[Any]) -> None:
+    from publisher.aerospike_sink import Entry, _entries, group_users, group_users_bitmaps
+
+    expected: dict[int, list[Entry]] = {}
+    for change in changes:
+        for user in change.add:
+            expected.setdefault(user, []).append(Entry(change.segment, change.version))
+        for user in change.remove:
+            expected.setdefault(user, []).append(Entry(change.segment, None))
+    for groups in (group_users(changes), group_users_bitmaps(_entries(changes))):
+        seen: dict[int, tuple[Entry, ...]] = {}
+        for signature, users in groups:
+            users = [int(u) for u in users]
+            assert users == sorted(users) and users  # ascending, no empty group
+            for user in users:
+                assert user not in seen
+                seen[user] = signature
+        assert seen == {u: tuple(ops) for u, ops in expected.items()}
+    assert len(group_users(changes)) == len(group_users_bitmaps(_entries(changes)))

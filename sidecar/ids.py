@@ -5,6 +5,10 @@ from __future__ import annotations
 import re
 
 MAX_USER = 2**64 - 1
+#: versions are positive 63-bit integers (the log's records carry them as such)
+MAX_VERSION = 2**63 - 1
+#: the longest a read-your-publish check (`check_at`) waits for its version
+MAX_WAIT_MS = 1000
 SEGMENT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
 
 
@@ -49,6 +53,20 @@ def segment_id(value: object, what: str = "segment") -> str:
             "(1-128 chars of [A-Za-z0-9_.:-], starting with a letter or digit)"
         )
     return value
+
+
+def version_arg(value: object, what: str = "version") -> int:
+    """Return `value` as a segment version (0 asks for any), or raise BadRequest."""
+    if type(value) is int and 0 <= value <= MAX_VERSION:
+        return value
+    raise BadRequest(f"{what} must be an integer in 0..2**63-1, got {describe(value)}")
+
+
+def wait_ms_arg(value: object, what: str = "wait_ms") -> int:
+    """Return `value` as a wait in milliseconds (0..MAX_WAIT_MS), or raise BadRequest."""
+    if type(value) is int and 0 <= value <= MAX_WAIT_MS:
+        return value
+    raise BadRequest(f"{what} must be an integer in 0..{MAX_WAIT_MS}, got {describe(value)}")
 
 
 class SegmentNames:

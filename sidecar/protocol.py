@@ -36,6 +36,7 @@ HEADER_SIZE = HEADER.size
 OPS: dict[str, int] = {
     "ping": 0,
     "check": 2,
+    "check_at": 4,
     "check_many": 2,
     "batch": 1,
     "batch_packed": 3,
@@ -49,6 +50,7 @@ OPS: dict[str, int] = {
 ARG_NAMES: dict[str, str] = {
     "ping": "no arguments",
     "check": "2 arguments (user, segment)",
+    "check_at": "4 arguments (user, segment, min_version, wait_ms)",
     "check_many": "2 arguments (user, [segment, ...])",
     "batch": "1 argument ([[user, segment], ...])",
     "batch_packed": "3 arguments (segments, users as bin uint64, index as bin uint16)",

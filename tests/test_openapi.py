@@ -113,6 +113,11 @@ CASES: list[tuple[str, str, Any, str, int]] = [
     ("GET", "/v1/check?user=7&segment=nope", None, "/v1/check", 200),  # fallback: None
     ("GET", "/v1/check?user=1&segment=remote", None, "/v1/check", 200),  # fallback: aerospike
     ("GET", "/v1/check?user=x&segment=vip", None, "/v1/check", 400),
+    ("GET", "/v1/check?user=1&segment=vip&min_version=1&wait_ms=0", None, "/v1/check", 200),
+    ("GET", "/v1/check?user=1&segment=vip&min_version=9&wait_ms=10", None, "/v1/check", 200),
+    ("GET", "/v1/check?user=1&segment=remote&min_version=2&wait_ms=0", None, "/v1/check", 200),
+    ("GET", "/v1/check?user=1&segment=vip&min_version=1&wait_ms=1001", None, "/v1/check", 400),
+    ("GET", "/v1/check?user=1&segment=vip&wait_ms=5", None, "/v1/check", 400),
     (
         "POST",
         "/v1/check",

@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Iterable, Sequence
 from typing import Any, Literal, overload
 
 from ..expr.results import Count
+from ..ids import MAX_WAIT_MS
 from ..protocol import HEADER, ResponseError, decode_response
 from . import base
 from .base import (
@@ -153,13 +154,15 @@ class AsyncSidecarClient(BaseClient):
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
-    async def _exchange(self, requests: Sequence[Sequence[Any]]) -> list[list[Any]]:
+    async def _exchange(
+        self, requests: Sequence[Sequence[Any]], wait: float = 0.0
+    ) -> list[list[Any]]:
         for attempt in (0, 1):
             proto = await self._connection()
             payload, ids = self._frames(requests)
             try:
                 futs = proto.send(payload, ids)
-                async with asyncio.timeout(self.timeout):
+                async with asyncio.timeout(None if self.timeout is None else self.timeout + wait):
                     if len(futs) == 1:
                         return [await futs[0]]
                     return list(await asyncio.gather(*futs))
@@ -178,7 +181,7 @@ class AsyncSidecarClient(BaseClient):
 
     async def run(self, call: Call) -> Any:
         """One request as `base` encodes it, its result decoded."""
-        result = await self.call(call.op, *call.args)
+        result = value_of((await self._exchange([(call.op, *call.args)], call.wait))[0])
         return call.decode(result) if call.decode is not None else result
 
     async def ping(self) -> str:
@@ -186,6 +189,13 @@ class AsyncSidecarClient(BaseClient):
 
     async def check(self, user: int, segment: str) -> bool | None:
         return await self.call("check", user, segment)
+
+    async def check_at(
+        self, user: int, segment: str, min_version: int, wait_ms: int = MAX_WAIT_MS
+    ) -> bool | None:
+        """Read-your-publish (`base.check_at`): never an answer from state older than
+        `min_version`; None when that version has not landed within `wait_ms`."""
+        return await self.run(base.check_at(user, segment, min_version, wait_ms))
 
     async def check_many(self, user: int, segments: Sequence[str]) -> list[bool | None]:
         return await self.run(base.check_many(user, segments))

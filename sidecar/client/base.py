@@ -12,6 +12,7 @@ from typing import Any, NamedTuple
 from urllib.parse import urlencode
 
 from ..expr.results import Count
+from ..ids import MAX_WAIT_MS
 from ..packed import pack_batch, pack_users, unpack_answers
 from ..protocol import (
     BAD_REQUEST,
@@ -104,6 +105,9 @@ class Call(NamedTuple):
     op: str
     args: tuple[Any, ...]
     decode: Callable[[Any], Any] | None = None
+    #: seconds the server may hold the answer back on purpose (check_at's wait), added to
+    #: the client's timeout for this request
+    wait: float = 0.0
 
 
 def explain_result(result: Any) -> Any:
@@ -130,6 +134,14 @@ def packed_result(answers: Any, raw: bool = False) -> list[bool | None] | bytes:
 
 def _packed_raw(answers: Any) -> list[bool | None] | bytes:
     return packed_result(answers, True)
+
+
+def check_at(user: int, segment: str, min_version: int, wait_ms: int) -> Call:
+    """Read-your-publish: the answer from state at `min_version` or later (what publish()
+    returned), waiting up to `wait_ms` (0..1000) for it; None when it has not landed and the
+    fallback's stored version does not qualify. Arguments are checked by the server."""
+    wait = wait_ms / 1000 if type(wait_ms) is int and 0 < wait_ms <= MAX_WAIT_MS else 0.0
+    return Call("check_at", (user, segment, min_version, wait_ms), None, wait)
 
 
 def check_many(user: int, segments: Sequence[str]) -> Call:

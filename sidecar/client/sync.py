@@ -18,6 +18,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, Literal, overload
 
 from ..expr.results import Count
+from ..ids import MAX_WAIT_MS
 from ..protocol import HEADER, ResponseError, decode_response
 from . import base
 from .base import (
@@ -38,6 +39,13 @@ from .base import (
 _hunpack = HEADER.unpack_from
 #: A pipeline writes at most this many bytes of requests before reading their responses.
 PIPELINE_CHUNK = 128 * 1024
+
+
+def _set_timeouts(sock: socket.socket, timeout: float) -> None:
+    secs = int(timeout)
+    tv = struct.pack("ll", secs, int((timeout - secs) * 1e6))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
 
 
 class _Eof(Exception):
@@ -64,10 +72,7 @@ class SidecarClient(BaseClient):
     def _open(self) -> socket.socket:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         if self.timeout is not None and self.timeout > 0:
-            secs = int(self.timeout)
-            tv = struct.pack("ll", secs, int((self.timeout - secs) * 1e6))
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
+            _set_timeouts(sock, self.timeout)
         try:
             sock.connect(self.path)
         except OSError as exc:
@@ -179,8 +184,20 @@ class SidecarClient(BaseClient):
 
     def run(self, call: Call) -> Any:
         """One request as `base` encodes it, its result decoded."""
-        result = self.call(call.op, *call.args)
+        result = self._call_waiting(call) if call.wait else self.call(call.op, *call.args)
         return call.decode(result) if call.decode is not None else result
+
+    def _call_waiting(self, call: Call) -> Any:
+        """`call` with the receive timeout raised by the time the server may wait."""
+        sock = self._sock = self._sock or self._open()
+        if not self.timeout or self.timeout <= 0:
+            return self.call(call.op, *call.args)
+        _set_timeouts(sock, self.timeout + call.wait)
+        try:
+            return self.call(call.op, *call.args)
+        finally:
+            if self._sock is sock:
+                _set_timeouts(sock, self.timeout)
 
     # -- ops -----------------------------------------------------------------------------------
     def ping(self) -> str:
@@ -189,6 +206,13 @@ class SidecarClient(BaseClient):
     def check(self, user: int, segment: str) -> bool | None:
         """True / False, or None when neither the replica nor the fallback can answer."""
         return self.call("check", user, segment)
+
+    def check_at(
+        self, user: int, segment: str, min_version: int, wait_ms: int = MAX_WAIT_MS
+    ) -> bool | None:
+        """Read-your-publish (`base.check_at`): never an answer from state older than
+        `min_version`; None when that version has not landed within `wait_ms`."""
+        return self.run(base.check_at(user, segment, min_version, wait_ms))
 
     def check_many(self, user: int, segments: Sequence[str]) -> list[bool | None]:
         return self.run(base.check_many(user, segments))

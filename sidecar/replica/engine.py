@@ -89,6 +89,14 @@ class Engine:
         self.lock = threading.Lock()
         #: bumped after every change of what the engine holds: equal values mean equal state
         self.generation = 0
+        #: called with a segment's name after its state, version or health changed (the
+        #: replica wakes read-your-publish waiters from it); on the applying thread
+        self.on_change: Callable[[str], None] | None = None
+
+    def _changed(self, segment: str) -> None:
+        self.generation += 1
+        if self.on_change is not None:
+            self.on_change(segment)
 
     def reset(self) -> None:
         """Forget all state, keeping this object (servers hold a reference to it)."""
@@ -176,7 +184,7 @@ class Engine:
                 bitmap = _apply_in_one_step(current.bitmap, delta)
             self._swap_in(delta, bitmap)
         self.dropped.pop(delta.segment, None)
-        self.generation += 1
+        self._changed(delta.segment)
         self.counters.applied += 1
         info = self.log_info.setdefault(delta.segment, LogInfo())
         info.churn += len(delta.add) + len(delta.remove)
@@ -235,7 +243,7 @@ class Engine:
             self.segments[segment] = SegmentState(
                 state.bitmap, state.version, state.cardinality, state.updated_ms, health
             )
-            self.generation += 1
+            self._changed(segment)
         self.needs_resync.add(segment)
 
     # -- installing whole states (bootstrap, resync, checkpoint) --------------------------
@@ -245,7 +253,7 @@ class Engine:
         self.segments[segment] = state
         self.dropped.pop(segment, None)
         self._pending.pop(segment, None)
-        self.generation += 1
+        self._changed(segment)
         if chunks:
             self.log_info[segment] = LogInfo(state.version, chunks, 0)
         if from_offset:
@@ -257,7 +265,7 @@ class Engine:
         self.segments.pop(segment, None)
         self.dropped[segment] = version
         self._pending.pop(segment, None)
-        self.generation += 1
+        self._changed(segment)
         if chunks:
             self.log_info[segment] = LogInfo(version, chunks, 0)
         if from_offset:

@@ -10,13 +10,14 @@ import time
 from pathlib import Path
 
 from ..expr import compile_arg
-from ..ids import user_id
+from ..ids import MAX_WAIT_MS, segment_id, user_id, version_arg, wait_ms_arg
 from ..memory import release_free_memory
 from ..partitioner import partition_for
 from ..transport.base import LogReader, Transport, TransportError
 from . import checkpoint, recovery, view
 from .engine import Engine, segment_filter
-from .state import NOT_HELD, NOT_READY, Health, SegmentState, retry_changed
+from .state import BEHIND, NOT_HELD, NOT_READY, Health, SegmentState, retry_changed
+from .waiters import Waiters
 
 _FRESH = Health.FRESH
 _DROPPED = "dropped"
@@ -50,6 +51,9 @@ class Replica:
         self.partial = bool(segments)
         self.engine = Engine(self.holds)
         self._segments = self.engine.segments  # never replaced (reset() clears it in place)
+        #: read-your-publish waiters, woken by the engine when their segment changes
+        self.waiters = Waiters()
+        self.engine.on_change = self.waiters.notify
         #: True once caught up with the log (never goes back): the one readiness flag, a plain
         #: attribute so hot paths read it for the cost of an attribute load
         self.ready = False
@@ -94,6 +98,53 @@ class Replica:
         if state is not None and state.health is _FRESH and self.ready:
             return user in state.bitmap
         return None
+
+    # -- read-your-publish (DESIGN.md "Freshness") -----------------------------------------------
+    def at_version(self, segment: str, min_version: int) -> SegmentState | str:
+        """`local(segment)` when it answers at `min_version` or later; else why not: "behind"
+        (older state, or not answerable yet: waiting may help), or a reason waiting cannot
+        change ("not_held", or "dropped" at `min_version` or later)."""
+        st = self.local(segment)
+        if type(st) is SegmentState:
+            return st if st.version >= min_version else BEHIND
+        if st == NOT_HELD:
+            return st
+        if st == _DROPPED and self.engine.dropped.get(segment, 0) >= min_version:
+            return st
+        return BEHIND
+
+    async def wait_version(
+        self, segment: str, min_version: int, timeout: float
+    ) -> SegmentState | str:
+        """`at_version`, waiting up to `timeout` seconds for it to stop being "behind"; the
+        replica thread wakes the waiter when the segment changes (no polling)."""
+        found: list[SegmentState | str] = [BEHIND]
+
+        def settled() -> bool:
+            found[0] = self.at_version(segment, min_version)
+            return found[0] != BEHIND
+
+        await self.waiters.wait(segment, settled, timeout)
+        return found[0]
+
+    def check_at(
+        self, user: int, segment: str, min_version: int, wait_ms: int = MAX_WAIT_MS
+    ) -> bool | None:
+        """`contains` at `min_version` or later, blocking up to `wait_ms` (at most 1,000) for
+        that version to land; None when it has not (never an answer from older state)."""
+        user = user_id(user)
+        segment = segment_id(segment)
+        min_version = version_arg(min_version, "min_version")
+        wait_ms = wait_ms_arg(wait_ms)
+        found: list[SegmentState | str] = [BEHIND]
+
+        def settled() -> bool:
+            found[0] = self.at_version(segment, min_version)
+            return found[0] != BEHIND
+
+        self.waiters.wait_blocking(segment, settled, wait_ms / 1000)
+        st = found[0]
+        return user in st.bitmap if type(st) is SegmentState else None
 
     def state(self, segment: str) -> SegmentState | None:
         return self.engine.segments.get(segment)
@@ -151,6 +202,7 @@ class Replica:
         with self._ready_cond:
             self.ready = True
             self._ready_cond.notify_all()
+        self.waiters.notify_all()
 
     def stop(self, *, save: bool = True) -> None:
         self._stop.set()

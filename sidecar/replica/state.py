@@ -14,6 +14,8 @@ T = TypeVar("T")
 #: Why a segment is not answered locally, besides its Health value and "dropped"/"unknown"
 NOT_READY = "not_ready"
 NOT_HELD = "not_held"
+#: read-your-publish: this replica has not reached the version asked for (or cannot answer yet)
+BEHIND = "behind"
 
 
 class Health(enum.Enum):

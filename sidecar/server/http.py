@@ -22,7 +22,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from ..expr import compile_arg, id_chunks
 from ..expr.stream import as_lines
-from ..ids import BadRequest, user_id_from_text
+from ..ids import MAX_WAIT_MS, BadRequest, user_id_from_text
 from ..replica import NotLocal
 from .console import add_console
 from .metrics import OK_KEYS, Metrics
@@ -150,15 +150,31 @@ class Api:
         started = time.perf_counter()
         user = _user_text(_query(request, "user"))
         segment = self.queries.names.check(_query(request, "segment"))
-        doc, source = await settle(self.queries.explain(user, segment))
+        min_version = request.query.get("min_version")
+        if min_version is not None:
+            wait_ms = request.query.get("wait_ms")
+            (member, version), source = await settle(
+                self.queries.check_at(
+                    user,
+                    segment,
+                    _count_text(min_version, "min_version"),
+                    MAX_WAIT_MS if wait_ms is None else _count_text(wait_ms, "wait_ms"),
+                    versioned=True,
+                )
+            )
+        else:
+            if "wait_ms" in request.query:
+                raise BadRequest("wait_ms needs min_version")
+            doc, source = await settle(self.queries.explain(user, segment))
+            member, version = doc["member"], doc["version"]
         self._check.record(OK_KEYS[source], time.perf_counter() - started)
         return _json(
             {
                 "user": user,
                 "segment": segment,
-                "member": doc["member"],
+                "member": member,
                 "source": source,
-                "version": doc["version"],
+                "version": version,
             }
         )
 

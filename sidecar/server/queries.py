@@ -25,11 +25,19 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from ..fallback.base import Fallback, NoFallback
-from ..ids import MAX_USER, BadRequest, SegmentNames, segment_id, user_id
+from ..ids import (
+    MAX_USER,
+    BadRequest,
+    SegmentNames,
+    segment_id,
+    user_id,
+    version_arg,
+    wait_ms_arg,
+)
 from ..packed import UNKNOWN as UNKNOWN_BYTE
 from ..packed import unpack_request
 from ..protocol import VERSION
-from ..replica.state import SegmentState
+from ..replica.state import BEHIND, SegmentState
 from .expressions import ExpressionQueries
 from .results import AEROSPIKE, LOCAL, NONE, Deferred, Result
 
@@ -140,6 +148,51 @@ class Queries(ExpressionQueries):
         if m is None:
             return None, NONE
         return segment in m, AEROSPIKE
+
+    # -- check_at: read-your-publish (DESIGN.md "Freshness") ---------------------------------
+    def check_at(
+        self,
+        user: object,
+        segment: object,
+        min_version: object,
+        wait_ms: object,
+        *,
+        versioned: bool = False,
+    ) -> Result | Deferred:
+        """`check` answered from state at `min_version` or later: the local state once it
+        gets there (waiting at most `wait_ms` for the replica thread to wake it), else the
+        fallback when its stored version qualifies (`qualifies`), else unknown. The value is
+        the member, or with `versioned` (member, the answering version or None)."""
+        user = user_id(user)
+        segment = self.names.check(segment)
+        min_version = version_arg(min_version, "min_version")
+        wait_ms = wait_ms_arg(wait_ms)
+        st = self.replica.at_version(segment, min_version)
+        if type(st) is SegmentState:
+            return _at(user in st.bitmap, st.version, versioned), LOCAL
+        if st == BEHIND and wait_ms:
+            return self._check_at_waiting(user, segment, min_version, wait_ms, versioned)
+        if self._fb is None:
+            return _at(None, None, versioned), NONE
+        return self._check_at_fallback(user, segment, min_version, versioned)
+
+    async def _check_at_waiting(
+        self, user: int, segment: str, min_version: int, wait_ms: int, versioned: bool
+    ) -> Result:
+        st = await self.replica.wait_version(segment, min_version, wait_ms / 1000)
+        if type(st) is SegmentState:
+            return _at(user in st.bitmap, st.version, versioned), LOCAL
+        if self._fb is None:
+            return _at(None, None, versioned), NONE
+        return await self._check_at_fallback(user, segment, min_version, versioned)
+
+    async def _check_at_fallback(
+        self, user: int, segment: str, min_version: int, versioned: bool
+    ) -> Result:
+        version = qualifies(await self.ask(user), segment, min_version)
+        if version is None:
+            return _at(None, None, versioned), NONE
+        return _at(True, version, versioned), AEROSPIKE
 
     # -- check_many and batch -------------------------------------------------------------------
     def check_many(self, user: object, segments: object) -> Result | Deferred:
@@ -347,6 +400,25 @@ class Queries(ExpressionQueries):
         if self.metrics is not None:
             st["requests"] = self.metrics.request_counts()
         return st
+
+
+def _at(member: bool | None, version: int | None, versioned: bool) -> Any:
+    return (member, version) if versioned else member
+
+
+def qualifies(m: dict[str, Any] | None, segment: str, min_version: int) -> int | None:
+    """The fallback's stored version of `segment` in a user's map `m` when it answers at
+    `min_version` or later, else None. A map value is the version of the publish that last
+    wrote that membership, so only a membership written at `min_version` or later qualifies.
+    A non-member never does: its absence carries no version (the user may have been removed
+    by a publish before or after `min_version`), so a read-your-publish check answers it only
+    from a replica that has the version."""
+    if m is None:
+        return None
+    version = m.get(segment)
+    if type(version) is int and version >= min_version:
+        return version
+    return None
 
 
 def _batch_error(pairs: Any) -> BadRequest:

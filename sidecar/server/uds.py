@@ -334,6 +334,7 @@ class UdsServer:
         ops: dict[str, Handler] = {
             "ping": lambda req: ("pong", NO_SOURCE),
             "check": lambda req: queries.check(req[2], req[3]),
+            "check_at": lambda req: queries.check_at(req[2], req[3], req[4], req[5]),
             "check_many": lambda req: queries.check_many(req[2], req[3]),
             "batch": lambda req: queries.batch(req[2]),
             "batch_packed": lambda req: queries.batch_packed(req[2], req[3], req[4]),

@@ -114,7 +114,7 @@ def measure(sink: AerospikeSink, changes: list[Change], rounds: int) -> dict[str
     t0 = time.perf_counter()
     classes = group_users(changes)
     group_s = time.perf_counter() - t0
-    groups = [(sink.operations(sig)[0], list(members)) for sig, members in classes]
+    groups = [(sink.operations(sig)[0], [int(u) for u in members]) for sig, members in classes]
     records = sum(len(m) for _, m in groups)
     memberships = sum(len(c.add) for c in changes)
     runs: dict[str, list[float]] = {"sink": [], "client": []}
@@ -147,7 +147,7 @@ def measure(sink: AerospikeSink, changes: list[Change], rounds: int) -> dict[str
 
 
 def run(ctx: Context) -> dict[str, Any]:
-    n_seg, per_seg, universe = ctx.sizes.pick((20, 5_000, 65_000), (20, 50_000, 650_000))
+    n_seg, per_seg, universe = ctx.sizes.pick((20, 2_000, 26_000), (20, 50_000, 650_000))
     rounds = ctx.sizes.pick(3, 5)
     changes = make_changes(n_seg, per_seg, universe, seed=111)
     results: dict[str, Any] = {"segments": n_seg, "per_segment": per_seg, "rounds": rounds}

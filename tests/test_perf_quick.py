@@ -34,12 +34,13 @@ EXPECTED: dict[str, set[str]] = {
     "fanout": {"steps", "max_rps_p99_under_limit"},
     "propagation": {"latency", "publishes"},
     "publish": {"kafka", "logdir"},
+    "aerospike": {"test server", "rounds"},
     "bootstrap": {"cold_seconds", "warm_seconds", "checkpoint_bytes"},
     "eval": {"latency", "latency_many", "wrong_answers"},
     "count": {"latency", "counts", "wrong_answers"},
 }
 #: scenarios that judge DESIGN.md targets
-WITH_TARGETS = {"check", "batch", "embedded", "memory", "propagation", "bootstrap"}
+WITH_TARGETS = {"check", "batch", "embedded", "memory", "propagation", "bootstrap", "aerospike"}
 DOC_KEYS = {"scenario", "quick", "command", "machine", "results", "targets", "error", "seconds"}
 
 

@@ -18,7 +18,8 @@ wrote it, which the log no longer tells once compacted; anything newer was writt
 publish that never committed). A missing or invalid entry is written with the segment's
 current version. A record written without its key (an older publisher) is matched to its
 user by digest among the members with no keyed record, and rewritten with the key; one that
-matches nobody is deleted. Nothing is written to the log.
+matches nobody is deleted. A record without the map bin is not the mirror's and is left
+alone. Nothing is written to the log.
 """
 
 from __future__ import annotations
@@ -121,12 +122,14 @@ class _Comparison:
         if report.scanned % 10_000 == 0 and time.monotonic() - self._shown > 1.0:
             self._shown = time.monotonic()
             self._progress(f"reconcile: scanned {report.scanned:,} records")
+        if segs is None:
+            return  # a record without our bin is not the mirror's (the fallback reads no map)
         if user is None:
             report.keyless_records += 1
-            self.keyless[digest] = segs or {}
+            self.keyless[digest] = segs
             return
         self.keyed.add(user)
-        self.entries(user, segs or {}, keyed=True)
+        self.entries(user, segs, keyed=True)
 
     def entries(self, user: int, segs: dict[Any, Any], *, keyed: bool) -> None:
         report = self.report

@@ -293,7 +293,7 @@ def test_reconcile_repairs_a_truncated_set(
 def assert_current(server: ThreadedAerospikeServer, truth: Truth) -> None:
     """Every member has an entry no newer than its segment's version, nothing else is there,
     and every key is stored (a repaired entry carries the segment's current version)."""
-    records = server.records(SET)
+    records = {k: b for k, b in server.records(SET).items() if BIN in b}
     expected = {user_key(u): set(segs) for u, segs in truth.bins().items()}
     assert {k: set(b[BIN]) for k, b in records.items()} == expected
     for k, bins in records.items():
@@ -329,6 +329,7 @@ def test_reconcile_repairs_deleted_tampered_and_extra_records(
     aerospike_server.seed(SET, nobody + 1, {BIN: {}})
     sink.client.put(sink.target.key(u_keyless), {BIN: {"bogus": 1}})  # digest only, no key
     aerospike_server.seed(SET, users[24], {BIN: members[users[24]], "other": 7})
+    aerospike_server.seed(SET, nobody + 2, {"not_ours": 1})  # no map bin: left alone
 
     proc = reconcile_cli(log_dir, aerospike_server, "--dry-run")
     assert proc.returncode == 4, proc.stderr
@@ -341,7 +342,8 @@ def test_reconcile_repairs_deleted_tampered_and_extra_records(
     assert aerospike_server.record(SET, users[24])["other"] == 7  # other bins are left alone
     assert aerospike_server.record(SET, nobody) is None
     assert aerospike_server.record(SET, nobody + 1) is None
-    assert aerospike_server.records(SET).keys() == {user_key(u) for u in members}
+    assert aerospike_server.record(SET, nobody + 2) == {"not_ours": 1}
+    assert aerospike_server.records(SET).keys() == {user_key(u) for u in members} | {nobody + 2}
     assert reconcile_cli(log_dir, aerospike_server, "--dry-run").returncode == 0
 
 

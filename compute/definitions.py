@@ -35,7 +35,7 @@ from sidecar.ids import SEGMENT_RE  # the one segment-id rule, shared by every p
 
 PARAM_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _PLACEHOLDER = re.compile(r"\{\{|\}\}|\{([A-Za-z_][A-Za-z0-9_]*)\}")
-_SEGMENT_KEYS = frozenset({"name", "description", "sql", "params"})
+_SEGMENT_KEYS = frozenset({"name", "description", "sql", "params", "min_cardinality"})
 # [[stream]] tables are streaming rules, read by compute.rules (`seg-compute stream`).
 _TOP_KEYS = frozenset({"params", "segment", "stream"})
 EXAMPLE = Path(__file__).parent / "definitions" / "example.toml"
@@ -61,6 +61,8 @@ class Segment:
     sql: str
     template: str = field(repr=False)
     params: Mapping[str, ParamValue] = field(default_factory=dict, repr=False)
+    #: written into the manifest: the publisher refuses to shrink the segment below it
+    min_cardinality: int | None = None
 
 
 def param_text(value: object) -> str:
@@ -145,10 +147,14 @@ def parse(
         description = raw.get("description", "")
         if not isinstance(description, str):
             raise DefinitionError("description must be a string", name)
+        floor = raw.get("min_cardinality")
+        if floor is not None and (type(floor) is not int or floor < 0):
+            raise DefinitionError("min_cardinality must be a non-negative integer", name)
         own = _check_params(raw.get("params", {}), "[segment.params]", name)
         params = {**(base_params or {}), **shared, **own, **(overrides or {})}
         rendered = render(sql, params, name)
-        segments.append(Segment(name, render(description, params, name), rendered, sql, params))
+        text = render(description, params, name)
+        segments.append(Segment(name, text, rendered, sql, params, floor))
     _check_single_owner(doc, first_seen)
     return segments
 

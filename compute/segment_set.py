@@ -1,7 +1,8 @@
 """Writing the segment-set directory, compute's output and the publisher's input (DESIGN.md):
 
     DIR/manifest.json   {"format": 1, "computed_at": "<ISO 8601 UTC>",
-                         "segments": {"<segment>": {"file": "<file>", "cardinality": N}}}
+                         "segments": {"<segment>": {"file": "<file>", "cardinality": N,
+                                                    "min_cardinality": M (optional)}}}
     DIR/<file>          BitMap64.serialize() bytes of that segment's members
 
 File names are `<nnnn>-<segment id with ':' replaced by '_'>.roaring`: the index keeps names
@@ -42,9 +43,13 @@ def file_name(index: int, segment: str) -> str:
 
 
 def write_segment_set(
-    path: Path | str, bitmaps: Mapping[str, BitMap64], computed_at: dt.datetime
+    path: Path | str,
+    bitmaps: Mapping[str, BitMap64],
+    computed_at: dt.datetime,
+    min_cardinality: Mapping[str, int] | None = None,
 ) -> dict:
-    """Write `bitmaps` (segment id -> members) as a segment-set directory at `path`.
+    """Write `bitmaps` (segment id -> members) as a segment-set directory at `path`, with the
+    definitions' `min_cardinality` floors of some segments (the publisher's guard).
 
     An existing segment set at `path` is replaced atomically; any other non-empty directory
     is refused. Returns the manifest that was written.
@@ -59,6 +64,8 @@ def write_segment_set(
         for index, (name, bitmap) in enumerate(bitmaps.items()):
             file = file_name(index, name)
             write_file(tmp / file, bitmap.serialize())
-            manifest["segments"][name] = {"file": file, "cardinality": len(bitmap)}
+            entry = manifest["segments"][name] = {"file": file, "cardinality": len(bitmap)}
+            if min_cardinality and name in min_cardinality:
+                entry["min_cardinality"] = min_cardinality[name]
         write_file(tmp / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
     return manifest

@@ -175,6 +175,42 @@ def test_stream_default_lets_a_window_empty_a_segment(log: LogDirTransport) -> N
         assert p.publish({"w": BitMap64(range(8))}).versions == {"w": 2}
 
 
+@settings(max_examples=100, deadline=None)
+@given(
+    before=st.sets(st.integers(0, 60), max_size=40),
+    after=st.sets(st.integers(0, 60), max_size=40),
+    fraction=st.sampled_from([0.1, 0.5, 0.75, 1.0]),
+    floor=st.none() | st.integers(0, 50),
+    force=st.booleans(),
+)
+def test_guard_refuses_exactly_what_its_rules_say(
+    before: set[int], after: set[int], fraction: float, floor: int | None, force: bool
+) -> None:
+    from publisher.plan import diff
+    from sidecar.replica.engine import Engine
+    from sidecar.replica.state import SegmentState
+
+    engine = Engine()
+    engine.install("s", SegmentState(BitMap64(before), 1, len(before), 0))
+    plan = diff(engine, {"s": BitMap64(after)})
+    removed = len(before - after)
+    refused = (
+        not force
+        and before != after
+        and (
+            (bool(before) and removed / len(before) > fraction)
+            or (floor is not None and len(after) < min(floor, len(before)))
+        )
+    )
+    floors = {} if floor is None else {"s": floor}
+    guard = Guard(fraction, force=force)
+    if refused:
+        with pytest.raises(GuardError, match="segment s"):
+            guard.check(engine, plan, min_cardinality=floors)
+    else:
+        guard.check(engine, plan, min_cardinality=floors)
+
+
 # -- history and rollback ------------------------------------------------------------------------
 
 STATES = [
@@ -420,3 +456,41 @@ def test_pushgateway_gets_post_per_writer_and_no_success_on_failure(
     assert set(_samples(body1)) == set(METRICS)
     assert "seg_publish_last_success_timestamp_seconds" not in _samples(body2)
     assert _samples(body2)["seg_publish_last_exit_code"] == 2
+
+
+def test_definitions_min_cardinality_reaches_the_guard(
+    log: LogDirTransport, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """[[segment]] min_cardinality -> the manifest compute writes -> seg-publish refuses."""
+    import datetime as dt
+
+    from compute.definitions import DefinitionError, parse
+    from compute.segment_set import write_segment_set
+
+    text = """
+    [[segment]]
+    name = "vip"
+    sql = "SELECT user_id FROM users"
+    min_cardinality = 90
+
+    [[segment]]
+    name = "free"
+    sql = "SELECT user_id FROM users"
+    """
+    segments = parse(text, base_params={"as_of": "2026-12-01"})
+    floors = {s.name: s.min_cardinality for s in segments if s.min_cardinality is not None}
+    assert floors == {"vip": 90}
+    now = dt.datetime.now(dt.UTC)
+    args = ["--log-dir", str(log.path)]
+    full = {"vip": BitMap64(range(100)), "free": BitMap64(range(100))}
+    write_segment_set(tmp_path / "a", full, now, floors)
+    assert run_cli(capsys, "--input", str(tmp_path / "a"), *args)[0] == 0
+    shrunk = {"vip": BitMap64(range(80)), "free": BitMap64(range(80))}
+    write_segment_set(tmp_path / "b", shrunk, now, floors)
+    code, _, err = run_cli(capsys, "--input", str(tmp_path / "b"), *args)
+    assert code == 2
+    assert "segment vip: would shrink from 100 to 80 members, below its min_cardinality 90" in err
+    assert "segment free" not in err
+    with pytest.raises(DefinitionError, match="min_cardinality must be a non-negative integer"):
+        parse(text.replace("min_cardinality = 90", "min_cardinality = -1"),
+              base_params={"as_of": "2026-12-01"})  # fmt: skip

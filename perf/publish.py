@@ -5,7 +5,7 @@ written), then a large change (10% of each segment's members, drawn at random, r
 as many random ids of the segment's range added) published with `Publisher.publish`.
 Memberships per second are the adds plus removes of a publish over its wall time (recover
 the state by replaying the log, diff, write one transaction). The change is also broken
-down: recovering the state from the log (`recovery.bootstrap` into an `Engine`) and the diff
+down: recovering the state from the log (`sidecar.replica.RecoveredLog`) and the diff
 (`publisher.plan.diff`) timed on their own; the rest of the publish is encoding and writing
 the log. The first publish's segments are arithmetic progressions (compact in roaring), so
 its rate flatters; the change is the figure to read.
@@ -20,9 +20,8 @@ from typing import Any
 from pyroaring import BitMap64
 
 from publisher import Publisher
-from publisher.plan import diff
-from sidecar.replica.engine import Engine
-from sidecar.replica.recovery import bootstrap
+from publisher.plan import SnapshotPacing, diff
+from sidecar.replica import RecoveredLog
 
 from . import data
 from .report import table
@@ -55,16 +54,15 @@ def run(ctx: Context) -> dict[str, Any]:
         publisher = Publisher(transport, writer_id=f"perf-pub-{kind}", partitions=8)
         log(f"publish on {kind}: first publish of {results['memberships']:,} memberships")
         first = publisher.publish(segs0)
-        engine = Engine()
         t0 = time.perf_counter()
-        with transport.reader() as reader:
-            bootstrap(reader, engine)
-        recover_s = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        plan = diff(engine, segs1)
-        diff_s = time.perf_counter() - t0
+        pacing = SnapshotPacing()
+        with RecoveredLog(transport, observer=pacing) as state:
+            recover_s = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            plan = diff(state, segs1, pacing=pacing)
+            diff_s = time.perf_counter() - t0
         changes = plan.adds + plan.removes
-        del engine, plan
+        del state, plan
         log(f"publish on {kind}: change of {changes:,} memberships")
         second = publisher.publish(segs1)
         moved = second.adds + second.removes

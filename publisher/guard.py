@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from sidecar.cliutil import arg_type
-from sidecar.replica.engine import Engine
+from sidecar.replica import RecoveredLog
 
 from .plan import Plan
 
@@ -64,13 +64,13 @@ class Guard:
 
     def check(
         self,
-        engine: Engine,
+        log: RecoveredLog,
         plan: Plan,
         *,
         min_cardinality: Mapping[str, int] | None = None,
         explicit_drops: frozenset[str] | set[str] = frozenset(),
     ) -> None:
-        """Raise GuardError when any change of `plan` (against `engine`'s state) breaks a rule."""
+        """Raise GuardError when any change of `plan` (against the log's state) breaks a rule."""
         if self.force:
             return
         floors = min_cardinality or {}
@@ -78,7 +78,7 @@ class Guard:
         for change in plan.changes:
             if change.drop and change.segment in explicit_drops:
                 continue
-            current = engine.segments.get(change.segment)
+            current = log.segments.get(change.segment)
             if current is None or not current.fresh:
                 continue  # nothing trustworthy to lose (new, or restated whole)
             before = len(current.bitmap)

@@ -26,7 +26,6 @@ from sidecar.record import (
     UnknownRecord,
     decode,
 )
-from sidecar.replica.recovery import read_until
 from sidecar.transport.base import Topic, Transport
 
 
@@ -172,7 +171,7 @@ def read_history(transport: Transport, segment: str) -> History:
         }
         reader.assign({tp: low for tp, (low, _) in marks.items()})
         ends = {tp: end for tp, (_, end) in marks.items()}
-        for rec in read_until(reader, ends):
+        for rec in reader.read_until(ends):
             if rec.value is None:
                 continue
             try:

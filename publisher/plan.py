@@ -18,7 +18,7 @@ from sidecar.record import (
     snapshot_key,
     split_bitmaps,
 )
-from sidecar.replica.engine import Engine, LogInfo
+from sidecar.replica import RecoveredLog
 from sidecar.transport.base import Topic
 
 
@@ -37,6 +37,37 @@ class Change:
 
 
 @dataclass(slots=True)
+class SnapshotInfo:
+    """A segment's last snapshot in the log and the memberships changed by deltas since."""
+
+    snapshot_version: int = 0
+    snapshot_chunks: int = 0
+    churn: int = 0
+
+
+class SnapshotPacing:
+    """What snapshot pacing needs to know of the log, per segment: the `LogObserver` of the
+    publisher's `RecoveredLog`, told of its own snapshots by the publisher."""
+
+    def __init__(self) -> None:
+        self.info: dict[str, SnapshotInfo] = {}
+
+    def snapshot(self, segment: str, version: int, chunks: int) -> None:
+        self.info[segment] = SnapshotInfo(version, chunks, 0)
+
+    def delta(self, segment: str, changed: int) -> None:
+        info = self.info.get(segment)
+        if info is None:
+            info = self.info[segment] = SnapshotInfo()
+        info.churn += changed
+
+    def chunks(self, segment: str) -> int:
+        """How many chunks the segment's snapshot in the log has (0: none)."""
+        info = self.info.get(segment)
+        return info.snapshot_chunks if info is not None else 0
+
+
+@dataclass(slots=True)
 class SnapshotPolicy:
     """When to write a snapshot besides a segment's first publish."""
 
@@ -45,7 +76,7 @@ class SnapshotPolicy:
     #: the segment's size (replaying the deltas would cost more than reading a snapshot)
     churn_ratio: float = 1.0
 
-    def due(self, info: LogInfo | None, version: int, cardinality: int, churn: int) -> bool:
+    def due(self, info: SnapshotInfo | None, version: int, cardinality: int, churn: int) -> bool:
         if info is None or info.snapshot_version == 0:
             return True
         if version - info.snapshot_version >= self.every_versions:
@@ -67,19 +98,22 @@ class Plan:
 
 
 def diff(
-    engine: Engine,
+    log: RecoveredLog,
     desired: dict[str, BitMap64],
     *,
     drop: set[str] | frozenset[str] = frozenset(),
+    pacing: SnapshotPacing,
     policy: SnapshotPolicy | None = None,
 ) -> Plan:
-    """Changes that take the log from `engine`'s state to `desired` (and drop `drop`)."""
+    """Changes that take the log from its state to `desired` (and drop `drop`); `pacing`
+    (the log's snapshots so far) decides with `policy` which changes also write a snapshot."""
     policy = policy or SnapshotPolicy()
+    known = pacing.info
     plan = Plan()
     for name in sorted(desired):
         target = desired[name]
-        current = engine.segments.get(name)
-        base = engine.version_of(name)
+        current = log.segments.get(name)
+        base = log.version_of(name)
         if current is not None and current.fresh and current.bitmap == target:
             continue
         old = current.bitmap if current is not None and current.fresh else BitMap64()
@@ -90,14 +124,14 @@ def diff(
             remove = BitMap64()
         change = Change(name, base, base + 1, add, remove, len(target))
         unhealthy = current is not None and not current.fresh
-        info = engine.log_info.get(name)
+        info = known.get(name)
         if unhealthy or policy.due(info, base + 1, len(target), len(add) + len(remove)):
             change.snapshot = target
         plan.changes.append(change)
     for name in sorted(drop):
-        if name in engine.segments:
-            base = engine.version_of(name)
-            current = engine.segments[name].bitmap
+        if name in log.segments:
+            base = log.version_of(name)
+            current = log.segments[name].bitmap
             plan.changes.append(Change(name, base, base + 1, BitMap64(), current, 0, drop=True))
     return plan
 

@@ -13,13 +13,11 @@ from typing import Protocol
 from pyroaring import BitMap64
 
 from sidecar.record import Delta
-from sidecar.replica.engine import Engine
-from sidecar.replica.recovery import bootstrap, read_until
-from sidecar.replica.state import SegmentState
+from sidecar.replica import RecoveredLog, SegmentState
 from sidecar.transport.base import Transport
 
 from .guard import Guard
-from .plan import Change, SnapshotPolicy, diff, records
+from .plan import Change, SnapshotPacing, SnapshotPolicy, diff, records
 
 log = logging.getLogger(__name__)
 
@@ -79,41 +77,34 @@ class _Session:
         # The writer first: on Kafka, init_transactions fences an older publisher and aborts
         # its unfinished transaction, so the state read next cannot change under us.
         self.writer = t.writer(publisher.writer_id, publisher.partitions)
+        self.pacing = SnapshotPacing()
         try:
-            self.engine = Engine()
-            self.reader = t.reader()
-            bootstrap(
-                self.reader, self.engine, progress=lambda m: publisher.progress(f"recover: {m}")
+            self.log = RecoveredLog(
+                t, observer=self.pacing, progress=lambda m: publisher.progress(f"recover: {m}")
             )
         except BaseException:
             self.writer.close()
             raise
 
-    def catch_up(self) -> None:
-        ends = {("deltas", p): end for p, (_, end) in self.reader.watermarks_all("deltas").items()}
-        for rec in read_until(self.reader, ends):
-            self.engine.apply_record(rec)
-
-    def offsets(self) -> dict[int, int]:
-        return {p: self.reader.position("deltas", p) for p in range(self.reader.partitions)}
-
     def remember(self, change: Change, chunks: int, ts: int) -> None:
         """Apply our own committed change, so the next publish needs no re-read of it."""
         if change.drop:
-            self.engine.install_drop(change.segment, change.version, 1)
+            self.log.wrote_drop(change.segment, change.version)
+            self.pacing.snapshot(change.segment, change.version, 1)
         elif change.snapshot is not None:
             # a copy: the engine changes its bitmaps in place, and this one may be the caller's
             state = SegmentState(change.snapshot.copy(), change.version, change.cardinality, ts)
-            self.engine.install(change.segment, state, chunks)
+            self.log.wrote_state(change.segment, state)
+            self.pacing.snapshot(change.segment, change.version, chunks)
         else:
-            self.engine.apply_delta(
+            self.log.wrote_delta(
                 Delta(change.segment, change.base, change.version, change.add, change.remove,
                       change.cardinality, ts)
             )  # fmt: skip
 
     def close(self) -> None:
         try:
-            self.reader.close()
+            self.log.close()
         finally:
             self.writer.close()
 
@@ -182,7 +173,7 @@ class Publisher:
             if self._session is None:
                 self._session = _Session(self)
             else:
-                self._session.catch_up()
+                self._session.log.catch_up()
             result = self._publish(self._session, desired, prune, set(drop), min_cardinality or {})
         except BaseException:
             self.close()
@@ -200,18 +191,18 @@ class Publisher:
         drop: set[str],
         min_cardinality: Mapping[str, int],
     ) -> PublishResult:
-        engine, writer = session.engine, session.writer
-        offsets = session.offsets()
-        unhealthy = [s for s, st in list(engine.segments.items()) if not st.fresh]
+        state, writer = session.log, session.writer
+        offsets = state.offsets()
+        unhealthy = [s for s, st in list(state.segments.items()) if not st.fresh]
         if unhealthy:
             log.warning("log history damaged for %s: republishing whole", unhealthy)
         _fault("after-recover")
         explicit = frozenset(drop)
         if prune:
-            drop |= set(engine.segments) - set(desired)
-        plan = diff(engine, dict(desired), drop=drop, policy=self.policy)
+            drop |= set(state.segments) - set(desired)
+        plan = diff(state, dict(desired), drop=drop, policy=self.policy, pacing=session.pacing)
         if self.guard is not None:
-            self.guard.check(engine, plan, min_cardinality=min_cardinality, explicit_drops=explicit)
+            self.guard.check(state, plan, min_cardinality=min_cardinality, explicit_drops=explicit)
         result = PublishResult()
         if not plan.changes:
             return result
@@ -223,8 +214,7 @@ class Publisher:
         shown = time.monotonic()
         with writer.transaction():
             for i, change in enumerate(plan.changes):
-                info = engine.log_info.get(change.segment)
-                old_chunks = info.snapshot_chunks if info else 0
+                old_chunks = session.pacing.chunks(change.segment)
                 written = records(change, writer.partitions, ts, offsets, old_chunks)
                 for topic, p, key, value in written:
                     result.log_bytes += writer.append(topic, p, key, value)

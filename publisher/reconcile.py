@@ -31,8 +31,7 @@ from typing import Any
 
 from pyroaring import BitMap64
 
-from sidecar.replica.engine import Engine
-from sidecar.replica.recovery import bootstrap
+from sidecar.replica import RecoveredLog
 from sidecar.transport.base import Transport
 
 from .aerospike_sink import AerospikeSink, MapChange
@@ -96,9 +95,9 @@ def _valid_version(value: Any, current: int) -> bool:
 class _Comparison:
     """What one streamed scan finds, against the log's state."""
 
-    def __init__(self, engine: Engine, progress: Progress) -> None:
-        self.members = {name: state.bitmap for name, state in engine.segments.items()}
-        self.versions = {name: state.version for name, state in engine.segments.items()}
+    def __init__(self, log: RecoveredLog, progress: Progress) -> None:
+        self.members = {name: state.bitmap for name, state in log.segments.items()}
+        self.versions = {name: state.version for name, state in log.segments.items()}
         self.seen = {name: BitMap64() for name in self.members}  # a valid entry was found
         self.keyed = BitMap64()  # users with a record that has its key
         self.repairs: dict[str, _Repair] = {}
@@ -209,10 +208,8 @@ def reconcile(
 def _reconcile(
     transport: Transport, sink: AerospikeSink, dry_run: bool, say: Progress
 ) -> ReconcileReport:
-    engine = Engine()
-    with transport.reader() as reader:
-        bootstrap(reader, engine, progress=lambda m: say(f"recover: {m}"))
-    comparison = _Comparison(engine, say)
+    with RecoveredLog(transport, progress=lambda m: say(f"recover: {m}")) as log:
+        comparison = _Comparison(log, say)
     say(f"reconcile: scanning {sink.target.describe()}")
     sink.scan(comparison.record)
     repairs: list[MapChange] = list(comparison.finish(sink))

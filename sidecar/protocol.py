@@ -24,7 +24,6 @@ OK = 0
 BAD_REQUEST = 1
 UNKNOWN_OP = 2
 INTERNAL_ERROR = 3
-STATUSES = (OK, BAD_REQUEST, UNKNOWN_OP, INTERNAL_ERROR)
 
 #: Default limit for one frame body (requests and responses); clients refuse a larger request
 #: before sending it.
@@ -66,10 +65,9 @@ ARG_NAMES: dict[str, str] = {
 class FrameError(Exception):
     """A frame that has no usable request id: answered `[nil, 1, message]`."""
 
-    def __init__(self, message: str, *, close: bool = False) -> None:
+    def __init__(self, message: str) -> None:
         super().__init__(message)
         self.message = message
-        self.close = close
 
 
 class UnknownOp(Exception):

@@ -35,14 +35,6 @@ _U64 = 2**64 - 1
 _I64 = 2**63 - 1  # Kafka offsets are signed 64-bit
 
 
-def deltas_topic(prefix: str) -> str:
-    return f"{prefix}.deltas"
-
-
-def snapshots_topic(prefix: str) -> str:
-    return f"{prefix}.snapshots"
-
-
 class RecordError(ValueError):
     """A log value that cannot be applied. `reason` is a short stable token for metrics
     (`unknown_kind`, `not_msgpack`, `bad_segment`, ...)."""
@@ -333,30 +325,3 @@ def split_bitmaps(
         todo.append((mid, hi))
         todo.append((lo, mid))
     return done
-
-
-def split_ranges(
-    bitmaps: list[BitMap64], max_bytes: int = MAX_RECORD_BITMAP_BYTES
-) -> list[tuple[int, int]]:
-    """The ranges of `split_bitmaps`."""
-    return [(lo, hi) for lo, hi, _ in split_bitmaps(bitmaps, max_bytes)]
-
-
-_TOP = 2**64 - 1
-
-
-def slice_range(bitmap: BitMap64, lo: int, hi: int) -> BitMap64:
-    """The members of `bitmap` in [lo, hi), run-optimized."""
-    if lo == 0 and hi >= 2**64:
-        return bitmap
-    start = bitmap.rank(lo - 1) if lo > 0 else 0
-    stop = bitmap.rank(hi - 1) if hi < 2**64 else len(bitmap)
-    if stop <= start:
-        return BitMap64()
-    top = stop == len(bitmap) and _TOP in bitmap
-    # pyroaring overflows slicing through the id 2**64-1: take it off and put it back.
-    part = bitmap[start : stop - 1] if top else bitmap[start:stop]
-    if top:
-        part.add(_TOP)
-    part.run_optimize()
-    return part

@@ -7,8 +7,10 @@ import msgpack
 import pytest
 from pyroaring import BitMap64
 
+from publisher.plan import SnapshotInfo, SnapshotPacing
 from sidecar.record import Delta, Drop, SnapshotChunk, encode
 from sidecar.replica import Engine, Health, SegmentState, segment_filter
+from sidecar.replica.recovery import Snapshot, install
 from sidecar.transport.base import LogRecord
 
 
@@ -436,16 +438,19 @@ def test_engine_holds_only_filtered_segments() -> None:
     assert not engine.dropped
 
 
-# -- log info for the publisher -------------------------------------------------------------------
+# -- what a writer's observer hears (the publisher's snapshot pacing) ----------------------------
 
 
-def test_log_info_counts_churn_since_the_snapshot(engine: Engine, feed: Feed) -> None:
-    engine.install("s", SegmentState(BitMap64([1, 2]), 3, 2, 0), chunks=2)
-    assert engine.log_info["s"].snapshot_version == 3
-    assert engine.log_info["s"].snapshot_chunks == 2
+def test_the_observer_hears_snapshots_and_applied_deltas() -> None:
+    pacing = SnapshotPacing()
+    engine = Engine(observer=pacing)
+    feed = Feed(engine)
+    install(engine, Snapshot("s", 3, SegmentState(BitMap64([1, 2]), 3, 2, 0), 0, chunks=2))
+    assert pacing.info["s"] == SnapshotInfo(3, 2, 0)
+    assert pacing.chunks("s") == 2
     feed.delta("s", 3, 4, [5, 6], [1])
     feed.delta("s", 3, 4, [5, 6], [1])  # duplicate: no churn
-    assert engine.log_info["s"].churn == 3
-    engine.install_drop("s", 5, chunks=1)
-    assert engine.log_info["s"].snapshot_version == 5
+    assert pacing.info["s"].churn == 3
+    install(engine, Snapshot("s", 5, None, 0))  # a drop marker
+    assert pacing.info["s"] == SnapshotInfo(5, 1, 0)
     assert engine.version_of("s") == 5

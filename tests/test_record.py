@@ -29,9 +29,8 @@ from sidecar.record import (
     decode,
     delta_key,
     encode,
-    slice_range,
     snapshot_key,
-    split_ranges,
+    split_bitmaps,
 )
 
 MAX_ID = 2**64 - 1
@@ -506,28 +505,35 @@ def test_random_bitmap_bytes_are_corrupt_or_valid(raw: bytes) -> None:
     assert isinstance(record, Delta)
 
 
-# -- split_ranges / slice_range -------------------------------------------------------------------
+# -- split_bitmaps --------------------------------------------------------------------------------
+
+Pieces = list[tuple[int, int, list[BitMap64]]]
 
 
-def _check_partition(bitmaps_: list[BitMap64], ranges: list[tuple[int, int]]) -> None:
-    assert ranges[0][0] == 0
-    assert ranges[-1][1] == 2**64
-    for (lo, hi), (next_lo, _) in zip(ranges, ranges[1:], strict=False):
+def _check_partition(bitmaps_: list[BitMap64], pieces: Pieces) -> None:
+    """The ranges cover the id space in order; each bitmap's parts lie in their range and
+    together are exactly that bitmap."""
+    assert pieces[0][0] == 0
+    assert pieces[-1][1] == 2**64
+    for (lo, hi, _), (next_lo, _, _) in zip(pieces, pieces[1:], strict=False):
         assert lo < hi == next_lo
-    for bm in bitmaps_:
-        slices = [slice_range(bm, lo, hi) for lo, hi in ranges]
-        for sl, (lo, hi) in zip(slices, ranges, strict=True):
-            assert all(lo <= x < hi for x in sl)
-        assert sum(len(s) for s in slices) == len(bm)  # pairwise disjoint ...
-        assert BitMap64.union(BitMap64(), *slices) == bm  # ... and together exactly bm
+    for k, bm in enumerate(bitmaps_):
+        parts = [parts[k] for _, _, parts in pieces]
+        for part, (lo, hi, _) in zip(parts, pieces, strict=True):
+            assert all(lo <= x < hi for x in part)
+        assert sum(len(p) for p in parts) == len(bm)  # pairwise disjoint ...
+        assert BitMap64.union(BitMap64(), *parts) == bm  # ... and together exactly bm
 
 
-def test_split_ranges_one_range_when_it_fits() -> None:
-    assert split_ranges([]) == [(0, 2**64)]
-    assert split_ranges([BitMap64()]) == [(0, 2**64)]
-    assert split_ranges([BitMap64(range(1000)), BitMap64([MAX_ID])]) == [(0, 2**64)]
-    whole = BitMap64([1, 2, 3])
-    assert slice_range(whole, 0, 2**64) == whole
+def _sizes(pieces: Pieces) -> list[int]:
+    return [sum(len(p.serialize()) for p in parts) for _, _, parts in pieces]
+
+
+def test_split_one_range_when_it_fits() -> None:
+    assert [(lo, hi) for lo, hi, _ in split_bitmaps([])] == [(0, 2**64)]
+    assert [(lo, hi) for lo, hi, _ in split_bitmaps([BitMap64()])] == [(0, 2**64)]
+    two = [BitMap64(range(1000)), BitMap64([MAX_ID])]
+    assert split_bitmaps(two) == [(0, 2**64, two)]
 
 
 _below_top = st.one_of(
@@ -540,9 +546,8 @@ _below_top = st.one_of(
     st.lists(bitmaps(_below_top), min_size=1, max_size=3),
     st.integers(16, 2048),
 )
-def test_split_ranges_partition_the_bitmaps_exactly(bms: list[BitMap64], max_bytes: int) -> None:
-    ranges = split_ranges(bms, max_bytes)
-    _check_partition(bms, ranges)
+def test_split_partitions_the_bitmaps_exactly(bms: list[BitMap64], max_bytes: int) -> None:
+    _check_partition(bms, split_bitmaps(bms, max_bytes))
 
 
 @st.composite
@@ -560,67 +565,53 @@ def uniform_bitmaps(draw: st.DrawFn) -> list[BitMap64]:
 
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(uniform_bitmaps(), st.integers(512, 8192))
-def test_split_slices_stay_under_the_byte_limit(bms: list[BitMap64], max_bytes: int) -> None:
-    ranges = split_ranges(bms, max_bytes)
-    _check_partition(bms, ranges)
-    for lo, hi in ranges:
-        size = sum(len(slice_range(b, lo, hi).serialize()) for b in bms)
-        assert size <= max_bytes, (lo, hi, size)
+def test_split_parts_stay_under_the_byte_limit(bms: list[BitMap64], max_bytes: int) -> None:
+    pieces = split_bitmaps(bms, max_bytes)
+    _check_partition(bms, pieces)
+    assert max(_sizes(pieces)) <= max_bytes
     total = sum(len(b.serialize()) for b in bms)
     if total > max_bytes:
-        assert len(ranges) > 1
+        assert len(pieces) > 1
 
 
 def test_split_a_big_sparse_bitmap_at_the_real_limit() -> None:
-    rnd = random.Random(7)
-    bm = BitMap64(rnd.randrange(0, 2**64) for _ in range(60_000))  # ~1.5 MB serialized
-    ranges = split_ranges([bm])
-    assert len(ranges) > 1
-    _check_partition([bm], ranges)
     from sidecar.record import MAX_RECORD_BITMAP_BYTES
 
-    assert all(
-        len(slice_range(bm, lo, hi).serialize()) <= MAX_RECORD_BITMAP_BYTES for lo, hi in ranges
-    )
+    rnd = random.Random(7)
+    bm = BitMap64(rnd.randrange(0, 2**64) for _ in range(60_000))  # ~1.5 MB serialized
+    pieces = split_bitmaps([bm])
+    assert len(pieces) > 1
+    _check_partition([bm], pieces)
+    assert max(_sizes(pieces)) <= MAX_RECORD_BITMAP_BYTES
 
 
 def test_ids_near_the_top_below_the_last_one() -> None:
     bm = BitMap64(range(MAX_ID - 5000, MAX_ID))  # up to 2**64-2
     bm.update(range(1000))
-    ranges = split_ranges([bm], 64)
-    _check_partition([bm], ranges)
+    _check_partition([bm], split_bitmaps([bm], 64))
 
 
-def test_slice_range_of_small_bitmaps_holding_the_top_id() -> None:
+def test_small_bitmaps_holding_the_top_id() -> None:
     bm = BitMap64([0, 5, MAX_ID - 1, MAX_ID])
-    assert slice_range(bm, MAX_ID, 2**64) == BitMap64([MAX_ID])
-    assert slice_range(bm, 1, MAX_ID) == BitMap64([5, MAX_ID - 1])
-    assert slice_range(bm, 0, 5) == BitMap64([0])
-    _check_partition([bm], split_ranges([bm], 1))
+    pieces = split_bitmaps([bm], 1)
+    _check_partition([bm], pieces)
+    assert pieces[-1][2] == [BitMap64([MAX_ID])]
 
 
-def test_slice_range_ending_at_the_top_id() -> None:
-    bm = BitMap64(range(1000))
-    bm.add(MAX_ID)
-    assert slice_range(bm, MAX_ID, 2**64) == BitMap64([MAX_ID])
-
-
-def test_split_ranges_with_a_cluster_at_the_top_id() -> None:
+def test_split_with_a_cluster_at_the_top_id() -> None:
     bm = BitMap64(range(MAX_ID - 5000, MAX_ID))
     bm.add(MAX_ID)
     bm.update(range(0, 2**32, 2**24 + 1))
-    ranges = split_ranges([bm], 1024)
-    _check_partition([bm], ranges)
+    _check_partition([bm], split_bitmaps([bm], 1024))
 
 
-def test_split_ranges_bounds_slice_size_for_dense_plus_sparse() -> None:
+def test_split_bounds_part_size_for_dense_plus_sparse() -> None:
     from sidecar.record import MAX_RECORD_BITMAP_BYTES
 
     rnd = random.Random(0)
     bm = BitMap64(range(0, 20_000_000))  # a run: a few KB serialized
     bm.update(rnd.sample(range(2**40, 2**63), 200_000))  # sparse: ~4.4 MB serialized
-    ranges = split_ranges([bm])
-    sizes = [len(slice_range(bm, lo, hi).serialize()) for lo, hi in ranges]
+    sizes = _sizes(split_bitmaps([bm]))
     assert max(sizes) <= MAX_RECORD_BITMAP_BYTES, sizes
 
 

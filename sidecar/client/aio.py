@@ -11,7 +11,7 @@ from typing import Any, Literal, overload
 
 from ..expr.results import Count
 from ..ids import MAX_WAIT_MS
-from ..protocol import HEADER, ResponseError, decode_response
+from ..protocol import HEADER, HEADER_SIZE, ResponseError, decode_response
 from . import base
 from .base import (
     BaseClient,
@@ -69,13 +69,13 @@ class _ClientProtocol(asyncio.Protocol):
         buf += data
         pos = 0
         end = len(buf)
-        while end - pos >= 4:
+        while end - pos >= HEADER_SIZE:
             length = _hunpack(buf, pos)[0]
-            stop = pos + 4 + length
+            stop = pos + HEADER_SIZE + length
             if stop > end:
                 break
             try:
-                resp = decode_response(buf[pos + 4 : stop])
+                resp = decode_response(buf[pos + HEADER_SIZE : stop])
             except ResponseError as exc:
                 self._fail(ServerError(str(exc)))
                 return

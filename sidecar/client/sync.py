@@ -19,7 +19,7 @@ from typing import Any, Literal, overload
 
 from ..expr.results import Count
 from ..ids import MAX_WAIT_MS
-from ..protocol import HEADER, ResponseError, decode_response
+from ..protocol import HEADER, HEADER_SIZE, ResponseError, decode_response
 from . import base
 from .base import (
     BaseClient,
@@ -115,14 +115,14 @@ class SidecarClient(BaseClient):
 
     def _read(self, sock: socket.socket) -> list[Any]:
         """One response array."""
-        if self._end - self._start < 4:
+        if self._end - self._start < HEADER_SIZE:
             if self._start == self._end:
                 self._start = self._end = 0
-            self._fill(sock, 4)
+            self._fill(sock, HEADER_SIZE)
         length = _hunpack(self._buf, self._start)[0]
-        if self._end - self._start < 4 + length:
-            self._fill(sock, 4 + length)
-        body_start = self._start + 4
+        if self._end - self._start < HEADER_SIZE + length:
+            self._fill(sock, HEADER_SIZE + length)
+        body_start = self._start + HEADER_SIZE
         self._start = body_start + length
         try:
             resp = decode_response(self._view[body_start : self._start])

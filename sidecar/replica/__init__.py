@@ -1,7 +1,9 @@
-"""The replica: engine (version rules), recovery (bootstrap, resync), checkpoints, runner."""
+"""The replica: engine (version rules), recovery (bootstrap, resync), checkpoints, runner;
+and `RecoveredLog`, the log's state as a writer (the publisher) recovers and keeps it."""
 
 from ..expr import Audience, Count
-from .engine import Engine, segment_filter
+from .engine import Engine, LogObserver, segment_filter
+from .recovered import RecoveredLog
 from .runner import Replica
 from .state import Counters, Health, SegmentState
 from .view import NotLocal
@@ -12,7 +14,9 @@ __all__ = [
     "Counters",
     "Engine",
     "Health",
+    "LogObserver",
     "NotLocal",
+    "RecoveredLog",
     "Replica",
     "SegmentState",
     "segment_filter",

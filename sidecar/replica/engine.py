@@ -10,7 +10,7 @@ import fnmatch
 import logging
 import threading
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from typing import Protocol
 
 from pyroaring import BitMap64
 
@@ -61,21 +61,24 @@ class _PendingParts:
         self.first_offset = first_offset
 
 
-@dataclass(slots=True)
-class LogInfo:
-    """What the publisher needs to pace snapshots: the last snapshot of a segment and the
-    memberships changed by deltas since."""
+class LogObserver(Protocol):
+    """Told what recovery and the tail bring, for a writer that paces its snapshots by them
+    (the publisher); replicas have none."""
 
-    snapshot_version: int = 0
-    snapshot_chunks: int = 0
-    churn: int = 0
+    def snapshot(self, segment: str, version: int, chunks: int) -> None:
+        """A snapshot (or a drop marker, 1 chunk) of `segment` at `version` was installed."""
+
+    def delta(self, segment: str, changed: int) -> None:
+        """A delta changing `changed` memberships of `segment` was applied."""
 
 
 class Engine:
-    def __init__(self, holds: Callable[[str], bool] | None = None) -> None:
+    def __init__(
+        self, holds: Callable[[str], bool] | None = None, observer: LogObserver | None = None
+    ) -> None:
         self.segments: dict[str, SegmentState] = {}
         self.dropped: dict[str, int] = {}  # dropped segment -> version of the drop
-        self.log_info: dict[str, LogInfo] = {}
+        self.observer = observer
         # segment -> the deltas offset its installed snapshot covers: older records of that
         # segment (replayed because another segment's snapshot starts earlier) are skipped.
         self.replay_from: dict[str, int] = {}
@@ -103,7 +106,6 @@ class Engine:
         self.generation += 1
         self.segments.clear()
         self.dropped.clear()
-        self.log_info.clear()
         self.replay_from.clear()
         self.needs_resync.clear()
         self._pending.clear()
@@ -186,8 +188,8 @@ class Engine:
         self.dropped.pop(delta.segment, None)
         self._changed(delta.segment)
         self.counters.applied += 1
-        info = self.log_info.setdefault(delta.segment, LogInfo())
-        info.churn += len(delta.add) + len(delta.remove)
+        if self.observer is not None:
+            self.observer.delta(delta.segment, len(delta.add) + len(delta.remove))
 
     def _swap_in(self, delta: Delta, bitmap: BitMap64) -> None:
         health = Health.FRESH
@@ -247,27 +249,19 @@ class Engine:
         self.needs_resync.add(segment)
 
     # -- installing whole states (bootstrap, resync, checkpoint) --------------------------
-    def install(
-        self, segment: str, state: SegmentState, chunks: int = 0, from_offset: int = 0
-    ) -> None:
+    def install(self, segment: str, state: SegmentState, from_offset: int = 0) -> None:
         self.segments[segment] = state
         self.dropped.pop(segment, None)
         self._pending.pop(segment, None)
         self._changed(segment)
-        if chunks:
-            self.log_info[segment] = LogInfo(state.version, chunks, 0)
         if from_offset:
             self.replay_from[segment] = from_offset
 
-    def install_drop(
-        self, segment: str, version: int, chunks: int = 0, from_offset: int = 0
-    ) -> None:
+    def install_drop(self, segment: str, version: int, from_offset: int = 0) -> None:
         self.segments.pop(segment, None)
         self.dropped[segment] = version
         self._pending.pop(segment, None)
         self._changed(segment)
-        if chunks:
-            self.log_info[segment] = LogInfo(version, chunks, 0)
         if from_offset:
             self.replay_from[segment] = from_offset
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from pyroaring import BitMap64
@@ -19,7 +19,7 @@ from ..record import (
     UnknownRecord,
     decode,
 )
-from ..transport.base import LogReader, LogRecord, Topic, Transport, TransportError
+from ..transport.base import LogReader, LogRecord, Topic, Transport
 from .engine import Engine
 from .state import Counters, SegmentState
 
@@ -108,29 +108,11 @@ class SnapshotAssembler:
 def install(engine: Engine, snap: Snapshot) -> None:
     """Install a snapshot; the segment's deltas before its `delta_offset` are then skipped."""
     if snap.state is None:
-        engine.install_drop(snap.segment, snap.version, snap.chunks, snap.delta_offset)
+        engine.install_drop(snap.segment, snap.version, snap.delta_offset)
     else:
-        engine.install(snap.segment, snap.state, snap.chunks, snap.delta_offset)
-
-
-def read_until(
-    reader: LogReader,
-    ends: dict[tuple[Topic, int], int],
-    *,
-    stall_timeout: float = 120.0,
-) -> Iterator[LogRecord]:
-    """Yield records of the assigned partitions until each reached its end offset."""
-    last_progress = time.monotonic()
-    while True:
-        behind = [tp for tp, end in ends.items() if reader.position(*tp) < end]
-        if not behind:
-            return
-        records = reader.poll(0.2)
-        if records:
-            last_progress = time.monotonic()
-        elif time.monotonic() - last_progress > stall_timeout:
-            raise TransportError(f"no progress reading {behind} for {stall_timeout:.0f} s")
-        yield from records
+        engine.install(snap.segment, snap.state, snap.delta_offset)
+    if engine.observer is not None:
+        engine.observer.snapshot(snap.segment, snap.version, snap.chunks)
 
 
 def read_snapshots(
@@ -140,7 +122,7 @@ def read_snapshots(
     every = reader.watermarks_all("snapshots")
     marks = {("snapshots", p): every[p] for p in partitions}
     reader.assign({tp: low for tp, (low, _) in marks.items()})
-    for rec in read_until(reader, {tp: end for tp, (_, end) in marks.items()}):
+    for rec in reader.read_until({tp: end for tp, (_, end) in marks.items()}):
         asm.add(rec)
     return asm.complete
 
@@ -171,7 +153,7 @@ def bootstrap(reader: LogReader, engine: Engine, progress: Progress | None = Non
         starts[("deltas", p)] = max(low, min(offsets)) if offsets else low
         ends[("deltas", p)] = end
     reader.assign(starts)
-    for rec in read_until(reader, ends):
+    for rec in reader.read_until(ends):
         engine.apply_record(rec)
     say(
         f"bootstrap done: {len(engine.segments)} segments, {engine.memberships():,} memberships "
@@ -201,7 +183,7 @@ def resync(
             offsets = [s.delta_offset for s in snaps.values()]
             start = max(low, min(offsets)) if len(offsets) == len(wanted) else low
             reader.assign({("deltas", p): start})
-            for rec in read_until(reader, {("deltas", p): upto(p)}):
+            for rec in reader.read_until({("deltas", p): upto(p)}):
                 if rec.offset < upto(p):
                     scratch.apply_record(rec)
             for segment in wanted:

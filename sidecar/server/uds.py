@@ -24,6 +24,7 @@ from ..protocol import (
     BAD_REQUEST,
     DEFAULT_MAX_FRAME,
     HEADER,
+    HEADER_SIZE,
     INTERNAL_ERROR,
     OK,
     OPS,
@@ -125,11 +126,11 @@ class _Connection(asyncio.Protocol):
     # -- requests --------------------------------------------------------------------------------
     def data_received(self, data: bytes) -> None:
         buf = self.buf
-        if not buf and len(data) >= 4 and not self.closing:
+        if not buf and len(data) >= HEADER_SIZE and not self.closing:
             # The common case: exactly one whole frame (a client waiting for its answer).
             length = _unpack_header(data, 0)[0]
-            if length + 4 == len(data) and length <= self.max_frame:
-                result = self._handle(data[4:])
+            if length + HEADER_SIZE == len(data) and length <= self.max_frame:
+                result = self._handle(data[HEADER_SIZE:])
                 if type(result) is bytes:
                     if self.pending:
                         self.pending.append(_Slot(result))
@@ -155,7 +156,7 @@ class _Connection(asyncio.Protocol):
         server = self.server
         limit = self.max_frame
         handle = self._handle
-        while end - pos >= 4:
+        while end - pos >= HEADER_SIZE:
             length = _unpack_header(view, pos)[0]
             if length > limit:
                 server.metrics.error("uds", "frame_too_large")
@@ -169,10 +170,10 @@ class _Connection(asyncio.Protocol):
                 self._close_after_pending()
                 buf.clear()
                 return
-            stop = pos + 4 + length
+            stop = pos + HEADER_SIZE + length
             if stop > end:
                 break
-            result = handle(view[pos + 4 : stop])
+            result = handle(view[pos + HEADER_SIZE : stop])
             pos = stop
             if type(result) is bytes:
                 if pending:

@@ -9,6 +9,7 @@ directory implement it (`kafka.py`, `logdir.py`).
 from __future__ import annotations
 
 import abc
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -111,6 +112,23 @@ class LogReader(abc.ABC):
 
     @abc.abstractmethod
     def close(self) -> None: ...
+
+    def read_until(
+        self, ends: dict[tuple[Topic, int], int], *, stall_timeout: float = 120.0
+    ) -> Iterator[LogRecord]:
+        """Records of the assigned partitions until each reached its end offset in `ends`;
+        TransportError when none comes for `stall_timeout` seconds."""
+        last_progress = time.monotonic()
+        while True:
+            behind = [tp for tp, end in ends.items() if self.position(*tp) < end]
+            if not behind:
+                return
+            records = self.poll(0.2)
+            if records:
+                last_progress = time.monotonic()
+            elif time.monotonic() - last_progress > stall_timeout:
+                raise TransportError(f"no progress reading {behind} for {stall_timeout:.0f} s")
+            yield from records
 
     def __enter__(self) -> LogReader:
         return self

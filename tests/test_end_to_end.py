@@ -198,7 +198,17 @@ def test_publish_serve_change_and_restart(
             write_segment_set(
                 second, {s: BitMap64(m) for s, m in new.items()}, dt.datetime.now(dt.UTC)
             )
-            out = _run("seg-publish", "--input", str(second), *log_args)
+            # it removes over half of a small segment: the guard refuses that without --force
+            # (exit 2, writing nothing)
+            assert len(dropped_users) > len(truth[changed]) / 2
+            refused = subprocess.run(
+                [str(BIN / "seg-publish"), "--input", str(second), *log_args],
+                capture_output=True, text=True, timeout=600,
+            )  # fmt: skip
+            assert refused.returncode == 2, refused.stderr
+            assert f"segment {changed}" in refused.stderr
+            assert client.explain(1, changed).version == 1
+            out = _run("seg-publish", "--input", str(second), *log_args, "--force")
             assert "segments changed 1" in out
             wait_version(client, changed, 2)
             assert answers(client, probe, segments) == new

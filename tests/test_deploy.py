@@ -387,3 +387,35 @@ def test_spark_submit_client_mode_runs_the_batch_and_publishes(tmp_path: Path) -
     finally:
         replica.stop(save=False)
     assert held == computed
+
+
+def test_spark_submit_cluster_mode_command(tmp_path: Path) -> None:
+    """Cluster mode needs a Kubernetes API: check the command it hands spark-submit instead."""
+    import os
+
+    jars = tmp_path / "jars"
+    jars.mkdir()
+    for name in ("spark-sql-kafka-0-10_2.13-4.2.0.jar", "hadoop-aws-3.5.0.jar"):
+        (jars / name).write_bytes(b"")
+    env = {**os.environ, "SPARK_SUBMIT": "echo", "SEG_SPARK_JARS_DIR": str(jars),
+           "SEG_IMAGE": "img:1", "SEG_K8S_NAMESPACE": "ns"}  # fmt: skip
+    proc = subprocess.run(
+        [str(ROOT / "deploy/spark/submit.sh"), "cluster", "k8s://https://api:443",
+         "--conf", "spark.executor.instances=2", "--", "--lake", "s3a://l", "--out", "/tmp/o"],
+        capture_output=True, text=True, env=env, timeout=60, check=True,
+    )  # fmt: skip
+    argv = proc.stdout.split()
+    assert argv[argv.index("--master") + 1] == "k8s://https://api:443"
+    assert argv[argv.index("--deploy-mode") + 1] == "cluster"
+    assert argv[argv.index("--jars") + 1] == (
+        "local:///opt/spark-jars/hadoop-aws-3.5.0.jar,"
+        "local:///opt/spark-jars/spark-sql-kafka-0-10_2.13-4.2.0.jar"
+    )
+    assert "spark.kubernetes.container.image=img:1" in argv
+    assert "spark.kubernetes.namespace=ns" in argv
+    driver = argv.index("local:///app/deploy/spark/batch_driver.py")
+    assert argv[driver + 1 :] == ["--lake", "s3a://l", "--out", "/tmp/o"]
+    assert "spark.executor.instances=2" in argv[:driver]
+    bad = subprocess.run([str(ROOT / "deploy/spark/submit.sh"), "sideways", "x"],
+                         capture_output=True, text=True, env=env, timeout=60)  # fmt: skip
+    assert bad.returncode == 2 and "usage" in bad.stderr

@@ -3,8 +3,9 @@ HTTP, falling back to Aerospike for what the replica cannot answer.
 
 Every option can also come from the environment as SEG_<OPTION> (e.g. SEG_LOG_DIR,
 SEG_HTTP). Defaults: --uds /tmp/seg-sidecar/sidecar.sock and --http 127.0.0.1:8571; an empty
-value (`--uds ''`, `--http ''`) turns that server off. The HTTP server also serves the
-operators' page at /ui unless --no-ui. SIGTERM or SIGINT shuts down
+value (`--uds ''`, `--http ''`) turns that server off. The replica is also published for
+readers on the host (`--shm`, docs/SHARED_REPLICA.md) beside the socket unless `--shm ''`.
+The HTTP server also serves the operators' page at /ui unless --no-ui. SIGTERM or SIGINT shuts down
 gracefully: stop accepting, finish in-flight requests, write a checkpoint (with
 --state-dir), exit 0. Logs are JSON lines on stderr.
 """
@@ -110,6 +111,15 @@ def build_parser() -> Parser:
         help="socket file mode (default 0660)",
     )
     srv.add_argument(
+        "--shm",
+        metavar="DIR",
+        help=(
+            "publish the replica for readers on this host (sidecar.client.SharedReplica) in DIR "
+            "('' turns it off; default: beside the socket, <socket path minus suffix>.shm; "
+            "a tmpfs such as /dev/shm keeps it off the disk)"
+        ),
+    )
+    srv.add_argument(
         "--max-frame",
         type=positive_int,
         default=DEFAULT_MAX_FRAME,
@@ -183,7 +193,27 @@ def make_fallback(args: argparse.Namespace) -> Fallback | None:
     return fallback
 
 
-async def _run(args: argparse.Namespace, replica: Any, fallback: Fallback | None) -> str | None:
+def start_shm(args: argparse.Namespace, replica: Any) -> Any:
+    """The shared replica's writer, started, or None when it is off. Asked for with --shm
+    DIR, a failure is the command's; by default (beside the socket) it is a warning."""
+    if args.shm == "" or (args.shm is None and not args.uds):
+        return None
+    from .shm import ShmUnavailable
+    from .shm.writer import ShmWriter, default_dir
+
+    directory = args.shm if args.shm is not None else default_dir(args.uds)
+    try:
+        return ShmWriter(replica, directory, mode=args.socket_mode).start()
+    except ShmUnavailable as exc:
+        if args.shm is not None:
+            raise CommandError(str(exc), FAILURE) from None
+        log.warning("no shared replica: %s", exc)
+        return None
+
+
+async def _run(
+    args: argparse.Namespace, replica: Any, fallback: Fallback | None, shm: Any = None
+) -> str | None:
     """Serve until a signal; returns None on a clean shutdown, else the reason it failed."""
     http = args.http
     stop = asyncio.Event()
@@ -214,6 +244,7 @@ async def _run(args: argparse.Namespace, replica: Any, fallback: Fallback | None
             max_body=args.max_body,
             ui=not args.no_ui,
             http_timeouts=HttpTimeouts(args.http_idle_timeout, args.http_body_timeout),
+            shm_info=shm.info() if shm is not None else None,
         )
     except (SocketPathError, OSError) as exc:
         log.error("cannot start the servers: %s", exc)
@@ -255,10 +286,15 @@ def main(argv: list[str] | None = None) -> int:
         fallback.name if fallback else "none",
     )
     replica.start()
+    shm = None
     try:
+        with exits_on_error(parser.prog):
+            shm = start_shm(args, replica)
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-            failure = runner.run(_run(args, replica, fallback))
+            failure = runner.run(_run(args, replica, fallback, shm))
     finally:
+        if shm is not None:
+            shm.stop()
         replica.stop(save=True)
         log.info("replica stopped%s", " (checkpoint written)" if args.state_dir else "")
     if failure is not None:

@@ -45,6 +45,7 @@ OPS: dict[str, int] = {
     "eval": 2,
     "eval_many": 2,
     "count": 1,
+    "shm_info": 0,
 }
 ARG_NAMES: dict[str, str] = {
     "ping": "no arguments",
@@ -59,6 +60,7 @@ ARG_NAMES: dict[str, str] = {
     "eval": "2 arguments (user, expr)",
     "eval_many": "2 arguments (users as bin uint64, expr)",
     "count": "1 argument (expr)",
+    "shm_info": "no arguments",
 }
 
 

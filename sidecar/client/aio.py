@@ -261,6 +261,10 @@ class AsyncSidecarClient(BaseClient):
     async def status(self) -> dict[str, Any]:
         return await self.call("status")
 
+    async def shm_info(self) -> dict[str, Any] | None:
+        """Where the shared replica is published (docs/SHARED_REPLICA.md)."""
+        return await self.run(base.shm_info())
+
     async def pipeline(self, requests: Iterable[Sequence[Any]]) -> list[Any]:
         """Many requests `(op, *args)` in one write; typed results or the SidecarError of
         each failed request, in order."""

@@ -185,10 +185,23 @@ def count(expr: str) -> Call:
     return Call("count", (expr,), count_result)
 
 
+def shm_info_result(result: Any) -> dict[str, Any] | None:
+    """Where the sidecar publishes its shared replica (`{layout, dir, index, instance}`), or
+    None when it does not (docs/SHARED_REPLICA.md)."""
+    if result is None or (isinstance(result, dict) and "index" in result):
+        return result
+    raise ServerError(f"malformed shm_info result: {result!r}"[:200])
+
+
+def shm_info() -> Call:
+    return Call("shm_info", (), shm_info_result)
+
+
 #: How a pipeline types the result of each op given as `(op, *args)`.
 PIPELINE_DECODERS: dict[str, Callable[[Any], Any]] = {
     "explain": explain_result,
     "count": count_result,
+    "shm_info": shm_info_result,
 }
 
 

@@ -252,6 +252,10 @@ class SidecarClient(BaseClient):
     def status(self) -> dict[str, Any]:
         return self.call("status")
 
+    def shm_info(self) -> dict[str, Any] | None:
+        """Where the shared replica is published (sidecar.client.SharedReplica uses it)."""
+        return self.run(base.shm_info())
+
     # -- segment expressions ---------------------------------------------------------------------
     def eval(self, user: int, expr: str) -> bool | None:
         """`expr` (say "vip & !churned") for `user`: True / False / None (unknown)."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ..fallback.base import Fallback
 from ..protocol import DEFAULT_MAX_FRAME
@@ -41,6 +41,7 @@ class Sidecar:
         process_metrics: bool = True,
         ui: bool = True,
         http_timeouts: HttpTimeouts = DEFAULT_TIMEOUTS,
+        shm_info: dict[str, Any] | None = None,
     ) -> None:
         self.replica = replica
         self.metrics = Metrics(replica, process=process_metrics)
@@ -57,7 +58,12 @@ class Sidecar:
         self.http: HttpServer | None = None
         if uds_path:
             self.uds = UdsServer(
-                self.queries, uds_path, metrics=self.metrics, mode=socket_mode, max_frame=max_frame
+                self.queries,
+                uds_path,
+                metrics=self.metrics,
+                mode=socket_mode,
+                max_frame=max_frame,
+                shm_info=shm_info,
             )
         if http_host is not None and http_port is not None:
             self.http = HttpServer(
@@ -110,6 +116,7 @@ async def serve(
     grace: float = 5.0,
     ui: bool = True,
     http_timeouts: HttpTimeouts = DEFAULT_TIMEOUTS,
+    shm_info: dict[str, Any] | None = None,
 ) -> None:
     """Run both servers until `stop` is set (forever when None), then shut down gracefully.
     Run it on a uvloop loop (`uvloop.run(serve(...))`); the replica runs on its own thread."""
@@ -125,6 +132,7 @@ async def serve(
         grace=grace,
         ui=ui,
         http_timeouts=http_timeouts,
+        shm_info=shm_info,
     )
     await sidecar.start()
     if started is not None:

@@ -321,8 +321,11 @@ class UdsServer:
         mode: int = DEFAULT_SOCKET_MODE,
         max_frame: int = DEFAULT_MAX_FRAME,
         backlog: int = 1024,
+        shm_info: dict[str, Any] | None = None,
     ) -> None:
         self.queries = queries
+        #: where the shared replica is published (`shm_info`), None when it is not
+        self.shm_info = shm_info
         self.path = Path(path)
         self.metrics = metrics if metrics is not None else Metrics(process=False)
         self.mode = mode
@@ -345,6 +348,7 @@ class UdsServer:
             "eval": lambda req: queries.eval(req[2], req[3]),
             "eval_many": lambda req: queries.eval_many(req[2], req[3]),
             "count": lambda req: queries.count(req[2]),
+            "shm_info": lambda req: (self.shm_info, NO_SOURCE),
         }
         # op -> (request length, handler, pre-bound stats)
         self.handlers: dict[str, tuple[int, Handler, OpStats]] = {

@@ -1,0 +1,587 @@
+/* The shared replica's native part (docs/SHARED_REPLICA.md has the layout).
+ *
+ * - encode(ids, version): a segment file's bytes from the sorted uint64 ids (array('Q')).
+ * - Segment(path): a segment file mapped read-only (no descriptor kept), searchable in place.
+ * - Reader: the reader's hot path. `contains(user, segment)` is one C call: an acquire load
+ *   of the index's sequence number and the writer's heartbeat (CLOCK_MONOTONIC_COARSE, read
+ *   from the vDSO: no system call), a dict lookup and a binary search. Anything unusual
+ *   (the index moved on, the writer is silent, a segment not published, a bad argument) is
+ *   handed to Python callables, so the rules stay in Python.
+ *
+ * The segment file format is owned here; the index file's offsets come from
+ * sidecar/shm/layout.py (passed to Reader), which owns the index format.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <stdint.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+#define SEG_MAGIC "SEGSHMS1"
+#define SEG_HEADER 64
+#define KIND_SORTED 1
+#define KIND_CONTAINERS 2
+#define ARRAY_MAX 4096
+#define BITSET_BYTES 8192
+
+/* -- the segment file format ------------------------------------------------------------- */
+
+static inline uint64_t rd64(const uint8_t *p) { uint64_t v; memcpy(&v, p, 8); return v; }
+static inline void wr64(uint8_t *p, uint64_t v) { memcpy(p, &v, 8); }
+static inline void wr32(uint8_t *p, uint32_t v) { memcpy(p, &v, 4); }
+
+static size_t align8(size_t n) { return (n + 7) & ~(size_t)7; }
+
+/* sizes of the containers form for sorted ids: number of containers, total bytes */
+static void containers_size(const uint64_t *ids, size_t n, size_t *k_out, size_t *bytes_out) {
+    size_t k = 0, payload = 0, i = 0;
+    while (i < n) {
+        uint64_t key = ids[i] >> 16;
+        size_t j = i;
+        while (j < n && (ids[j] >> 16) == key) j++;
+        size_t card = j - i;
+        payload += card > ARRAY_MAX ? BITSET_BYTES : align8(card * 2);
+        k++;
+        i = j;
+    }
+    *k_out = k;
+    *bytes_out = SEG_HEADER + k * 8 + k * 8 + align8(k * 4) + payload;
+}
+
+static PyObject *encode(PyObject *self, PyObject *args) {
+    Py_buffer in;
+    unsigned long long version;
+    if (!PyArg_ParseTuple(args, "y*K", &in, &version)) return NULL;
+    if (in.len % 8) {
+        PyBuffer_Release(&in);
+        PyErr_SetString(PyExc_ValueError, "ids must be a buffer of uint64");
+        return NULL;
+    }
+    const uint64_t *ids = (const uint64_t *)in.buf;
+    size_t n = (size_t)in.len / 8;
+    for (size_t i = 1; i < n; i++) {
+        if (ids[i - 1] >= ids[i]) {
+            PyBuffer_Release(&in);
+            PyErr_SetString(PyExc_ValueError, "ids must be strictly ascending");
+            return NULL;
+        }
+    }
+    size_t k, cbytes;
+    containers_size(ids, n, &k, &cbytes);
+    size_t sbytes = SEG_HEADER + n * 8;
+    int kind = cbytes <= sbytes ? KIND_CONTAINERS : KIND_SORTED;
+    size_t total = kind == KIND_CONTAINERS ? cbytes : sbytes;
+    PyObject *out = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)total);
+    if (out == NULL) { PyBuffer_Release(&in); return NULL; }
+    uint8_t *b = (uint8_t *)PyBytes_AS_STRING(out);
+    memset(b, 0, total);
+    memcpy(b, SEG_MAGIC, 8);
+    wr32(b + 8, (uint32_t)kind);
+    wr64(b + 16, n);
+    wr64(b + 24, version);
+    wr64(b + 32, kind == KIND_CONTAINERS ? k : n);
+    if (kind == KIND_SORTED) {
+        memcpy(b + SEG_HEADER, ids, n * 8);
+    } else {
+        uint8_t *keys = b + SEG_HEADER, *offs = keys + k * 8, *cards = offs + k * 8;
+        size_t pos = SEG_HEADER + k * 16 + align8(k * 4), i = 0, c = 0;
+        while (i < n) {
+            uint64_t key = ids[i] >> 16;
+            size_t j = i;
+            while (j < n && (ids[j] >> 16) == key) j++;
+            size_t card = j - i;
+            wr64(keys + c * 8, key);
+            wr64(offs + c * 8, pos);
+            wr32(cards + c * 4, (uint32_t)card);
+            if (card > ARRAY_MAX) {
+                for (size_t t = i; t < j; t++) {
+                    uint32_t low = (uint32_t)(ids[t] & 0xFFFF);
+                    b[pos + (low >> 3)] |= (uint8_t)(1u << (low & 7));
+                }
+                pos += BITSET_BYTES;
+            } else {
+                for (size_t t = i; t < j; t++) {
+                    uint16_t low = (uint16_t)(ids[t] & 0xFFFF);
+                    memcpy(b + pos + (t - i) * 2, &low, 2);
+                }
+                pos += align8(card * 2);
+            }
+            c++;
+            i = j;
+        }
+    }
+    PyBuffer_Release(&in);
+    return out;
+}
+
+/* -- a mapped segment ------------------------------------------------------------------------- */
+
+typedef struct {
+    PyObject_HEAD
+    uint8_t *base;
+    size_t size;
+    uint32_t kind;
+    uint64_t n, k, version;
+    const uint64_t *keys;
+    const uint64_t *offs;
+    const uint32_t *cards;
+} Segment;
+
+static PyTypeObject SegmentType;
+
+/* the index of the first key >= x in keys[0..n) */
+static inline size_t lower_bound64(const uint64_t *keys, size_t n, uint64_t x) {
+    const uint64_t *base = keys;
+    while (n > 1) {
+        size_t half = n / 2;
+        base = base[half - 1] < x ? base + half : base;
+        n -= half;
+    }
+    return (size_t)(base - keys) + (n == 1 && *base < x);
+}
+
+static inline int segment_has(const Segment *s, uint64_t x) {
+    if (s->kind == KIND_SORTED) {
+        size_t i = lower_bound64(s->keys, s->n, x);
+        return i < s->n && s->keys[i] == x;
+    }
+    uint64_t key = x >> 16;
+    size_t i = lower_bound64(s->keys, s->k, key);
+    if (i >= s->k || s->keys[i] != key) return 0;
+    const uint8_t *c = s->base + s->offs[i];
+    uint32_t card = s->cards[i];
+    uint16_t low = (uint16_t)(x & 0xFFFF);
+    if (card > ARRAY_MAX) return (c[low >> 3] >> (low & 7)) & 1;
+    const uint16_t *a = (const uint16_t *)c;
+    size_t lo = 0, hi = card;
+    while (lo < hi) {
+        size_t mid = (lo + hi) / 2;
+        if (a[mid] < low) lo = mid + 1; else hi = mid;
+    }
+    return lo < card && a[lo] == low;
+}
+
+/* 0 when the mapped bytes are a well-formed segment file, else sets ValueError */
+static int segment_validate(Segment *s) {
+    const uint8_t *b = s->base;
+    if (s->size < SEG_HEADER || memcmp(b, SEG_MAGIC, 8) != 0) {
+        PyErr_SetString(PyExc_ValueError, "not a segment file (magic)");
+        return -1;
+    }
+    memcpy(&s->kind, b + 8, 4);
+    s->n = rd64(b + 16);
+    s->version = rd64(b + 24);
+    s->k = rd64(b + 32);
+    size_t room = s->size - SEG_HEADER;
+    if (s->kind == KIND_SORTED) {
+        if (s->k != s->n || s->n > room / 8) goto bad;
+        s->keys = (const uint64_t *)(b + SEG_HEADER);
+        return 0;
+    }
+    if (s->kind != KIND_CONTAINERS || s->k > room / 20) goto bad;
+    s->keys = (const uint64_t *)(b + SEG_HEADER);
+    s->offs = s->keys + s->k;
+    s->cards = (const uint32_t *)(s->offs + s->k);
+    uint64_t total = 0;
+    for (uint64_t i = 0; i < s->k; i++) {
+        uint32_t card = s->cards[i];
+        uint64_t need = card > ARRAY_MAX ? BITSET_BYTES : (uint64_t)card * 2;
+        if (card == 0 || s->offs[i] % 8 || s->offs[i] > s->size || need > s->size - s->offs[i])
+            goto bad;
+        if (i && s->keys[i - 1] >= s->keys[i]) goto bad;
+        total += card;
+    }
+    if (total != s->n) goto bad;
+    return 0;
+bad:
+    PyErr_SetString(PyExc_ValueError, "malformed segment file (sizes)");
+    return -1;
+}
+
+/* mmap `path` read-only; the descriptor is closed at once (the mapping keeps the file) */
+static uint8_t *map_file(PyObject *path, size_t *size) {
+    PyObject *bytes = NULL;
+    if (!PyUnicode_FSConverter(path, &bytes)) return NULL;
+    int fd = open(PyBytes_AS_STRING(bytes), O_RDONLY | O_CLOEXEC);
+    if (fd < 0) {
+        PyErr_SetFromErrnoWithFilenameObject(PyExc_OSError, path);
+        Py_DECREF(bytes);
+        return NULL;
+    }
+    Py_DECREF(bytes);
+    struct stat st;
+    if (fstat(fd, &st) != 0) {
+        PyErr_SetFromErrno(PyExc_OSError);
+        close(fd);
+        return NULL;
+    }
+    if (st.st_size <= 0) {
+        close(fd);
+        PyErr_SetString(PyExc_ValueError, "empty file");
+        return NULL;
+    }
+    void *p = mmap(NULL, (size_t)st.st_size, PROT_READ, MAP_SHARED, fd, 0);
+    close(fd);
+    if (p == MAP_FAILED) {
+        PyErr_SetFromErrno(PyExc_OSError);
+        return NULL;
+    }
+    *size = (size_t)st.st_size;
+    return (uint8_t *)p;
+}
+
+static PyObject *Segment_new(PyTypeObject *type, PyObject *args, PyObject *kw) {
+    PyObject *path;
+    if (!PyArg_ParseTuple(args, "O", &path)) return NULL;
+    Segment *s = (Segment *)type->tp_alloc(type, 0);
+    if (s == NULL) return NULL;
+    s->base = map_file(path, &s->size);
+    if (s->base == NULL || segment_validate(s) != 0) {
+        Py_DECREF(s);
+        return NULL;
+    }
+    return (PyObject *)s;
+}
+
+static void Segment_dealloc(Segment *s) {
+    if (s->base != NULL) munmap(s->base, s->size);
+    Py_TYPE(s)->tp_free((PyObject *)s);
+}
+
+static PyObject *Segment_contains(Segment *s, PyObject *arg) {
+    unsigned long long x = PyLong_AsUnsignedLongLong(arg);
+    if (x == (unsigned long long)-1 && PyErr_Occurred()) return NULL;
+    return PyBool_FromLong(segment_has(s, x));
+}
+
+static PyObject *Segment_get_cardinality(Segment *s, void *c) { return PyLong_FromUnsignedLongLong(s->n); }
+static PyObject *Segment_get_version(Segment *s, void *c) { return PyLong_FromUnsignedLongLong(s->version); }
+static PyObject *Segment_get_kind(Segment *s, void *c) { return PyLong_FromUnsignedLong(s->kind); }
+static PyObject *Segment_get_size(Segment *s, void *c) { return PyLong_FromSize_t(s->size); }
+
+static PyMethodDef Segment_methods[] = {
+    {"contains", (PyCFunction)Segment_contains, METH_O, "contains(user) -> bool"},
+    {NULL},
+};
+static PyGetSetDef Segment_getset[] = {
+    {"cardinality", (getter)Segment_get_cardinality, NULL, "members", NULL},
+    {"version", (getter)Segment_get_version, NULL, "the segment's version", NULL},
+    {"kind", (getter)Segment_get_kind, NULL, "1 sorted ids, 2 containers", NULL},
+    {"size", (getter)Segment_get_size, NULL, "bytes mapped", NULL},
+    {NULL},
+};
+
+static PyTypeObject SegmentType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "sidecar.shm._native.Segment",
+    .tp_basicsize = sizeof(Segment),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "Segment(path): a segment file mapped read-only",
+    .tp_new = Segment_new,
+    .tp_dealloc = (destructor)Segment_dealloc,
+    .tp_methods = Segment_methods,
+    .tp_getset = Segment_getset,
+};
+
+/* -- the reader ------------------------------------------------------------------------------- */
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *segments; /* dict: segment id -> Segment, as of `seen` */
+    PyObject *refresh;  /* refresh() -> None: brings `segments` up to date (or empties it) */
+    PyObject *miss;     /* miss(user, segment) -> None, or raises for bad arguments */
+    uint8_t *index;     /* the mapped index, or NULL */
+    size_t index_size;
+    Py_ssize_t seq_off, heartbeat_off;
+    uint64_t seen;      /* the index sequence number `segments` belongs to */
+    int64_t max_age_ms; /* a heartbeat older than this: the writer is gone */
+} Reader;
+
+static inline uint64_t load_acquire(const uint8_t *p) {
+    return __atomic_load_n((const uint64_t *)p, __ATOMIC_ACQUIRE);
+}
+
+static inline int64_t coarse_ms(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC_COARSE, &ts);
+    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+static PyObject *Reader_new(PyTypeObject *type, PyObject *args, PyObject *kw) {
+    static char *names[] = {"refresh", "miss", "seq_offset", "heartbeat_offset", "max_age_ms", NULL};
+    PyObject *refresh, *miss;
+    Py_ssize_t seq_off, hb_off;
+    long long max_age;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOnnL", names, &refresh, &miss, &seq_off, &hb_off,
+                                     &max_age))
+        return NULL;
+    if (seq_off % 8 || hb_off % 8 || seq_off < 0 || hb_off < 0) {
+        PyErr_SetString(PyExc_ValueError, "offsets must be non-negative multiples of 8");
+        return NULL;
+    }
+    Reader *r = (Reader *)type->tp_alloc(type, 0);
+    if (r == NULL) return NULL;
+    r->segments = PyDict_New();
+    if (r->segments == NULL) { Py_DECREF(r); return NULL; }
+    Py_INCREF(refresh);
+    Py_INCREF(miss);
+    r->refresh = refresh;
+    r->miss = miss;
+    r->seq_off = seq_off;
+    r->heartbeat_off = hb_off;
+    r->max_age_ms = max_age;
+    return (PyObject *)r;
+}
+
+static void reader_unmap(Reader *r) {
+    if (r->index != NULL) munmap(r->index, r->index_size);
+    r->index = NULL;
+    r->index_size = 0;
+}
+
+static int Reader_traverse(Reader *r, visitproc visit, void *arg) {
+    Py_VISIT(r->segments);
+    Py_VISIT(r->refresh);
+    Py_VISIT(r->miss);
+    return 0;
+}
+
+static int Reader_clear(Reader *r) {
+    Py_CLEAR(r->segments);
+    Py_CLEAR(r->refresh);
+    Py_CLEAR(r->miss);
+    return 0;
+}
+
+static void Reader_dealloc(Reader *r) {
+    PyObject_GC_UnTrack(r);
+    Reader_clear(r);
+    reader_unmap(r);
+    Py_TYPE(r)->tp_free((PyObject *)r);
+}
+
+/* the mapping answers as of now: mapped, not moved on, writer alive */
+static inline int reader_current(const Reader *r) {
+    if (r->index == NULL) return 0;
+    if (load_acquire(r->index + r->seq_off) != r->seen) return 0;
+    int64_t beat = (int64_t)load_acquire(r->index + r->heartbeat_off);
+    return coarse_ms() - beat <= r->max_age_ms;
+}
+
+static PyObject *Reader_contains(Reader *r, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "contains(user, segment)");
+        return NULL;
+    }
+    PyObject *user = args[0], *segment = args[1];
+    if (!reader_current(r)) {
+        PyObject *res = PyObject_CallNoArgs(r->refresh);
+        if (res == NULL) return NULL;
+        Py_DECREF(res);
+    }
+    if (!PyLong_CheckExact(user) || !PyUnicode_CheckExact(segment))
+        return PyObject_CallFunctionObjArgs(r->miss, user, segment, NULL);
+    PyObject *seg = PyDict_GetItemWithError(r->segments, segment);
+    if (seg == NULL) {
+        if (PyErr_Occurred()) return NULL;
+        return PyObject_CallFunctionObjArgs(r->miss, user, segment, NULL);
+    }
+    unsigned long long x = PyLong_AsUnsignedLongLong(user);
+    if (x == (unsigned long long)-1 && PyErr_Occurred()) {
+        PyErr_Clear();
+        return PyObject_CallFunctionObjArgs(r->miss, user, segment, NULL);
+    }
+    if (segment_has((const Segment *)seg, x)) Py_RETURN_TRUE;
+    Py_RETURN_FALSE;
+}
+
+static PyObject *Reader_map(Reader *r, PyObject *path) {
+    size_t size;
+    uint8_t *p = map_file(path, &size);
+    if (p == NULL) return NULL;
+    if ((size_t)r->seq_off + 8 > size || (size_t)r->heartbeat_off + 8 > size) {
+        munmap(p, size);
+        PyErr_SetString(PyExc_ValueError, "index file too small");
+        return NULL;
+    }
+    reader_unmap(r);
+    r->index = p;
+    r->index_size = size;
+    Py_RETURN_NONE;
+}
+
+static PyObject *Reader_unmap(Reader *r, PyObject *unused) {
+    reader_unmap(r);
+    Py_RETURN_NONE;
+}
+
+static PyObject *Reader_set(Reader *r, PyObject *args) {
+    unsigned long long seen;
+    PyObject *segments;
+    if (!PyArg_ParseTuple(args, "KO!", &seen, &PyDict_Type, &segments)) return NULL;
+    Py_INCREF(segments);
+    Py_SETREF(r->segments, segments);
+    r->seen = seen;
+    Py_RETURN_NONE;
+}
+
+static PyObject *Reader_load(Reader *r, PyObject *arg) {
+    Py_ssize_t off = PyLong_AsSsize_t(arg);
+    if (off == -1 && PyErr_Occurred()) return NULL;
+    if (r->index == NULL || off < 0 || off % 8 || (size_t)off + 8 > r->index_size) {
+        PyErr_SetString(PyExc_ValueError, "no index mapped, or offset outside it");
+        return NULL;
+    }
+    return PyLong_FromUnsignedLongLong(load_acquire(r->index + off));
+}
+
+/* snapshot(start, count_offset, entry_size, entries_offset) -> (seq, bytes of the table) or
+ * None when the writer kept changing it. The table is index[start : entries_offset +
+ * count * entry_size], count read (uint32) at count_offset; both inside the seqlock. */
+static PyObject *Reader_snapshot(Reader *r, PyObject *args) {
+    Py_ssize_t start, count_off, entry_size, entries_off;
+    if (!PyArg_ParseTuple(args, "nnnn", &start, &count_off, &entry_size, &entries_off)) return NULL;
+    if (r->index == NULL || start < 0 || entries_off < start || entry_size <= 0 ||
+        (size_t)entries_off > r->index_size || count_off < start || count_off + 4 > entries_off) {
+        PyErr_SetString(PyExc_ValueError, "no index mapped, or a table outside it");
+        return NULL;
+    }
+    for (int attempt = 0; attempt < 10000; attempt++) {
+        uint64_t s1 = load_acquire(r->index + r->seq_off);
+        if (s1 & 1) continue;
+        uint32_t count;
+        memcpy(&count, r->index + count_off, 4);
+        size_t end = (size_t)entries_off + (size_t)count * (size_t)entry_size;
+        if (end > r->index_size) end = r->index_size;
+        PyObject *copy = PyBytes_FromStringAndSize((const char *)r->index + start,
+                                                   (Py_ssize_t)(end - (size_t)start));
+        if (copy == NULL) return NULL;
+        __atomic_thread_fence(__ATOMIC_ACQUIRE);
+        uint64_t s2 = __atomic_load_n((const uint64_t *)(r->index + r->seq_off), __ATOMIC_RELAXED);
+        if (s1 == s2) return Py_BuildValue("(KN)", (unsigned long long)s1, copy);
+        Py_DECREF(copy);
+    }
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef Reader_methods[] = {
+    {"contains", (PyCFunction)(void (*)(void))Reader_contains, METH_FASTCALL,
+     "contains(user, segment) -> True / False / None"},
+    {"map", (PyCFunction)Reader_map, METH_O, "map(index_path): map the index read-only"},
+    {"unmap", (PyCFunction)Reader_unmap, METH_NOARGS, "unmap the index"},
+    {"set", (PyCFunction)Reader_set, METH_VARARGS, "set(seq, segments): what contains reads"},
+    {"load", (PyCFunction)Reader_load, METH_O, "load(offset) -> uint64 (acquire)"},
+    {"snapshot", (PyCFunction)Reader_snapshot, METH_VARARGS,
+     "snapshot(start, count_offset, entry_size, entries_offset) -> (seq, bytes) or None"},
+    {NULL},
+};
+
+static PyObject *Reader_get_mapped(Reader *r, void *c) { return PyBool_FromLong(r->index != NULL); }
+static PyObject *Reader_get_seen(Reader *r, void *c) { return PyLong_FromUnsignedLongLong(r->seen); }
+static PyObject *Reader_get_segments(Reader *r, void *c) { Py_INCREF(r->segments); return r->segments; }
+static PyObject *Reader_get_current(Reader *r, void *c) { return PyBool_FromLong(reader_current(r)); }
+
+static PyGetSetDef Reader_getset[] = {
+    {"mapped", (getter)Reader_get_mapped, NULL, "an index is mapped", NULL},
+    {"seen", (getter)Reader_get_seen, NULL, "the sequence number of `segments`", NULL},
+    {"segments", (getter)Reader_get_segments, NULL, "segment id -> Segment", NULL},
+    {"current", (getter)Reader_get_current, NULL, "mapped, up to date, writer alive", NULL},
+    {NULL},
+};
+
+static PyTypeObject ReaderType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "sidecar.shm._native.Reader",
+    .tp_basicsize = sizeof(Reader),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "Reader(refresh, miss, seq_offset, heartbeat_offset, max_age_ms)",
+    .tp_new = Reader_new,
+    .tp_dealloc = (destructor)Reader_dealloc,
+    .tp_traverse = (traverseproc)Reader_traverse,
+    .tp_clear = (inquiry)Reader_clear,
+    .tp_methods = Reader_methods,
+    .tp_getset = Reader_getset,
+};
+
+/* -- the writer's seqlock ------------------------------------------------------------------- */
+
+/* write_locked(buffer, seq_offset, position, data): seq += 1 (odd), data copied at position,
+ * seq += 1 (even), with release ordering, so a reader's snapshot sees all of it or none. */
+static PyObject *write_locked(PyObject *self, PyObject *args) {
+    Py_buffer buf, data;
+    Py_ssize_t seq_off, pos;
+    if (!PyArg_ParseTuple(args, "w*ny*n", &buf, &seq_off, &data, &pos)) return NULL;
+    PyObject *res = NULL;
+    if (seq_off < 0 || seq_off % 8 || seq_off + 8 > buf.len || pos < 0 || pos + data.len > buf.len ||
+        (pos < seq_off + 8 && pos + data.len > seq_off)) {
+        PyErr_SetString(PyExc_ValueError, "write outside the buffer or over the sequence number");
+        goto done;
+    }
+    uint64_t *seq = (uint64_t *)((uint8_t *)buf.buf + seq_off);
+    uint64_t s = __atomic_load_n(seq, __ATOMIC_RELAXED);
+    __atomic_store_n(seq, s + 1, __ATOMIC_RELAXED);
+    __atomic_thread_fence(__ATOMIC_RELEASE);
+    memcpy((uint8_t *)buf.buf + pos, data.buf, (size_t)data.len);
+    __atomic_store_n(seq, s + 2, __ATOMIC_RELEASE);
+    res = PyLong_FromUnsignedLongLong(s + 2);
+done:
+    PyBuffer_Release(&buf);
+    PyBuffer_Release(&data);
+    return res;
+}
+
+/* store(buffer, offset, value): an atomic release store of a uint64 (the heartbeat) */
+static PyObject *store(PyObject *self, PyObject *args) {
+    Py_buffer buf;
+    Py_ssize_t off;
+    unsigned long long value;
+    if (!PyArg_ParseTuple(args, "w*nK", &buf, &off, &value)) return NULL;
+    if (off < 0 || off % 8 || off + 8 > buf.len) {
+        PyBuffer_Release(&buf);
+        PyErr_SetString(PyExc_ValueError, "offset outside the buffer");
+        return NULL;
+    }
+    __atomic_store_n((uint64_t *)((uint8_t *)buf.buf + off), (uint64_t)value, __ATOMIC_RELEASE);
+    PyBuffer_Release(&buf);
+    Py_RETURN_NONE;
+}
+
+static PyObject *coarse_now_ms(PyObject *self, PyObject *unused) {
+    return PyLong_FromLongLong(coarse_ms());
+}
+
+static PyMethodDef module_methods[] = {
+    {"encode", encode, METH_VARARGS, "encode(ids: array('Q') ascending, version) -> bytes"},
+    {"write_locked", write_locked, METH_VARARGS,
+     "write_locked(buffer, seq_offset, data, position) -> the new (even) sequence number"},
+    {"store", store, METH_VARARGS, "store(buffer, offset, value): atomic uint64 store"},
+    {"coarse_ms", coarse_now_ms, METH_NOARGS, "CLOCK_MONOTONIC_COARSE in ms, as readers see it"},
+    {NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "sidecar.shm._native", "The shared replica's native part.", -1,
+    module_methods,
+};
+
+PyMODINIT_FUNC PyInit__native(void) {
+    if (PyType_Ready(&SegmentType) < 0 || PyType_Ready(&ReaderType) < 0) return NULL;
+    PyObject *m = PyModule_Create(&module);
+    if (m == NULL) return NULL;
+    Py_INCREF(&SegmentType);
+    Py_INCREF(&ReaderType);
+    if (PyModule_AddObject(m, "Segment", (PyObject *)&SegmentType) < 0 ||
+        PyModule_AddObject(m, "Reader", (PyObject *)&ReaderType) < 0 ||
+        PyModule_AddIntConstant(m, "SEGMENT_HEADER", SEG_HEADER) < 0 ||
+        PyModule_AddIntConstant(m, "KIND_SORTED", KIND_SORTED) < 0 ||
+        PyModule_AddIntConstant(m, "KIND_CONTAINERS", KIND_CONTAINERS) < 0 ||
+        PyModule_AddIntConstant(m, "ARRAY_MAX", ARRAY_MAX) < 0 ||
+        PyModule_AddStringConstant(m, "SEGMENT_MAGIC", SEG_MAGIC) < 0)
+        return NULL;
+    return m;
+}

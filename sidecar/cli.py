@@ -285,11 +285,10 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.http[0]}:{args.http[1]}" if args.http else "off",
         fallback.name if fallback else "none",
     )
+    with exits_on_error(parser.prog):
+        shm = start_shm(args, replica)  # publishes nothing until the replica is ready
     replica.start()
-    shm = None
     try:
-        with exits_on_error(parser.prog):
-            shm = start_shm(args, replica)
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
             failure = runner.run(_run(args, replica, fallback, shm))
     finally:

@@ -1,5 +1,6 @@
 """Clients of the sidecar's Unix socket: `SidecarClient` (blocking, lowest latency) and
-`AsyncSidecarClient` (asyncio, pipelined)."""
+`AsyncSidecarClient` (asyncio, pipelined); `SharedReplica` reads the replica a sidecar on the
+same host publishes in shared memory, with no system call per check."""
 
 from .aio import AsyncSidecarClient
 from .base import (
@@ -13,6 +14,7 @@ from .base import (
     SidecarUnavailable,
     UnknownOpError,
 )
+from .shared import SharedReplica
 from .sync import SidecarClient
 
 __all__ = [
@@ -22,6 +24,7 @@ __all__ = [
     "Explain",
     "NotLocalError",
     "ServerError",
+    "SharedReplica",
     "SidecarClient",
     "SidecarError",
     "SidecarTimeout",

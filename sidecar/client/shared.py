@@ -80,9 +80,7 @@ class SharedReplica:
         try:
             r = self._reader
             if r.mapped:
-                state = r.load(layout.STATE_OFFSET) & _MASK32
-                beat = r.load(layout.HEARTBEAT_OFFSET)
-                if state == layout.OPEN and self.native.coarse_ms() - beat <= self.max_age_ms:
+                if r.load(layout.STATE_OFFSET) & _MASK32 == layout.OPEN and self._alive():
                     self._take_table()
                     return
                 self._drop()
@@ -92,6 +90,11 @@ class SharedReplica:
                 self._open()
         finally:
             self._refreshing.release()
+
+    def _alive(self) -> bool:
+        """The mapped index's writer stamped its heartbeat recently."""
+        beat = self._reader.load(layout.HEARTBEAT_OFFSET)
+        return self.native.coarse_ms() - beat <= self.max_age_ms
 
     def _drop(self) -> None:
         self._reader.unmap()
@@ -145,8 +148,8 @@ class SharedReplica:
         except ValueError:
             self._drop()
             return
-        if state != layout.OPEN:
-            self._drop()
+        if state != layout.OPEN or not self._alive():
+            self._drop()  # closed, or left behind by a writer that died
             return
         self._index_path = index
         self.instance = instance

@@ -62,6 +62,12 @@ def selectors(expr: str) -> list[tuple[str, list[tuple[str, str, str]]]]:
     return found
 
 
+def grouping_labels(expr: str) -> set[str]:
+    """The labels of every `by (...)` / `without (...)` / `on (...)` clause."""
+    lists = re.findall(r"\b(?:by|without|on|ignoring)\s*\(([^)]*)\)", expr)
+    return {label.strip() for group in lists for label in group.split(",") if label.strip()}
+
+
 def test_selectors_parser() -> None:
     got = selectors(
         'sum by (a, b) (rate(x_total{result="none", pod=~"$pod"}[5m])) / on(pod) '
@@ -69,6 +75,8 @@ def test_selectors_parser() -> None:
     )
     assert got == [("x_total", [("result", "=", "none"), ("pod", "=~", "$pod")]),
                    ("y", []), ("z", [])]  # fmt: skip
+    assert grouping_labels("sum by (a, b) (x) / on(pod) max without(le) (y)") == {
+        "a", "b", "pod", "le"}  # fmt: skip
 
 
 def rule_exprs() -> list[tuple[str, str]]:
@@ -191,6 +199,11 @@ def test_rules_and_dashboard_name_only_exported_metrics(exported: dict[str, list
     assert len(named) > 20
     seen = set()
     for where, expr in named:
+        have_labels = set(TARGET_LABELS)
+        for name, _ in selectors(expr):
+            have_labels |= {k for ls in exported.get(name, []) for k in ls}
+        missing = grouping_labels(expr) - have_labels
+        assert not missing, f"{where}: groups by {missing}, which no metric of it has ({expr})"
         for name, matchers in selectors(expr):
             seen.add(name)
             if name in PROMETHEUS_OWN:

@@ -186,13 +186,13 @@ def test_stream_default_lets_a_window_empty_a_segment(log: LogDirTransport) -> N
 def test_guard_refuses_exactly_what_its_rules_say(
     before: set[int], after: set[int], fraction: float, floor: int | None, force: bool
 ) -> None:
-    from publisher.plan import diff
+    from publisher.plan import SnapshotPacing, diff
     from sidecar.replica.engine import Engine
     from sidecar.replica.state import SegmentState
 
     engine = Engine()
     engine.install("s", SegmentState(BitMap64(before), 1, len(before), 0))
-    plan = diff(engine, {"s": BitMap64(after)})
+    plan = diff(engine, {"s": BitMap64(after)}, pacing=SnapshotPacing())  # type: ignore[arg-type]
     removed = len(before - after)
     refused = (
         not force

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 from pyroaring import BitMap64
 
-from compute import lakefs
+from compute import changelog, lakefs
 from compute.bitmaps import segment_bitmap
 from compute.definitions import DefinitionError, ParamValue, Segment, load
 from compute.lake import (
@@ -128,7 +128,8 @@ def _table_dirs(spark: SparkSession, lake: Path | str) -> list[tuple[str, str]]:
 
 
 def register_views(spark: SparkSession, lake: Path | str) -> list[str]:
-    """A temp view per table directory of the lake (partitions discovered from dt=... dirs)."""
+    """A temp view per table directory of the lake (partitions discovered from dt=... dirs);
+    a CDC changelog's view is the collection's current state (compute/changelog.py)."""
     from pyspark.errors import PySparkException
 
     tables = _table_dirs(spark, lake)
@@ -140,7 +141,10 @@ def register_views(spark: SparkSession, lake: Path | str) -> list[str]:
         if generated and name in SCHEMAS:
             reader = reader.schema(spark_ddl(name))  # known: skip the inference job
         try:
-            reader.parquet(location).createOrReplaceTempView(name)
+            table = reader.parquet(location)
+            if changelog.is_changelog(table):  # a CDC table written by seg-compute sink
+                table = changelog.current_state(spark, table)
+            table.createOrReplaceTempView(name)
         except PySparkException as e:
             raise LakeError(f"lake table {location}: {first_line(e)}") from None
         names.append(name)

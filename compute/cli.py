@@ -47,7 +47,7 @@ def _local_path(text: str) -> Path:
     return Path(text)
 
 
-_lake = arg_type("a path or URI")(lakefs.lake_arg)
+lake_arg = arg_type("a path or URI")(lakefs.lake_arg)
 
 
 def _add_gen_data(sub: argparse._SubParsersAction) -> None:
@@ -107,6 +107,30 @@ def _add_gen_data(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=_run_gen_data)
 
 
+def add_s3_options(p: argparse.ArgumentParser) -> None:
+    """The s3a settings of a lake (batch, sink); `lake_conf` turns them into Spark's."""
+    p.add_argument(
+        "--s3-endpoint",
+        metavar="URL",
+        help="s3a lake: an S3-compatible endpoint such as "
+        "http://127.0.0.1:9000 (http:// turns TLS off); credentials come from "
+        "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY",
+    )
+    p.add_argument(
+        "--s3-path-style",
+        type=yes_no,
+        metavar="yes|no",
+        help="s3a lake: path-style "
+        "requests (host/bucket/key); default: yes with --s3-endpoint, else no",
+    )
+    p.add_argument(
+        "--s3-region",
+        metavar="REGION",
+        help="s3a lake: the signing region (default: "
+        "AWS_REGION, AWS_DEFAULT_REGION, else us-east-1 with --s3-endpoint)",
+    )
+
+
 def _add_batch(sub: argparse._SubParsersAction) -> None:
     from compute import definitions, spark
 
@@ -121,7 +145,7 @@ def _add_batch(sub: argparse._SubParsersAction) -> None:
     opt = p.add_argument
     opt(
         "--lake",
-        type=_lake,
+        type=lake_arg,
         required=True,
         metavar="DIR|URI",
         help="the data lake: a directory or an s3a://bucket/prefix URI (one subdirectory of "
@@ -155,26 +179,7 @@ def _add_batch(sub: argparse._SubParsersAction) -> None:
         help="override a definitions parameter, repeatable; wins over the file",
     )
     spark.add_options(p)
-    opt(
-        "--s3-endpoint",
-        metavar="URL",
-        help="s3a lake: an S3-compatible endpoint such as "
-        "http://127.0.0.1:9000 (http:// turns TLS off); credentials come from "
-        "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY",
-    )
-    opt(
-        "--s3-path-style",
-        type=yes_no,
-        metavar="yes|no",
-        help="s3a lake: path-style "
-        "requests (host/bucket/key); default: yes with --s3-endpoint, else no",
-    )
-    opt(
-        "--s3-region",
-        metavar="REGION",
-        help="s3a lake: the signing region (default: "
-        "AWS_REGION, AWS_DEFAULT_REGION, else us-east-1 with --s3-endpoint)",
-    )
+    add_s3_options(p)
     p.set_defaults(run=_run_batch)
 
 
@@ -186,6 +191,7 @@ def build_parser() -> Parser:
     _add_batch(sub)
     stream_cli.add_stream(sub)
     sources_cli.add_cdc(sub)
+    sources_cli.add_sink(sub)
     return parser
 
 
@@ -226,7 +232,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     return overrides
 
 
-def _lake_conf(args: argparse.Namespace) -> dict[str, str]:
+def lake_conf(args: argparse.Namespace) -> dict[str, str]:
     """Spark settings for a URI lake: the s3a jars and fs.s3a settings for s3a://."""
     scheme = lakefs.scheme(args.lake)
     if scheme == "s3":
@@ -262,7 +268,7 @@ def _run_batch(args: argparse.Namespace) -> int:
     # which is enough to check the definitions before paying for Spark.
     segments = batch.load_segments(args.lake, args.definitions, overrides)
     check_replaceable(args.out.absolute(), MANIFEST, "segment set")  # before paying for Spark
-    conf = {"spark.driver.memory": args.driver_memory, **_lake_conf(args)}
+    conf = {"spark.driver.memory": args.driver_memory, **lake_conf(args)}
     print(f"{len(segments)} segment(s) from {args.definitions}; starting Spark ({args.master})",
           file=sys.stderr, flush=True)  # fmt: skip
     from pyspark.sql import SparkSession

@@ -75,3 +75,88 @@ def run_cdc(args: argparse.Namespace) -> int:
         progress_seconds=args.progress_seconds,
     )  # fmt: skip
     return cdc.run(opts)
+
+
+def add_sink(sub: argparse._SubParsersAction) -> None:
+    from compute import cdc, spark
+    from compute.cli import add_s3_options, lake_arg
+
+    p = sub.add_parser(
+        "sink",
+        help="Kafka events and CDC topics -> the lake (Parquet by date), exactly once",
+        description="Write Kafka topics into the lake with Spark Structured Streaming, one "
+        "Parquet table partitioned by dt=YYYY-MM-DD per topic: an events topic becomes the "
+        "`events` table (gen-data's columns), a CDC topic PREFIX.DB.COLLECTION (seg-compute "
+        "cdc, or Kafka Connect's MongoDB source connector) the changelog table COLLECTION, "
+        "which seg-compute batch reads as the collection's current state. Exactly once "
+        "through the checkpoint: restart with the same --checkpoint after any stop or crash. "
+        "See compute/README.md.",
+    )
+    opt = p.add_argument
+    opt("--kafka", required=True, metavar="HOST:PORT", help="Kafka bootstrap servers")
+    opt("--topics", type=names, required=True, metavar="T1,T2",
+        help="the topics, comma-separated, each TOPIC or TOPIC=TABLE")  # fmt: skip
+    opt("--lake", type=lake_arg, required=True, metavar="DIR|URI",
+        help="the lake: a directory or an s3a://bucket/prefix URI")  # fmt: skip
+    opt("--checkpoint", type=lake_arg, required=True, metavar="DIR|URI",
+        help="Spark's checkpoints (one subdirectory per table); keep it with the lake")  # fmt: skip
+    opt("--cdc-prefix", default=cdc.DEFAULT_PREFIX, metavar="P",
+        help="topics named P.DB.COLLECTION are CDC topics (cdc's --topic-prefix)")  # fmt: skip
+    opt("--trigger-seconds", type=positive_float, default=10.0, metavar="S",
+        help="micro-batch interval")  # fmt: skip
+    opt("--once", action="store_true",
+        help="write what the topics hold now and exit (availableNow)")  # fmt: skip
+    opt("--starting-offsets", choices=("earliest", "latest"), default="earliest",
+        help="where a new checkpoint starts reading")  # fmt: skip
+    opt("--max-records-per-batch", type=positive_int, metavar="N",
+        help="cap on records per micro-batch and topic")  # fmt: skip
+    spark.add_options(p)
+    add_s3_options(p)
+    p.set_defaults(run=run_sink)
+
+
+def run_sink(args: argparse.Namespace) -> int:
+    import signal
+    import sys
+
+    from compute import sink, sparkjars
+    from compute.cli import lake_conf
+    from compute.spark import build_session
+    from sidecar.cliutil import CommandError
+
+    try:
+        routes = sink.routes(args.topics, args.cdc_prefix)
+    except sink.SinkError as e:
+        raise CommandError(str(e)) from None
+    conf = {"spark.driver.memory": args.driver_memory, **sparkjars.streaming_conf(),
+            **lake_conf(args)}  # fmt: skip
+    shown = ", ".join(f"{r.topic} -> {r.table} ({r.kind})" for r in routes)
+    print(f"sink: {shown} in {args.lake}; starting Spark ({args.master})", file=sys.stderr,
+          flush=True)  # fmt: skip
+    spark = build_session(app_name="seg-compute-sink", master=args.master,
+                          shuffle_partitions=args.shuffle_partitions, conf=conf)  # fmt: skip
+    opts = sink.SinkOptions(
+        kafka=args.kafka, routes=routes, lake=args.lake, checkpoint=args.checkpoint,
+        trigger_seconds=args.trigger_seconds, once=args.once,
+        starting_offsets=args.starting_offsets,
+        max_records_per_batch=args.max_records_per_batch,
+    )  # fmt: skip
+    stopping: list[int] = []
+    for s in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(s, lambda signum, _frame: stopping.append(signum))
+    try:
+        queries = sink.start(spark, opts)
+        while any(q.isActive for q in queries) and not stopping:
+            for q in queries:
+                q.awaitTermination(1)
+                if q.exception() is not None:
+                    raise RuntimeError(f"query {q.name}: {q.exception()}")
+        for q in queries:
+            q.stop()  # between micro-batches: a stopped batch is redone on restart
+        for q in queries:
+            progress = q.lastProgress or {}
+            print(f"sink: {q.name}: last batch {progress.get('batchId', '-')}, "
+                  f"{progress.get('numInputRows', 0)} rows", file=sys.stderr)  # fmt: skip
+    finally:
+        spark.stop()
+    return 0

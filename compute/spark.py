@@ -21,7 +21,7 @@ DEFAULT_DRIVER_MEMORY = "2g"
 
 
 def add_options(p: Parser) -> None:
-    """The session options of every Spark subcommand (`batch`, `stream`)."""
+    """The session options of every Spark subcommand (`batch`, `stream`, `sink`)."""
     group = p.add_argument_group("Spark")
     group.add_argument("--master", default=DEFAULT_MASTER, metavar="URL", help="Spark master")
     group.add_argument(

@@ -175,7 +175,8 @@ class StateStore:
 
 
 def parse_events(raw: DataFrame) -> DataFrame:
-    """Kafka records (value, timestamp) -> (user_id BIGINT, type, category, ts, valid)."""
+    """Kafka records (value, timestamp) -> (user_id BIGINT, type, category, product_id, ts,
+    valid)."""
     from pyspark.sql import functions as F
 
     parsed = raw.select(
@@ -187,6 +188,7 @@ def parse_events(raw: DataFrame) -> DataFrame:
         F.expr(_SIGNED_USER).alias("user_id"),
         F.col("e.type").alias("type"),
         F.col("e.category").alias("category"),
+        F.col("e.product_id").alias("product_id"),
         F.col("e.ts").alias("ts"),
         F.col("valid"),
     )
@@ -381,22 +383,40 @@ class StreamOptions:
     kafka_options: Mapping[str, str] = field(default_factory=dict)
 
 
-def start(spark: SparkSession, job: StreamJob, opts: StreamOptions) -> StreamingQuery:
-    """Start the query (Spark's checkpoint in CHECKPOINT/spark); returns at once."""
+def kafka_stream(
+    spark: SparkSession,
+    kafka: str,
+    topic: str,
+    *,
+    starting_offsets: str = "earliest",
+    fail_on_data_loss: bool = True,
+    max_per_trigger: int | None = None,
+    kafka_options: Mapping[str, str] | None = None,
+) -> DataFrame:
+    """A streaming DataFrame of `topic`'s records (Spark's Kafka source)."""
     reader = (
         spark.readStream.format("kafka")
-        .option("kafka.bootstrap.servers", opts.kafka)
-        .option("subscribe", opts.events_topic)
-        .option("startingOffsets", opts.starting_offsets)
-        .option("failOnDataLoss", str(opts.fail_on_data_loss).lower())
+        .option("kafka.bootstrap.servers", kafka)
+        .option("subscribe", topic)
+        .option("startingOffsets", starting_offsets)
+        .option("failOnDataLoss", str(fail_on_data_loss).lower())
     )
-    if opts.max_events_per_batch:
-        reader = reader.option("maxOffsetsPerTrigger", str(opts.max_events_per_batch))
-    for key, value in opts.kafka_options.items():
+    if max_per_trigger:
+        reader = reader.option("maxOffsetsPerTrigger", str(max_per_trigger))
+    for key, value in (kafka_options or {}).items():
         reader = reader.option(f"kafka.{key}", value)
+    return reader.load()
+
+
+def start(spark: SparkSession, job: StreamJob, opts: StreamOptions) -> StreamingQuery:
+    """Start the query (Spark's checkpoint in CHECKPOINT/spark); returns at once."""
+    records = kafka_stream(
+        spark, opts.kafka, opts.events_topic, starting_offsets=opts.starting_offsets,
+        fail_on_data_loss=opts.fail_on_data_loss, max_per_trigger=opts.max_events_per_batch,
+        kafka_options=opts.kafka_options,
+    )  # fmt: skip
     writer = (
-        reader.load()
-        .select("value", "timestamp")
+        records.select("value", "timestamp")
         .writeStream.queryName(f"seg-stream-{opts.events_topic}")
         .foreachBatch(job.process)
         .option("checkpointLocation", str(opts.checkpoint / "spark"))

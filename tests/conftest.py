@@ -3,4 +3,5 @@ pytest_plugins = [
     "tests.aerospike_fixture",
     "tests.sidecar_fixtures",
     "tests.mongo_fixture",
+    "tests.s3_fixture",
 ]

@@ -24,6 +24,8 @@ from tests.cdc_tools import cdc_process, events, stop, wait_for
 from tests.mongo_server import MongoTestServer
 from tests.mongo_server.oplog import token
 
+pytestmark = pytest.mark.kafka
+
 TS = dt.datetime(2026, 11, 30, 12, 0, tzinfo=dt.UTC)
 
 

@@ -13,18 +13,16 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
-import re
 import socket
 import subprocess
 import sys
-import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from pyroaring import BitMap64
 
 from compute import definitions, lake
+from tests.s3_fixture import aws_env
 from tests.truth import truth_from_lake
 
 pytestmark = pytest.mark.spark
@@ -35,46 +33,6 @@ AS_OF = dt.date(2026, 9, 30)
 BUCKET = "seg-lake"
 EXAMPLE = definitions.EXAMPLE
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def s3_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A moto S3 server on 127.0.0.1 (port chosen by the OS); stopped after the module."""
-    log_path = tmp_path_factory.mktemp("moto") / "moto.log"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", "0"],
-            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-        )  # fmt: skip
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            found = re.search(rb"Running on http://127\.0\.0\.1:(\d+)", log_path.read_bytes())
-            if found:
-                break
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"moto server did not start: {log_path.read_text()[-2000:]}")
-            time.sleep(0.1)
-        yield f"http://127.0.0.1:{int(found.group(1))}"
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
-def _aws_env(tmp: Path) -> dict[str, str]:
-    """Test credentials only, no AWS config files, and never the EC2 metadata service."""
-    return {
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_REGION": "us-east-1",
-        "AWS_EC2_METADATA_DISABLED": "true",
-        "AWS_CONFIG_FILE": str(tmp / "no-aws-config"),
-        "AWS_SHARED_CREDENTIALS_FILE": str(tmp / "no-aws-credentials"),
-    }
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +48,7 @@ def s3_lake(s3_endpoint: str, local_lake: Path, tmp_path_factory: pytest.TempPat
     """The local lake uploaded to s3a://BUCKET/lake."""
     import boto3
 
-    env = _aws_env(tmp_path_factory.mktemp("aws"))
+    env = aws_env(tmp_path_factory.mktemp("aws"))
     s3 = boto3.client(
         "s3", endpoint_url=s3_endpoint, region_name=env["AWS_REGION"],
         aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
@@ -108,7 +66,7 @@ def s3_lake(s3_endpoint: str, local_lake: Path, tmp_path_factory: pytest.TempPat
 def _cli(tmp: Path, *args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
     full_env = {k: v for k, v in os.environ.items()
                 if not k.startswith(("SEG_", "AWS_"))}  # fmt: skip
-    full_env.update(_aws_env(tmp))
+    full_env.update(aws_env(tmp))
     full_env.update(env)
     return subprocess.run(
         [sys.executable, "-m", "compute.cli", *args],

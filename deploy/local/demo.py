@@ -1,7 +1,13 @@
 """The demo (`./run demo`): the whole platform on this machine, end to end.
 
 gen-data -> Spark batch -> seg-publish to a log directory -> seg-sidecar -> checks over the
-Unix socket and HTTP -> a table of answers and latencies -> clean stop.
+Unix socket and HTTP -> a table of answers and latencies -> a change in MongoDB reaching the
+sidecar (seg-compute cdc -> Kafka -> seg-compute sink -> lake -> batch -> publish) -> clean
+stop.
+
+MongoDB cannot be installed on these machines: the MongoDB step starts the project's
+wire-level test server (tests/mongo_server) and a local Kafka broker (deploy/local/kafka).
+`--no-mongo` skips it.
 """
 
 from __future__ import annotations
@@ -51,10 +57,71 @@ def http_get(url: str) -> tuple[int, dict]:
         return err.code, json.loads(err.read() or b"{}")
 
 
+def mongo_step(work: Path, log_dir: Path, sock: Path) -> bool:
+    """A new order in MongoDB -> cdc -> Kafka -> sink -> lake -> batch -> publish -> sidecar."""
+    import datetime as dt
+
+    import pymongo
+
+    from tests.cdc_tools import read_topic
+
+    kafka_data = work / "kafka"
+    up = subprocess.run([str(ROOT / "deploy" / "local" / "kafka"), "up", "--data",
+                         str(kafka_data), "--owner-pid", str(os.getpid())],
+                        capture_output=True, text=True, check=True)  # fmt: skip
+    kafka = up.stdout.strip().splitlines()[-1]
+    mongod = subprocess.Popen([sys.executable, "-m", "tests.mongo_server"], cwd=ROOT,
+                              stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": str(ROOT)})  # fmt: skip
+    uri = (mongod.stdout.readline() if mongod.stdout else "").strip()
+    print(f"   Kafka {kafka}; MongoDB test server {uri}")
+    user, now = 424242, dt.datetime.now(dt.UTC)
+    orders = pymongo.MongoClient(uri).shop.orders
+    orders.insert_one({"_id": 1, "user_id": user, "amount": 300.0,
+                       "ts": now - dt.timedelta(days=2), "category": "books"})  # fmt: skip
+    cdc = subprocess.Popen([str(BIN / "seg-compute"), "cdc", "--mongo", uri, "--db", "shop",
+                            "--collections", "orders", "--kafka", kafka])  # fmt: skip
+    try:
+        with SidecarClient(str(sock)) as client:
+            before = client.check(user, "mongo_big_spenders_30d")
+        print(f"   user {user} in mongo_big_spenders_30d before: {before}")
+        orders.insert_one({"_id": 2, "user_id": user, "amount": 250.0,
+                           "ts": now - dt.timedelta(hours=3), "category": "toys"})  # fmt: skip
+        print("   inserted a second order: 300 + 250 >= 500")
+        deadline = time.monotonic() + 60
+        while len(read_topic(kafka, "cdc.shop.orders")) < 2:
+            if time.monotonic() > deadline or cdc.poll() is not None:
+                print("   cdc did not deliver the changes", file=sys.stderr)
+                return False
+            time.sleep(0.2)
+        lake, out = work / "cdc-lake", work / "cdc-segments"
+        run("seg-compute", "sink", "--kafka", kafka, "--topics", "cdc.shop.orders", "--lake",
+            str(lake), "--checkpoint", str(work / "cdc-checkpoint"), "--once")  # fmt: skip
+        run("seg-compute", "batch", "--lake", str(lake), "--definitions",
+            str(ROOT / "deploy" / "local" / "cdc_segments.toml"), "--out", str(out))  # fmt: skip
+        run("seg-publish", "--input", str(out), "--log-dir", str(log_dir), "--quiet")
+        with SidecarClient(str(sock)) as client:
+            deadline = time.monotonic() + 10
+            while (after := client.check(user, "mongo_big_spenders_30d")) is not True:
+                if time.monotonic() > deadline:
+                    break
+                time.sleep(0.05)
+        print(f"   user {user} in mongo_big_spenders_30d after: {after}")
+        return after is True
+    finally:
+        cdc.send_signal(signal.SIGTERM)
+        cdc.wait(30)
+        mongod.terminate()
+        mongod.wait(10)
+        subprocess.run([str(ROOT / "deploy" / "local" / "kafka"), "down", "--data",
+                        str(kafka_data)], capture_output=True, check=False)  # fmt: skip
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--users", type=int, default=50_000, help="users in the synthetic lake")
     parser.add_argument("--workdir", help="keep everything here (default: a temp directory)")
+    parser.add_argument("--no-mongo", action="store_true", help="skip the MongoDB step")
     args = parser.parse_args()
     work = Path(args.workdir or tempfile.mkdtemp(prefix="seg-demo-"))
     lake, out, log_dir, state = work / "lake", work / "segments", work / "log", work / "state"
@@ -149,13 +216,17 @@ def main() -> int:
         print(
             f"   sidecar holds {status['segments']} segments, {status['memberships']:,} memberships"
         )
+        mongo_ok = True
+        if not args.no_mongo:
+            step("6. a change in MongoDB -> cdc -> Kafka -> sink -> lake -> batch -> sidecar")
+            mongo_ok = mongo_step(work, log_dir, sock)
     finally:
-        step("6. stop the sidecar (SIGTERM: checkpoint, clean exit)")
+        step("7. stop the sidecar (SIGTERM: checkpoint, clean exit)")
         sidecar.send_signal(signal.SIGTERM)
         code = sidecar.wait(timeout=30)
         print(f"   exit code {code}; checkpoint: {sorted(p.name for p in state.glob('*'))}")
     print(f"\ndemo files in {work}")
-    return 0 if code == 0 else 1
+    return 0 if code == 0 and mongo_ok else 1
 
 
 if __name__ == "__main__":

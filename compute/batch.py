@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime as dt
-import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -28,8 +27,6 @@ from compute.segment_set import write_segment_set
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
-
-_TABLE_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
 
 
 class LakeError(RuntimeError):
@@ -119,12 +116,12 @@ def _table_dirs(spark: SparkSession, lake: Path | str) -> list[tuple[str, str]]:
         except lakefs.LakeAccessError as e:
             hint = " (Hadoop's S3 file system is s3a://)" if lakefs.scheme(lake) == "s3" else ""
             raise LakeError(f"lake {e}{hint}") from None
-        return [(n, lakefs.join(lake, n)) for n in names if _TABLE_RE.match(n)]
+        return [(n, lakefs.join(lake, n)) for n in names if lakefs.TABLE_NAME.match(n)]
     root = Path(lake)
     if not root.is_dir():
         raise LakeError(f"lake {root} is not a directory")
     return [(child.name, str(child)) for child in sorted(root.iterdir())
-            if child.is_dir() and _TABLE_RE.match(child.name)]  # fmt: skip
+            if child.is_dir() and lakefs.TABLE_NAME.match(child.name)]  # fmt: skip
 
 
 def register_views(spark: SparkSession, lake: Path | str) -> list[str]:

@@ -36,6 +36,9 @@ if TYPE_CHECKING:
     from pyspark.sql import SparkSession
 
 _URI_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+#: A table of the lake is a subdirectory with such a name (`_spark_metadata`, `_checkpoints`,
+#: `dt=...` and dot files are not tables).
+TABLE_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
 MAX_META_BYTES = 1 << 20
 
 

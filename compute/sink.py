@@ -23,7 +23,6 @@ read with `read_committed`, so aborted CDC transactions never reach the lake.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -38,7 +37,6 @@ if TYPE_CHECKING:
     from pyspark.sql.streaming import StreamingQuery
 
 EVENTS_TABLE = "events"
-_TABLE_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
 
 
 class SinkError(ValueError):
@@ -61,7 +59,7 @@ def routes(topics: Sequence[str], cdc_prefix: str) -> list[Route]:
         parts = topic.split(".")
         cdc = topic.startswith(f"{cdc_prefix}.") and len(parts) >= len(cdc_prefix.split(".")) + 2
         table = table or (parts[-1] if cdc else EVENTS_TABLE)
-        if not topic or not _TABLE_RE.match(table):
+        if not topic or not lakefs.TABLE_NAME.match(table):
             raise SinkError(f"--topics {item!r}: the table name {table!r} is not "
                             "[A-Za-z][A-Za-z0-9_]*")  # fmt: skip
         out.append(Route(topic, table, "cdc" if cdc else "events"))

@@ -60,7 +60,11 @@ def redis(ctx: Context, es: ExprSet) -> Any:
     server = ctx.redis()
     if server is None:
         return None
-    client = server.client()
+    import redis as redis_py
+
+    # redis-py times reads out after a few seconds by default; a 5-segment count over 10M
+    # members takes Redis longer than that on this machine
+    client = redis_py.Redis(unix_socket_path=server.socket, socket_timeout=600)
     # another scenario may have flushed the server since (serve_redis does once)
     if client.scard(NAMES[-1]) != len(es.segments[NAMES[-1]]):
         log(f"loading {es.memberships:,} memberships into Redis")

@@ -6,6 +6,8 @@ and clients.
     replica = Replica(LogDirTransport("/var/lib/segments/log")).start()
     replica.wait_ready(30)
     replica.contains(42, "vip_buyers")          # in-process, well under a microsecond
+    replica.eval(42, "vip_buyers & !churned")   # a segment expression (sidecar/expr/)
+    replica.count("vip_buyers & !churned")      # (count, versions) from one consistent view
 
     with SidecarClient("/tmp/seg-sidecar/sidecar.sock") as client:
         client.check(42, "vip_buyers")          # over the sidecar's Unix socket

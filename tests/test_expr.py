@@ -183,6 +183,28 @@ def test_many_users_match_one_user(
     assert set(members) | set(unsure) <= who
 
 
+@SETTINGS
+@given(expressions(), segment_sets, st.lists(users, max_size=30))
+def test_many_users_all_known_in_request_order(
+    case: tuple[tuple, str], sets: dict[str, set[int]], who: list[int]
+) -> None:
+    tree, text = case
+    expr = compile_expr(text)
+    bitmaps = [BitMap64(sets[n]) for n in expr.segments]
+    want = bytes(truth(tree, {n: u in sets[n] for n in NAMES}) for u in who)  # type: ignore[misc]
+    assert expr.members_of(bitmaps, who) == want
+
+
+def test_many_users_at_the_deepest_nesting() -> None:
+    chain = "a"
+    for i in range((MAX_REFERENCES - 1) // 2):  # two references per level
+        chain = f"s{i} & !({chain} | s{i})"
+    expr = compile_expr(chain)
+    bitmaps = [BitMap64([1]) for _ in expr.segments]
+    got = expr.members_of(bitmaps, [1, 2])
+    assert got == bytes(expr.evaluate(lambda _i, u=u: u == 1) for u in (1, 2))  # type: ignore[misc]
+
+
 # -- audiences --------------------------------------------------------------------------------
 @st.composite
 def audiences(draw: st.DrawFn) -> tuple[tuple, str]:

@@ -157,6 +157,10 @@ def test_segments_not_held_are_asked_of_the_fallback_once_and_only_if_needed(
     assert sc.eval(21, "vip & remote") is False
     assert sc.eval_many([14, 21], "vip & remote") == [None, False]
     assert metrics.fallback_calls["none"] >= 2
+    # requests are counted by the source of their answer, as checks are
+    counts = sc.status()["requests"]["uds"]
+    assert counts["eval"] == {"aerospike": 3, "local": 3, "none": 1}
+    assert counts["eval_many"] == {"aerospike": 1, "none": 1}
 
 
 def test_eval_answers_each_segment_as_check_does(sc: SidecarClient, fallback: MapFallback) -> None:

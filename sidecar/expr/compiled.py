@@ -12,9 +12,10 @@ function or the bitmaps, and must not change those bitmaps while a call runs.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Any
 
 from pyroaring import BitMap64
 
@@ -42,7 +43,7 @@ NNF = _Lit | And | Or
 class Expr:
     """One compiled expression. Immutable; shared through the cache."""
 
-    __slots__ = ("source", "segments", "tree", "_eval", "_nnf", "_unbounded_at")
+    __slots__ = ("source", "segments", "tree", "_eval", "_nnf", "_unbounded_at", "_scan")
 
     def __init__(self, source: str) -> None:
         parsed = parse(source)
@@ -53,6 +54,7 @@ class Expr:
         self._eval = _closure(parsed.tree)
         self._nnf = _to_nnf(parsed.tree, False, -1)
         self._unbounded_at = _unbounded(self._nnf)
+        self._scan: Callable[..., bytes] | None = None
 
     def __repr__(self) -> str:
         return f"Expr({self.source!r})"
@@ -71,6 +73,14 @@ class Expr:
         answers are unknown. The rest of `users` are not members."""
         true, false = _tri(self.tree, bitmaps, users)
         return true, users - true - false
+
+    def members_of(self, bitmaps: Sequence[BitMap64], users: Iterable[int]) -> bytes:
+        """One byte per user, 1 member / 0 not, when every segment is known (two-valued):
+        the expression compiled to one Python comprehension (`u in b0 and not u in b1 ...`),
+        several times faster for a list of users than roaring operations on its bitmap."""
+        if self._scan is None:
+            self._scan = _scanner(self.tree, len(self.segments))
+        return self._scan(users, *bitmaps)
 
     # -- audiences ----------------------------------------------------------------------------
     @property
@@ -157,7 +167,27 @@ def _closure(node: Node) -> _Eval:
     return connective
 
 
-# -- many users: (members, non-members) bitmaps within the users -------------------------------
+# -- many users -------------------------------------------------------------------------------
+def _scanner(tree: Node, n: int) -> Callable[..., bytes]:
+    """`f(users, b0, ..., bn-1)` -> answer bytes. The source is built from the parsed tree
+    only (segment indexes and operators: no text of the expression reaches `compile`)."""
+    params = ", ".join(f"b{i}" for i in range(n))
+    source = f"def scan(users, {params}):\n    return bytes([{_python(tree)} for u in users])\n"
+    namespace: dict[str, Any] = {}
+    exec(compile(source, "<expr>", "exec"), namespace)  # noqa: S102
+    return namespace["scan"]  # type: ignore[no-any-return]
+
+
+def _python(node: Node) -> str:
+    if isinstance(node, Seg):
+        return f"u in b{node.index}"
+    if isinstance(node, Not):  # binds looser than `in`, tighter than `and`
+        return f"not {_python(node.operand)}"
+    joiner = " and " if isinstance(node, And) else " or "
+    return "(" + joiner.join(_python(x) for x in node.operands) + ")"
+
+
+# (members, non-members) bitmaps within a set of users, three-valued
 def _tri(
     node: Node, bitmaps: Sequence[BitMap64 | None], users: BitMap64
 ) -> tuple[BitMap64, BitMap64]:

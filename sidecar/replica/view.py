@@ -15,7 +15,7 @@ the fallback is the query layer's business.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeVar
 
@@ -57,9 +57,11 @@ class Leaves:
 
 @dataclass(slots=True)
 class ManyLeaves:
-    """Many users' local answers: members and unknown users by local answers alone, and, for
-    the unknown ones only, the local bitmaps restricted to them (None where not local)."""
+    """Many users' local answers. When every segment is local, `answers` (one byte per user,
+    0 / 1). Else the members and unknown users by local answers alone, and, for the unknown
+    ones only, the local bitmaps restricted to them (None where not local)."""
 
+    answers: bytes | None
     members: BitMap64
     unknown: BitMap64
     restricted: list[BitMap64 | None]
@@ -114,16 +116,20 @@ def local_answers(replica: Replica, expr: Expr, user: int) -> Leaves:
     return Leaves(values, missing, versions)
 
 
-def local_many(replica: Replica, expr: Expr, users: BitMap64) -> ManyLeaves:
+def local_many(replica: Replica, expr: Expr, users: Sequence[int]) -> ManyLeaves:
     with replica.engine.lock:
         states = _states(replica, expr)
         bitmaps = [None if type(st) is str else st.bitmap for st in states]
-        members, unknown = expr.evaluate_many(bitmaps, users)
         missing = [i for i, bm in enumerate(bitmaps) if bm is None]
-        restricted = (
-            [None if bm is None else bm & unknown for bm in bitmaps] if unknown and missing else []
-        )
+        if not missing:
+            answers = expr.members_of(bitmaps, users)  # type: ignore[arg-type]
+            members = unknown = BitMap64()
+            restricted: list[BitMap64 | None] = []
+        else:
+            answers = None
+            members, unknown = expr.evaluate_many(bitmaps, BitMap64(users))
+            restricted = [None if bm is None else bm & unknown for bm in bitmaps] if unknown else []
     versions = {
         s: st.version for s, st in zip(expr.segments, states, strict=True) if type(st) is not str
     }
-    return ManyLeaves(members, unknown, restricted, missing, versions)
+    return ManyLeaves(answers, members, unknown, restricted, missing, versions)

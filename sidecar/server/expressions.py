@@ -15,8 +15,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from pyroaring import BitMap64
-
 from ..expr import Expr, compile_arg
 from ..ids import user_id
 from ..packed import MEMBER, UNKNOWN, unpack_users
@@ -78,7 +76,9 @@ class ExpressionQueries:
         compiled = compile_arg(expr)
         if not ids:
             return b"", LOCAL
-        many = view.local_many(self.replica, compiled, BitMap64(ids))
+        many = view.local_many(self.replica, compiled, ids)
+        if many.answers is not None:
+            return many.answers, LOCAL
         members, unknown = many.members, many.unknown
         if not unknown:
             return bytes([u in members for u in ids]), LOCAL

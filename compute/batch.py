@@ -246,7 +246,6 @@ def run_batch(
     prepared = time.perf_counter() - t0
     bitmaps = evaluate(segments, frames, record)
     t_write = time.perf_counter()
-    floors = {s.name: s.min_cardinality for s in segments if s.min_cardinality is not None}
-    write_segment_set(out, bitmaps, computed_at, floors)
+    write_segment_set(out, bitmaps, computed_at, {s.name: s.options() for s in segments})
     now = time.perf_counter()
     return BatchResult(Path(out), computed_at, results, now - t0, prepared, now - t_write)

@@ -320,7 +320,9 @@ def _publish(args: argparse.Namespace, transport: Transport) -> None:
     segment_set = read_segment_set(args.out)
     try:
         result = Publisher(transport, sink=sink, guard=Guard()).publish(
-            segment_set.segments, min_cardinality=segment_set.min_cardinality
+            segment_set.segments,
+            min_cardinality=segment_set.min_cardinality,
+            max_age=segment_set.max_age,
         )
     except GuardError as exc:  # the set stays in --out: seg-publish --input OUT --force
         raise CommandError(f"{exc}; the segment set is in {args.out}", USAGE) from None

@@ -31,11 +31,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from publisher.segment_set import OPTIONS, option_value  # the manifest entry's options
 from sidecar.ids import SEGMENT_RE  # the one segment-id rule, shared by every part
 
 PARAM_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _PLACEHOLDER = re.compile(r"\{\{|\}\}|\{([A-Za-z_][A-Za-z0-9_]*)\}")
-_SEGMENT_KEYS = frozenset({"name", "description", "sql", "params", "min_cardinality"})
+_SEGMENT_KEYS = frozenset({"name", "description", "sql", "params", *OPTIONS})
 # [[stream]] tables are streaming rules, read by compute.rules (`seg-compute stream`).
 _TOP_KEYS = frozenset({"params", "segment", "stream"})
 EXAMPLE = Path(__file__).parent / "definitions" / "example.toml"
@@ -63,6 +64,13 @@ class Segment:
     params: Mapping[str, ParamValue] = field(default_factory=dict, repr=False)
     #: written into the manifest: the publisher refuses to shrink the segment below it
     min_cardinality: int | None = None
+    #: written into the manifest: replicas mark the segment stale when it is not
+    #: republished within this many seconds (DESIGN.md "Freshness")
+    max_age_seconds: int | None = None
+
+    def options(self) -> dict[str, int]:
+        """The manifest entry's options this definition sets (publisher/segment_set.py)."""
+        return {k: v for k in OPTIONS if (v := getattr(self, k)) is not None}
 
 
 def param_text(value: object) -> str:
@@ -147,14 +155,15 @@ def parse(
         description = raw.get("description", "")
         if not isinstance(description, str):
             raise DefinitionError("description must be a string", name)
-        floor = raw.get("min_cardinality")
-        if floor is not None and (type(floor) is not int or floor < 0):
-            raise DefinitionError("min_cardinality must be a non-negative integer", name)
+        try:
+            options = {k: option_value(k, raw[k]) for k in OPTIONS if k in raw}
+        except ValueError as exc:
+            raise DefinitionError(str(exc), name) from None
         own = _check_params(raw.get("params", {}), "[segment.params]", name)
         params = {**(base_params or {}), **shared, **own, **(overrides or {})}
         rendered = render(sql, params, name)
         text = render(description, params, name)
-        segments.append(Segment(name, text, rendered, sql, params, floor))
+        segments.append(Segment(name, text, rendered, sql, params, **options))
     _check_single_owner(doc, first_seen)
     return segments
 

@@ -36,11 +36,12 @@ from pathlib import Path
 
 from compute.definitions import DefinitionError, table_name
 from compute.events import EVENT_TYPES, Event
+from publisher.segment_set import option_value
 
 MAX_WINDOW_MINUTES = 31 * 24 * 60
 MAX_MIN_COUNT = 1000
 _RULE_KEYS = frozenset({"name", "description", "event", "within_minutes", "min_count",
-                        "category", "unless"})  # fmt: skip
+                        "category", "unless", "max_age_seconds"})  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,8 @@ class StreamRule:
     category: str | None = None
     unless: str | None = None
     description: str = ""
+    #: replicas mark the segment stale when the job has not republished it within this long
+    max_age_seconds: int | None = None
 
     @property
     def window_ms(self) -> int:
@@ -157,7 +160,12 @@ def _rule(raw: object, index: int, source: str) -> StreamRule:
     description = raw.get("description", "")
     if not isinstance(description, str):
         raise DefinitionError("description must be a string", name)
-    return StreamRule(name, event, within, min_count, category, unless, description)
+    try:
+        max_age = raw.get("max_age_seconds")
+        max_age = option_value("max_age_seconds", max_age) if max_age is not None else None
+    except ValueError as exc:
+        raise DefinitionError(str(exc), name) from None
+    return StreamRule(name, event, within, min_count, category, unless, description, max_age)
 
 
 def parse(text: str, source: str = "<definitions>") -> StreamDefinitions:

@@ -2,7 +2,8 @@
 
     DIR/manifest.json   {"format": 1, "computed_at": "<ISO 8601 UTC>",
                          "segments": {"<segment>": {"file": "<file>", "cardinality": N,
-                                                    "min_cardinality": M (optional)}}}
+                                                    "min_cardinality": M (optional),
+                                                    "max_age_seconds": S (optional)}}}
     DIR/<file>          BitMap64.serialize() bytes of that segment's members
 
 File names are `<nnnn>-<segment id with ':' replaced by '_'>.roaring`: the index keeps names
@@ -46,10 +47,11 @@ def write_segment_set(
     path: Path | str,
     bitmaps: Mapping[str, BitMap64],
     computed_at: dt.datetime,
-    min_cardinality: Mapping[str, int] | None = None,
+    options: Mapping[str, Mapping[str, int]] | None = None,
 ) -> dict:
     """Write `bitmaps` (segment id -> members) as a segment-set directory at `path`, with the
-    definitions' `min_cardinality` floors of some segments (the publisher's guard).
+    definitions' options of each segment (`min_cardinality`, `max_age_seconds`: see
+    publisher/segment_set.py `OPTIONS`) in its entry.
 
     An existing segment set at `path` is replaced atomically; any other non-empty directory
     is refused. Returns the manifest that was written.
@@ -65,7 +67,6 @@ def write_segment_set(
             file = file_name(index, name)
             write_file(tmp / file, bitmap.serialize())
             entry = manifest["segments"][name] = {"file": file, "cardinality": len(bitmap)}
-            if min_cardinality and name in min_cardinality:
-                entry["min_cardinality"] = min_cardinality[name]
+            entry.update((options or {}).get(name, {}))
         write_file(tmp / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
     return manifest

@@ -282,6 +282,11 @@ class StreamJob:
         publish_attempts: int = 5,
     ) -> None:
         self.rules = definitions.rules
+        #: the rules' max_age_seconds: each publish heartbeats these segments, and a batch
+        #: whose memberships did not change still publishes once a third of the shortest
+        #: max age has passed since the last publish
+        self.max_age = {r.name: r.max_age_seconds for r in self.rules if r.max_age_seconds}
+        self._published_at = 0.0
         self.specs = definitions.tracks()
         self.publisher = publisher
         self.checkpoint = Path(checkpoint)
@@ -324,7 +329,7 @@ class StreamJob:
         desired = streamstate.memberships(state, self.rules, clock)
         report.cardinalities = {k: len(v) for k, v in desired.items()}
         report.timings["compute"] = time.monotonic() - started
-        if desired != self._last:
+        if desired != self._last or self._heartbeat_due():
             publish_started = time.monotonic()
             result = self._publish(desired)
             report.timings["publish"] = time.monotonic() - publish_started
@@ -332,10 +337,16 @@ class StreamJob:
             report.published_at = time.time()
             report.versions = dict(result.versions)
             self._last = desired
+            self._published_at = time.monotonic()
         self.store.gc(batch_id - 1)
         report.seconds = time.monotonic() - started
         if self.on_batch is not None:
             self.on_batch(report)
+
+    def _heartbeat_due(self) -> bool:
+        if not self.max_age:
+            return False
+        return time.monotonic() - self._published_at >= min(self.max_age.values()) / 3
 
     def _previous(self, batch_id: int) -> tuple[streamstate.State, int]:
         """The state and clock this batch starts from: the newest saved before it (kept in
@@ -355,7 +366,7 @@ class StreamJob:
         delay = 0.5
         for attempt in range(1, self.publish_attempts + 1):
             try:
-                return self.publisher.publish(desired, prune=False)
+                return self.publisher.publish(desired, prune=False, max_age=self.max_age)
             except FencedError:
                 raise
             except TransportError as e:

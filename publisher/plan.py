@@ -12,6 +12,7 @@ from sidecar.record import (
     Delta,
     Drop,
     DropMarker,
+    Heartbeat,
     SnapshotChunk,
     delta_key,
     encode,
@@ -191,3 +192,34 @@ def records(
             for i in range(len(chunks), old_chunks)
         )
     return out
+
+
+def heartbeats(
+    log: RecoveredLog,
+    desired: dict[str, BitMap64],
+    plan: Plan,
+    max_age: dict[str, int] | None,
+    ts: int,
+) -> list[Heartbeat]:
+    """The heartbeats of a publish (DESIGN.md "Freshness"): one for each published segment
+    that has a max age, at its version after this publish, changed or not (an identical
+    republish then still renews the segment). `max_age` is the input's (segment -> seconds):
+    a segment it leaves out that had one in the log gets a beat of 0, which clears it. None
+    (a rollback, a caller with no manifest) keeps each segment's max age as the log has it."""
+    versions = {c.segment: c.version for c in plan.changes if not c.drop}
+    beats = []
+    for segment in desired:
+        had = log.max_age_of(segment)
+        seconds = had if max_age is None else max_age.get(segment, 0)
+        if not seconds and not had:
+            continue
+        version = versions.get(segment) or log.version_of(segment)
+        if version:
+            beats.append(Heartbeat(segment, version, seconds, ts))
+    return beats
+
+
+def heartbeat_record(beat: Heartbeat, partitions: int) -> tuple[Topic, int, bytes, bytes]:
+    """A heartbeat goes where the segment's deltas go: replicas read it after them."""
+    p = partition_for(beat.segment, partitions)
+    return "deltas", p, delta_key(beat.segment), encode(beat)

@@ -7,7 +7,7 @@ import os
 import signal
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 from pyroaring import BitMap64
@@ -17,7 +17,15 @@ from sidecar.replica import RecoveredLog, SegmentState
 from sidecar.transport.base import Transport
 
 from .guard import Guard
-from .plan import Change, SnapshotPacing, SnapshotPolicy, diff, records
+from .plan import (
+    Change,
+    SnapshotPacing,
+    SnapshotPolicy,
+    diff,
+    heartbeat_record,
+    heartbeats,
+    records,
+)
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +54,8 @@ class PublishResult:
     removes: int = 0
     drops: int = 0
     snapshots: int = 0
+    #: heartbeats written (segments with a max_age_seconds, changed or not)
+    heartbeats: int = 0
     records: int = 0
     log_bytes: int = 0
     aerospike_records: int = 0
@@ -59,6 +69,7 @@ class PublishResult:
         return (
             f"segments changed {self.segments_changed}, adds {self.adds:,}, "
             f"removes {self.removes:,}, drops {self.drops}, snapshots {self.snapshots}, "
+            f"heartbeats {self.heartbeats}, "
             f"log records {self.records} ({self.log_bytes:,} bytes), "
             f"aerospike records {self.aerospike_records:,}, time {self.seconds:.2f} s"
         )
@@ -160,11 +171,13 @@ class Publisher:
         prune: bool = False,
         drop: Iterable[str] = (),
         min_cardinality: Mapping[str, int] | None = None,
+        max_age: Mapping[str, int] | None = None,
     ) -> PublishResult:
         """Publish `desired` (segment -> members). With a `guard`, raises GuardError, having
         written nothing, when a change breaks it (see guard.py); `min_cardinality` holds the
         manifest's floors. Without one nothing is refused: the tools that publish a job's
-        output (seg-publish, seg-compute batch and stream) pass theirs."""
+        output (seg-publish, seg-compute batch and stream) pass theirs. `max_age` holds the
+        manifest's `max_age_seconds` (see `plan.heartbeats`; None keeps the log's)."""
         both = sorted(set(drop) & set(desired))
         if both:
             raise ValueError(f"segments both in the input and to drop: {', '.join(both)}")
@@ -174,7 +187,14 @@ class Publisher:
                 self._session = _Session(self)
             else:
                 self._session.log.catch_up()
-            result = self._publish(self._session, desired, prune, set(drop), min_cardinality or {})
+            result = self._publish(
+                self._session,
+                desired,
+                prune,
+                set(drop),
+                min_cardinality or {},
+                dict(max_age) if max_age is not None else None,
+            )
         except BaseException:
             self.close()
             raise
@@ -190,6 +210,7 @@ class Publisher:
         prune: bool,
         drop: set[str],
         min_cardinality: Mapping[str, int],
+        max_age: dict[str, int] | None,
     ) -> PublishResult:
         state, writer = session.log, session.writer
         offsets = state.offsets()
@@ -204,12 +225,16 @@ class Publisher:
         if self.guard is not None:
             self.guard.check(state, plan, min_cardinality=min_cardinality, explicit_drops=explicit)
         result = PublishResult()
-        if not plan.changes:
+        ts = int(time.time() * 1000)
+        beats = heartbeats(state, dict(desired), plan, max_age, ts)
+        if not plan.changes and not beats:
             return result
-        if self.sink is not None:
+        if self.sink is not None and plan.changes:
             result.aerospike_records = self.sink.apply(plan.changes, self._progress_users)
         _fault("after-aerospike")
-        ts = int(time.time() * 1000)
+        if plan.changes:  # the log's time of the change: after the sink's writes
+            ts = int(time.time() * 1000)
+            beats = [replace(b, ts=ts) for b in beats]
         chunks: list[int] = []
         shown = time.monotonic()
         with writer.transaction():
@@ -229,6 +254,9 @@ class Publisher:
                     )
                 if i == len(plan.changes) // 2:
                     _fault("mid-transaction")
+            for beat in beats:
+                result.log_bytes += writer.append(*heartbeat_record(beat, writer.partitions))
+                result.records += 1
         _fault("after-commit")
         for change, n in zip(plan.changes, chunks, strict=True):
             session.remember(change, n, ts)
@@ -237,6 +265,9 @@ class Publisher:
             result.removes += len(change.remove) if not change.drop else 0
             result.drops += change.drop
             result.snapshots += change.snapshot is not None
+        for beat in beats:
+            state.wrote_heartbeat(beat)
+        result.heartbeats = len(beats)
         return result
 
     def _progress_users(self, done: int, total: int) -> None:

@@ -13,6 +13,23 @@ from pathlib import Path
 from pyroaring import BitMap64
 
 from sidecar.ids import BadRequest, segment_id
+from sidecar.record import MAX_AGE_SECONDS
+
+#: the optional integer fields of a manifest entry (and of a [[segment]] definition), with
+#: their ranges: publish guards and freshness (DESIGN.md "Publisher input", "Freshness")
+OPTIONS: dict[str, tuple[int, int]] = {
+    "min_cardinality": (0, 2**64 - 1),
+    "max_age_seconds": (1, MAX_AGE_SECONDS),
+}
+
+
+def option_value(key: str, value: object) -> int:
+    """`value` of the entry option `key`, checked; ValueError naming it otherwise."""
+    low, high = OPTIONS[key]
+    if type(value) is not int or not low <= value <= high:
+        what = "a non-negative integer" if low == 0 else f"an integer in {low}..{high}"
+        raise ValueError(f"{key} must be {what}, got {value!r}")
+    return value
 
 
 class InputError(ValueError):
@@ -25,6 +42,8 @@ class SegmentSet:
     segments: dict[str, BitMap64]
     #: the entries' optional "min_cardinality" (publish guards)
     min_cardinality: dict[str, int] = field(default_factory=dict)
+    #: the entries' optional "max_age_seconds" (heartbeats; DESIGN.md "Freshness")
+    max_age: dict[str, int] = field(default_factory=dict)
 
 
 def read_segment_set(path: str | Path) -> SegmentSet:
@@ -46,6 +65,7 @@ def read_segment_set(path: str | Path) -> SegmentSet:
         raise InputError(f'{manifest_path}: "segments" must be an object')
     segments: dict[str, BitMap64] = {}
     floors: dict[str, int] = {}
+    max_age: dict[str, int] = {}
     for name, entry in entries.items():
         try:
             segment_id(name)
@@ -56,11 +76,12 @@ def read_segment_set(path: str | Path) -> SegmentSet:
         card = entry.get("cardinality")
         if type(card) is not int or card < 0:
             raise InputError(f"segment {name}: cardinality must be a non-negative integer")
-        if "min_cardinality" in entry:
-            floor = entry["min_cardinality"]
-            if type(floor) is not int or floor < 0:
-                raise InputError(f"segment {name}: min_cardinality must be a non-negative integer")
-            floors[name] = floor
+        for key, found in (("min_cardinality", floors), ("max_age_seconds", max_age)):
+            if key in entry:
+                try:
+                    found[name] = option_value(key, entry[key])
+                except ValueError as exc:
+                    raise InputError(f"segment {name}: {exc}") from None
         file = (root / entry["file"]).resolve()
         if root.resolve() not in file.parents:
             raise InputError(f"segment {name}: file {entry['file']!r} is outside {root}")
@@ -75,4 +96,4 @@ def read_segment_set(path: str | Path) -> SegmentSet:
                 f"segment {name}: {file.name} holds {len(bitmap)} members, manifest says {card}"
             )
         segments[name] = bitmap
-    return SegmentSet(computed_at, segments, floors)
+    return SegmentSet(computed_at, segments, floors, max_age)

@@ -32,6 +32,8 @@ MAX_RECORD_BITMAP_BYTES = 900 * 1024
 #: assembly buffers by it.
 MAX_PIECES = 1 << 16
 _U64 = 2**64 - 1
+#: the longest `max_age_seconds` / `ttl_seconds` (a 32-bit signed count of seconds: 68 years)
+MAX_AGE_SECONDS = 2**31 - 1
 _I64 = 2**63 - 1  # Kafka offsets are signed 64-bit
 
 
@@ -96,6 +98,18 @@ class DropMarker:
 
 
 @dataclass(frozen=True, slots=True)
+class Heartbeat:
+    """Deltas topic: the segment is still current at `version` as of `ts` (written by every
+    publish of a segment with a `max_age_seconds`, an identical one included); `max_age_s`
+    0 says the segment no longer has one. Readers older than this kind skip it."""
+
+    segment: str
+    version: int
+    max_age_s: int
+    ts: int
+
+
+@dataclass(frozen=True, slots=True)
 class Skipped:
     """A well-formed record the reader said it did not want (`decode(..., wanted=...)`); its
     bitmaps were not deserialized."""
@@ -104,7 +118,7 @@ class Skipped:
     version: int
 
 
-Record = Delta | Drop | SnapshotChunk | DropMarker
+Record = Delta | Drop | SnapshotChunk | DropMarker | Heartbeat
 
 
 def delta_key(segment: str) -> bytes:
@@ -151,6 +165,14 @@ def encode(record: Record) -> bytes:
             "delta_offset": record.delta_offset,
             "ts": record.ts,
         }
+    elif isinstance(record, Heartbeat):
+        body = {
+            "kind": "heartbeat",
+            "segment": record.segment,
+            "version": record.version,
+            "max_age_s": record.max_age_s,
+            "ts": record.ts,
+        }
     elif isinstance(record, DropMarker):
         body = {
             "kind": "drop",
@@ -165,7 +187,7 @@ def encode(record: Record) -> bytes:
 
 
 #: kinds each topic holds: anything else is UnknownRecord, wanted or not
-_DELTA_KINDS = frozenset(("delta", "drop"))
+_DELTA_KINDS = frozenset(("delta", "drop", "heartbeat"))
 _SNAPSHOT_KINDS = frozenset(("snapshot", "drop"))
 
 
@@ -257,6 +279,13 @@ def decode(
     if type(kind) is not str or kind not in (_SNAPSHOT_KINDS if snapshots else _DELTA_KINDS):
         raise UnknownRecord(f"unknown kind {kind!r}", "unknown_kind")
     segment = _segment(body)
+    if kind == "heartbeat":  # no bitmap: `wanted` would save nothing
+        return Heartbeat(
+            segment,
+            _int(body, "version", 1, _I64),
+            _int(body, "max_age_s", 0, MAX_AGE_SECONDS),
+            _int(body, "ts"),
+        )
     if snapshots:
         version = _int(body, "version", 1)
         delta_offset = _int(body, "delta_offset", 0, _I64)

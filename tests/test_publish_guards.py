@@ -478,8 +478,8 @@ def test_definitions_min_cardinality_reaches_the_guard(
     sql = "SELECT user_id FROM users"
     """
     segments = parse(text, base_params={"as_of": "2026-12-01"})
-    floors = {s.name: s.min_cardinality for s in segments if s.min_cardinality is not None}
-    assert floors == {"vip": 90}
+    floors = {s.name: s.options() for s in segments}  # what compute.batch writes
+    assert floors == {"vip": {"min_cardinality": 90}, "free": {}}
     now = dt.datetime.now(dt.UTC)
     args = ["--log-dir", str(log.path)]
     full = {"vip": BitMap64(range(100)), "free": BitMap64(range(100))}

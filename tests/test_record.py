@@ -18,10 +18,12 @@ from pyroaring import BitMap64
 from sidecar.partitioner import murmur2, partition_for
 from sidecar.record import (
     FORMAT,
+    MAX_AGE_SECONDS,
     CorruptRecord,
     Delta,
     Drop,
     DropMarker,
+    Heartbeat,
     RecordError,
     Skipped,
     SnapshotChunk,
@@ -100,6 +102,9 @@ def valid_chunks(draw: st.DrawFn) -> SnapshotChunk:
 
 chunks = valid_chunks()
 markers = st.builds(DropMarker, segment_ids, st.integers(1, MAX_ID), st.integers(0, 2**63 - 1), U64)
+beats = st.builds(
+    Heartbeat, segment_ids, st.integers(1, 2**63 - 1), st.integers(0, MAX_AGE_SECONDS), U64
+)
 
 
 def _is_snapshot_topic(record: object) -> bool:
@@ -110,7 +115,7 @@ def _is_snapshot_topic(record: object) -> bool:
 
 
 @settings(max_examples=200, suppress_health_check=[HealthCheck.too_slow])
-@given(st.one_of(deltas, drops, chunks, markers))
+@given(st.one_of(deltas, drops, chunks, markers, beats))
 def test_round_trip_every_record_type(record: object) -> None:
     value = encode(record)  # type: ignore[arg-type]
     assert isinstance(value, bytes)
@@ -333,6 +338,29 @@ def test_drop_missing_field_is_corrupt(field: str) -> None:
     del body[field]
     with pytest.raises(CorruptRecord):
         decode(_pack(body))
+
+
+@pytest.mark.parametrize("field", ["segment", "version", "max_age_s", "ts"])
+def test_heartbeat_missing_field_is_corrupt(field: str) -> None:
+    body = msgpack.unpackb(encode(Heartbeat("s", 2, 60, 4)))
+    del body[field]
+    with pytest.raises(CorruptRecord):
+        decode(_pack(body))
+
+
+@pytest.mark.parametrize(
+    ("field", "bad"), [("max_age_s", -1), ("max_age_s", 2**31), ("version", 0)]
+)
+def test_heartbeat_out_of_range_is_corrupt(field: str, bad: int) -> None:
+    body = msgpack.unpackb(encode(Heartbeat("s", 2, 60, 4)))
+    body[field] = bad
+    with pytest.raises(CorruptRecord):
+        decode(_pack(body))
+
+
+def test_a_heartbeat_in_the_snapshots_topic_is_unknown() -> None:
+    with pytest.raises(UnknownRecord):
+        decode(encode(Heartbeat("s", 2, 60, 4)), snapshots=True)
 
 
 @pytest.mark.parametrize("field", ["segment", "version", "delta_offset", "ts"])

@@ -14,7 +14,7 @@ from pyroaring import BitMap64
 
 from sidecar.client import SidecarClient
 from sidecar.partitioner import partition_for
-from sidecar.record import Delta, delta_key, encode
+from sidecar.record import Delta, Heartbeat, delta_key, encode
 from sidecar.replica import Replica, SegmentState
 from sidecar.server.uds import LATENCY_SAMPLE_MASK
 from sidecar.transport.logdir import LogDirTransport
@@ -22,10 +22,11 @@ from tests.logtools import SidecarThread, publish_gap, publish_raw
 
 FRESH, STALE, DIVERGED, DROPPED, OUTSIDE = "fresh", "stale", "diverged", "dropped", "outside"
 UNKNOWN = "nosuch"
-SEGMENTS = [FRESH, STALE, DIVERGED, DROPPED, OUTSIDE, UNKNOWN]
+AGED = "aged"  # past its max_age_seconds: a heartbeat from long ago
+SEGMENTS = [FRESH, STALE, DIVERGED, DROPPED, OUTSIDE, UNKNOWN, AGED]
 MEMBERS = BitMap64([1, 2, 2**64 - 1])
 USERS = [1, 3, 2**64 - 1]
-HELD = [FRESH, STALE, DIVERGED, DROPPED, UNKNOWN]  # the partial replica's --segments
+HELD = [FRESH, STALE, DIVERGED, DROPPED, UNKNOWN, AGED]  # the partial replica's --segments
 
 
 def _diverge(transport: LogDirTransport, segment: str, version: int) -> None:
@@ -38,10 +39,13 @@ def _diverge(transport: LogDirTransport, segment: str, version: int) -> None:
 @pytest.fixture(scope="module")
 def log(tmp_path_factory: pytest.TempPathFactory) -> LogDirTransport:
     t = LogDirTransport(tmp_path_factory.mktemp("inline") / "log")
-    state = publish_raw(t, {s: MEMBERS for s in (FRESH, STALE, DIVERGED, DROPPED, OUTSIDE)})
+    state = publish_raw(t, {s: MEMBERS for s in (FRESH, STALE, DIVERGED, DROPPED, OUTSIDE, AGED)})
     publish_raw(t, {}, state, drop=(DROPPED,))
     publish_gap(t, STALE, state)
     _diverge(t, DIVERGED, state.segments[DIVERGED][0])
+    with t.writer("test-publisher") as w, w.transaction():
+        beat = encode(Heartbeat(AGED, state.segments[AGED][0], 1, 0))
+        w.append("deltas", partition_for(AGED, w.partitions), delta_key(AGED), beat)
     return t
 
 
@@ -49,8 +53,9 @@ def _settled(replica: Replica) -> Replica:
     assert replica.wait_ready(20), replica.status()
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
-        st = {s: replica.local(s) for s in (STALE, DIVERGED)}
-        if st == {STALE: "stale", DIVERGED: "diverged"} and not replica.engine.needs_resync:
+        st = {s: replica.local(s) for s in (STALE, DIVERGED, AGED)}
+        want = {STALE: "stale", DIVERGED: "diverged", AGED: "stale_age"}
+        if st == want and not replica.engine.needs_resync:
             return replica
         time.sleep(0.05)
     raise AssertionError(f"states did not settle: {replica.status()}")
@@ -76,6 +81,7 @@ EXPECTED = {
         DROPPED: "dropped",
         OUTSIDE: None,
         UNKNOWN: "unknown",
+        AGED: "stale_age",
     },
     "partial": {
         FRESH: None,
@@ -84,6 +90,7 @@ EXPECTED = {
         DROPPED: "dropped",
         OUTSIDE: "not_held",
         UNKNOWN: "unknown",
+        AGED: "stale_age",
     },
     "not_ready": dict.fromkeys(SEGMENTS, "not_ready"),
 }

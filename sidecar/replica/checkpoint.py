@@ -12,13 +12,13 @@ import hashlib
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import msgpack
 from pyroaring import BitMap64
 
-from .state import SegmentState
+from .state import Age, SegmentState
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +34,8 @@ class Checkpoint:
     segments: dict[str, SegmentState]
     dropped: dict[str, int]
     written_ms: int = 0
+    #: segments with a max_age_seconds: their max age and last affirmation (DESIGN "Freshness")
+    ages: dict[str, Age] = field(default_factory=dict)
 
 
 def save(state_dir: Path, ckpt: Checkpoint) -> int:
@@ -50,6 +52,7 @@ def save(state_dir: Path, ckpt: Checkpoint) -> int:
             if s.fresh
         ],
         "dropped": ckpt.dropped,
+        "ages": {name: [a.max_age_ms, a.heard_ms] for name, a in ckpt.ages.items()},
         "written_ms": int(time.time() * 1000),
     }
     payload = msgpack.packb(body, use_bin_type=True)
@@ -98,6 +101,8 @@ def load(state_dir: Path, log_id: str) -> Checkpoint | None:
             segments=segments,
             dropped=dict(body["dropped"]),
             written_ms=body["written_ms"],
+            # absent in checkpoints written before max ages: the next heartbeat sets them
+            ages={name: Age(*pair) for name, pair in body.get("ages", {}).items()},
         )
     except (ValueError, KeyError, TypeError) as exc:
         log.warning("ignoring %s: %s", path, exc)

@@ -14,9 +14,9 @@ from typing import Protocol
 
 from pyroaring import BitMap64
 
-from ..record import CorruptRecord, Delta, Drop, Skipped, UnknownRecord, decode
+from ..record import CorruptRecord, Delta, Drop, Heartbeat, Skipped, UnknownRecord, decode
 from ..transport.base import LogRecord
-from .state import Counters, Health, SegmentState
+from .state import Age, Counters, Health, SegmentState
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +79,8 @@ class Engine:
         self.segments: dict[str, SegmentState] = {}
         self.dropped: dict[str, int] = {}  # dropped segment -> version of the drop
         self.observer = observer
+        #: segments with a max_age_seconds (DESIGN.md "Freshness"), from their heartbeats
+        self.ages: dict[str, Age] = {}
         # segment -> the deltas offset its installed snapshot covers: older records of that
         # segment (replayed because another segment's snapshot starts earlier) are skipped.
         self.replay_from: dict[str, int] = {}
@@ -106,6 +108,7 @@ class Engine:
         self.generation += 1
         self.segments.clear()
         self.dropped.clear()
+        self.ages.clear()
         self.replay_from.clear()
         self.needs_resync.clear()
         self._pending.clear()
@@ -154,8 +157,32 @@ class Engine:
             return
         if isinstance(record, Delta):
             self.apply_delta(record, rec.offset)
+        elif isinstance(record, Heartbeat):
+            self.apply_heartbeat(record)
         elif isinstance(record, Drop):
             self.apply_drop(record)
+
+    def apply_heartbeat(self, beat: Heartbeat) -> None:
+        """The segment's current version is affirmed as of `beat.ts`: its age restarts (and
+        its max age is set, or cleared by 0). A beat for another version changes nothing: an
+        older one is a replay, a newer one follows a change this engine has not applied (the
+        gap rule handles that change)."""
+        if not self.holds(beat.segment):
+            self.counters.ignored += 1
+            return
+        state = self.segments.get(beat.segment)
+        if state is None or state.version != beat.version:
+            self.counters.duplicates += 1
+            return
+        if beat.max_age_s == 0:
+            if self.ages.pop(beat.segment, None) is not None:
+                self.generation += 1
+            return
+        age = self.ages.get(beat.segment)
+        heard = max(beat.ts, age.heard_ms) if age is not None else beat.ts
+        self.ages[beat.segment] = Age(beat.max_age_s * 1000, heard)
+        self.generation += 1
+        self.counters.heartbeats += 1
 
     def _check_order(self, segment: str, base: int, version: int) -> bool:
         """True when a change from `base` to `version` applies now; counts the rest."""
@@ -259,6 +286,7 @@ class Engine:
 
     def install_drop(self, segment: str, version: int, from_offset: int = 0) -> None:
         self.segments.pop(segment, None)
+        self.ages.pop(segment, None)
         self.dropped[segment] = version
         self._pending.pop(segment, None)
         self._changed(segment)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 
-from ..record import Delta
+from ..record import Delta, Heartbeat
 from ..transport.base import Transport
 from .engine import Engine, LogObserver
 from .recovery import bootstrap
@@ -43,6 +43,11 @@ class RecoveredLog:
         """The segment's current version in the log (its drop's for a dropped one, else 0)."""
         return self._engine.version_of(segment)
 
+    def max_age_of(self, segment: str) -> int:
+        """The segment's max_age_seconds as its last heartbeat set it; 0 for none."""
+        age = self._engine.ages.get(segment)
+        return age.max_age_ms // 1000 if age is not None else 0
+
     def offsets(self) -> dict[int, int]:
         """Deltas partition -> the next offset: where a snapshot written now takes over."""
         return {p: self._reader.position("deltas", p) for p in range(self._reader.partitions)}
@@ -66,6 +71,10 @@ class RecoveredLog:
     def wrote_drop(self, segment: str, version: int) -> None:
         """The writer's own committed drop."""
         self._engine.install_drop(segment, version)
+
+    def wrote_heartbeat(self, beat: Heartbeat) -> None:
+        """The writer's own committed heartbeat."""
+        self._engine.apply_heartbeat(beat)
 
     def close(self) -> None:
         self._reader.close()

@@ -16,10 +16,15 @@ from ..partitioner import partition_for
 from ..transport.base import LogReader, Transport, TransportError
 from . import checkpoint, recovery, view
 from .engine import Engine, segment_filter
-from .state import BEHIND, NOT_HELD, NOT_READY, Health, SegmentState, retry_changed
+from .state import BEHIND, NOT_HELD, NOT_READY, STALE_AGE, Health, SegmentState, retry_changed
 from .waiters import Waiters
 
 _FRESH = Health.FRESH
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
 _DROPPED = "dropped"
 _UNKNOWN = "unknown"
 
@@ -51,6 +56,11 @@ class Replica:
         self.partial = bool(segments)
         self.engine = Engine(self.holds)
         self._segments = self.engine.segments  # never replaced (reset() clears it in place)
+        #: segments past their max_age_seconds (DESIGN.md "Freshness"), kept by the replica
+        #: thread (`refresh_ages`); never replaced, so hot paths may hold it
+        self.aged: set[str] = set()
+        #: the clock ages are judged by (ms); tests give their own
+        self.clock_ms = _now_ms
         #: read-your-publish waiters, woken by the engine when their segment changes
         self.waiters = Waiters()
         self.engine.on_change = self.waiters.notify
@@ -84,7 +94,7 @@ class Replica:
         that rule (the socket server's inlined check is tested against it)."""
         state = self._segments.get(segment)
         if state is not None and state.health is _FRESH and self.ready:
-            return state
+            return state if segment not in self.aged else STALE_AGE
         if not self.ready:
             return NOT_READY
         if state is None:  # the engine holds no segment outside `holds`
@@ -96,8 +106,27 @@ class Replica:
     def contains(self, user: int, segment: str) -> bool | None:
         state = self._segments.get(segment)
         if state is not None and state.health is _FRESH and self.ready:
-            return user in state.bitmap
+            return user in state.bitmap if segment not in self.aged else None
         return None
+
+    def refresh_ages(self) -> None:
+        """Mark the segments whose max age has passed on this replica's clock (and unmark
+        the ones a later publish or heartbeat renewed). The replica thread runs it after
+        every poll, so a deadline is seen within `poll_interval`."""
+        ages = self.engine.ages
+        aged = self.aged
+        if not ages and not aged:
+            return
+        now = self.clock_ms()
+        for name in [s for s in aged if s not in ages]:
+            aged.discard(name)  # dropped, or its max age cleared
+        for name, age in list(ages.items()):
+            if now > age.deadline_ms:
+                if name not in aged:
+                    log.warning("segment %s is stale: not republished within its max age", name)
+                    aged.add(name)
+            else:
+                aged.discard(name)
 
     # -- read-your-publish (DESIGN.md "Freshness") -----------------------------------------------
     def at_version(self, segment: str, min_version: int) -> SegmentState | str:
@@ -160,8 +189,9 @@ class Replica:
         found: list[str] = []
         fresh: set[str] = set()
         unhealthy = False
+        aged = self.aged
         for name, st in self.segment_items():
-            if st.health is _FRESH:
+            if st.health is _FRESH and name not in aged:
                 fresh.add(name)
                 if user in st.bitmap:
                     found.append(name)
@@ -249,6 +279,7 @@ class Replica:
             "segments": len(self.engine.segments),
             "memberships": self.engine.memberships(),
             "unhealthy": sorted(s for s, st in list(self.engine.segments.items()) if not st.fresh),
+            "stale_age": sorted(self.aged),
             "lag": self.lag(),
             "positions": dict(self.positions),
             "applied": c.applied,
@@ -287,6 +318,7 @@ class Replica:
             offsets=offsets,
             segments=dict(self.engine.segments),
             dropped=dict(self.engine.dropped),
+            ages=dict(self.engine.ages),
         )
         started = time.monotonic()
         size = checkpoint.save(self.state_dir, ckpt)
@@ -322,6 +354,9 @@ class Replica:
         for name, version in ckpt.dropped.items():
             if self.holds(name):
                 self.engine.install_drop(name, version)
+        for name, age in ckpt.ages.items():
+            if self.holds(name) and name in self.engine.segments:
+                self.engine.ages[name] = age
         log.info("restored %d segments from the checkpoint", len(ckpt.segments))
         return ckpt.offsets
 
@@ -385,6 +420,7 @@ class Replica:
                     self.engine.apply_record(rec)
                 for p in range(self.partitions):
                     self.positions[p] = reader.position("deltas", p)
+                self.refresh_ages()
                 if self.engine.needs_resync:
                     self._resync()
                 now = time.monotonic()

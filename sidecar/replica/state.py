@@ -16,6 +16,8 @@ NOT_READY = "not_ready"
 NOT_HELD = "not_held"
 #: read-your-publish: this replica has not reached the version asked for (or cannot answer yet)
 BEHIND = "behind"
+#: a segment with a max_age_seconds not republished (or heartbeaten) within it
+STALE_AGE = "stale_age"
 
 
 class Health(enum.Enum):
@@ -46,6 +48,19 @@ class SegmentState:
 
 
 @dataclass(slots=True)
+class Age:
+    """A segment's `max_age_seconds` (as ms) and the publisher's time of the last publish
+    that affirmed its current version (a change or a heartbeat)."""
+
+    max_age_ms: int
+    heard_ms: int
+
+    @property
+    def deadline_ms(self) -> int:
+        return self.heard_ms + self.max_age_ms
+
+
+@dataclass(slots=True)
 class Counters:
     """Monotonic counts of what the engine did with the log; exported as metrics."""
 
@@ -58,6 +73,7 @@ class Counters:
     corrupt: int = 0
     drops: int = 0
     ignored: int = 0  # records of segments this replica does not hold (--segments)
+    heartbeats: int = 0  # heartbeats applied (segments with a max_age_seconds)
     by_kind: dict[str, int] = field(default_factory=dict)
     #: records skipped because they cannot be applied, by `RecordError.reason` (and the
     #: assembly checks: `parts_mismatch`, `chunks_mismatch`, `snapshot_cardinality`)

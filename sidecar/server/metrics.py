@@ -252,6 +252,12 @@ class ReplicaCollector(Collector):
             value=len(status.get("unhealthy", ())),
         )
         yield GaugeMetricFamily(
+            "seg_replica_stale_age_segments",
+            "Held segments not republished within their max_age_seconds (answered by the "
+            "fallback until the next publish or heartbeat).",
+            value=len(status.get("stale_age", ())),
+        )
+        yield GaugeMetricFamily(
             "seg_replica_memberships", "Memberships held.", value=status.get("memberships", 0)
         )
         yield GaugeMetricFamily(

@@ -220,7 +220,7 @@ class _Connection(asyncio.Protocol):
                     and server.replica.ready
                 ):
                     st = server.segments.get(seg)
-                    if st is not None and st.health is _FRESH:
+                    if st is not None and st.health is _FRESH and seg not in server.aged:
                         server.check_counts[_K_LOCAL] += 1
                         return encode_response(rid, OK, user in st.bitmap)
         started = _perf()
@@ -359,6 +359,7 @@ class UdsServer:
         self.replica = queries.replica
         self.valid_names = queries.names.valid
         self.segments = queries.replica.engine.segments
+        self.aged = queries.replica.aged
         self.check_counts = self.handlers["check"][2].counts
         self.metrics.gauge(
             "seg_uds_connections", "Open Unix-socket connections.", lambda: len(self.connections)

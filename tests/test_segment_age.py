@@ -173,8 +173,10 @@ def test_the_deadline_is_judged_on_the_replica_clock(tmp_path: Path) -> None:
         now[0] = heard + 60_000
         time.sleep(0.1)
         assert isinstance(replica.local("a"), SegmentState)  # at the deadline: still fresh
+        generation = replica.engine.generation
         now[0] = heard + 60_001
         _until(lambda: replica.local("a") == "stale_age", 10)
+        assert replica.engine.generation > generation  # the shared replica's writer sees it
         now[0] = heard
         _until(lambda: isinstance(replica.local("a"), SegmentState), 10)
     finally:

@@ -25,6 +25,7 @@ _FRESH = Health.FRESH
 def _now_ms() -> int:
     return int(time.time() * 1000)
 
+
 _DROPPED = "dropped"
 _UNKNOWN = "unknown"
 
@@ -118,6 +119,8 @@ class Replica:
         if not ages and not aged:
             return
         now = self.clock_ms()
+        before = len(aged)
+        changed = False
         for name in [s for s in aged if s not in ages]:
             aged.discard(name)  # dropped, or its max age cleared
         for name, age in list(ages.items()):
@@ -125,8 +128,13 @@ class Replica:
                 if name not in aged:
                     log.warning("segment %s is stale: not republished within its max age", name)
                     aged.add(name)
-            else:
+                    changed = True
+            elif name in aged:
                 aged.discard(name)
+                changed = True
+        if changed or len(aged) != before:
+            # what `local` answers changed: the shared replica's writer watches this
+            self.engine.generation += 1
 
     # -- read-your-publish (DESIGN.md "Freshness") -----------------------------------------------
     def at_version(self, segment: str, min_version: int) -> SegmentState | str:

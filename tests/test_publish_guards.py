@@ -186,13 +186,11 @@ def test_stream_default_lets_a_window_empty_a_segment(log: LogDirTransport) -> N
 def test_guard_refuses_exactly_what_its_rules_say(
     before: set[int], after: set[int], fraction: float, floor: int | None, force: bool
 ) -> None:
-    from publisher.plan import SnapshotPacing, diff
-    from sidecar.replica.engine import Engine
-    from sidecar.replica.state import SegmentState
+    import tempfile
 
-    engine = Engine()
-    engine.install("s", SegmentState(BitMap64(before), 1, len(before), 0))
-    plan = diff(engine, {"s": BitMap64(after)}, pacing=SnapshotPacing())  # type: ignore[arg-type]
+    from publisher.plan import SnapshotPacing, diff
+    from sidecar.replica import RecoveredLog
+
     removed = len(before - after)
     refused = (
         not force
@@ -204,11 +202,19 @@ def test_guard_refuses_exactly_what_its_rules_say(
     )
     floors = {} if floor is None else {"s": floor}
     guard = Guard(fraction, force=force)
-    if refused:
-        with pytest.raises(GuardError, match="segment s"):
-            guard.check(engine, plan, min_cardinality=floors)
-    else:
-        guard.check(engine, plan, min_cardinality=floors)
+    with tempfile.TemporaryDirectory() as d:
+        log = LogDirTransport(Path(d) / "log")
+        Publisher(log).publish({"s": BitMap64(before)})
+        state = RecoveredLog(log)
+        try:
+            plan = diff(state, {"s": BitMap64(after)}, pacing=SnapshotPacing())
+            if refused:
+                with pytest.raises(GuardError, match="segment s"):
+                    guard.check(state, plan, min_cardinality=floors)
+            else:
+                guard.check(state, plan, min_cardinality=floors)
+        finally:
+            state.close()
 
 
 # -- history and rollback ------------------------------------------------------------------------

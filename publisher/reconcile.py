@@ -31,6 +31,7 @@ from typing import Any
 
 from pyroaring import BitMap64
 
+from sidecar.aerospike_layout import map_version
 from sidecar.replica import RecoveredLog
 from sidecar.transport.base import Transport
 
@@ -87,9 +88,11 @@ class _Repair:
 
 
 def _valid_version(value: Any, current: int) -> bool:
-    if isinstance(value, list) and value:  # a TTL segment's [version, expires_at_ms]
-        value = value[0]
-    return isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= current
+    try:
+        version = map_version(value)  # a TTL segment's [version, expires_at_ms] too
+    except ValueError:
+        return False
+    return version is not None and version <= current
 
 
 class _Comparison:

@@ -35,6 +35,19 @@ def user_of_key(key: int) -> int:
     return key + 2**64 if key < 0 else key
 
 
+def map_version(value: Any, now_ms: int | None = None) -> int | None:
+    """The version a `segs` map value holds: an int, or a TTL segment's `[version,
+    expires_at_ms]` (DESIGN.md "Freshness"); None when, given `now_ms`, it has expired (an
+    expired membership is not a member). ValueError for anything else."""
+    if type(value) is list and len(value) == 2 and all(type(v) is int for v in value):
+        if now_ms is not None and value[1] <= now_ms:
+            return None
+        value = value[0]
+    if type(value) is not int or value < 1:
+        raise ValueError(f"malformed {BIN} map value {value!r}"[:120])
+    return value
+
+
 def parse_hosts(spec: str) -> list[tuple[str, int]]:
     """`host:port[,host:port...]`; a bad item is a ValueError naming it."""
     hosts = []

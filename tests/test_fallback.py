@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 import pytest
 from aerospike_helpers.operations import map_operations
 
-from sidecar.aerospike_layout import AerospikeTarget, parse_hosts, user_key
+from sidecar.aerospike_layout import AerospikeTarget, map_version, parse_hosts, user_key
 from sidecar.fallback.aerospike import AerospikeFallback
 from sidecar.fallback.breaker import CircuitBreaker
 from tests.aerospike_fixture import aerospike_client, aerospike_server  # noqa: F401
@@ -147,6 +147,43 @@ def test_get_reads_bin_segs_only(
     run(body)
     counts = aerospike_server.command_counts()
     assert counts["get:" + BIN] >= 1 and counts["get:" + BIN] == counts["get"], counts
+
+
+def test_ttl_map_values_are_honoured(
+    aerospike_server: ThreadedAerospikeServer,  # noqa: F811
+    aerospike_client: Any,  # noqa: F811
+) -> None:
+    """A TTL segment's value is [version, expires_at_ms]: a member until then, not after."""
+    now = int(time.time() * 1000)
+    segs = {"plain": 2, "live": [3, now + 3_600_000], "gone": [4, now - 1]}
+    aerospike_client.put((NS, SET, 77), {BIN: segs})
+    aerospike_client.put((NS, SET, 78), {BIN: {"bad": "x"}})
+
+    async def body() -> None:
+        fb = make_fallback(aerospike_server, budget_ms=200)
+        try:
+            assert await answer(fb, 77) == {"plain": 2, "live": 3}
+            errors = fb.calls["error"]
+            assert await fb.segments_of(78) is None  # malformed: unknown, not "not a member"
+            assert fb.calls["error"] == errors + 1
+        finally:
+            await fb.close()
+
+    run(body)
+
+
+@pytest.mark.parametrize(
+    ("value", "now", "expected"),
+    [(5, None, 5), ([5, 100], None, 5), ([5, 100], 99, 5), ([5, 100], 100, None)],
+)
+def test_map_version(value: Any, now: int | None, expected: int | None) -> None:
+    assert map_version(value, now) == expected
+
+
+@pytest.mark.parametrize("value", [0, True, "3", 3.0, [3], [3, "x"], [True, 5], None])
+def test_map_version_refuses_malformed_values(value: Any) -> None:
+    with pytest.raises(ValueError, match="malformed"):
+        map_version(value, 0)
 
 
 def test_unknown_user_is_empty_not_none(

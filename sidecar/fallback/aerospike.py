@@ -15,7 +15,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from ..aerospike_layout import AerospikeTarget
+from ..aerospike_layout import AerospikeTarget, map_version
 from .base import Fallback
 from .breaker import CircuitBreaker
 
@@ -102,7 +102,9 @@ class AerospikeFallback(Fallback):
         except aerospike.exception.RecordNotFound:
             return {}
         value = (bins or {}).get(bin_name) or {}
-        return {str(k): int(v) for k, v in value.items()}
+        now = int(time.time() * 1000)  # a malformed value raises: the answer is unknown
+        versions = ((str(k), map_version(v, now)) for k, v in value.items())
+        return {k: v for k, v in versions if v is not None}
 
     # -- the fallback ---------------------------------------------------------------------
     async def segments_of(self, user: int) -> dict[str, int] | None:

@@ -378,3 +378,29 @@ def test_option_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     assert build_parser().parse_args(["--log-dir", "d"]).shm == ""  # off
     monkeypatch.setenv("SEG_SHM", "/dev/shm/x")
     assert build_parser().parse_args(["--log-dir", "d"]).shm == "/dev/shm/x"
+
+
+def test_a_segment_stale_by_age_is_not_answered(workdir: Path) -> None:
+    """Past its max_age_seconds (on the replica's clock) a segment leaves the shared replica
+    as `Replica.local` stops answering it, and comes back with the next heartbeat."""
+    from publisher.publish import Publisher
+
+    publisher = Publisher(LogDirTransport(workdir / "log"), writer_id="t", partitions=1)
+    publisher.publish({"aged": BitMap64([1]), "plain": BitMap64([2])}, max_age={"aged": 60})
+    replica = Replica(LogDirTransport(workdir / "log"), poll_interval=0.01)
+    clock = [int(time.time() * 1000)]
+    replica.clock_ms = lambda: clock[0]
+    replica.start()
+    assert replica.wait_ready(10)
+    writer = ShmWriter(replica, workdir / "shm", interval=0.01).start()
+    try:
+        reader = SharedReplica(shm_dir=workdir / "shm")
+        wait_until(lambda: reader.contains(1, "aged") is True, what="the first sync")
+        clock[0] += 61_000
+        wait_until(lambda: reader.contains(1, "aged") is None, what="stale by age")
+        assert reader.contains(2, "plain") is True
+        clock[0] -= 61_000
+        wait_until(lambda: reader.contains(1, "aged") is True, what="fresh again")
+    finally:
+        writer.stop()
+        replica.stop(save=False)

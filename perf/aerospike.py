@@ -86,7 +86,9 @@ class TestServerProcess:
 
 def truncate(sink: AerospikeSink) -> None:
     t = sink.target
-    sink.client.info_all(f"truncate:namespace={t.namespace};set={t.set_name}")
+    sink.client.info_all(
+        f"truncate:namespace={t.namespace};set={t.set_name}", policy={"timeout": 120_000}
+    )
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:  # a real server truncates in the background
         if not sink.client.query(t.namespace, t.set_name).results({"max_records": 1}):

@@ -1,4 +1,4 @@
-"""The data set of the `eval` and `count` scenarios: 5 segments over 10M memberships (1M with
+"""The data set of the `eval` and `count` scenarios: 5 segments over 10M memberships (500k with
 --quick), ids random over twice as many users so that the segments overlap, served by their
 own `seg-sidecar` and loaded into the run's Redis as one set per segment.
 
@@ -35,7 +35,7 @@ def get(ctx: Context) -> ExprSet:
     if found is None:
         from publisher import Publisher
 
-        total = ctx.sizes.pick(1_000_000, 10_000_000)
+        total = ctx.sizes.pick(500_000, 10_000_000)
         span = 2 * total
         segments = {
             name: data.random_ids(int(total * share), 0, span, seed=300 + i)

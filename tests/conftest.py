@@ -4,4 +4,5 @@ pytest_plugins = [
     "tests.sidecar_fixtures",
     "tests.mongo_fixture",
     "tests.s3_fixture",
+    "tests.broker_faults",
 ]

@@ -80,6 +80,8 @@ RETRIABLE_CODES = frozenset(
 #: How long one operation keeps retrying retriable errors before it fails.
 RETRY_SECONDS = 30.0
 
+_NO_LEADERS = frozenset({KafkaError._NOENT})
+
 T = TypeVar("T")
 
 
@@ -94,10 +96,15 @@ def retriable(err: KafkaError | None) -> bool:
     return err.retriable() or err.code() in RETRIABLE_CODES
 
 
-def retrying(what: str, call: Callable[[], T], timeout: float = RETRY_SECONDS) -> T:
+def retrying(
+    what: str,
+    call: Callable[[], T],
+    timeout: float = RETRY_SECONDS,
+    also: frozenset[int] = frozenset(),
+) -> T:
     """`call()`, again after retriable Kafka errors (backing off from 50 ms to 1 s) until
     `timeout` seconds have passed; then, or on any other Kafka error, TransportError saying
-    `what` failed and why."""
+    `what` failed and why. `also`: more codes that are retriable for this call."""
     deadline = time.monotonic() + timeout
     pause = 0.05
     while True:
@@ -105,7 +112,8 @@ def retrying(what: str, call: Callable[[], T], timeout: float = RETRY_SECONDS) -
             return call()
         except KafkaException as exc:
             err = _error(exc)
-            if not retriable(err) or time.monotonic() + pause > deadline:
+            again = retriable(err) or (err is not None and not err.fatal() and err.code() in also)
+            if not again or time.monotonic() + pause > deadline:
                 raise TransportError(f"{what}: {exc}") from exc
             log.info("%s: %s; retrying in %.2f s", what, exc, pause)
             time.sleep(pause)
@@ -132,7 +140,8 @@ def list_offsets(
         return {(tp.topic, tp.partition): f.result().offset for tp, f in futures.items()}
 
     names = sorted({tp.topic for tp in tps})
-    return retrying(f"cannot read offsets of {', '.join(names)}", call)
+    # _NOENT here: "no leaders" for the partitions, as right after a broker restart
+    return retrying(f"cannot read offsets of {', '.join(names)}", call, also=_NO_LEADERS)
 
 
 class KafkaWriter(LogWriter):

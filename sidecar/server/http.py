@@ -35,6 +35,7 @@ DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8571
 DEFAULT_MAX_BODY = 1 << 20
 MAX_CHECKS = 10_000
+MAX_REQUEST_LINE = 16 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -381,6 +382,9 @@ class HttpServer:
             shutdown_timeout=self.shutdown_timeout,
             keepalive_timeout=self.timeouts.idle,  # aiohttp's default is an hour
             lingering_time=self.timeouts.body,  # reading an unread body before closing
+            # a 1,024-character expression of 4-byte characters is 12 KiB percent-encoded:
+            # aiohttp's 8 KiB default would refuse it in text/plain before the API sees it
+            max_line_size=MAX_REQUEST_LINE,
         )
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port, reuse_address=True)

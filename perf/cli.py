@@ -51,9 +51,9 @@ def build_parser() -> Parser:
     p.add_argument(
         "scenario",
         nargs="+",
-        choices=[*SCENARIOS, "all", "report"],
+        choices=[*SCENARIOS, "all", "report", "reliability"],
         help="what to run, one or more in one run ('report' only rebuilds the report from the "
-        "JSON files)",
+        "JSON files; 'reliability' runs the long fault suite, docs/RELIABILITY.md)",
     )
     p.add_argument(
         "--quick", action="store_true", help="small sizes (all of them in under 5 minutes)"
@@ -153,8 +153,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     command = "seg-perf " + shlex.join(sys.argv[1:] if argv is None else argv)
     chosen: list[str] = args.scenario
-    if ("all" in chosen or "report" in chosen) and len(chosen) > 1:
-        parser.error("'all' and 'report' go alone")
+    if any(c in chosen for c in ("all", "report", "reliability")) and len(chosen) > 1:
+        parser.error("'all', 'report' and 'reliability' go alone")
+    if chosen == ["reliability"]:
+        from . import reliability
+
+        return reliability.run(out)
     if chosen == ["report"]:
         sections = {n: module(n).section for n in SCENARIOS}
         path = report.write_report(out, report_path, sections)

@@ -66,6 +66,13 @@ def _exact(transport: Transport, state_dir: Path, truth: dict[str, BitMap64]) ->
         replica.stop(save=False)
 
 
+def _wait_for_checkpoint(path: Path, since: float) -> None:
+    deadline = time.monotonic() + WAIT
+    while not (path.exists() and path.stat().st_mtime >= since):
+        assert time.monotonic() < deadline, "the sidecar wrote no checkpoint"
+        time.sleep(0.05)
+
+
 @pytest.mark.timeout(600)
 def test_sidecar_killed_at_random_moments_comes_back_exact(transport: Transport) -> None:
     rng = random.Random(11)
@@ -89,7 +96,11 @@ def test_sidecar_killed_at_random_moments_comes_back_exact(transport: Transport)
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
             )  # fmt: skip
-            time.sleep(rng.uniform(0.3, 2.5))  # bootstrap, tailing or mid-checkpoint
+            round_started = time.time()
+            if i % 2:  # early: during start-up or bootstrap
+                time.sleep(rng.uniform(0.3, 2.0))
+            else:  # once it checkpoints: while tailing, possibly mid-checkpoint
+                _wait_for_checkpoint(state / "checkpoint.seg", round_started)
             truth = _truth(rng)
             _publisher(transport).publish(truth)  # lands while it runs (or after it died)
             time.sleep(rng.uniform(0.0, 0.5))

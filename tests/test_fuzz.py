@@ -12,6 +12,8 @@ import os
 import shutil
 import socket
 import struct
+import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,6 +31,7 @@ from sidecar.replica import Replica
 from sidecar.transport import LogDirTransport
 from tests.logtools import SidecarThread, publish_raw
 
+ROOT = Path(__file__).resolve().parent.parent
 SEGMENTS = {"vip": BitMap64([1, 2, 3]), "cart": BitMap64(range(100, 200))}
 #: examples per fuzz test: small in the normal run (CI time), more with SEG_FUZZ_EXAMPLES
 #: (`seg-perf reliability` sets 2000)
@@ -166,3 +169,17 @@ def test_http_api_from_its_openapi_file(case: schemathesis.Case, server: Sidecar
     # user id is a bad request), a 20-digit pattern admits ids above 2**64-1, an expression's
     # grammar is no pattern. Every other check runs, invalid data included.
     case.call_and_validate(base_url=server.http_url, excluded_checks=[positive_data_acceptance])
+
+
+def test_atheris_coverage_guided_fuzz_of_the_decoders() -> None:
+    """tests/fuzz_atheris.py for a bounded time: frame bodies through every op's handler, log
+    values, log-directory files. A crash exits non-zero with the input."""
+    seconds = max(6, EXAMPLES // 5)
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "tests" / "fuzz_atheris.py"), f"-max_total_time={seconds}",
+         "-runs=10000000", f"-artifact_prefix={tempfile.gettempdir()}/"],
+        cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True, text=True, timeout=seconds + 120,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "Done" in run.stderr

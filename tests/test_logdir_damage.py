@@ -14,6 +14,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+import zlib
 from pathlib import Path
 
 import pytest
@@ -213,3 +214,24 @@ def test_repair_log_keeps_the_prefix_says_what_it_drops_and_publishing_resumes(
 def test_repair_log_needs_a_log_directory(tmp_path: Path) -> None:
     run = seg_publish("--kafka", "127.0.0.1:9", "--repair-log")
     assert run.returncode == 2 and "--repair-log takes --log-dir" in run.stderr
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        MAGIC + b"\0" * 8,  # an empty payload: its checksum is 0 too (found by atheris)
+        MAGIC + (3).to_bytes(4, "big") + zlib.crc32(b"\x91\x05").to_bytes(4, "big") + b"\x91\x05",
+    ],
+    ids=["empty", "not-entries"],
+)
+def test_a_checksummed_batch_that_is_not_entries_is_no_batch(tmp_path: Path, bad: bytes) -> None:
+    log = tmp_path / "log"
+    data = published(log)
+    (log / "log").write_bytes(data + bad)
+    assert survey((log / "log").read_bytes()) == (len(data), None)
+    replica = Replica(LogDirTransport(log), poll_interval=0.01).start()
+    try:
+        assert replica.wait_ready(WAIT) and replica.error is None
+        assert replica.state("a").version == 4  # type: ignore[union-attr]
+    finally:
+        replica.stop(save=False)

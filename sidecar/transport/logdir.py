@@ -50,8 +50,10 @@ def _read_meta(path: Path) -> tuple[int, str]:
     return meta["partitions"], str(meta.get("log_id", ""))
 
 
-def _batch_end(data: bytes, pos: int) -> int | None:
-    """The end of the whole, valid batch starting at `pos`, or None."""
+def _batch(data: bytes, pos: int) -> tuple[int, list[list]] | None:
+    """(end, entries) of the whole, valid batch starting at `pos`, or None: the checksum
+    must match and the payload be a list of [topic, partition, key, value] entries (an empty
+    payload has a zero checksum too)."""
     if pos + _HEADER.size > len(data):
         return None
     magic, length, crc = _HEADER.unpack_from(data, pos)
@@ -60,22 +62,30 @@ def _batch_end(data: bytes, pos: int) -> int | None:
         return None
     if zlib.crc32(memoryview(data)[start : start + length]) != crc:
         return None
-    return start + length
+    try:
+        entries = msgpack.unpackb(data[start : start + length], raw=False)
+    except Exception:  # msgpack raises ValueError or its own errors
+        return None
+    if type(entries) is not list or not all(
+        type(e) is list and len(e) == 4 and e[0] in (0, 1) and type(e[1]) is int for e in entries
+    ):
+        return None
+    return start + length, entries
 
 
 def _scan(data: bytes, pos: int) -> tuple[list[list], int]:
     """Parse whole, valid batches from `pos`; returns their entries and the next position."""
-    entries: list[list] = []
-    while (end := _batch_end(data, pos)) is not None:
-        entries.extend(msgpack.unpackb(data[pos + _HEADER.size : end], raw=False))
-        pos = end
-    return entries, pos
+    out: list[list] = []
+    while (batch := _batch(data, pos)) is not None:
+        pos, entries = batch
+        out.extend(entries)
+    return out, pos
 
 
 def _next_valid(data: bytes, pos: int) -> int | None:
     """Where the first whole, valid batch after `pos` starts, or None."""
     while (pos := data.find(MAGIC, pos + 1)) >= 0:
-        if _batch_end(data, pos) is not None:
+        if _batch(data, pos) is not None:
             return pos
     return None
 
@@ -103,8 +113,8 @@ class Damage:
 def survey(data: bytes) -> tuple[int, Damage | None]:
     """(end of the intact prefix, the damage past it if any) of a whole log file."""
     kept, pos = 0, 0
-    while (end := _batch_end(data, pos)) is not None:
-        kept, pos = kept + 1, end
+    while (batch := _batch(data, pos)) is not None:
+        kept, pos = kept + 1, batch[0]
     prefix = pos
     resume = _next_valid(data, pos)
     if resume is None:
@@ -112,10 +122,10 @@ def survey(data: bytes) -> tuple[int, Damage | None]:
     batches = records = 0
     pos = resume
     while True:
-        while (end := _batch_end(data, pos)) is not None:
+        while (batch := _batch(data, pos)) is not None:
             batches += 1
-            records += len(msgpack.unpackb(data[pos + _HEADER.size : end], raw=False))
-            pos = end
+            pos, entries = batch
+            records += len(entries)
         nxt = _next_valid(data, pos)
         if nxt is None:
             break

@@ -1,6 +1,6 @@
 """`seg-perf <scenario>... [--quick] [--out DIR]`: the benchmark harness.
 
-Scenarios: check, batch, http, embedded, memory, fanout, propagation, publish, aerospike,
+Scenarios: check, batch, http, embedded, shared, memory, fanout, propagation, publish, aerospike,
 bootstrap, eval, count, and `all` (every one, in that order); `report` only rebuilds the
 report from the JSON files.
 Each scenario writes `<out>/<scenario>.json`; then the report (`perf/REPORT.md` for the

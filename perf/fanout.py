@@ -1,5 +1,16 @@
 """`fanout`: several client processes (multiprocessing) against one sidecar, open loop, at
-increasing total rates; the highest rate at which p99 stays under 1 ms.
+increasing total rates; the highest rate at which p99 stays under 1 ms. Three peers in the
+same harness and run, one after the other:
+
+- `socket`: the project's blocking `SidecarClient.check`, one connection per process;
+- `redis`: `SISMEMBER` with redis-py over Redis's Unix socket, one connection per process, the
+  same members loaded (the same steps as the socket);
+- `shared`: `SharedReplica.contains` (docs/SHARED_REPLICA.md) in `SHARED_PROCS` processes, at
+  rates up to millions a second (no server in the loop: the processes only compete for
+  the cores). At these rates a sleep lasts longer than the interval, so a process that wakes
+  up sends every check already due back to back (each still timed from its own scheduled
+  time): pacing by spinning instead made the processes CPU hogs that an oversubscribed
+  machine's scheduler then kept off the cores for milliseconds.
 
 Open loop, no coordinated omission: every process sends its i-th check at a fixed time
 `start + i / rate` (the processes' schedules interleaved) and measures latency from that
@@ -17,29 +28,53 @@ import contextlib
 import multiprocessing as mp
 import os
 import time
+from array import array
 from pathlib import Path
 from typing import Any
 
 from . import data
 from .hist import Hist
-from .report import plot_fanout, table
+from .report import plot_fanout, table, target
 from .services import Context, log
 
 LIMIT_US = 1000.0
+PROCS = 3  # with the sidecar: more runnable processes than this machine's 2 cores
+SHARED_PROCS = 4  # DESIGN.md: 1M checks/s from 4 reader processes
 
 
-def worker(conn: Any, uds: str, qs: list[tuple[int, str]]) -> None:
+def _checker(peer: str, target: str) -> tuple[Any, Any]:
+    """(check(user, segment), reset()) of one peer, in a client process."""
+    if peer == "socket":
+        from sidecar.client import SidecarClient
+
+        client = SidecarClient(target, timeout=5.0).connect()
+        return client.check, client.close
+    if peer == "redis":
+        import redis
+
+        r = redis.Redis(unix_socket_path=target, socket_timeout=5.0)
+        sismember = r.sismember
+        return (lambda u, s: sismember(s, u)), (lambda: None)
+    if peer == "shared":
+        from sidecar.client import SharedReplica
+
+        shared = SharedReplica(target)
+        return shared.contains, (lambda: None)
+    raise ValueError(f"unknown fanout peer {peer!r}")
+
+
+def worker(conn: Any, peer: str, target: str, qs: list[tuple[int, str]]) -> None:
     """A client process: runs steps sent by the parent until told to stop."""
     import ctypes
     import gc
 
-    from sidecar.client import SidecarClient, SidecarError
-
     with contextlib.suppress(OSError, AttributeError):  # wake up on time: 1 ns timer slack
         ctypes.CDLL("libc.so.6").prctl(29, 1, 0, 0, 0)  # PR_SET_TIMERSLACK
 
-    client = SidecarClient(uds, timeout=5.0).connect()
-    client.check(*qs[0])
+    check, reset = _checker(peer, target)
+    deadline = time.monotonic() + 60
+    while check(*qs[0]) is None and peer == "shared" and time.monotonic() < deadline:
+        time.sleep(0.05)  # until the shared replica is mapped and the segment published
     clock = time.monotonic_ns
     sleep = time.sleep
     nq = len(qs)
@@ -51,8 +86,8 @@ def worker(conn: Any, uds: str, qs: list[tuple[int, str]]) -> None:
         _, rate, seconds, start_ns, phase_ns = cmd
         interval = 1e9 / rate
         n = max(1, int(seconds * rate))
-        lat: list[int] = []
-        lag: list[int] = []
+        lat = array("q")  # millions a step for the shared peer: 8 bytes each
+        lag = array("q")
         errors = 0
         gc.disable()
         for i in range(n):
@@ -63,10 +98,10 @@ def worker(conn: Any, uds: str, qs: list[tuple[int, str]]) -> None:
                 now = clock()
             lag.append(now - sched)
             try:
-                client.check(*qs[i % nq])
-            except SidecarError:
+                check(*qs[i % nq])
+            except Exception:  # the peer's own error types: counted, connection renewed
                 errors += 1
-                client.close()
+                reset()
             lat.append(clock() - sched)
         end = clock()
         gc.enable()
@@ -74,27 +109,81 @@ def worker(conn: Any, uds: str, qs: list[tuple[int, str]]) -> None:
         h.record_many(lat)
         g.record_many(lag)
         conn.send({"hist": h.encode(), "lag": g.encode(), "n": n, "errors": errors, "end": end})
-    client.close()
+    reset()
     conn.close()
 
 
 def run(ctx: Context) -> dict[str, Any]:
-    procs = 3  # with the sidecar: more runnable processes than this machine's 2 cores
     rates = ctx.sizes.pick(
         [2_000, 5_000, 10_000, 15_000, 20_000, 30_000],
         [1_000, 2_000, 5_000, 10_000, 15_000, 20_000, 25_000, 30_000, 40_000, 50_000, 60_000],
     )
+    shared_rates = ctx.sizes.pick(
+        [250_000, 1_000_000],
+        [100_000, 250_000, 500_000, 750_000, 1_000_000, 1_250_000, 1_500_000, 2_000_000],
+    )
     seconds = ctx.sizes.pick(1.5, 5.0)
     serve = ctx.serve()
+    uds = str(serve.sidecar.uds)
+    peers: dict[str, dict[str, Any]] = {}
+    peers["socket"] = steps_of(serve, "socket", uds, PROCS, rates, seconds)
+    redis = ctx.serve_redis()
+    if redis is None:
+        peers["redis"] = {"available": False, "reason": ctx.redis_error or "unavailable"}
+    else:
+        redis.close()
+        peers["redis"] = steps_of(serve, "redis", ctx.redis().socket, PROCS, rates, seconds)
+    peers["shared"] = steps_of(serve, "shared", uds, SHARED_PROCS, shared_rates, seconds)
+    sock = peers["socket"]
+    best = {n: p.get("max_rps_p99_under_limit", 0) for n, p in peers.items()}
+    return {
+        "client_processes": PROCS,
+        "seconds_per_step": seconds,
+        "p99_limit_us": LIMIT_US,
+        "nproc": os.cpu_count(),
+        # the socket's, as before the peers joined
+        "steps": sock["steps"],
+        "max_rps_p99_under_limit": sock["max_rps_p99_under_limit"],
+        "max_offered_rps_p99_under_limit": sock["max_offered_rps_p99_under_limit"],
+        "peers": peers,
+        "targets": [
+            target(
+                "fanout: socket rate with p99 < 1 ms vs Redis's in the same harness",
+                best["socket"],
+                ">=",
+                best.get("redis") or 0,
+                "checks/s",
+                detail=f"socket {best['socket']:,}/s, Redis SISMEMBER "
+                f"{best.get('redis', 0):,}/s, {PROCS} client processes each",
+                applies=bool(best.get("redis")),
+            ),
+            target(
+                f"fanout: shared replica, {SHARED_PROCS} reader processes, checks/s with "
+                "p99 < 1 ms",
+                best["shared"],
+                ">=",
+                1_000_000,
+                "checks/s",
+                detail=f"highest step kept up with: "
+                f"{peers['shared'].get('max_achieved_rps', 0):,}/s",
+            ),
+        ],
+    }
+
+
+def steps_of(
+    serve: Any, peer: str, target_path: str, procs: int, rates: list[int], seconds: float
+) -> dict[str, Any]:
+    """One peer through the rising steps (it stops at the first it cannot keep up with)."""
     mpc = mp.get_context("spawn")
     workers = []
-    log(f"fanout: {procs} client processes, rates {rates} checks/s, {seconds} s per step")
+    log(f"fanout {peer}: {procs} client processes, rates {rates} checks/s, {seconds} s per step")
     steps: list[dict[str, Any]] = []
     try:
         for j in range(procs):
             parent, child = mpc.Pipe()
             qs = data.queries(serve.segments, 20_000, seed=60 + j)
-            p = mpc.Process(target=worker, args=(child, str(serve.sidecar.uds), qs), daemon=True)
+            p = mpc.Process(target=worker, args=(child, peer, target_path, qs), daemon=True)
             p.start()
             workers.append((p, parent))
         for _p, parent in workers:
@@ -139,59 +228,91 @@ def run(ctx: Context) -> dict[str, Any]:
             if p.is_alive():
                 p.terminate()
                 p.join(5)
-    ok = [s for s in steps if s["p99_ok"] and s["achieved_rps"] >= 0.95 * s["offered_rps"]]
+    kept = [s for s in steps if s["achieved_rps"] >= 0.95 * s["offered_rps"]]
+    ok = [s for s in kept if s["p99_ok"]]
     best = max(ok, key=lambda s: s["achieved_rps"]) if ok else None
     return {
         "client_processes": procs,
-        "seconds_per_step": seconds,
-        "p99_limit_us": LIMIT_US,
-        "nproc": os.cpu_count(),
         "steps": steps,
         "max_rps_p99_under_limit": best["achieved_rps"] if best else 0,
         "max_offered_rps_p99_under_limit": best["offered_rps"] if best else 0,
-        "targets": [],
+        "max_achieved_rps": max((s["achieved_rps"] for s in kept), default=0),
     }
 
 
-def section(res: dict[str, Any], out: Path, report_dir: Path) -> list[str]:
-    lines = [
-        f"{res['client_processes']} client processes (one connection each, blocking client) "
-        f"against one sidecar on a {res['nproc']}-core machine (clients and sidecar share the "
-        f"cores); {res['seconds_per_step']} s per step. Latency from the scheduled send time.",
-        "",
-        f"**Highest rate with p99 under {res['p99_limit_us']:.0f} us: "
-        f"{res['max_rps_p99_under_limit']:,} checks/s** (offered "
-        f"{res['max_offered_rps_p99_under_limit']:,}/s).",
-        "",
-    ]
+PEER_NAMES = {
+    "socket": "Unix socket (SidecarClient.check)",
+    "redis": "Redis SISMEMBER (redis-py, Unix socket)",
+    "shared": "shared replica (SharedReplica.contains)",
+}
+
+
+def _steps_table(steps: list[dict[str, Any]]) -> list[str]:
     rows = []
-    for s in res["steps"]:
+    for s in steps:
         la = s["latency"]
         rows.append(
             [s["offered_rps"], s["achieved_rps"], la["p50_us"], la["p99_us"], la["p999_us"],
              la["max_us"], s["send_lag"]["p99_us"], s["errors"], "yes" if s["p99_ok"] else "no"]
         )  # fmt: skip
-    lines += table(
+    return table(
         ["offered/s", "achieved/s", "p50 us", "p99 us", "p99.9 us", "max us",
          "send lag p99 us", "errors", "p99 < 1 ms"],
         rows,
     )  # fmt: skip
-    over = [
-        s for s in res["steps"] if not s["p99_ok"] and s["achieved_rps"] >= 0.95 * s["offered_rps"]
+
+
+def section(res: dict[str, Any], out: Path, report_dir: Path) -> list[str]:
+    peers = res.get("peers") or {"socket": {**res, "client_processes": res["client_processes"]}}
+    lines = [
+        f"Open-loop client processes on a {res['nproc']}-core machine (clients and servers share "
+        f"the cores); {res['seconds_per_step']} s per step; latency from the scheduled send "
+        "time. Each peer in the same run, one after the other, through rising steps until the "
+        "clients cannot keep up.",
+        "",
     ]
-    client_bound = [
-        s for s in over if s["send_lag"].get("p99_us", 0) >= 0.5 * s["latency"]["p99_us"]
-    ]
-    if over:
-        lines += [
-            "",
-            f"Of the {len(over)} steps over the limit that the clients kept up with, "
-            f"{len(client_bound)} had a send lag p99 of at least half the p99. Send lag is how "
-            "late a send started: the client woke up late, or its previous request had not "
-            "returned yet (a stall of the sidecar or of the machine, which then delays the "
-            "sends queued behind it: that is what the open loop charges).",
+    rows = []
+    for name, p in peers.items():
+        if p.get("available") is False:
+            rows.append([PEER_NAMES.get(name, name), "", f"unavailable: {p.get('reason')}", ""])
+            continue
+        rows.append(
+            [PEER_NAMES.get(name, name), p["client_processes"], p["max_rps_p99_under_limit"],
+             p.get("max_achieved_rps", "")]
+        )  # fmt: skip
+    lines += table(
+        ["peer", "processes", f"highest rate, p99 < {res['p99_limit_us']:.0f} us",
+         "highest rate kept up with"],
+        rows,
+    )  # fmt: skip
+    for name, p in peers.items():
+        if p.get("available") is False or not p.get("steps"):
+            continue
+        lines += ["", f"**{PEER_NAMES.get(name, name)}**, {p['client_processes']} processes:", ""]
+        lines += _steps_table(p["steps"])
+        over = [
+            s for s in p["steps"]
+            if not s["p99_ok"] and s["achieved_rps"] >= 0.95 * s["offered_rps"]
+        ]  # fmt: skip
+        client_bound = [
+            s for s in over if s["send_lag"].get("p99_us", 0) >= 0.5 * s["latency"]["p99_us"]
         ]
-    png = plot_fanout(res["steps"], res["p99_limit_us"], out / "fanout_throughput_p99.png")
-    if png:
-        lines += ["", f"![fanout]({os.path.relpath(png, report_dir)})"]
+        if over:
+            lines += [
+                "",
+                f"Of the {len(over)} steps over the limit that the clients kept up with, "
+                f"{len(client_bound)} had a send lag p99 of at least half the p99. Send lag is "
+                "how late a send started: the client woke up late, or its previous request had "
+                "not returned yet (a stall of the server or of the machine, which then delays "
+                "the sends queued behind it: that is what the open loop charges).",
+            ]
+        suffix = "" if name == "socket" else f"_{name}"
+        png = plot_fanout(
+            p["steps"],
+            res["p99_limit_us"],
+            out / f"fanout{suffix}_throughput_p99.png",
+            f"fanout: {PEER_NAMES.get(name, name)}",
+        )
+        if png:
+            lines += ["", f"![fanout {name}]({os.path.relpath(png, report_dir)})"]
     return lines

@@ -20,6 +20,7 @@ SCENARIOS = (
     "batch",
     "http",
     "embedded",
+    "shared",
     "memory",
     "fanout",
     "propagation",
@@ -216,7 +217,12 @@ def plot_latency(
     return path
 
 
-def plot_fanout(steps: list[dict[str, Any]], limit_us: float, path: Path) -> Path | None:
+def plot_fanout(
+    steps: list[dict[str, Any]],
+    limit_us: float,
+    path: Path,
+    title: str = "fanout: open-loop clients against one sidecar",
+) -> Path | None:
     steps = [s for s in steps if s.get("latency", {}).get("count")]
     if not steps:
         return None
@@ -235,7 +241,7 @@ def plot_fanout(steps: list[dict[str, Any]], limit_us: float, path: Path) -> Pat
     ax.set_yscale("log")
     ax.set_xlabel("throughput (checks/s achieved; labels: offered)")
     ax.set_ylabel("latency from the scheduled send (us, log)")
-    ax.set_title("fanout: open-loop clients against one sidecar")
+    ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

@@ -30,8 +30,9 @@ EXPECTED: dict[str, set[str]] = {
     "batch": {"latency", "checks_per_second", "checks_per_request"},
     "http": {"latency", "round_p50_us"},
     "embedded": {"per_check", "per_call_with_timer"},
+    "shared": {"per_call", "memory", "readers_pss_over_one_copy", "wrong_answers"},
     "memory": {"densities", "members_per_density"},
-    "fanout": {"steps", "max_rps_p99_under_limit"},
+    "fanout": {"steps", "max_rps_p99_under_limit", "peers"},
     "propagation": {"latency", "publishes"},
     "publish": {"kafka", "logdir"},
     "aerospike": {"test server", "rounds"},
@@ -40,7 +41,10 @@ EXPECTED: dict[str, set[str]] = {
     "count": {"latency", "counts", "wrong_answers"},
 }
 #: scenarios that judge DESIGN.md targets
-WITH_TARGETS = {"check", "batch", "embedded", "memory", "propagation", "bootstrap", "aerospike"}
+WITH_TARGETS = {
+    "check", "batch", "embedded", "shared", "memory", "fanout", "propagation", "bootstrap",
+    "aerospike",
+}  # fmt: skip
 DOC_KEYS = {"scenario", "quick", "command", "machine", "results", "targets", "error", "seconds"}
 
 

@@ -21,6 +21,7 @@ FILES = [
     "tests/test_poison.py",
     "tests/test_http_slow_clients.py",
     "tests/test_atomic_apply.py",
+    "tests/test_faults_aerospike.py",
     "tests/test_soak.py",
     "tests/test_fuzz.py",
 ]

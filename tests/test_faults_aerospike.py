@@ -1,0 +1,150 @@
+"""Aerospike down, slow, erroring and dropping connections (the test server's knobs) while a
+sidecar falls back for the segments it does not hold and the publisher writes.
+
+The promise: no wrong answer. A held segment is answered locally and exactly whatever
+Aerospike does; one answered by the fallback is right or unknown (None) within the budget,
+never a guess and never a hang; a publish whose Aerospike writes fail writes nothing to the
+log and says so in one line, and re-running it once Aerospike is back converges.
+"""
+
+from __future__ import annotations
+
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from pyroaring import BitMap64
+
+from publisher import Publisher
+from publisher.aerospike_sink import AerospikeSink
+from sidecar.aerospike_layout import AerospikeTarget
+from sidecar.client import SidecarClient
+from sidecar.transport.logdir import LogDirTransport
+from tests.aerospike_server.server import ThreadedAerospikeServer
+from tests.logtools import get_json
+from tests.test_sidecar_aerospike import _free_port
+
+BIN = Path(sys.executable).parent
+USERS = list(range(1000, 1300))
+NAMES = ("held_a", "held_b", "other_x", "other_y")
+
+
+def _truth(rng: random.Random) -> dict[str, BitMap64]:
+    return {name: BitMap64(rng.sample(USERS, 90)) for name in NAMES}
+
+
+@pytest.fixture
+def sidecar(
+    aerospike_server: ThreadedAerospikeServer, tmp_path: Path
+) -> Iterator[tuple[LogDirTransport, str]]:
+    log = LogDirTransport(tmp_path / "log")
+    sink = AerospikeSink.connect(AerospikeTarget.at(aerospike_server.address))
+    Publisher(log, sink=sink).publish(_truth(random.Random(1)))
+    sink.client.close()
+    uds, port = str(tmp_path / "s.sock"), _free_port()
+    proc = subprocess.Popen(
+        [str(BIN / "seg-sidecar"), "--log-dir", str(log.path), "--uds", uds,
+         "--http", f"127.0.0.1:{port}", "--segments", "held_*",
+         "--aerospike", aerospike_server.address, "--fallback-budget-ms", "50"],
+        stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if get_json(f"http://127.0.0.1:{port}/readyz")[0] == 200:
+                    break
+            except OSError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        yield log, uds
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+
+
+class Checker(threading.Thread):
+    """Checks every segment for random users against the states the log may hold now."""
+
+    def __init__(self, uds: str, states: list[dict[str, BitMap64]]) -> None:
+        super().__init__(daemon=True)
+        self.uds, self.states = uds, states
+        self.answers = self.unknown = self.wrong = self.slow = 0
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        rng = random.Random(2)
+        with SidecarClient(self.uds, timeout=5) as client:
+            while not self.stop.is_set():
+                user, name = rng.choice(USERS), rng.choice(NAMES)
+                started = time.monotonic()
+                got = client.check(user, name)
+                self.slow += time.monotonic() - started > 1.0
+                self.answers += 1
+                if got is None:
+                    self.unknown += 1
+                    self.wrong += name.startswith("held_")  # local: always answered
+                elif all(got is not (user in s[name]) for s in list(self.states)):
+                    self.wrong += 1
+
+
+def test_aerospike_faults_while_falling_back_and_publishing(
+    sidecar: tuple[LogDirTransport, str], aerospike_server: ThreadedAerospikeServer
+) -> None:
+    log, uds = sidecar
+    rng = random.Random(1)
+    current = _truth(rng)
+    states = [current]
+    checker = Checker(uds, states)
+    checker.start()
+    failures: list[str] = []
+    faults = [
+        ("slow", lambda: setattr(aerospike_server, "latency_s", 0.2)),
+        ("erroring", lambda: setattr(aerospike_server, "error_code", 8)),
+        ("dropping", lambda: setattr(aerospike_server, "drop_connections", True)),
+        ("down", aerospike_server.down),
+    ]
+    try:
+        for name, inject in faults:
+            nxt = _truth(rng)
+            states.append(nxt)  # a publish in flight: Aerospike may show it before the log
+            inject()
+            try:
+                sink = AerospikeSink.connect(AerospikeTarget.at(aerospike_server.address))
+                Publisher(log, sink=sink).publish(nxt)
+                sink.client.close()
+            except Exception as exc:  # refused: nothing of it reached the log
+                failures.append(f"{name}: {exc}")
+                assert "\n" not in str(exc).strip()
+            time.sleep(0.7)
+            if name == "down":
+                aerospike_server.up()
+            aerospike_server.reset_faults()
+            # re-run once Aerospike is back: converges
+            sink = AerospikeSink.connect(AerospikeTarget.at(aerospike_server.address))
+            Publisher(log, sink=sink).publish(nxt)
+            sink.client.close()
+            del states[:-1]
+            time.sleep(0.3)
+    finally:
+        checker.stop.set()
+        checker.join(10)
+    assert checker.answers > 100
+    assert checker.wrong == 0 and checker.slow == 0, vars(checker)
+    assert failures, "no fault made a publish fail"
+    # back to normal: every answer exact, the fallback's included
+    final = states[-1]
+    with SidecarClient(uds, timeout=5) as client:
+        deadline = time.monotonic() + 20
+        for user in USERS[:60]:
+            for name in NAMES:
+                while client.check(user, name) is not (user in final[name]):
+                    assert time.monotonic() < deadline, (user, name)
+                    time.sleep(0.05)

@@ -404,3 +404,36 @@ def test_a_segment_stale_by_age_is_not_answered(workdir: Path) -> None:
     finally:
         writer.stop()
         replica.stop(save=False)
+
+
+# -- no system call per check --------------------------------------------------------------------
+
+_TRACED = """
+import os, sys
+from sidecar.client import SharedReplica
+r = SharedReplica(shm_dir=sys.argv[1])
+c = r.contains
+for u in range(1000):  # warm: mapped, table taken
+    c(u, "dense"), c(u, "nope")
+os.write(2, b"<<checks")
+for u in range(100_000):
+    c(u, "dense"), c(u + 5, "sparse"), c(u, "nope")
+os.write(2, b"checks>>")
+"""
+
+
+def test_no_system_call_per_check(published, workdir: Path) -> None:  # type: ignore[no-untyped-def]
+    """200,000 answered checks and 100,000 None ones under strace: no system call between the
+    markers (the heartbeat check reads CLOCK_MONOTONIC_COARSE from the vDSO)."""
+    trace = workdir / "trace"
+    subprocess.run(
+        ["strace", "-f", "-o", str(trace), sys.executable, "-c", _TRACED,
+         str(default_dir(workdir / "s.sock"))],
+        check=True,
+        capture_output=True,
+        cwd=REPO,
+    )  # fmt: skip
+    text = trace.read_text()
+    start = text.index("<<checks")
+    inside = text[text.index("\n", start) + 1 : text.index("checks>>")].strip().splitlines()
+    assert inside[:-1] == [], inside[:20]  # the last line is the closing marker's own write

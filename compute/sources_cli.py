@@ -36,7 +36,7 @@ def add_cdc(sub: argparse._SubParsersAction) -> None:
         "token after them, so a restart (even after kill -9) neither loses nor repeats a "
         "change for read_committed readers. A dropped or renamed collection stops the job "
         "(exit 1); so does a resume token MongoDB no longer has (then --fresh-copy). "
-        "See compute/README.md.",
+        "See compute/SOURCES.md.",
     )
     opt = p.add_argument
     opt("--mongo", required=True, metavar="URI",
@@ -89,26 +89,27 @@ def add_sink(sub: argparse._SubParsersAction) -> None:
         "`events` table (gen-data's columns), a CDC topic PREFIX.DB.COLLECTION (seg-compute "
         "cdc, or Kafka Connect's MongoDB source connector) the changelog table COLLECTION, "
         "which seg-compute batch reads as the collection's current state. Exactly once "
-        "through the checkpoint: restart with the same --checkpoint after any stop or crash. "
-        "See compute/README.md.",
+        "through the checkpoint: restart with the same --sink-checkpoint after any stop or crash. "
+        "See compute/SOURCES.md.",
     )
     opt = p.add_argument
-    opt("--kafka", required=True, metavar="HOST:PORT", help="Kafka bootstrap servers")
-    opt("--topics", type=names, required=True, metavar="T1,T2",
+    opt("--sink-kafka", required=True, metavar="HOST:PORT",
+        help="Kafka bootstrap servers of the topics")  # fmt: skip
+    opt("--sink-topics", type=names, required=True, metavar="T1,T2",
         help="the topics, comma-separated, each TOPIC or TOPIC=TABLE")  # fmt: skip
     opt("--lake", type=lake_arg, required=True, metavar="DIR|URI",
         help="the lake: a directory or an s3a://bucket/prefix URI")  # fmt: skip
-    opt("--checkpoint", type=lake_arg, required=True, metavar="DIR|URI",
+    opt("--sink-checkpoint", type=lake_arg, required=True, metavar="DIR|URI",
         help="Spark's checkpoints (one subdirectory per table); keep it with the lake")  # fmt: skip
-    opt("--cdc-prefix", default=cdc.DEFAULT_PREFIX, metavar="P",
-        help="topics named P.DB.COLLECTION are CDC topics (cdc's --topic-prefix)")  # fmt: skip
-    opt("--trigger-seconds", type=positive_float, default=10.0, metavar="S",
+    opt("--cdc-topic-prefix", default=cdc.DEFAULT_PREFIX, metavar="P",
+        help="topics named P.DB.COLLECTION are CDC topics (as cdc names them)")  # fmt: skip
+    opt("--sink-trigger-seconds", type=positive_float, default=10.0, metavar="S",
         help="micro-batch interval")  # fmt: skip
-    opt("--once", action="store_true",
+    opt("--sink-once", action="store_true",
         help="write what the topics hold now and exit (availableNow)")  # fmt: skip
-    opt("--starting-offsets", choices=("earliest", "latest"), default="earliest",
+    opt("--sink-starting-offsets", choices=("earliest", "latest"), default="earliest",
         help="where a new checkpoint starts reading")  # fmt: skip
-    opt("--max-records-per-batch", type=positive_int, metavar="N",
+    opt("--sink-max-records-per-batch", type=positive_int, metavar="N",
         help="cap on records per micro-batch and topic")  # fmt: skip
     spark.add_options(p)
     add_s3_options(p)
@@ -125,7 +126,7 @@ def run_sink(args: argparse.Namespace) -> int:
     from sidecar.cliutil import CommandError
 
     try:
-        routes = sink.routes(args.topics, args.cdc_prefix)
+        routes = sink.routes(args.sink_topics, args.cdc_topic_prefix)
     except sink.SinkError as e:
         raise CommandError(str(e)) from None
     conf = {"spark.driver.memory": args.driver_memory, **sparkjars.streaming_conf(),
@@ -136,10 +137,10 @@ def run_sink(args: argparse.Namespace) -> int:
     spark = build_session(app_name="seg-compute-sink", master=args.master,
                           shuffle_partitions=args.shuffle_partitions, conf=conf)  # fmt: skip
     opts = sink.SinkOptions(
-        kafka=args.kafka, routes=routes, lake=args.lake, checkpoint=args.checkpoint,
-        trigger_seconds=args.trigger_seconds, once=args.once,
-        starting_offsets=args.starting_offsets,
-        max_records_per_batch=args.max_records_per_batch,
+        kafka=args.sink_kafka, routes=routes, lake=args.lake, checkpoint=args.sink_checkpoint,
+        trigger_seconds=args.sink_trigger_seconds, once=args.sink_once,
+        starting_offsets=args.sink_starting_offsets,
+        max_records_per_batch=args.sink_max_records_per_batch,
     )  # fmt: skip
     stopping: list[int] = []
     for s in (signal.SIGTERM, signal.SIGINT):

@@ -184,7 +184,7 @@ def test_the_distribution_name_is_pyproject_s() -> None:
 
 # -- --help --------------------------------------------------------------------------------------
 
-COMPUTE_COMMANDS = ["gen-data", "gen-events", "batch", "stream", "cdc"]
+COMPUTE_COMMANDS = ["gen-data", "gen-events", "batch", "stream", "cdc", "sink"]
 
 
 HELP_COMMANDS = [
@@ -233,6 +233,11 @@ SHARED = {
     "SEG_MASTER": "the Spark session",
     "SEG_SHUFFLE_PARTITIONS": "the Spark session",
     "SEG_DRIVER_MEMORY": "the Spark session",
+    "SEG_LAKE": "the data lake (batch reads it, sink writes it)",
+    "SEG_S3_ENDPOINT": "the lake's S3",
+    "SEG_S3_PATH_STYLE": "the lake's S3",
+    "SEG_S3_REGION": "the lake's S3",
+    "SEG_CDC_TOPIC_PREFIX": "the CDC topics' prefix (cdc writes them, sink reads them)",
     "SEG_OUT": "NOT the same: each command's own output directory (set it per command)",
 }
 

@@ -179,9 +179,9 @@ def test_sink_killed_and_restarted_writes_every_event_once(
                                             for i in range(n)])  # fmt: skip
     lake_uri = f"s3a://{BUCKET}/lake"
     checkpoint = tmp_path / "checkpoint"
-    cmd = [sys.executable, "-m", "compute.cli", "sink", "--kafka", kafka_bootstrap,
-           "--topics", topic, "--lake", lake_uri, "--checkpoint", str(checkpoint),
-           "--max-records-per-batch", "200", "--trigger-seconds", "0.5",
+    cmd = [sys.executable, "-m", "compute.cli", "sink", "--sink-kafka", kafka_bootstrap,
+           "--sink-topics", topic, "--lake", lake_uri, "--sink-checkpoint", str(checkpoint),
+           "--sink-max-records-per-batch", "200", "--sink-trigger-seconds", "0.5",
            "--s3-endpoint", s3_endpoint]  # fmt: skip
     full_env = {k: v for k, v in os.environ.items() if not k.startswith(("SEG_", "AWS_"))}
     full_env.update(env, PYTHONPATH=str(REPO))

@@ -80,7 +80,7 @@ def mongo_step(work: Path, log_dir: Path, sock: Path) -> bool:
     orders.insert_one({"_id": 1, "user_id": user, "amount": 300.0,
                        "ts": now - dt.timedelta(days=2), "category": "books"})  # fmt: skip
     cdc = subprocess.Popen([str(BIN / "seg-compute"), "cdc", "--mongo", uri, "--db", "shop",
-                            "--collections", "orders", "--kafka", kafka])  # fmt: skip
+                            "--collections", "orders", "--cdc-kafka", kafka])  # fmt: skip
     try:
         with SidecarClient(str(sock)) as client:
             before = client.check(user, "mongo_big_spenders_30d")
@@ -95,8 +95,9 @@ def mongo_step(work: Path, log_dir: Path, sock: Path) -> bool:
                 return False
             time.sleep(0.2)
         lake, out = work / "cdc-lake", work / "cdc-segments"
-        run("seg-compute", "sink", "--kafka", kafka, "--topics", "cdc.shop.orders", "--lake",
-            str(lake), "--checkpoint", str(work / "cdc-checkpoint"), "--once")  # fmt: skip
+        run("seg-compute", "sink", "--sink-kafka", kafka, "--sink-topics", "cdc.shop.orders",
+            "--lake", str(lake), "--sink-checkpoint", str(work / "cdc-checkpoint"),
+            "--sink-once")  # fmt: skip
         run("seg-compute", "batch", "--lake", str(lake), "--definitions",
             str(ROOT / "deploy" / "local" / "cdc_segments.toml"), "--out", str(out))  # fmt: skip
         run("seg-publish", "--input", str(out), "--log-dir", str(log_dir), "--quiet")

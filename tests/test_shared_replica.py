@@ -288,7 +288,7 @@ def test_readers_see_whole_versions_while_publishes_land(workdir: Path) -> None:
     state = publish_raw(log, {"moving": members(1)})
     replica = Replica(LogDirTransport(workdir / "log"), poll_interval=0.001).start()
     assert replica.wait_ready(10)
-    writer = ShmWriter(replica, workdir / "shm", interval=0.001).start()
+    writer = ShmWriter(replica, workdir / "shm").start()
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
     until = time.monotonic() + 8
@@ -392,7 +392,7 @@ def test_a_segment_stale_by_age_is_not_answered(workdir: Path) -> None:
     replica.clock_ms = lambda: clock[0]
     replica.start()
     assert replica.wait_ready(10)
-    writer = ShmWriter(replica, workdir / "shm", interval=0.01).start()
+    writer = ShmWriter(replica, workdir / "shm").start()
     try:
         reader = SharedReplica(shm_dir=workdir / "shm")
         wait_until(lambda: reader.contains(1, "aged") is True, what="the first sync")

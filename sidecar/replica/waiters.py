@@ -3,9 +3,11 @@ a version, woken by the replica thread when that segment changes, never by polli
 
 A waiter is a callback registered for one segment; `notify(segment)` runs every callback of
 that segment once (the replica thread calls it from `Engine.on_change`), `notify_all()` every
-callback (on readiness). Callbacks must be cheap and thread-safe: the asyncio one is
-`loop.call_soon_threadsafe`, the blocking one sets a `threading.Event`. A woken waiter checks
-again and registers anew if the version has not landed yet, so a spurious wake costs one check.
+callback (on readiness). A watcher (`watch`) is called on every notify, for any segment, and
+stays registered (the shared replica's writer, sidecar/shm/writer.py). Callbacks must be cheap
+and thread-safe: the asyncio one is `loop.call_soon_threadsafe`, the blocking one sets a
+`threading.Event`. A woken waiter checks again and registers anew if the version has not
+landed yet, so a spurious wake costs one check.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ class Waiters:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._by_segment: dict[str, list[Wake]] = {}
+        self._watchers: list[Wake] = []
 
     def __len__(self) -> int:
         with self._lock:
@@ -43,7 +46,18 @@ class Waiters:
             if not wakes:
                 del self._by_segment[segment]
 
+    def watch(self, wake: Wake) -> None:
+        """Call `wake()` on every change of any segment (and on readiness), until `unwatch`."""
+        with self._lock:
+            self._watchers = [*self._watchers, wake]
+
+    def unwatch(self, wake: Wake) -> None:
+        with self._lock:
+            self._watchers = [w for w in self._watchers if w is not wake]
+
     def notify(self, segment: str) -> None:
+        for watcher in self._watchers:
+            watcher()
         if segment not in self._by_segment:  # the common case, no lock: nobody waits
             return
         with self._lock:
@@ -52,6 +66,8 @@ class Waiters:
             wake()
 
     def notify_all(self) -> None:
+        for watcher in self._watchers:
+            watcher()
         with self._lock:
             wakes = [w for ws in self._by_segment.values() for w in ws]
             self._by_segment.clear()

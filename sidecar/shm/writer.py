@@ -1,9 +1,11 @@
 """The sidecar's side of the shared replica: publishes what `Replica.local` answers into a
 directory other processes on the host map read-only (docs/SHARED_REPLICA.md).
 
-A thread of its own, so the replica thread stays as it is: it watches `Engine.generation`
-(bumped after every change the engine applies) and the replica's readiness every
-`interval`, and rescans every second anyway (answerability can change with the clock). A
+A thread of its own, so the replica thread stays as it is: the replica's change hook wakes it
+(`Replica.waiters.watch`, called from `Engine.on_change` after every change the engine applies
+and on readiness), and it rescans every second anyway (answerability can change with the
+clock). Changes that land while it writes are published by the next pass: one pass for a
+burst. A
 segment whose `SegmentState` object changed gets a new file, written whole before the index
 names it; the index's table is swapped under a seqlock; the file it replaced is unlinked
 afterwards. A reader that still maps an unlinked file keeps reading that version until it
@@ -46,14 +48,12 @@ class ShmWriter:
         directory: str | os.PathLike[str],
         *,
         mode: int = 0o660,
-        interval: float = 0.01,
         rescan: float = 1.0,
     ) -> None:
         self.native = native()
         self.replica = replica
         self.dir = Path(directory)
         self.mode = mode & 0o666
-        self.interval = interval
         self.rescan = rescan
         self.instance = secrets.randbits(63) | 1
         self.published: dict[str, tuple[SegmentState, Entry]] = {}
@@ -64,6 +64,7 @@ class ShmWriter:
         self._map: mmap.mmap | None = None
         self._capacity = 0
         self._stop = threading.Event()
+        self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self._last_beat = 0.0
 
@@ -106,6 +107,7 @@ class ShmWriter:
         except OSError as exc:
             self._release()
             raise ShmUnavailable(f"cannot publish a shared replica in {self.dir}: {exc}") from None
+        self.replica.waiters.watch(self._wake.set)
         self._thread = threading.Thread(target=self._run, name="shm-writer", daemon=True)
         self._thread.start()
         log.info("shared replica in %s", self.dir)
@@ -115,6 +117,8 @@ class ShmWriter:
         """Mark the index closed (readers let go and look for a new one) and remove the files
         (readers that still map them keep them until they do)."""
         self._stop.set()
+        self._wake.set()
+        self.replica.waiters.unwatch(self._wake.set)
         if self._thread is not None:
             self._thread.join(timeout=30)
             self._thread = None
@@ -172,16 +176,18 @@ class ShmWriter:
 
     # -- publishing ---------------------------------------------------------------------------
     def _run(self) -> None:
-        last: tuple[int, bool] | None = None
         last_scan = 0.0
-        while not self._stop.wait(self.interval):
+        while not self._stop.is_set():
+            woken = self._wake.wait(layout.HEARTBEAT_S)
+            if self._stop.is_set():
+                return
             try:
                 now = time.monotonic()
-                key = (self.replica.engine.generation, self.replica.ready)
-                if key != last or now - last_scan >= self.rescan:
-                    last, last_scan = key, now
+                if woken or now - last_scan >= self.rescan:
+                    self._wake.clear()  # before the pass: a change during it wakes the next
+                    last_scan = now
                     self.sync()
-                if now - self._last_beat >= layout.HEARTBEAT_S:
+                if time.monotonic() - self._last_beat >= layout.HEARTBEAT_S:
                     self.beat()
             except Exception:  # keep publishing heartbeats is worse than stopping: log, retry
                 log.exception("shared replica: publishing failed")

@@ -105,6 +105,12 @@ def test_seg_perf_all_quick(tmp_path: Path) -> None:
         if redis_ok:
             assert any(n.startswith("redis") for n in results["latency"])
 
+    shared = json.loads((out / "shared.json").read_text())["results"]
+    assert shared["wrong_answers"] == 0 and shared["c_vs_python_disagreements"] == 0
+    fanout = json.loads((out / "fanout.json").read_text())["results"]
+    assert set(fanout["peers"]) == {"socket", "redis", "shared"}
+    assert fanout["peers"]["shared"]["steps"], "the shared replica peer ran no step"
+
     check = json.loads((out / "check.json").read_text())["results"]
     redis = check["peers"]["redis"]
     if redis.get("available") is False:

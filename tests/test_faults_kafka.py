@@ -134,7 +134,7 @@ def _fault_cycle(
                 publish(transport, pending)  # the re-run
             truth = pending
             # right after the broker is back: publishes succeed, sidecars converge exactly
-            for _ in range(3):
+            for _ in range(2):
                 truth = truth_at(rng)
                 assert set(publish(transport, truth)) <= set(SEGMENTS)
             converged(replica, truth)
@@ -179,7 +179,7 @@ def _publish_or_error(transport: KafkaTransport, desired: dict[str, BitMap64]) -
 
 @pytest.mark.parametrize(
     "down_s",
-    [pytest.param(4.0, id="4s"), pytest.param(10.0, id="10s", marks=pytest.mark.reliability)],
+    [pytest.param(3.0, id="3s"), pytest.param(10.0, id="10s", marks=pytest.mark.reliability)],
 )
 def test_broker_frozen_during_publishes_and_tailing(
     fault_broker: FaultBroker, topic_prefix: str, workdir: Path, down_s: float

@@ -77,7 +77,7 @@ def _wait_for_checkpoint(path: Path, since: float) -> None:
 def test_sidecar_killed_at_random_moments_comes_back_exact(transport: Transport) -> None:
     rng = random.Random(11)
     kafka = not isinstance(transport, LogDirTransport)
-    rounds = 3 if kafka else 6
+    rounds = 2 if kafka else 5
     work = Path(tempfile.mkdtemp(prefix="kk", dir="/tmp"))
     state = work / "state"
     truth = _truth(rng)

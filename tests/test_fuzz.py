@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SEGMENTS = {"vip": BitMap64([1, 2, 3]), "cart": BitMap64(range(100, 200))}
 #: examples per fuzz test: small in the normal run (CI time), more with SEG_FUZZ_EXAMPLES
 #: (`seg-perf reliability` sets 2000)
-EXAMPLES = int(os.environ.get("SEG_FUZZ_EXAMPLES", "40"))
+EXAMPLES = int(os.environ.get("SEG_FUZZ_EXAMPLES", "30"))
 FUZZ = settings(
     max_examples=EXAMPLES,
     deadline=None,

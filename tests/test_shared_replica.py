@@ -392,7 +392,7 @@ def test_a_segment_stale_by_age_is_not_answered(workdir: Path) -> None:
     replica.clock_ms = lambda: clock[0]
     replica.start()
     assert replica.wait_ready(10)
-    writer = ShmWriter(replica, workdir / "shm").start()
+    writer = ShmWriter(replica, workdir / "shm", rescan=60).start()  # woken, not rescanned
     try:
         reader = SharedReplica(shm_dir=workdir / "shm")
         wait_until(lambda: reader.contains(1, "aged") is True, what="the first sync")

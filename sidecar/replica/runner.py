@@ -119,22 +119,23 @@ class Replica:
         if not ages and not aged:
             return
         now = self.clock_ms()
-        before = len(aged)
-        changed = False
-        for name in [s for s in aged if s not in ages]:
-            aged.discard(name)  # dropped, or its max age cleared
+        changed = [name for name in aged if name not in ages]  # dropped, or max age cleared
+        aged.difference_update(changed)
         for name, age in list(ages.items()):
             if now > age.deadline_ms:
                 if name not in aged:
                     log.warning("segment %s is stale: not republished within its max age", name)
                     aged.add(name)
-                    changed = True
+                    changed.append(name)
             elif name in aged:
                 aged.discard(name)
-                changed = True
-        if changed or len(aged) != before:
-            # what `local` answers changed: the shared replica's writer watches this
+                changed.append(name)
+        if changed:
+            # what `local` answers changed: a new checkpoint, and the shared replica's writer
+            # (a watcher of the waiters) republishes
             self.engine.generation += 1
+            for name in changed:
+                self.waiters.notify(name)
 
     # -- read-your-publish (DESIGN.md "Freshness") -----------------------------------------------
     def at_version(self, segment: str, min_version: int) -> SegmentState | str:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import bisect
 from array import array
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import msgpack
 from pyroaring import BitMap64
@@ -129,61 +129,29 @@ def snapshot_key(segment: str, chunk: int) -> bytes:
     return f"{segment}#{chunk}".encode()
 
 
+#: each record type's `kind`; its fields go into the value in declaration order
+_KIND_OF: dict[type, str] = {
+    Delta: "delta",
+    Drop: "drop",
+    SnapshotChunk: "snapshot",
+    Heartbeat: "heartbeat",
+    DropMarker: "drop",
+}
+_FIELDS = {cls: tuple(f.name for f in fields(cls)) for cls in _KIND_OF}
+
+
 def encode(record: Record) -> bytes:
     """The msgpack value of `record`."""
-    if isinstance(record, Delta):
-        body = {
-            "kind": "delta",
-            "segment": record.segment,
-            "base": record.base,
-            "version": record.version,
-            "add": record.add.serialize(),
-            "remove": record.remove.serialize(),
-            "cardinality": record.cardinality,
-            "ts": record.ts,
-        }
-        if record.parts != 1:
-            body["part"] = record.part
-            body["parts"] = record.parts
-    elif isinstance(record, Drop):
-        body = {
-            "kind": "drop",
-            "segment": record.segment,
-            "base": record.base,
-            "version": record.version,
-            "ts": record.ts,
-        }
-    elif isinstance(record, SnapshotChunk):
-        body = {
-            "kind": "snapshot",
-            "segment": record.segment,
-            "version": record.version,
-            "chunk": record.chunk,
-            "chunks": record.chunks,
-            "bitmap": record.bitmap.serialize(),
-            "cardinality": record.cardinality,
-            "delta_offset": record.delta_offset,
-            "ts": record.ts,
-        }
-    elif isinstance(record, Heartbeat):
-        body = {
-            "kind": "heartbeat",
-            "segment": record.segment,
-            "version": record.version,
-            "max_age_s": record.max_age_s,
-            "ts": record.ts,
-        }
-    elif isinstance(record, DropMarker):
-        body = {
-            "kind": "drop",
-            "segment": record.segment,
-            "version": record.version,
-            "delta_offset": record.delta_offset,
-            "ts": record.ts,
-        }
-    else:
+    cls = next((c for c in _KIND_OF if isinstance(record, c)), None)
+    if cls is None:
         raise TypeError(f"not a log record: {type(record).__name__}")
-    return msgpack.packb({"format": FORMAT, **body}, use_bin_type=True)
+    body: dict = {"format": FORMAT, "kind": _KIND_OF[cls]}
+    for name in _FIELDS[cls]:
+        value = getattr(record, name)
+        body[name] = value.serialize() if isinstance(value, BitMap64) else value
+    if isinstance(record, Delta) and record.parts == 1:  # an unsplit delta omits part/parts
+        del body["part"], body["parts"]
+    return msgpack.packb(body, use_bin_type=True)
 
 
 #: kinds each topic holds: anything else is UnknownRecord, wanted or not

@@ -14,7 +14,16 @@ from typing import Protocol
 
 from pyroaring import BitMap64
 
-from ..record import CorruptRecord, Delta, Drop, Heartbeat, Skipped, UnknownRecord, decode
+from ..record import (
+    CorruptRecord,
+    Delta,
+    Drop,
+    Heartbeat,
+    Record,
+    Skipped,
+    UnknownRecord,
+    decode,
+)
 from ..transport.base import LogRecord
 from .state import Age, Counters, Health, SegmentState
 
@@ -48,6 +57,26 @@ def _apply_in_one_step(bitmap: BitMap64, delta: Delta) -> BitMap64:
     else:
         return (bitmap | add) - remove
     return bitmap
+
+
+def decode_counted(
+    rec: LogRecord,
+    counters: Counters,
+    what: str,
+    *,
+    snapshots: bool = False,
+    wanted: Callable[[str, int], bool] | None = None,
+) -> Record | Skipped | None:
+    """`decode(rec.value)`, or None when it cannot be applied: counted by reason in
+    `counters`, and a corrupt one logged as "corrupt <what>[partition]@offset"."""
+    try:
+        return decode(rec.value, snapshots=snapshots, wanted=wanted)
+    except UnknownRecord as exc:
+        counters.skip(exc.reason, unknown=True)
+    except CorruptRecord as exc:
+        counters.skip(exc.reason)
+        log.warning("corrupt %s[%d]@%d: %s", what, rec.partition, rec.offset, exc)
+    return None
 
 
 class _PendingParts:
@@ -140,14 +169,8 @@ class Engine:
                 and version > self.version_of(segment)
             )
 
-        try:
-            record = decode(rec.value, wanted=wanted)
-        except UnknownRecord as exc:
-            self.counters.skip(exc.reason, unknown=True)
-            return
-        except CorruptRecord as exc:
-            self.counters.skip(exc.reason)
-            log.warning("corrupt record at deltas[%d]@%d: %s", rec.partition, rec.offset, exc)
+        record = decode_counted(rec, self.counters, "record at deltas", wanted=wanted)
+        if record is None:
             return
         if isinstance(record, Skipped):
             if self.holds(record.segment):

@@ -11,16 +11,9 @@ from dataclasses import dataclass
 from pyroaring import BitMap64
 
 from ..partitioner import partition_for
-from ..record import (
-    CorruptRecord,
-    DropMarker,
-    Skipped,
-    SnapshotChunk,
-    UnknownRecord,
-    decode,
-)
+from ..record import DropMarker, Skipped, SnapshotChunk
 from ..transport.base import LogReader, LogRecord, Topic, Transport
-from .engine import Engine
+from .engine import Engine, decode_counted
 from .state import Counters, SegmentState
 
 log = logging.getLogger(__name__)
@@ -56,16 +49,8 @@ class SnapshotAssembler:
             done = self.complete.get(segment)
             return self._holds(segment) and (done is None or done.version < version)
 
-        try:
-            record = decode(rec.value, snapshots=True, wanted=wanted)
-        except UnknownRecord as exc:
-            self._counters.skip(exc.reason, unknown=True)
-            return
-        except CorruptRecord as exc:
-            self._counters.skip(exc.reason)
-            log.warning("corrupt snapshot at [%d]@%d: %s", rec.partition, rec.offset, exc)
-            return
-        if isinstance(record, Skipped):
+        record = decode_counted(rec, self._counters, "snapshot at ", snapshots=True, wanted=wanted)
+        if record is None or isinstance(record, Skipped):
             return
         done = self.complete.get(record.segment)
         if done is not None and done.version >= record.version:

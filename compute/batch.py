@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import datetime as dt
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -12,7 +13,7 @@ from typing import TYPE_CHECKING
 from pyroaring import BitMap64
 
 from compute import changelog, lakefs
-from compute.bitmaps import segment_bitmap
+from compute.bitmaps import segment_bitmap, segment_bitmaps
 from compute.definitions import DefinitionError, ParamValue, Segment, load
 from compute.lake import (
     GENERATOR,
@@ -41,7 +42,7 @@ class LakeError(RuntimeError):
 class SegmentResult:
     name: str
     cardinality: int
-    seconds: float
+    seconds: float  # its own job's; in one pass, the pass's (shared by every segment)
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,8 @@ class BatchResult:
     seconds: float  # all of run_batch
     prepare_seconds: float = 0.0  # registering views and analyzing every query
     write_seconds: float = 0.0
+    evaluate_seconds: float = 0.0  # running the queries
+    one_pass: bool = True
 
     @property
     def memberships(self) -> int:
@@ -194,25 +197,45 @@ def analyze(spark: SparkSession, segment: Segment) -> DataFrame:
     return df
 
 
-def prepare(spark: SparkSession, lake: Path | str, segments: Sequence[Segment]) -> list[DataFrame]:
-    """Register the lake's views and analyze every segment before computing any."""
-    register_views(spark, lake)
-    return [analyze(spark, segment) for segment in segments]
-
-
 def evaluate(
     segments: Sequence[Segment],
     frames: Sequence[DataFrame],
     on_segment: Callable[[SegmentResult], None] | None = None,
+    *,
+    one_pass: bool = True,
 ) -> dict[str, BitMap64]:
-    """Run the analyzed queries one after another; every segment's members in order."""
-    bitmaps: dict[str, BitMap64] = {}
-    for segment, df in zip(segments, frames, strict=True):
-        t0 = time.perf_counter()
-        bitmap = bitmaps[segment.name] = segment_bitmap(df, segment.name)
-        if on_segment:
-            on_segment(SegmentResult(segment.name, len(bitmap), time.perf_counter() - t0))
+    """Every segment's members in order. `one_pass`: one Spark job for all of them over the
+    views cached on first read (each table scanned once; `cached_views`); else one job per
+    segment, one after another, each reading the lake's files."""
+    if not one_pass:
+        bitmaps: dict[str, BitMap64] = {}
+        for segment, df in zip(segments, frames, strict=True):
+            t0 = time.perf_counter()
+            bitmap = bitmaps[segment.name] = segment_bitmap(df, segment.name)
+            if on_segment:
+                on_segment(SegmentResult(segment.name, len(bitmap), time.perf_counter() - t0))
+        return bitmaps
+    t0 = time.perf_counter()
+    names = [s.name for s in segments]
+    bitmaps = dict(zip(names, segment_bitmaps(frames, names), strict=True))
+    seconds = time.perf_counter() - t0
+    if on_segment:
+        for name, bitmap in bitmaps.items():
+            on_segment(SegmentResult(name, len(bitmap), seconds))
     return bitmaps
+
+
+@contextmanager
+def cached_views(spark: SparkSession, views: Sequence[str]) -> Iterator[None]:
+    """The views cached (lazily: a table no query reads is never loaded; MEMORY_AND_DISK) while
+    the block runs, so the queries of one pass share one scan of each table's files."""
+    for name in views:
+        spark.catalog.cacheTable(name)
+    try:
+        yield
+    finally:
+        for name in views:
+            spark.catalog.uncacheTable(name)
 
 
 def compute(
@@ -220,9 +243,14 @@ def compute(
     lake: Path | str,
     segments: Sequence[Segment],
     on_segment: Callable[[SegmentResult], None] | None = None,
+    *,
+    one_pass: bool = True,
 ) -> dict[str, BitMap64]:
     """Every segment's members, in definition order (nothing runs unless all analyze)."""
-    return evaluate(segments, prepare(spark, lake, segments), on_segment)
+    views = register_views(spark, lake)
+    frames = [analyze(spark, segment) for segment in segments]
+    with cached_views(spark, views if one_pass else ()):
+        return evaluate(segments, frames, on_segment, one_pass=one_pass)
 
 
 def run_batch(
@@ -231,8 +259,10 @@ def run_batch(
     segments: Sequence[Segment],
     out: Path | str,
     on_segment: Callable[[SegmentResult], None] | None = None,
+    *,
+    one_pass: bool = True,
 ) -> BatchResult:
-    """Compute every segment and write the segment set to `out` (atomically)."""
+    """Compute every segment (see `evaluate`) and write the segment set to `out` (atomically)."""
     t0 = time.perf_counter()
     computed_at = dt.datetime.now(dt.UTC)
     results: list[SegmentResult] = []
@@ -242,10 +272,15 @@ def run_batch(
         if on_segment:
             on_segment(result)
 
-    frames = prepare(spark, lake, segments)
+    views = register_views(spark, lake)
+    frames = [analyze(spark, segment) for segment in segments]
     prepared = time.perf_counter() - t0
-    bitmaps = evaluate(segments, frames, record)
+    with cached_views(spark, views if one_pass else ()):
+        bitmaps = evaluate(segments, frames, record, one_pass=one_pass)
     t_write = time.perf_counter()
     write_segment_set(out, bitmaps, computed_at, {s.name: s.options() for s in segments})
     now = time.perf_counter()
-    return BatchResult(Path(out), computed_at, results, now - t0, prepared, now - t_write)
+    evaluated = t_write - t0 - prepared
+    return BatchResult(
+        Path(out), computed_at, results, now - t0, prepared, now - t_write, evaluated, one_pass
+    )

@@ -16,7 +16,7 @@ partition emits an error payload instead and the driver raises DefinitionError.
 from __future__ import annotations
 
 import array
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
 
 import pyarrow as pa
@@ -71,16 +71,47 @@ def partition_bitmaps(batches: Iterator[pa.Array]) -> Iterator[pa.Array]:
         yield pa.array([payload] + [None] * (pending - 1), pa.binary())
 
 
-def segment_bitmap(df: DataFrame, segment: str) -> BitMap64:
-    """Run the segment's query and return its members; bad ids raise DefinitionError."""
+def _bitmap_column(df: DataFrame):  # noqa: ANN202 (a pyspark Column)
     from pyspark.sql.functions import arrow_udf
 
     (column,) = df.columns
     udf = arrow_udf(partition_bitmaps, "binary").asNondeterministic()
-    rows = df.select(udf(df[column]).alias("bitmap")).where("bitmap IS NOT NULL").collect()
-    payloads: list[bytes] = [bytes(row[0]) for row in rows]
+    return udf(df[column]).alias("bitmap")
+
+
+def _merge(payloads: list[bytes], segment: str) -> BitMap64:
+    """The segment's members from its partitions' payloads; a bad id raises DefinitionError."""
     for payload in payloads:
         if payload[:1] == _ERROR:
             raise DefinitionError(payload[1:].decode(errors="replace"), segment)
     parts = [BitMap64.deserialize(payload[1:]) for payload in payloads]
     return BitMap64.union(*parts) if parts else BitMap64()
+
+
+def segment_bitmap(df: DataFrame, segment: str) -> BitMap64:
+    """Run the segment's query and return its members; bad ids raise DefinitionError."""
+    rows = df.select(_bitmap_column(df)).where("bitmap IS NOT NULL").collect()
+    return _merge([bytes(row[0]) for row in rows], segment)
+
+
+def segment_bitmaps(frames: Sequence[DataFrame], segments: Sequence[str]) -> list[BitMap64]:
+    """Every segment's members from one Spark job: the queries' per-partition bitmaps, tagged
+    with the segment's index, in one UNION ALL (a union keeps each child's partitions apart, so
+    a partition holds one segment's rows) and one collect. The DAG scheduler then runs the
+    segments' stages side by side instead of job after job. Bad ids raise DefinitionError for
+    the first such segment in order."""
+    from functools import reduce
+
+    from pyspark.sql.functions import lit
+
+    if not frames:
+        return []
+    tagged = [
+        df.select(lit(i).alias("segment"), _bitmap_column(df)).where("bitmap IS NOT NULL")
+        for i, df in enumerate(frames)
+    ]
+    rows = reduce(lambda a, b: a.unionAll(b), tagged).collect()
+    payloads: list[list[bytes]] = [[] for _ in frames]
+    for index, payload in rows:
+        payloads[index].append(bytes(payload))
+    return [_merge(p, name) for p, name in zip(payloads, segments, strict=True)]

@@ -178,6 +178,12 @@ def _add_batch(sub: argparse._SubParsersAction) -> None:
         metavar="NAME=VALUE",
         help="override a definitions parameter, repeatable; wins over the file",
     )
+    opt(
+        "--per-segment",
+        action="store_true",
+        help="run each segment as its own Spark job over the lake's files (the slower way "
+        "before one pass; no table is cached in memory)",
+    )
     spark.add_options(p)
     add_s3_options(p)
     p.set_defaults(run=_run_batch)
@@ -288,7 +294,8 @@ def _run_batch(args: argparse.Namespace) -> int:
             as_of, source = batch.lake_as_of(args.lake, spark=spark)
             print(f"as_of {as_of} ({source})", file=sys.stderr, flush=True)
             segments = load(args.definitions, {"as_of": as_of}, overrides)
-        result = batch.run_batch(spark, args.lake, segments, args.out, show)
+        one_pass = not args.per_segment
+        result = batch.run_batch(spark, args.lake, segments, args.out, show, one_pass=one_pass)
     finally:
         if ours:
             spark.stop()
@@ -296,7 +303,7 @@ def _run_batch(args: argparse.Namespace) -> int:
         f"{len(result.segments)} segments, {result.memberships:,} memberships, "
         f"{time.perf_counter() - t0:.1f} s total ({startup:.1f} s Spark start-up, "
         f"{result.prepare_seconds:.1f} s views and analysis, "
-        f"{sum(r.seconds for r in result.segments):.1f} s segments, "
+        f"{result.evaluate_seconds:.1f} s segments{' (one pass)' if one_pass else ''}, "
         f"{result.write_seconds:.1f} s write) -> {args.out}"
     )
     if transport is not None:

@@ -71,6 +71,12 @@ def build_parser() -> Parser:
         metavar="N",
         help="write a snapshot every N versions",
     )
+    parser.add_argument(
+        "--publisher-state-dir",
+        metavar="DIR",
+        help="keep the recovered state in DIR between runs: a state file verified against the "
+        "log (its identity and offsets) spares replaying it; any other is ignored",
+    )
     parser.add_argument("--quiet", action="store_true", help="print only the summary")
     guards = parser.add_argument_group("guards and history")
     guards.add_argument(
@@ -202,6 +208,7 @@ def _publish(args: argparse.Namespace) -> PublishResult:
         policy=SnapshotPolicy(every_versions=args.snapshot_every),
         progress=_progress(args),
         guard=Guard(args.max_remove_fraction, force=args.force),
+        state_dir=args.publisher_state_dir,
     )
     try:
         result = publisher.publish(

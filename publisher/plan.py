@@ -67,6 +67,15 @@ class SnapshotPacing:
         info = self.info.get(segment)
         return info.snapshot_chunks if info is not None else 0
 
+    def export(self) -> dict[str, list[int]]:
+        """For the state file (`RecoveredLog.save_state`)."""
+        return {s: [i.snapshot_version, i.snapshot_chunks, i.churn] for s, i in self.info.items()}
+
+    def load(self, data: object) -> None:
+        """From a verified state file: what `export` gave (anything else leaves it empty)."""
+        if isinstance(data, dict):
+            self.info = {str(s): SnapshotInfo(*map(int, v)) for s, v in data.items()}
+
 
 @dataclass(slots=True)
 class SnapshotPolicy:

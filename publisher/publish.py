@@ -5,16 +5,18 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Protocol
+from pathlib import Path
+from typing import Any, Protocol
 
 from pyroaring import BitMap64
 
 from sidecar.record import Delta
 from sidecar.replica import RecoveredLog, SegmentState
-from sidecar.transport.base import Transport
+from sidecar.transport.base import LogWriter, Transport, TransportError
 
 from .guard import Guard
 from .plan import (
@@ -85,17 +87,40 @@ class _Session:
 
     def __init__(self, publisher: Publisher) -> None:
         t = publisher.transport
-        # The writer first: on Kafka, init_transactions fences an older publisher and aborts
-        # its unfinished transaction, so the state read next cannot change under us.
-        self.writer = t.writer(publisher.writer_id, publisher.partitions)
+        # The writer before the log is read: on Kafka, init_transactions fences an older
+        # publisher and aborts its unfinished transaction, so the state read next cannot change
+        # under us. It starts (~0.5 s on Kafka) while the state file loads.
+        started: dict[str, Any] = {}
+
+        def start() -> None:
+            try:
+                started["writer"] = t.writer(publisher.writer_id, publisher.partitions)
+            except BaseException as exc:  # re-raised by the thread that waits for it
+                started["error"] = exc
+
+        thread = threading.Thread(target=start, name="publisher-writer", daemon=True)
+        thread.start()
+
+        def writer_ready() -> None:
+            thread.join()
+            if "error" in started:
+                raise started["error"]
+
         self.pacing = SnapshotPacing()
         try:
             self.log = RecoveredLog(
-                t, observer=self.pacing, progress=lambda m: publisher.progress(f"recover: {m}")
+                t,
+                observer=self.pacing,
+                progress=lambda m: publisher.progress(f"recover: {m}"),
+                state_dir=publisher.state_dir,
+                before_reading=writer_ready,
             )
         except BaseException:
-            self.writer.close()
+            thread.join()
+            if "writer" in started:
+                started["writer"].close()
             raise
+        self.writer: LogWriter = started["writer"]
 
     def remember(self, change: Change, chunks: int, ts: int) -> None:
         """Apply our own committed change, so the next publish needs no re-read of it."""
@@ -123,8 +148,11 @@ class _Session:
 class Publisher:
     """Publishes desired segment states to the log (and Aerospike when a sink is given).
 
-    The current state always comes from replaying the log, never from a local file, so
-    re-running a publish after a crash at any point converges to the same log and records.
+    The current state always comes from the log, so re-running a publish after a crash at any
+    point converges to the same log and records. With `state_dir` it is also kept in a local
+    file, written after each publish: a file verified against the log (its identity and the
+    offsets it covers) spares replaying what it covers, and any other is ignored
+    (`sidecar.replica.RecoveredLog`).
     With `session=True` (a long-running job such as the stream job), the writer and the
     recovered state are kept between publishes and only the log's new records are read;
     `close()` (or leaving a `with` block) releases them. Any error drops the session, so the
@@ -142,8 +170,10 @@ class Publisher:
         progress: Callable[[str], None] | None = None,
         session: bool = False,
         guard: Guard | None = None,
+        state_dir: str | Path | None = None,
     ) -> None:
         self.transport = transport
+        self.state_dir = state_dir
         self.writer_id = writer_id
         self.partitions = partitions
         self.sink = sink
@@ -195,6 +225,7 @@ class Publisher:
                 min_cardinality or {},
                 dict(max_age) if max_age is not None else None,
             )
+            self._save_state(self._session)
         except BaseException:
             self.close()
             raise
@@ -269,6 +300,14 @@ class Publisher:
             state.wrote_heartbeat(beat)
         result.heartbeats = len(beats)
         return result
+
+    def _save_state(self, session: _Session) -> None:
+        """The state file after a publish; failing to write it fails nothing (the previous file,
+        if any, is still verified before use, and the log is the state)."""
+        try:
+            session.log.save_state()
+        except (OSError, TransportError) as exc:
+            log.warning("state file not written: %s", exc)
 
     def _progress_users(self, done: int, total: int) -> None:
         self.progress(f"aerospike: {done:,}/{total:,} user records")

@@ -1,16 +1,55 @@
 """The log's state as a writer needs it (the publisher's contract with the replica code):
 recovered from the log the way a replica bootstraps, kept current by reading on, and told of
-the writer's own committed changes so the next write needs no re-read of them."""
+the writer's own committed changes so the next write needs no re-read of them.
+
+With a `state_dir` the state is also kept in a local file between runs (the replica's
+checkpoint format, sidecar/replica/checkpoint.py): a file of this log (its identity) whose
+offsets the log still holds is installed and only the log's records after them are read; any
+other file (absent, damaged, of another log, of a truncated log) is ignored and the log is
+replayed in full. The file only shortens the reading, it is never trusted over the log."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, Protocol
 
+from ..partitioner import partition_for
 from ..record import Delta, Heartbeat
 from ..transport.base import Transport
+from . import checkpoint
 from .engine import Engine, LogObserver
-from .recovery import bootstrap
+from .recovery import SnapshotAssembler, bootstrap
 from .state import SegmentState
+
+log = logging.getLogger(__name__)
+
+
+class StatefulObserver(LogObserver, Protocol):
+    """An observer whose knowledge goes into the state file with the segments."""
+
+    def export(self) -> Any:
+        """What to keep (msgpack-able)."""
+
+    def load(self, data: Any) -> None:
+        """Take back what `export` gave (from a verified state file)."""
+
+
+class _After:
+    """Passes on the deltas of a segment newer than `covered[segment]`."""
+
+    def __init__(
+        self, observer: LogObserver, covered: dict[str, int], version_of: Callable[[str], int]
+    ) -> None:
+        self._observer, self._covered, self._version_of = observer, covered, version_of
+
+    def snapshot(self, segment: str, version: int, chunks: int) -> None:
+        self._observer.snapshot(segment, version, chunks)
+
+    def delta(self, segment: str, changed: int) -> None:
+        if self._version_of(segment) > self._covered.get(segment, 0):  # the applied version
+            self._observer.delta(segment, changed)
 
 
 class RecoveredLog:
@@ -22,16 +61,72 @@ class RecoveredLog:
         self,
         transport: Transport,
         *,
-        observer: LogObserver | None = None,
+        observer: StatefulObserver | None = None,
         progress: Callable[[str], None] | None = None,
+        state_dir: str | Path | None = None,
+        before_reading: Callable[[], None] | None = None,
     ) -> None:
+        """`before_reading` is called once the state file is loaded, before the log is read
+        (the publisher waits there for its writer, started meanwhile)."""
         self._engine = Engine(observer=observer)
+        self._observer = observer
+        self._state_dir = Path(state_dir) if state_dir is not None else None
+        self._log_id = ""
+        #: "state file" when the state came from a verified state file, else "log"
+        self.recovered_from = "log"
+        # the file is read (bitmaps deserialized) before the log is touched: a writer starting
+        # meanwhile may create the log
+        ckpt = checkpoint.read(self._state_dir) if self._state_dir is not None else None
+        if before_reading is not None:
+            before_reading()
         self._reader = transport.reader()
         try:
-            bootstrap(self._reader, self._engine, progress)
+            if self._state_dir is not None:
+                self._log_id = transport.identity()
+                if ckpt is not None and not checkpoint.is_of(ckpt, self._log_id, self._state_dir):
+                    ckpt = None
+            if ckpt is not None and self._resume(ckpt):
+                self.recovered_from = "state file"
+                if progress:
+                    progress(f"state file: {len(ckpt.segments)} segments, then the log's tail")
+            else:
+                bootstrap(self._reader, self._engine, progress)
         except BaseException:
             self._reader.close()
             raise
+
+    def _resume(self, ckpt: checkpoint.Checkpoint) -> bool:
+        """Install a verified state file, then read the snapshots and deltas after it."""
+        snapshot_offsets = {int(p): o for p, o in (ckpt.extra.get("snapshots") or {}).items()}
+        marks = self._reader.watermarks_all("snapshots")
+        if set(snapshot_offsets) != set(marks) or any(
+            not marks[p][0] <= off <= marks[p][1] for p, off in snapshot_offsets.items()
+        ):
+            log.warning("state file's snapshot offsets are not in the log: full replay")
+            return False
+        if not checkpoint.restore(ckpt, self._reader, self._engine):
+            return False
+        observer = self._observer
+        if observer is not None:
+            observer.load(ckpt.extra.get("observer"))
+            # snapshots written since (by another writer) tell the pacing their chunks; the
+            # engine gets their changes from the deltas
+            asm = SnapshotAssembler(self._engine.holds, self._engine.counters)
+            self._reader.assign({("snapshots", p): off for p, off in snapshot_offsets.items()})
+            ends = {("snapshots", p): end for p, (_, end) in marks.items()}
+            for rec in self._reader.read_until(ends):
+                asm.add(rec)
+            for snap in asm.complete.values():
+                observer.snapshot(snap.segment, snap.version, snap.chunks)
+            # as in a full replay, a delta a snapshot covers is no churn since it
+            covered = {s.segment: s.version for s in asm.complete.values()}
+            self._engine.observer = _After(observer, covered, self._engine.version_of)
+        try:
+            self._reader.assign({("deltas", p): off for p, off in ckpt.offsets.items()})
+            self.catch_up()
+        finally:
+            self._engine.observer = observer
+        return True
 
     # -- reading -----------------------------------------------------------------------------
     @property
@@ -75,6 +170,38 @@ class RecoveredLog:
     def wrote_heartbeat(self, beat: Heartbeat) -> None:
         """The writer's own committed heartbeat."""
         self._engine.apply_heartbeat(beat)
+
+    # -- the state file ----------------------------------------------------------------------
+    def save_state(self) -> None:
+        """Write the state file (with `state_dir`; call it with every change committed and told).
+        A segment whose history is damaged is not in it, so none is written then (and an old
+        one is removed): the next run replays the log in full."""
+        if self._state_dir is None:
+            return
+        path = self._state_dir / checkpoint.FILENAME
+        if any(not s.fresh for s in self._engine.segments.values()):
+            path.unlink(missing_ok=True)
+            return
+        snapshots = {p: end for p, (_, end) in self._reader.watermarks_all("snapshots").items()}
+        extra: dict[str, Any] = {"snapshots": snapshots}
+        if self._observer is not None:
+            extra["observer"] = self._observer.export()
+        positions = self.offsets()
+        checkpoint.save(
+            self._state_dir,
+            checkpoint.Checkpoint(
+                log_id=self._log_id,
+                partitions=self._reader.partitions,
+                offsets=checkpoint.resume_offsets(self._engine, positions, self._partition_of),
+                segments=dict(self._engine.segments),
+                dropped=dict(self._engine.dropped),
+                ages=dict(self._engine.ages),
+                extra=extra,
+            ),
+        )
+
+    def _partition_of(self, segment: str) -> int:
+        return partition_for(segment, self._reader.partitions)
 
     def close(self) -> None:
         self._reader.close()

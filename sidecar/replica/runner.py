@@ -312,10 +312,7 @@ class Replica:
     def save_checkpoint(self) -> None:
         if self.state_dir is None or not self.ready:
             return
-        offsets = {}
-        for p, pos in self.positions.items():
-            pending = self.engine.pending_offset(self._partition_of, p)
-            offsets[p] = min(pos, pending) if pending is not None else pos
+        offsets = checkpoint.resume_offsets(self.engine, self.positions, self._partition_of)
         # The same state at the same offsets is the checkpoint already on disk: skip it (a
         # quiet log would otherwise rewrite the whole file every interval).
         key = (self.engine.generation, tuple(sorted(offsets.items())))
@@ -343,30 +340,8 @@ class Replica:
         if self.state_dir is None:
             return None
         ckpt = checkpoint.load(self.state_dir, self._log_id)
-        if ckpt is None or ckpt.partitions != reader.partitions:
+        if ckpt is None or not checkpoint.restore(ckpt, reader, self.engine, self.holds):
             return None
-        marks = reader.watermarks_all("deltas")
-        for p, off in ckpt.offsets.items():
-            low, end = marks[p]
-            if off < low or off > end:
-                log.warning(
-                    "checkpoint offset %d of deltas[%d] is gone (log holds %d..%d): full bootstrap",
-                    off,
-                    p,
-                    low,
-                    end,
-                )
-                return None
-        for name, state in ckpt.segments.items():
-            if self.holds(name):
-                self.engine.install(name, state)
-        for name, version in ckpt.dropped.items():
-            if self.holds(name):
-                self.engine.install_drop(name, version)
-        for name, age in ckpt.ages.items():
-            if self.holds(name) and name in self.engine.segments:
-                self.engine.ages[name] = age
-        log.info("restored %d segments from the checkpoint", len(ckpt.segments))
         return ckpt.offsets
 
     # -- the loop ------------------------------------------------------------------------------

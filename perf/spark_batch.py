@@ -1,0 +1,87 @@
+"""`python -m perf.spark_batch --lake DIR [--definitions FILE] [--rounds N] [--out DIR]`: the
+batch job's two ways on the same lake in one Spark session, one after the other per round:
+
+- `per segment`: one Spark job per segment over the lake's files (`one_pass=False`, as before);
+- `one pass`: every segment in one job over the views cached on first read (`one_pass=True`).
+
+Both compute every segment of the definitions file (default `compute/definitions/bench20.toml`)
+from registering the views to the bitmaps (the segment set is not written: equal for both);
+their bitmaps must be equal, else it exits 1. The Spark start-up is timed once and added to each
+way's figure for "end to end" (what `seg-compute batch` pays). Load averages (`os.getloadavg`)
+are recorded before and after each run: the machine is shared. Writes OUT/spark_batch.json
+(default perf/results). Heavy: a 1M-user lake (`seg-compute gen-data --users 1000000
+--orders-per-user 10`) takes minutes per round on two cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from compute import batch
+from compute.definitions import EXAMPLE
+
+WAYS = {"per segment": False, "one pass": True}
+
+
+def run(lake: Path, definitions: Path, rounds: int) -> dict[str, Any]:
+    from compute.spark import build_session
+
+    t0 = time.perf_counter()
+    spark = build_session(app_name="perf-spark-batch")
+    startup = time.perf_counter() - t0
+    segments = batch.load_segments(lake, definitions)
+    runs: list[dict[str, Any]] = []
+    answers: dict[str, dict[str, Any]] = {}
+    try:
+        for r in range(rounds):
+            for way, one_pass in WAYS.items():
+                load_before = os.getloadavg()[0]
+                t = time.perf_counter()
+                bitmaps = batch.compute(spark, lake, segments, one_pass=one_pass)
+                seconds = time.perf_counter() - t
+                answers[way] = bitmaps
+                after = os.getloadavg()[0]
+                runs.append({"round": r, "way": way, "seconds": round(seconds, 2),
+                             "load_before": load_before, "load_after": after})  # fmt: skip
+                print(f"round {r} {way}: {seconds:.1f} s (load {load_before:.1f})", flush=True)
+    finally:
+        spark.stop()
+    equal = answers["per segment"] == answers["one pass"]
+    best = {way: min(x["seconds"] for x in runs if x["way"] == way) for way in WAYS}
+    return {
+        "lake": str(lake),
+        "definitions": str(definitions),
+        "segments": len(segments),
+        "memberships": sum(len(b) for b in answers["one pass"].values()),
+        "spark_startup_seconds": round(startup, 2),
+        "runs": runs,
+        "best_seconds": best,
+        "end_to_end_seconds": {w: round(s + startup, 2) for w, s in best.items()},
+        "speedup_per_segment_over_one_pass": round(best["per segment"] / best["one pass"], 2),
+        "same_bitmaps": equal,
+        "cores": os.cpu_count(),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m perf.spark_batch", description=__doc__)
+    p.add_argument("--lake", type=Path, required=True)
+    p.add_argument("--definitions", type=Path, default=EXAMPLE.parent / "bench20.toml")
+    p.add_argument("--rounds", type=int, default=1)
+    p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    args = p.parse_args(argv)
+    res = run(args.lake, args.definitions, args.rounds)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "spark_batch.json").write_text(json.dumps(res, indent=2) + "\n")
+    print(json.dumps({k: v for k, v in res.items() if k != "runs"}, indent=2))
+    return 0 if res["same_bitmaps"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

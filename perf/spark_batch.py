@@ -30,10 +30,11 @@ WAYS = {"per segment": False, "one pass": True}
 
 
 def run(lake: Path, definitions: Path, rounds: int) -> dict[str, Any]:
-    from compute.spark import build_session
+    from compute.spark import DEFAULT_DRIVER_MEMORY, build_session
 
     t0 = time.perf_counter()
-    spark = build_session(app_name="perf-spark-batch")
+    conf = {"spark.driver.memory": DEFAULT_DRIVER_MEMORY}  # as seg-compute batch's default
+    spark = build_session(app_name="perf-spark-batch", conf=conf)
     startup = time.perf_counter() - t0
     segments = batch.load_segments(lake, definitions)
     runs: list[dict[str, Any]] = []

@@ -18,7 +18,6 @@ from publisher.plan import SnapshotPacing
 from sidecar.replica import RecoveredLog
 from sidecar.replica.checkpoint import FILENAME
 from sidecar.transport import LogDirTransport, Transport
-from tests.sidecar_fixtures import transport  # noqa: F401 (a fixture)
 from tests.test_publisher import assert_version_chain, delete_all_deltas, read_log, rnd_bitmap
 
 PARTITIONS = 3
@@ -50,7 +49,7 @@ def _history(pub: Publisher) -> None:
     pub.publish({"a": rnd_bitmap(1, 300), "c": BitMap64(range(100))})
 
 
-def test_state_file_gives_what_the_log_gives(transport: Transport, tmp_path: Path) -> None:  # noqa: F811
+def test_state_file_gives_what_the_log_gives(transport: Transport, tmp_path: Path) -> None:
     state = tmp_path / "state"
     pub = _publisher(transport, state)
     _history(pub)
@@ -82,7 +81,7 @@ def _damage(state: Path) -> None:
 
 
 @pytest.mark.parametrize("how", ["damaged", "truncated", "another log"])
-def test_untrusted_state_file_is_ignored(transport: Transport, tmp_path: Path, how: str) -> None:  # noqa: F811
+def test_untrusted_state_file_is_ignored(transport: Transport, tmp_path: Path, how: str) -> None:
     state = tmp_path / "state"
     pub = _publisher(transport, state)
     _history(pub)

@@ -1,0 +1,59 @@
+"""The batch's one pass against its job-per-segment form: the same bitmaps for the example and
+the benchmark definitions, the first bad segment in definition order named, and the views
+uncached afterwards. (tests/test_compute_batch.py checks the one pass against ground truth.)"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from compute import batch, definitions, lake
+from compute.definitions import EXAMPLE, DefinitionError
+from tests.test_compute_batch import segment
+
+BENCH20 = EXAMPLE.parent / "bench20.toml"
+
+
+@pytest.fixture(scope="module")
+def small_lake(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("lake") / "lake"
+    lake.generate(out, lake.LakeParams(users=5_000, seed=11), progress=lambda line: None)
+    return out
+
+
+@pytest.fixture(scope="module")
+def spark():
+    from compute.spark import build_session
+
+    session = build_session(app_name="seg-compute-one-pass-tests")
+    yield session
+    session.stop()
+
+
+@pytest.mark.spark
+@pytest.mark.parametrize("defs", [EXAMPLE, BENCH20], ids=["example", "bench20"])
+def test_one_pass_equals_a_job_per_segment(spark, small_lake: Path, defs: Path) -> None:
+    segments = batch.load_segments(small_lake, defs)
+    seen: list[batch.SegmentResult] = []
+    one = batch.compute(spark, small_lake, segments, seen.append)
+    each = batch.compute(spark, small_lake, segments, one_pass=False)
+    assert list(one) == list(each) == [s.name for s in segments]
+    assert one == each
+    assert [r.name for r in seen] == list(one)
+    assert [r.cardinality for r in seen] == [len(b) for b in one.values()]
+    assert len({r.seconds for r in seen}) == 1, "one pass: the pass's seconds for every segment"
+    assert sum(map(len, one.values())) > 0
+    assert not any(spark.catalog.isCached(t) for t in ("users", "orders", "events"))
+
+
+@pytest.mark.spark
+def test_one_pass_names_the_first_bad_segment(spark, small_lake: Path) -> None:
+    segments = definitions.parse(
+        segment("ok", "SELECT user_id FROM users")
+        + segment("neg", "SELECT -1 AS user_id")
+        + segment("null", "SELECT CAST(NULL AS BIGINT) AS user_id")
+    )
+    with pytest.raises(DefinitionError, match="segment 'neg'"):
+        batch.compute(spark, small_lake, segments)
+    assert not spark.catalog.isCached("users")

@@ -17,7 +17,7 @@ from typing import Any, Protocol
 
 from ..partitioner import partition_for
 from ..record import Delta, Heartbeat
-from ..transport.base import Transport
+from ..transport.base import Transport, TransportError
 from . import checkpoint
 from .engine import Engine, LogObserver
 from .recovery import SnapshotAssembler, bootstrap
@@ -77,12 +77,18 @@ class RecoveredLog:
         # the file is read (bitmaps deserialized) before the log is touched: a writer starting
         # meanwhile may create the log
         ckpt = checkpoint.read(self._state_dir) if self._state_dir is not None else None
+        if ckpt is not None:
+            try:  # a file means the log exists: ask its identity while the writer starts too
+                self._log_id = transport.identity()
+            except TransportError as exc:
+                log.warning("state file not used: %s", exc)
+                ckpt = None
         if before_reading is not None:
             before_reading()
         self._reader = transport.reader()
         try:
             if self._state_dir is not None:
-                self._log_id = transport.identity()
+                self._log_id = self._log_id or transport.identity()
                 if ckpt is not None and not checkpoint.is_of(ckpt, self._log_id, self._state_dir):
                     ckpt = None
             if ckpt is not None and self._resume(ckpt):

@@ -202,14 +202,18 @@ def load(
     overrides: Mapping[str, ParamValue] | None = None,
 ) -> list[Segment]:
     """Read, parse and validate a definitions file (see `parse`)."""
+    return parse(read_definitions(path), str(path), base_params, overrides)
+
+
+def read_definitions(path: Path | str) -> str:
+    """The text of a definitions file; DefinitionError when unreadable or not UTF-8."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8")
     except OSError as e:
         raise DefinitionError(f"cannot read definitions {path}: {e.strerror or e}") from None
     except UnicodeDecodeError:
         raise DefinitionError(f"definitions {path} is not UTF-8") from None
-    return parse(text, str(path), base_params, overrides)
 
 
 def parse_assignment(text: str) -> tuple[str, str]:

@@ -20,8 +20,8 @@ class OutputError(RuntimeError):
     """The output directory cannot be written or replaced."""
 
 
-def fsync_dir(path: Path) -> None:
-    """Make a directory's entries (new names, renames) durable."""
+def fsync_path(path: Path) -> None:
+    """Make a file's contents, or a directory's entries (new names, renames), durable."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -83,7 +83,7 @@ def atomic_directory(dest: Path, marker: str, what: str) -> Iterator[Path]:
     try:
         yield tmp
         for root, _dirs, _files in os.walk(tmp):
-            fsync_dir(Path(root))
+            fsync_path(Path(root))
         _swap_in(tmp, dest, tag)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -93,13 +93,13 @@ def atomic_directory(dest: Path, marker: str, what: str) -> Iterator[Path]:
 def _swap_in(tmp: Path, dest: Path, tag: str) -> None:
     if not dest.exists():
         os.rename(tmp, dest)
-        fsync_dir(dest.parent)
+        fsync_path(dest.parent)
         return
     if not dest.is_dir():
         raise OutputError(f"{dest} exists and is not a directory")
     if _exchange(tmp, dest):
         # tmp now holds the old contents.
-        fsync_dir(dest.parent)
+        fsync_path(dest.parent)
         shutil.rmtree(tmp, ignore_errors=True)
         return
     # Portable fallback: two renames. A crash between them leaves the old set under
@@ -107,5 +107,5 @@ def _swap_in(tmp: Path, dest: Path, tag: str) -> None:
     old = dest.parent / f".{dest.name}.old-{tag}"
     os.rename(dest, old)
     os.rename(tmp, dest)
-    fsync_dir(dest.parent)
+    fsync_path(dest.parent)
     shutil.rmtree(old, ignore_errors=True)

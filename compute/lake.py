@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import os
 import sys
 import time
 from collections import deque
@@ -34,7 +33,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from compute.fsutil import atomic_directory
+from compute.fsutil import atomic_directory, fsync_path
 
 LAKE_MARKER = "_lake.json"
 LAKE_FORMAT = 1
@@ -237,16 +236,24 @@ def _category(rng: np.random.Generator, favorite: np.ndarray, share: float) -> n
     return np.where(rng.random(n) < share, favorite, other)
 
 
+def _day_rows(
+    p: LakeParams, day: int, stream: int, rate: np.ndarray, active: np.ndarray
+) -> tuple[np.random.Generator, np.ndarray, np.ndarray]:
+    """The rows of one day of a stream: its generator (to draw the rest of the columns),
+    who (indexes into the users) and ts (microseconds), in time order."""
+    rng = _rng(p.seed, stream, day)
+    who = _pick(rng, rate, active)
+    day_us = ((p.start - _EPOCH).days + day) * _DAY_US
+    ts = day_us + rng.integers(0, _DAY_US, len(who))
+    by_time = np.argsort(ts, kind="stable")
+    return rng, who[by_time], ts[by_time]
+
+
 def _gen_orders(
     p: LakeParams, day: int, users: _UserState, active: np.ndarray, first_order_id: int
 ) -> pa.Table:
-    rng = _rng(p.seed, _STREAM_ORDERS, day)
-    who = _pick(rng, users.order_rate, active)
+    rng, who, ts = _day_rows(p, day, _STREAM_ORDERS, users.order_rate, active)
     n = len(who)
-    day_us = ((p.start - _EPOCH).days + day) * _DAY_US
-    ts = day_us + rng.integers(0, _DAY_US, n)
-    by_time = np.argsort(ts, kind="stable")
-    who, ts = who[by_time], ts[by_time]
     cents = np.maximum(np.round(rng.lognormal(3.6, 0.8, n) * 100), 1).astype(np.int64)
     category = _category(rng, users.favorite[who], 0.5)
     return pa.table(
@@ -262,13 +269,8 @@ def _gen_orders(
 
 
 def _gen_events(p: LakeParams, day: int, users: _UserState, active: np.ndarray) -> pa.Table:
-    rng = _rng(p.seed, _STREAM_EVENTS, day)
-    who = _pick(rng, users.event_rate, active)
+    rng, who, ts = _day_rows(p, day, _STREAM_EVENTS, users.event_rate, active)
     n = len(who)
-    day_us = ((p.start - _EPOCH).days + day) * _DAY_US
-    ts = day_us + rng.integers(0, _DAY_US, n)
-    by_time = np.argsort(ts, kind="stable")
-    who, ts = who[by_time], ts[by_time]
     kind = rng.choice(len(EVENT_TYPES), size=n, p=EVENT_P)
     category = _category(rng, users.favorite[who], 0.6)
     rank = (rng.zipf(1.3, n) - 1) % PRODUCTS_PER_CATEGORY
@@ -287,11 +289,7 @@ def _gen_events(p: LakeParams, day: int, users: _UserState, active: np.ndarray) 
 def _write(table: pa.Table, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(table, path, compression="snappy")
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_path(path)
 
 
 class _Writer:

@@ -34,7 +34,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from compute.definitions import DefinitionError, table_name
+from compute.definitions import DefinitionError, read_definitions, table_name
 from compute.events import EVENT_TYPES, Event
 from publisher.segment_set import option_value
 
@@ -203,14 +203,7 @@ def ownership_message() -> str:
 
 
 def load(path: Path | str) -> StreamDefinitions:
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as e:
-        raise DefinitionError(f"cannot read definitions {path}: {e.strerror or e}") from None
-    except UnicodeDecodeError:
-        raise DefinitionError(f"definitions {path} is not UTF-8") from None
-    return parse(text, str(path))
+    return parse(read_definitions(path), str(path))
 
 
 def evaluate(rules: Iterable[StreamRule], events: Iterable[Event], as_of: int) -> dict[str, set]:

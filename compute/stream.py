@@ -42,6 +42,7 @@ from pyroaring import BitMap64
 
 from compute import streamstate
 from compute.events import EVENT_TYPES
+from compute.fsutil import fsync_path
 from compute.rules import StreamDefinitions, TrackSpec
 
 if TYPE_CHECKING:
@@ -76,14 +77,6 @@ _SIGNED_USER = (
     f"CASE WHEN valid THEN CAST(CASE WHEN {_USER_DEC} >= 9223372036854775808BD "
     f"THEN {_USER_DEC} - 18446744073709551616BD ELSE {_USER_DEC} END AS BIGINT) END"
 )
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # -- state on disk -----------------------------------------------------------------------------
@@ -156,12 +149,12 @@ class StateStore:
             }  # fmt: skip
             (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
             for name in ("state.parquet", "meta.json"):
-                _fsync(tmp / name)
+                fsync_path(tmp / name)
             os.replace(tmp, self.path(batch_id))
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        _fsync(self.root)
+        fsync_path(self.root)
 
     def gc(self, keep_from: int) -> None:
         """Delete states older than `keep_from`. Batch N may be re-run until Spark commits it,

@@ -5,6 +5,7 @@ The real publisher (publisher/) replaces it; this only knows enough to put segme
 
 from __future__ import annotations
 
+import subprocess
 import time
 
 from pyroaring import BitMap64
@@ -154,3 +155,30 @@ def get_json(url: str) -> tuple[int, dict]:
             return resp.status, json.loads(resp.read())
     except urllib.error.HTTPError as exc:
         return exc.code, json.loads(exc.read())
+
+
+def free_port() -> int:
+    """A TCP port of 127.0.0.1 that nothing listens on now."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http_ok(url: str, proc: subprocess.Popen, timeout: float, interval: float = 0.1) -> None:
+    """Poll GET `url` (a sidecar's /readyz) until it answers 200. AssertionError (with the
+    tail of its stderr when piped) once `proc` has exited, or after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            err = proc.stderr.read() if proc.stderr is not None else ""
+            err = err.decode(errors="replace") if isinstance(err, bytes) else err
+            raise AssertionError(f"exited with status {proc.returncode}: {err[-3000:]}")
+        try:
+            if get_json(url)[0] == 200:
+                return
+        except OSError:
+            pass
+        assert time.monotonic() < deadline, f"{url} not 200 within {timeout:g} s"
+        time.sleep(interval)

@@ -12,8 +12,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +30,7 @@ from sidecar.client import (
     UnknownOpError,
 )
 from sidecar.replica.runner import Replica
-from tests.logtools import LogState, SidecarThread
+from tests.logtools import LogState, SidecarThread, free_port, get_json, wait_http_ok
 
 MAX = 2**64 - 1
 SEGMENTS = {"vip": BitMap64([1, 2, 3, MAX]), "cart:30m": BitMap64(range(100, 200))}
@@ -257,22 +255,8 @@ def test_async_reconnect_unavailable_timeout(replica: Replica, workdir: Path) ->
 # -- seg-sidecar as a subprocess ------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _get(url: str) -> tuple[int, Any]:
-    try:
-        with urllib.request.urlopen(url, timeout=5) as resp:
-            return resp.status, json.loads(resp.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read())
-
-
 def test_cli_serves_and_shuts_down_cleanly(workdir: Path, logstate: LogState) -> None:
-    port = _free_port()
+    port = free_port()
     sock = workdir / "cli" / "sidecar.sock"
     state = workdir / "state"
     proc = subprocess.Popen(
@@ -292,21 +276,12 @@ def test_cli_serves_and_shuts_down_cleanly(workdir: Path, logstate: LogState) ->
         text=True,
     )
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None, proc.communicate()[1]
-            try:
-                if _get(f"http://127.0.0.1:{port}/readyz")[0] == 200:
-                    break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, "sidecar not ready in time"
-            time.sleep(0.1)
+        wait_http_ok(f"http://127.0.0.1:{port}/readyz", proc, 60)
         with SidecarClient(sock) as c:
             assert c.check(1, "vip") is True
             assert c.check(150, "cart:30m") is True
             assert c.check(4, "vip") is False
-        assert _get(f"http://127.0.0.1:{port}/v1/check?user=1&segment=vip")[1]["member"] is True
+        assert get_json(f"http://127.0.0.1:{port}/v1/check?user=1&segment=vip")[1]["member"] is True
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=60)
     finally:
@@ -322,7 +297,7 @@ def test_cli_serves_and_shuts_down_cleanly(workdir: Path, logstate: LogState) ->
 
 
 def test_cli_from_environment_and_warm_restart(workdir: Path, logstate: LogState) -> None:
-    port = _free_port()
+    port = free_port()
     sock = workdir / "env.sock"
     env = {
         **os.environ,

@@ -11,7 +11,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -32,6 +31,7 @@ from sidecar.server.http import openapi_bytes
 from sidecar.transport.logdir import LogDirTransport
 from tests.aerospike_server.server import ThreadedAerospikeServer
 from tests.browser import INSTALL_HINT, Browser, find_chromium
+from tests.logtools import free_port, wait_http_ok
 
 BIN = Path(sys.executable).parent
 UI_DIR = Path(__file__).resolve().parents[1] / "sidecar" / "server" / "ui"
@@ -55,12 +55,6 @@ ROWS = """[...document.querySelectorAll('#segments tbody tr')].map(tr => ({
   updated: tr.cells[3].querySelector('time').dateTime, health: tr.cells[4].textContent}))"""
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _get(url: str) -> tuple[int, dict[str, str], bytes]:
     try:
         with urllib.request.urlopen(url, timeout=10) as resp:
@@ -76,7 +70,7 @@ class SidecarProcess:
     def __init__(
         self, log_dir: Path, *args: str, env: dict[str, str] | None = None, ready: bool = True
     ) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc = subprocess.Popen(
             [
@@ -92,18 +86,11 @@ class SidecarProcess:
             stderr=subprocess.PIPE,
             env={**os.environ, **(env or {})},
         )
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(self.proc.stderr.read().decode()[-3000:])  # type: ignore[union-attr]
-            try:
-                if _get(self.url + ("/readyz" if ready else "/healthz"))[0] == 200:
-                    return
-            except OSError:
-                pass
-            time.sleep(0.1)
-        self.stop()
-        raise AssertionError("seg-sidecar not ready in 60 s")
+        try:
+            wait_http_ok(self.url + ("/readyz" if ready else "/healthz"), self.proc, 60)
+        except AssertionError:
+            self.stop()
+            raise
 
     def stop(self) -> None:
         if self.proc.poll() is None:

@@ -7,11 +7,9 @@ from __future__ import annotations
 import datetime as dt
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,6 +19,7 @@ from pyroaring import BitMap64
 
 from compute.segment_set import write_segment_set
 from sidecar.client import SidecarClient
+from tests.logtools import free_port, wait_http_ok
 from tests.truth import truth_from_lake
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,12 +38,6 @@ def _run(*cmd: str, env: dict[str, str] | None = None) -> str:
     )
     assert proc.returncode == 0, f"{cmd} failed:\n{proc.stdout}\n{proc.stderr}"
     return proc.stdout
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +76,7 @@ class Sidecar:
         self.log_args = log_args
         self.uds = work / "run" / "s.sock"
         self.state = work / "state"
-        self.port = _free_port()
+        self.port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> Sidecar:
@@ -102,16 +95,12 @@ class Sidecar:
             ],
             stderr=subprocess.PIPE,
         )
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, self.proc.stderr.read().decode()[-3000:]
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/readyz", timeout=2):
-                    return self
-            except OSError:
-                time.sleep(0.1)
-        self.proc.kill()
-        raise AssertionError("sidecar not ready in 90 s")
+        try:
+            wait_http_ok(f"http://127.0.0.1:{self.port}/readyz", self.proc, 90)
+        except AssertionError:
+            self.proc.kill()
+            raise
+        return self
 
     def client(self) -> SidecarClient:
         return SidecarClient(str(self.uds), timeout=10)

@@ -27,8 +27,7 @@ from sidecar.aerospike_layout import AerospikeTarget
 from sidecar.client import SidecarClient
 from sidecar.transport.logdir import LogDirTransport
 from tests.aerospike_server.server import ThreadedAerospikeServer
-from tests.logtools import get_json
-from tests.test_sidecar_aerospike import _free_port
+from tests.logtools import free_port, wait_http_ok
 
 BIN = Path(sys.executable).parent
 USERS = list(range(1000, 1300))
@@ -47,7 +46,7 @@ def sidecar(
     sink = AerospikeSink.connect(AerospikeTarget.at(aerospike_server.address))
     Publisher(log, sink=sink).publish(_truth(random.Random(1)))
     sink.client.close()
-    uds, port = str(tmp_path / "s.sock"), _free_port()
+    uds, port = str(tmp_path / "s.sock"), free_port()
     proc = subprocess.Popen(
         [str(BIN / "seg-sidecar"), "--log-dir", str(log.path), "--uds", uds,
          "--http", f"127.0.0.1:{port}", "--segments", "held_*",
@@ -55,15 +54,7 @@ def sidecar(
         stderr=subprocess.DEVNULL,
     )  # fmt: skip
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if get_json(f"http://127.0.0.1:{port}/readyz")[0] == 200:
-                    break
-            except OSError:
-                pass
-            assert proc.poll() is None and time.monotonic() < deadline
-            time.sleep(0.05)
+        wait_http_ok(f"http://127.0.0.1:{port}/readyz", proc, 30, 0.05)
         yield log, uds
     finally:
         proc.send_signal(signal.SIGTERM)

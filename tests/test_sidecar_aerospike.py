@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import random
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,14 +22,9 @@ from sidecar.aerospike_layout import AerospikeTarget
 from sidecar.client import SidecarClient
 from sidecar.transport.logdir import LogDirTransport
 from tests.aerospike_server.server import ThreadedAerospikeServer
+from tests.logtools import free_port, wait_http_ok
 
 BIN = Path(sys.executable).parent
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
@@ -48,7 +42,7 @@ def world(
     Publisher(log, sink=sink).publish(truth)
     sink.client.close()
     uds = tmp_path / "run" / "s.sock"
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen(
         [str(BIN / "seg-sidecar"), "--log-dir", str(log.path), "--uds", str(uds),
          "--http", f"127.0.0.1:{port}", "--segments", "held_*",
@@ -56,14 +50,7 @@ def world(
         stderr=subprocess.DEVNULL,
     )  # fmt: skip
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1):
-                    break
-            except OSError:
-                assert proc.poll() is None and time.monotonic() < deadline
-                time.sleep(0.05)
+        wait_http_ok(f"http://127.0.0.1:{port}/readyz", proc, 30, 0.05)
         with SidecarClient(str(uds), timeout=5) as client:
             deadline = time.monotonic() + 10  # the fallback connects in the background
             while client.explain(1000, "other_x").source != "aerospike":

@@ -21,7 +21,7 @@ import pytest
 from pyroaring import BitMap64
 
 from sidecar.transport import LogDirTransport
-from tests.logtools import get_json, publish_raw
+from tests.logtools import free_port, publish_raw, wait_http_ok
 
 ROOT = Path(__file__).resolve().parent.parent
 SEGMENTS = {
@@ -103,9 +103,7 @@ def _nuisances(uds: str, http_port: int, rng: random.Random) -> list[socket.sock
 def _soak(seconds: float, clients: int) -> dict:
     work = Path(tempfile.mkdtemp(prefix="sk", dir="/tmp"))
     publish_raw(LogDirTransport(work / "log"), SEGMENTS)
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     uds = str(work / "s.sock")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     sidecar = subprocess.Popen(
@@ -114,15 +112,7 @@ def _soak(seconds: float, clients: int) -> dict:
         cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if get_json(f"http://127.0.0.1:{port}/readyz")[0] == 200:
-                    break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline and sidecar.poll() is None
-            time.sleep(0.1)
+        wait_http_ok(f"http://127.0.0.1:{port}/readyz", sidecar, 60)
         rss_before = _rss_kb(sidecar.pid)
         truth = json.dumps({k: v.serialize().hex() for k, v in SEGMENTS.items()})
         procs = [

@@ -21,7 +21,6 @@ nothing about the servers and was dropped.)"""
 
 from __future__ import annotations
 
-import os
 from array import array
 from pathlib import Path
 from typing import Any
@@ -31,7 +30,7 @@ from sidecar.packed import pack_batch
 
 from . import data
 from .check import interleave
-from .report import latency_rows, plot_latency, table, target
+from .report import cpu_lines, image_lines, latency_rows, plot_latency, table, target
 from .services import Context, log
 
 BATCH = 1_000
@@ -145,16 +144,8 @@ def section(res: dict[str, Any], out: Path, report_dir: Path) -> list[str]:
         ["peer", "checks/s (one client)", "us per check at p50"],
         [[n, v, res["us_per_check_p50"][n]] for n, v in res["checks_per_second"].items()],
     )
-    cpu = res.get("server_cpu_us_per_request") or {}
-    if cpu:
-        lines += [
-            "",
-            "Server CPU per request (main thread): "
-            + ", ".join(f"{n} {v:.0f} us" for n, v in cpu.items())
-            + ".",
-        ]
+    lines += cpu_lines(res.get("server_cpu_us_per_request"), "Server CPU per request (main thread)")
     lines += ["", f"Wrong answers (checked against the data): {res['wrong_answers']}."]
     png = plot_latency(res["latency"], "batch of 1,000 checks", out / "batch_latency.png")
-    if png:
-        lines += ["", f"![batch latency]({os.path.relpath(png, report_dir)})"]
+    lines += image_lines(png, "batch latency", report_dir)
     return lines

@@ -16,7 +16,6 @@ inside a round. Latency is `perf_counter_ns` around one call.
 from __future__ import annotations
 
 import gc
-import os
 import statistics
 import time
 from collections.abc import Callable
@@ -27,7 +26,7 @@ from sidecar.client import SidecarClient
 
 from . import data
 from .hist import Hist, ratio
-from .report import fmt, latency_rows, plot_latency, table, target
+from .report import cpu_lines, fmt, image_lines, latency_rows, plot_latency, table, target
 from .services import Context, log
 
 Call = Callable[[int, str], Any]
@@ -279,15 +278,12 @@ def section(res: dict[str, Any], out: Path, report_dir: Path) -> list[str]:
             f"quartiles over rounds: sidecar/echo {fmt_paired(pr.get('sidecar_over_echo'))}, "
             f"redis/sidecar {fmt_paired(pr.get('redis_over_sidecar'))}."
         )
-    cpu = res.get("server_cpu_us_per_request") or {}
-    if cpu:
-        lines += [
-            "",
-            "Server CPU per request (main thread, /proc schedstat; the syscalls that read the "
-            "request and write the answer included): "
-            + ", ".join(f"{n} {v:.1f} us" for n, v in cpu.items())
-            + ".",
-        ]
+    lines += cpu_lines(
+        res.get("server_cpu_us_per_request"),
+        "Server CPU per request (main thread, /proc schedstat; the syscalls that read the "
+        "request and write the answer included)",
+        digits=1,
+    )
     redis = res["peers"].get("redis", {})
     if redis.get("available") is False:
         lines += ["", f"**Redis peer unavailable:** {redis.get('reason')}"]
@@ -298,6 +294,5 @@ def section(res: dict[str, Any], out: Path, report_dir: Path) -> list[str]:
     for name, peer in res["peers"].items():
         lines.append(f"- {name}: {peer.get('what', peer.get('reason', ''))}")
     png = plot_latency(res["latency"], "check over a Unix socket", out / "check_latency.png")
-    if png:
-        lines += ["", f"![check latency]({os.path.relpath(png, report_dir)})"]
+    lines += image_lines(png, "check latency", report_dir)
     return lines

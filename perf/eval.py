@@ -13,7 +13,6 @@ Half the users are members of x2 (the segment every member must be in), the rest
 
 from __future__ import annotations
 
-import os
 import random
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,7 @@ from sidecar.client import SidecarClient
 
 from . import exprset
 from .check import interleave
-from .report import fmt, latency_rows, plot_latency, table
+from .report import fmt, image_lines, latency_rows, plot_latency, table
 from .services import Context, log
 
 MANY = 1_000
@@ -138,6 +137,5 @@ def section(res: dict[str, Any], out: Path, report_dir: Path) -> list[str]:
         lines += ["", f"**Redis peer unavailable:** {res['redis']['reason']}"]
     lines += ["", f"Wrong answers against the data (first round): {res['wrong_answers']}."]
     png = plot_latency(res["latency"], "eval, one user", out / "eval_latency.png")
-    if png:
-        lines += ["", f"![eval latency]({os.path.relpath(png, report_dir)})"]
+    lines += image_lines(png, "eval latency", report_dir)
     return lines

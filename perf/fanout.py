@@ -34,7 +34,7 @@ from typing import Any
 
 from . import data
 from .hist import Hist
-from .report import plot_fanout, table, target
+from .report import image_lines, plot_fanout, table, target
 from .services import Context, log
 
 LIMIT_US = 1000.0
@@ -313,6 +313,5 @@ def section(res: dict[str, Any], out: Path, report_dir: Path) -> list[str]:
             out / f"fanout{suffix}_throughput_p99.png",
             f"fanout: {PEER_NAMES.get(name, name)}",
         )
-        if png:
-            lines += ["", f"![fanout {name}]({os.path.relpath(png, report_dir)})"]
+        lines += image_lines(png, f"fanout {name}", report_dir)
     return lines

@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import http.client
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 from . import data
 from .check import interleave, round_table
-from .report import latency_rows, plot_latency
+from .report import cpu_lines, image_lines, latency_rows, plot_latency
 from .services import Context, log
 
 POST_MANY = 100
@@ -98,16 +97,10 @@ def section(res: dict[str, Any], out: Path, report_dir: Path) -> list[str]:
     lines += latency_rows(res["latency"])
     lines += ["", "Per-round p50 (us) over the rounds:", ""]
     lines += round_table(res["round_p50_us"])
-    cpu = res.get("server_cpu_us_per_request") or {}
-    if cpu:
-        lines += [
-            "",
-            "Sidecar CPU per request (main thread): "
-            + ", ".join(f"{n} {v:.0f} us" for n, v in cpu.items())
-            + ".",
-        ]
+    lines += cpu_lines(
+        res.get("server_cpu_us_per_request"), "Sidecar CPU per request (main thread)"
+    )
     lines += ["", f"Wrong answers (first round): {res['wrong_answers_first_round']}."]
     png = plot_latency(res["latency"], "HTTP /v1/check", out / "http_latency.png")
-    if png:
-        lines += ["", f"![http latency]({os.path.relpath(png, report_dir)})"]
+    lines += image_lines(png, "http latency", report_dir)
     return lines

@@ -25,7 +25,6 @@ visible, and the publish itself.
 
 from __future__ import annotations
 
-import os
 import sys
 import threading
 import time
@@ -37,7 +36,7 @@ from sidecar.client import SidecarClient
 
 from . import data
 from .hist import Hist
-from .report import plot_latency, table, target
+from .report import image_lines, plot_latency, table, target
 from .services import Context, log
 
 POLL_S = 0.0005
@@ -195,8 +194,7 @@ def section(res: dict[str, Any], out: Path, report_dir: Path) -> list[str]:
         out / "propagation_latency.png",
         unit="ms",
     )
-    if png:
-        lines += ["", f"![propagation]({os.path.relpath(png, report_dir)})"]
+    lines += image_lines(png, "propagation", report_dir)
     return lines
 
 

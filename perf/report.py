@@ -273,6 +273,18 @@ def table(headers: list[str], rows: list[list[Any]]) -> list[str]:
     return out
 
 
+def cpu_lines(cpu: dict[str, float] | None, lead: str, digits: int = 0) -> list[str]:
+    """The paragraph "<lead>: <name> <N> us, ..." of CPU per request; none when unmeasured."""
+    if not cpu:
+        return []
+    return ["", f"{lead}: " + ", ".join(f"{n} {v:.{digits}f} us" for n, v in cpu.items()) + "."]
+
+
+def image_lines(png: Path | None, alt: str, report_dir: Path) -> list[str]:
+    """The report's link to a plot, none when it was not drawn (no matplotlib)."""
+    return ["", f"![{alt}]({os.path.relpath(png, report_dir)})"] if png else []
+
+
 def latency_rows(series: dict[str, dict[str, Any]]) -> list[str]:
     rows = []
     for name, s in series.items():

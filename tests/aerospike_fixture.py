@@ -32,6 +32,17 @@ FAST_FAIL_POLICIES: dict[str, Any] = {
 }
 
 
+def publish_mirrored(log: Any, server: ThreadedAerospikeServer, segments: Any) -> None:
+    """One `Publisher.publish(segments)` to `log` with the Aerospike mirror on `server`, on a
+    sink of its own (closed after a successful publish)."""
+    from publisher import Publisher
+    from publisher.aerospike_sink import AerospikeSink
+
+    sink = AerospikeSink.connect(server.address)
+    Publisher(log, sink=sink).publish(segments)
+    sink.client.close()
+
+
 def client_config(server: ThreadedAerospikeServer, **extra: Any) -> dict[str, Any]:
     """aerospike.client() config for a test server (fast failure, 250 ms tend interval)."""
     config: dict[str, Any] = {

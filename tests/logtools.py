@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import subprocess
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from pyroaring import BitMap64
 
@@ -182,3 +184,15 @@ def wait_http_ok(url: str, proc: subprocess.Popen, timeout: float, interval: flo
             pass
         assert time.monotonic() < deadline, f"{url} not 200 within {timeout:g} s"
         time.sleep(interval)
+
+
+@contextmanager
+def reaped(proc: subprocess.Popen) -> Iterator[subprocess.Popen]:
+    """`proc`, killed and waited for on leaving when still running: a failed test leaves no
+    process behind."""
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()

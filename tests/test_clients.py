@@ -30,7 +30,7 @@ from sidecar.client import (
     UnknownOpError,
 )
 from sidecar.replica.runner import Replica
-from tests.logtools import LogState, SidecarThread, free_port, get_json, wait_http_ok
+from tests.logtools import LogState, SidecarThread, free_port, get_json, reaped, wait_http_ok
 
 MAX = 2**64 - 1
 SEGMENTS = {"vip": BitMap64([1, 2, 3, MAX]), "cart:30m": BitMap64(range(100, 200))}
@@ -259,23 +259,10 @@ def test_cli_serves_and_shuts_down_cleanly(workdir: Path, logstate: LogState) ->
     port = free_port()
     sock = workdir / "cli" / "sidecar.sock"
     state = workdir / "state"
-    proc = subprocess.Popen(
-        [
-            str(BIN / "seg-sidecar"),
-            "--log-dir",
-            str(workdir / "log"),
-            "--uds",
-            str(sock),
-            "--http",
-            f"127.0.0.1:{port}",
-            "--state-dir",
-            str(state),
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
+    args = [str(BIN / "seg-sidecar"), "--log-dir", str(workdir / "log"), "--uds", str(sock),
+            "--http", f"127.0.0.1:{port}", "--state-dir", str(state)]  # fmt: skip
+    popen = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    with reaped(popen) as proc:
         wait_http_ok(f"http://127.0.0.1:{port}/readyz", proc, 60)
         with SidecarClient(sock) as c:
             assert c.check(1, "vip") is True
@@ -284,10 +271,6 @@ def test_cli_serves_and_shuts_down_cleanly(workdir: Path, logstate: LogState) ->
         assert get_json(f"http://127.0.0.1:{port}/v1/check?user=1&segment=vip")[1]["member"] is True
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
     assert proc.returncode == 0, err
     assert (state / "checkpoint.seg").exists()
     assert not sock.exists()
@@ -308,10 +291,10 @@ def test_cli_from_environment_and_warm_restart(workdir: Path, logstate: LogState
         "SEG_LOG_LEVEL": "warning",
     }
     for _ in range(2):  # the second start resumes from the checkpoint of the first
-        proc = subprocess.Popen(
+        popen = subprocess.Popen(
             [str(BIN / "seg-sidecar")], env=env, stderr=subprocess.PIPE, text=True
         )
-        try:
+        with reaped(popen) as proc:
             deadline = time.monotonic() + 60
             while True:
                 assert proc.poll() is None, proc.communicate()[1]
@@ -328,10 +311,6 @@ def test_cli_from_environment_and_warm_restart(workdir: Path, logstate: LogState
                 socket.create_connection(("127.0.0.1", port), timeout=1)
             proc.send_signal(signal.SIGINT)
             _, err = proc.communicate(timeout=60)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.communicate()
         assert proc.returncode == 0, err
         assert (workdir / "state" / "checkpoint.seg").exists()
 

@@ -25,10 +25,10 @@ from urllib.parse import urlsplit
 import pytest
 from pyroaring import BitMap64
 
-from publisher.aerospike_sink import AerospikeSink
 from publisher.publish import Publisher
 from sidecar.server.http import openapi_bytes
 from sidecar.transport.logdir import LogDirTransport
+from tests.aerospike_fixture import publish_mirrored
 from tests.aerospike_server.server import ThreadedAerospikeServer
 from tests.browser import INSTALL_HINT, Browser, find_chromium
 from tests.logtools import free_port, wait_http_ok
@@ -343,9 +343,7 @@ def test_fallback_answers_and_the_breaker(
     chromium: Browser, aerospike_server: ThreadedAerospikeServer, tmp_path: Path
 ) -> None:
     log = LogDirTransport(tmp_path / "log")
-    sink = AerospikeSink.connect(aerospike_server.address)
-    Publisher(log, sink=sink).publish({"held": BitMap64([5]), "remote": BitMap64([5, 6])})
-    sink.client.close()
+    publish_mirrored(log, aerospike_server, {"held": BitMap64([5]), "remote": BitMap64([5, 6])})
     s = SidecarProcess(
         log.path, "--segments", "held", "--aerospike", aerospike_server.address,
         "--fallback-budget-ms", "300",

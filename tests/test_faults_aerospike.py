@@ -21,11 +21,9 @@ from pathlib import Path
 import pytest
 from pyroaring import BitMap64
 
-from publisher import Publisher
-from publisher.aerospike_sink import AerospikeSink
-from sidecar.aerospike_layout import AerospikeTarget
 from sidecar.client import SidecarClient
 from sidecar.transport.logdir import LogDirTransport
+from tests.aerospike_fixture import publish_mirrored
 from tests.aerospike_server.server import ThreadedAerospikeServer
 from tests.logtools import free_port, wait_http_ok
 
@@ -43,9 +41,7 @@ def sidecar(
     aerospike_server: ThreadedAerospikeServer, tmp_path: Path
 ) -> Iterator[tuple[LogDirTransport, str]]:
     log = LogDirTransport(tmp_path / "log")
-    sink = AerospikeSink.connect(AerospikeTarget.at(aerospike_server.address))
-    Publisher(log, sink=sink).publish(_truth(random.Random(1)))
-    sink.client.close()
+    publish_mirrored(log, aerospike_server, _truth(random.Random(1)))
     uds, port = str(tmp_path / "s.sock"), free_port()
     proc = subprocess.Popen(
         [str(BIN / "seg-sidecar"), "--log-dir", str(log.path), "--uds", uds,
@@ -108,9 +104,7 @@ def test_aerospike_faults_while_falling_back_and_publishing(
             states.append(nxt)  # a publish in flight: Aerospike may show it before the log
             inject()
             try:
-                sink = AerospikeSink.connect(AerospikeTarget.at(aerospike_server.address))
-                Publisher(log, sink=sink).publish(nxt)
-                sink.client.close()
+                publish_mirrored(log, aerospike_server, nxt)
             except Exception as exc:  # refused: nothing of it reached the log
                 failures.append(f"{name}: {exc}")
                 assert "\n" not in str(exc).strip()
@@ -119,9 +113,7 @@ def test_aerospike_faults_while_falling_back_and_publishing(
                 aerospike_server.up()
             aerospike_server.reset_faults()
             # re-run once Aerospike is back: converges
-            sink = AerospikeSink.connect(AerospikeTarget.at(aerospike_server.address))
-            Publisher(log, sink=sink).publish(nxt)
-            sink.client.close()
+            publish_mirrored(log, aerospike_server, nxt)
             del states[:-1]
             time.sleep(0.3)
     finally:

@@ -16,11 +16,9 @@ from pathlib import Path
 import pytest
 from pyroaring import BitMap64
 
-from publisher import Publisher
-from publisher.aerospike_sink import AerospikeSink
-from sidecar.aerospike_layout import AerospikeTarget
 from sidecar.client import SidecarClient
 from sidecar.transport.logdir import LogDirTransport
+from tests.aerospike_fixture import publish_mirrored
 from tests.aerospike_server.server import ThreadedAerospikeServer
 from tests.logtools import free_port, wait_http_ok
 
@@ -38,9 +36,7 @@ def world(
         for name in ("held_a", "held_b", "other_x", "other_y")
     }
     log = LogDirTransport(tmp_path / "log")
-    sink = AerospikeSink.connect(AerospikeTarget.at(aerospike_server.address))
-    Publisher(log, sink=sink).publish(truth)
-    sink.client.close()
+    publish_mirrored(log, aerospike_server, truth)
     uds = tmp_path / "run" / "s.sock"
     port = free_port()
     proc = subprocess.Popen(

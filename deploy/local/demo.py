@@ -57,13 +57,23 @@ def http_get(url: str) -> tuple[int, dict]:
         return err.code, json.loads(err.read() or b"{}")
 
 
+def wait_records(kafka: str, n: int, cdc: subprocess.Popen) -> bool:
+    from tests.cdc_tools import read_topic
+
+    deadline = time.monotonic() + 120
+    while len(read_topic(kafka, "cdc.shop.orders")) < n:
+        if time.monotonic() > deadline or cdc.poll() is not None:
+            print("   cdc did not deliver the changes", file=sys.stderr)
+            return False
+        time.sleep(0.2)
+    return True
+
+
 def mongo_step(work: Path, log_dir: Path, sock: Path) -> bool:
     """A new order in MongoDB -> cdc -> Kafka -> sink -> lake -> batch -> publish -> sidecar."""
     import datetime as dt
 
     import pymongo
-
-    from tests.cdc_tools import read_topic
 
     kafka_data = work / "kafka"
     up = subprocess.run([str(ROOT / "deploy" / "local" / "kafka"), "up", "--data",
@@ -80,20 +90,19 @@ def mongo_step(work: Path, log_dir: Path, sock: Path) -> bool:
     orders.insert_one({"_id": 1, "user_id": user, "amount": 300.0,
                        "ts": now - dt.timedelta(days=2), "category": "books"})  # fmt: skip
     cdc = subprocess.Popen([str(BIN / "seg-compute"), "cdc", "--mongo", uri, "--db", "shop",
-                            "--collections", "orders", "--cdc-kafka", kafka])  # fmt: skip
+                            "--collections", "orders", "--cdc-kafka", kafka,
+                            "--progress-seconds", "60"])  # fmt: skip
     try:
+        if not wait_records(kafka, 1, cdc):  # the copy of the first order
+            return False
         with SidecarClient(str(sock)) as client:
             before = client.check(user, "mongo_big_spenders_30d")
         print(f"   user {user} in mongo_big_spenders_30d before: {before}")
         orders.insert_one({"_id": 2, "user_id": user, "amount": 250.0,
                            "ts": now - dt.timedelta(hours=3), "category": "toys"})  # fmt: skip
         print("   inserted a second order: 300 + 250 >= 500")
-        deadline = time.monotonic() + 60
-        while len(read_topic(kafka, "cdc.shop.orders")) < 2:
-            if time.monotonic() > deadline or cdc.poll() is not None:
-                print("   cdc did not deliver the changes", file=sys.stderr)
-                return False
-            time.sleep(0.2)
+        if not wait_records(kafka, 2, cdc):  # the insert, streamed
+            return False
         lake, out = work / "cdc-lake", work / "cdc-segments"
         run("seg-compute", "sink", "--sink-kafka", kafka, "--sink-topics", "cdc.shop.orders",
             "--lake", str(lake), "--sink-checkpoint", str(work / "cdc-checkpoint"),

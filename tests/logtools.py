@@ -14,6 +14,7 @@ from pyroaring import BitMap64
 
 from sidecar.partitioner import partition_for
 from sidecar.record import Delta, Drop, delta_key, encode
+from sidecar.replica import Replica
 from sidecar.transport.base import Transport
 
 PARTITIONS = 2
@@ -196,3 +197,15 @@ def reaped(proc: subprocess.Popen) -> Iterator[subprocess.Popen]:
         if proc.poll() is None:
             proc.kill()
             proc.communicate()
+
+
+@contextmanager
+def ready_replica(transport: Transport, wait: float) -> Iterator[Replica]:
+    """A Replica of `transport` (polling every 10 ms), started and ready within `wait`
+    seconds (else an AssertionError with its status); stopped without a checkpoint after."""
+    replica = Replica(transport, poll_interval=0.01).start()
+    try:
+        assert replica.wait_ready(wait), replica.status()
+        yield replica
+    finally:
+        replica.stop(save=False)

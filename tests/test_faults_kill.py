@@ -29,6 +29,7 @@ from publisher import Publisher
 from sidecar.replica import Replica
 from sidecar.transport import LogDirTransport
 from sidecar.transport.base import Transport
+from tests.logtools import ready_replica
 
 ROOT = Path(__file__).resolve().parent.parent
 WAIT = 60
@@ -155,16 +156,12 @@ def test_publisher_killed_at_random_moments_then_rerun_converges(
         killed += "done" not in out
         rerun = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
         assert rerun.returncode == 0, rerun.stderr[-2000:]
-        replica = Replica(transport, poll_interval=0.01).start()
-        try:
-            assert replica.wait_ready(WAIT)
+        with ready_replica(transport, WAIT) as replica:
             deadline = time.monotonic() + WAIT
             while {s: st.bitmap for s, st in replica.engine.segments.items()} != desired:
                 assert time.monotonic() < deadline, replica.status()
                 time.sleep(0.02)
             versions = {s: st.version for s, st in replica.engine.segments.items()}
-        finally:
-            replica.stop(save=False)
         # identical input after the rerun publishes nothing: versions were neither skipped
         # nor repeated in a way the state could notice
         assert _publisher(transport).publish(desired).versions == {}

@@ -105,6 +105,20 @@ def drain_until_eof(
     return messages, eof
 
 
+def read_partition0(
+    bootstrap: str, group: str, isolation: str, topic: str
+) -> tuple[list[bytes | None], dict[int, int]]:
+    """The values of partition 0 of `topic` from its start up to _PARTITION_EOF, and the EOF
+    offsets, read by a consumer of its own with `isolation`."""
+    consumer = make_consumer(bootstrap, group, isolation, **{"enable.partition.eof": True})
+    try:
+        consumer.assign([TopicPartition(topic, 0, 0)])
+        messages, eof = drain_until_eof(consumer, {0})
+        return [m.value() for m in messages], eof
+    finally:
+        consumer.close()
+
+
 def test_read_committed_sees_only_committed_and_watermarks_count_markers(
     kafka_bootstrap: str, topic_prefix: str
 ) -> None:
@@ -172,16 +186,9 @@ def test_read_committed_sees_only_committed_and_watermarks_count_markers(
         reader.close()
 
     # The aborted records really are in the log: read_uncommitted sees them.
-    raw = make_consumer(
-        kafka_bootstrap, f"{topic_prefix}-raw", "read_uncommitted", **{"enable.partition.eof": True}
-    )
-    try:
-        raw.assign([TopicPartition(topic, 0, 0)])
-        messages, eof = drain_until_eof(raw, {0})
-        assert [m.value() for m in messages] == [b"c0", b"c1", b"c2", b"a0", b"a1", b"c3"]
-        assert eof == {0: 9}
-    finally:
-        raw.close()
+    values, eof = read_partition0(kafka_bootstrap, f"{topic_prefix}-raw", "read_uncommitted", topic)
+    assert values == [b"c0", b"c1", b"c2", b"a0", b"a1", b"c3"]
+    assert eof == {0: 9}
 
 
 def test_second_producer_with_same_transactional_id_fences_the_first(
@@ -216,15 +223,8 @@ def test_second_producer_with_same_transactional_id_fences_the_first(
     second.commit_transaction(60)
     second.close()
 
-    reader = make_consumer(
-        kafka_bootstrap, f"{topic_prefix}-eof", "read_committed", **{"enable.partition.eof": True}
-    )
-    try:
-        reader.assign([TopicPartition(topic, 0, 0)])
-        messages, _eof = drain_until_eof(reader, {0})
-        assert [m.value() for m in messages] == [b"winner"]
-    finally:
-        reader.close()
+    values, _eof = read_partition0(kafka_bootstrap, f"{topic_prefix}-eof", "read_committed", topic)
+    assert values == [b"winner"]
 
 
 def test_records_larger_than_librdkafka_default_max(
@@ -243,13 +243,6 @@ def test_records_larger_than_librdkafka_default_max(
     producer.commit_transaction(60)
     producer.close()
 
-    reader = make_consumer(
-        kafka_bootstrap, f"{topic_prefix}-eof", "read_committed", **{"enable.partition.eof": True}
-    )
-    try:
-        reader.assign([TopicPartition(topic, 0, 0)])
-        messages, eof = drain_until_eof(reader, {0})
-        assert [m.value() for m in messages] == [value]
-        assert eof == {0: 2}
-    finally:
-        reader.close()
+    values, eof = read_partition0(kafka_bootstrap, f"{topic_prefix}-eof", "read_committed", topic)
+    assert values == [value]
+    assert eof == {0: 2}

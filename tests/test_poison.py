@@ -16,7 +16,7 @@ from pyroaring import BitMap64
 from publisher import Publisher
 from sidecar.replica import Replica
 from sidecar.transport.base import Transport
-from tests.logtools import SidecarThread, get_json
+from tests.logtools import SidecarThread, get_json, ready_replica
 from tests.poison import POISON_SEGMENTS, expected_skips, inject
 
 PARTITIONS = 2
@@ -72,9 +72,7 @@ def test_a_fresh_replica_skips_and_counts_poison(transport: Transport) -> None:
     publish(transport, TRUTH1)
     inject(transport, partitions=PARTITIONS)
     publish(transport, TRUTH2)
-    replica = Replica(transport, poll_interval=0.01).start()
-    try:
-        assert replica.wait_ready(WAIT), replica.status()
+    with ready_replica(transport, WAIT) as replica:
         settled(replica, TRUTH2, 2)
         assert_poison_handled(replica, snapshots_read=True)
         with SidecarThread(replica, uds_path=None, http_host="127.0.0.1") as s:
@@ -84,22 +82,16 @@ def test_a_fresh_replica_skips_and_counts_poison(transport: Transport) -> None:
             assert 'seg_replica_skipped_records_total{reason="bad_segment"}' in metrics
             status = get_json(s.http_url + "/v1/status")[1]
             assert status["skipped"]["bad_segment"] >= 2
-    finally:
-        replica.stop(save=False)
 
 
 def test_a_tailing_replica_skips_poison_and_applies_what_follows(transport: Transport) -> None:
     publish(transport, TRUTH1)
-    replica = Replica(transport, poll_interval=0.01).start()
-    try:
-        assert replica.wait_ready(WAIT), replica.status()
+    with ready_replica(transport, WAIT) as replica:
         settled(replica, TRUTH1, 1)
         inject(transport, partitions=PARTITIONS)
         assert publish(transport, TRUTH2) == {"a": 2, "b": 2, "c": 2}
         settled(replica, TRUTH2, 2)
         assert_poison_handled(replica, snapshots_read=False)
-    finally:
-        replica.stop(save=False)
 
 
 def test_the_publisher_publishes_through_poison(transport: Transport) -> None:
@@ -109,13 +101,9 @@ def test_the_publisher_publishes_through_poison(transport: Transport) -> None:
     assert publish(transport, TRUTH2) == {}  # it recovered the exact state past the poison
     # the poison segment "liar" is diverged in the log: the publisher replaces it
     assert publish(transport, {**TRUTH2, "liar": BitMap64([9])}) == {"liar": 2}
-    replica = Replica(transport, poll_interval=0.01).start()
-    try:
-        assert replica.wait_ready(WAIT), replica.status()
+    with ready_replica(transport, WAIT) as replica:
         deadline = time.monotonic() + WAIT
         while not (replica.state("liar") and replica.state("liar").fresh):  # type: ignore[union-attr]
             assert time.monotonic() < deadline, replica.status()
             time.sleep(0.02)
         assert list(replica.state("liar").bitmap) == [9]  # type: ignore[union-attr]
-    finally:
-        replica.stop(save=False)

@@ -24,9 +24,9 @@ from publisher.guard import STREAM_MAX_REMOVE_FRACTION, Guard, GuardError
 from publisher.history import History, HistoryError, read_history
 from publisher.metrics import METRICS
 from sidecar.record import Delta, Drop
-from sidecar.replica import Replica
 from sidecar.transport import LogDirTransport, Transport
 from tests import test_publisher
+from tests.logtools import ready_replica
 
 # the publisher tests' log directory fixture and reader (`transport`, the log directory and
 # the log on the real Kafka broker, is a shared fixture: tests/sidecar_fixtures.py)
@@ -69,12 +69,8 @@ def write_set(path: Path, segments: dict[str, BitMap64], floors: dict[str, int] 
 
 def held(transport: Transport) -> dict[str, tuple[int, BitMap64]]:
     """What a fresh replica of the log holds: segment -> (version, members)."""
-    replica = Replica(transport, poll_interval=0.01).start()
-    try:
-        assert replica.wait_ready(WAIT), replica.status()
+    with ready_replica(transport, WAIT) as replica:
         return {s: (st.version, BitMap64(st.bitmap)) for s, st in replica.engine.segments.items()}
-    finally:
-        replica.stop(save=False)
 
 
 def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:

@@ -32,6 +32,7 @@ from sidecar.record import (
 )
 from sidecar.replica import Health, Replica
 from sidecar.transport import LogDirTransport, Transport, TransportError
+from tests.logtools import ready_replica
 
 ROOT = Path(__file__).resolve().parents[1]
 PARTITIONS = 3
@@ -122,9 +123,7 @@ def assert_version_chain(records: list) -> None:
 
 def cold_answers(transport: Transport) -> tuple[dict[str, tuple[int, BitMap64]], dict[str, int]]:
     """What a freshly started replica holds: segment -> (version, members), and drops."""
-    replica = Replica(transport, poll_interval=0.01).start()
-    try:
-        assert replica.wait_ready(WAIT), replica.status()
+    with ready_replica(transport, WAIT) as replica:
         deadline = time.monotonic() + WAIT
         while replica.engine.needs_resync or any(
             not s.fresh for s in list(replica.engine.segments.values())
@@ -134,8 +133,6 @@ def cold_answers(transport: Transport) -> tuple[dict[str, tuple[int, BitMap64]],
         assert replica.error is None
         segments = {s: (st.version, st.bitmap) for s, st in replica.engine.segments.items()}
         return segments, dict(replica.engine.dropped)
-    finally:
-        replica.stop(save=False)
 
 
 def rnd_bitmap(seed: int, n: int, top: int = 2**64) -> BitMap64:
@@ -373,9 +370,7 @@ def test_large_segment_chunks_and_split_deltas(transport: Transport) -> None:
     assert len(first.serialize()) > MAX_RECORD_BITMAP_BYTES
     small = BitMap64([1, 2, 3])
     assert pub.publish({"small": small}).versions == {"small": 1}
-    tailing = Replica(transport, poll_interval=0.01).start()
-    try:
-        assert tailing.wait_ready(WAIT)
+    with ready_replica(transport, WAIT) as tailing:
         assert pub.publish({"big": first, "small": small}).versions == {"big": 1}
         records = read_log(transport)
         parts = [d for d in deltas_of(records, "big") if isinstance(d, Delta)]
@@ -421,8 +416,6 @@ def test_large_segment_chunks_and_split_deltas(transport: Transport) -> None:
         _wait_replica(tailing, transport, {"big": (3, third), "small": (1, small)})
         assert cold_answers(transport)[0] == {"big": (3, third), "small": (1, small)}
         assert tailing.engine.counters.diverged == tailing.engine.counters.gaps == 0
-    finally:
-        tailing.stop(save=False)
 
 
 def _offset_ts(tail: list) -> tuple[int, int]:

@@ -332,17 +332,13 @@ def test_snapshot_missing_field_is_corrupt(field: str) -> None:
         decode(_pack(body), snapshots=True)
 
 
-@pytest.mark.parametrize("field", ["segment", "base", "version", "ts"])
-def test_drop_missing_field_is_corrupt(field: str) -> None:
-    body = msgpack.unpackb(encode(Drop("s", 1, 2, 3)))
-    del body[field]
-    with pytest.raises(CorruptRecord):
-        decode(_pack(body))
-
-
-@pytest.mark.parametrize("field", ["segment", "version", "max_age_s", "ts"])
-def test_heartbeat_missing_field_is_corrupt(field: str) -> None:
-    body = msgpack.unpackb(encode(Heartbeat("s", 2, 60, 4)))
+@pytest.mark.parametrize(
+    ("record", "field"),
+    [(Drop("s", 1, 2, 3), f) for f in ("segment", "base", "version", "ts")]
+    + [(Heartbeat("s", 2, 60, 4), f) for f in ("segment", "version", "max_age_s", "ts")],
+)
+def test_drop_or_heartbeat_missing_field_is_corrupt(record: Drop | Heartbeat, field: str) -> None:
+    body = msgpack.unpackb(encode(record))
     del body[field]
     with pytest.raises(CorruptRecord):
         decode(_pack(body))

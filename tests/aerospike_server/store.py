@@ -77,16 +77,26 @@ def _bin_op(op_code: int, name: str, p: Particle) -> Op:
     return Op(op_code, p.ptype, name, wire.encode_particle(p))
 
 
-def _incr(bins: dict[str, Particle], op: Op) -> None:
-    delta = wire.decode_particle(op.particle_type, op.value)
+def _operand(
+    bins: dict[str, Particle], op: Op, types: tuple[int, ...], wrong: str
+) -> tuple[Particle, Particle | None]:
+    """The op's operand and the bin's current value (None when unset): ERR_PARAMETER unless
+    the operand is one of `types`, ERR_INCOMPATIBLE_TYPE when the bin holds another type."""
+    arg = wire.decode_particle(op.particle_type, op.value)
+    if arg.ptype not in types:
+        raise OpError(wire.ERR_PARAMETER, wrong)
     cur = bins.get(op.name)
-    if delta.ptype not in (wire.PT_INTEGER, wire.PT_DOUBLE):
-        raise OpError(wire.ERR_PARAMETER, "increment by a non-number")
+    if cur is not None and cur.ptype != arg.ptype:
+        raise OpError(wire.ERR_INCOMPATIBLE_TYPE, f"bin {op.name!r} has another type")
+    return arg, cur
+
+
+def _incr(bins: dict[str, Particle], op: Op) -> None:
+    numbers = (wire.PT_INTEGER, wire.PT_DOUBLE)
+    delta, cur = _operand(bins, op, numbers, "increment by a non-number")
     if cur is None:
         bins[op.name] = delta
         return
-    if cur.ptype != delta.ptype:
-        raise OpError(wire.ERR_INCOMPATIBLE_TYPE, f"bin {op.name!r} has another type")
     value = cur.value + delta.value
     if cur.ptype == wire.PT_INTEGER:
         value = struct.unpack(">q", struct.pack(">Q", value & 0xFFFF_FFFF_FFFF_FFFF))[0]
@@ -94,15 +104,11 @@ def _incr(bins: dict[str, Particle], op: Op) -> None:
 
 
 def _concat(bins: dict[str, Particle], op: Op) -> None:
-    add = wire.decode_particle(op.particle_type, op.value)
-    cur = bins.get(op.name)
-    if add.ptype not in (wire.PT_STRING, wire.PT_BLOB):
-        raise OpError(wire.ERR_PARAMETER, "append/prepend needs a string or blob")
+    texts = (wire.PT_STRING, wire.PT_BLOB)
+    add, cur = _operand(bins, op, texts, "append/prepend needs a string or blob")
     if cur is None:
         bins[op.name] = add
         return
-    if cur.ptype != add.ptype:
-        raise OpError(wire.ERR_INCOMPATIBLE_TYPE, f"bin {op.name!r} has another type")
     value = cur.value + add.value if op.op == wire.OP_APPEND else add.value + cur.value
     bins[op.name] = Particle(cur.ptype, value)
 

@@ -10,8 +10,6 @@ log and says so in one line, and re-running it once Aerospike is back converges.
 from __future__ import annotations
 
 import random
-import signal
-import subprocess
 import sys
 import threading
 import time
@@ -25,7 +23,7 @@ from sidecar.client import SidecarClient
 from sidecar.transport.logdir import LogDirTransport
 from tests.aerospike_fixture import publish_mirrored
 from tests.aerospike_server.server import ThreadedAerospikeServer
-from tests.logtools import free_port, wait_http_ok
+from tests.logtools import free_port, sidecar_process
 
 BIN = Path(sys.executable).parent
 USERS = list(range(1000, 1300))
@@ -43,18 +41,10 @@ def sidecar(
     log = LogDirTransport(tmp_path / "log")
     publish_mirrored(log, aerospike_server, _truth(random.Random(1)))
     uds, port = str(tmp_path / "s.sock"), free_port()
-    proc = subprocess.Popen(
-        [str(BIN / "seg-sidecar"), "--log-dir", str(log.path), "--uds", uds,
-         "--http", f"127.0.0.1:{port}", "--segments", "held_*",
-         "--aerospike", aerospike_server.address, "--fallback-budget-ms", "50"],
-        stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    try:
-        wait_http_ok(f"http://127.0.0.1:{port}/readyz", proc, 30, 0.05)
+    with sidecar_process("--log-dir", str(log.path), "--uds", uds, "--segments", "held_*",
+                         "--aerospike", aerospike_server.address, "--fallback-budget-ms", "50",
+                         port=port):  # fmt: skip
         yield log, uds
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(30) == 0
 
 
 class Checker(threading.Thread):

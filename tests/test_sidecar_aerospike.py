@@ -5,8 +5,6 @@ Aerospike outage gives "unknown" quickly, never a hang."""
 from __future__ import annotations
 
 import random
-import signal
-import subprocess
 import sys
 import time
 import urllib.request
@@ -20,7 +18,7 @@ from sidecar.client import SidecarClient
 from sidecar.transport.logdir import LogDirTransport
 from tests.aerospike_fixture import publish_mirrored
 from tests.aerospike_server.server import ThreadedAerospikeServer
-from tests.logtools import free_port, wait_http_ok
+from tests.logtools import free_port, sidecar_process
 
 BIN = Path(sys.executable).parent
 
@@ -39,24 +37,18 @@ def world(
     publish_mirrored(log, aerospike_server, truth)
     uds = tmp_path / "run" / "s.sock"
     port = free_port()
-    proc = subprocess.Popen(
-        [str(BIN / "seg-sidecar"), "--log-dir", str(log.path), "--uds", str(uds),
-         "--http", f"127.0.0.1:{port}", "--segments", "held_*",
-         "--aerospike", aerospike_server.address, "--fallback-budget-ms", "300"],
-        stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    try:
-        wait_http_ok(f"http://127.0.0.1:{port}/readyz", proc, 30, 0.05)
-        with SidecarClient(str(uds), timeout=5) as client:
-            deadline = time.monotonic() + 10  # the fallback connects in the background
-            while client.explain(1000, "other_x").source != "aerospike":
-                assert time.monotonic() < deadline
-                time.sleep(0.05)
-            client.metrics_url = f"http://127.0.0.1:{port}/metrics"  # type: ignore[attr-defined]
-            yield truth, client, aerospike_server
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(30) == 0
+    with (
+        sidecar_process("--log-dir", str(log.path), "--uds", str(uds), "--segments", "held_*",
+                        "--aerospike", aerospike_server.address, "--fallback-budget-ms", "300",
+                        port=port),
+        SidecarClient(str(uds), timeout=5) as client,
+    ):  # fmt: skip
+        deadline = time.monotonic() + 10  # the fallback connects in the background
+        while client.explain(1000, "other_x").source != "aerospike":
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        client.metrics_url = f"http://127.0.0.1:{port}/metrics"  # type: ignore[attr-defined]
+        yield truth, client, aerospike_server
 
 
 def test_held_segments_local_others_from_aerospike(world) -> None:  # type: ignore[no-untyped-def]

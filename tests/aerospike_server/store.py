@@ -77,40 +77,51 @@ def _bin_op(op_code: int, name: str, p: Particle) -> Op:
     return Op(op_code, p.ptype, name, wire.encode_particle(p))
 
 
-def _operand(
-    bins: dict[str, Particle], op: Op, types: tuple[int, ...], wrong: str
-) -> tuple[Particle, Particle | None]:
-    """The op's operand and the bin's current value (None when unset): ERR_PARAMETER unless
-    the operand is one of `types`, ERR_INCOMPATIBLE_TYPE when the bin holds another type."""
+def _combine(
+    bins: dict[str, Particle],
+    op: Op,
+    types: tuple[int, ...],
+    wrong: str,
+    combine: Callable[[Any, Any], Any],
+) -> None:
+    """Set the op's bin to its operand, or to `combine(current, operand)` when it is set:
+    ERR_PARAMETER unless the operand is one of `types`, ERR_INCOMPATIBLE_TYPE when the bin
+    holds another type."""
     arg = wire.decode_particle(op.particle_type, op.value)
     if arg.ptype not in types:
         raise OpError(wire.ERR_PARAMETER, wrong)
     cur = bins.get(op.name)
-    if cur is not None and cur.ptype != arg.ptype:
+    if cur is None:
+        bins[op.name] = arg
+        return
+    if cur.ptype != arg.ptype:
         raise OpError(wire.ERR_INCOMPATIBLE_TYPE, f"bin {op.name!r} has another type")
-    return arg, cur
+    bins[op.name] = Particle(cur.ptype, combine(cur.value, arg.value))
+
+
+def _add(cur: int | float, delta: int | float) -> int | float:
+    """Aerospike's increment: an integer bin wraps around as a signed 64-bit integer."""
+    value = cur + delta
+    if isinstance(value, int):
+        value = struct.unpack(">q", struct.pack(">Q", value & 0xFFFF_FFFF_FFFF_FFFF))[0]
+    return value
 
 
 def _incr(bins: dict[str, Particle], op: Op) -> None:
     numbers = (wire.PT_INTEGER, wire.PT_DOUBLE)
-    delta, cur = _operand(bins, op, numbers, "increment by a non-number")
-    if cur is None:
-        bins[op.name] = delta
-        return
-    value = cur.value + delta.value
-    if cur.ptype == wire.PT_INTEGER:
-        value = struct.unpack(">q", struct.pack(">Q", value & 0xFFFF_FFFF_FFFF_FFFF))[0]
-    bins[op.name] = Particle(cur.ptype, value)
+    _combine(bins, op, numbers, "increment by a non-number", _add)
 
 
 def _concat(bins: dict[str, Particle], op: Op) -> None:
     texts = (wire.PT_STRING, wire.PT_BLOB)
-    add, cur = _operand(bins, op, texts, "append/prepend needs a string or blob")
-    if cur is None:
-        bins[op.name] = add
-        return
-    value = cur.value + add.value if op.op == wire.OP_APPEND else add.value + cur.value
-    bins[op.name] = Particle(cur.ptype, value)
+    append = op.op == wire.OP_APPEND
+    _combine(
+        bins,
+        op,
+        texts,
+        "append/prepend needs a string or blob",
+        lambda cur, add: cur + add if append else add + cur,
+    )
 
 
 def _cdt(bins: dict[str, Particle], op: Op, writable: bool) -> Any:

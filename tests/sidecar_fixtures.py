@@ -1,6 +1,7 @@
 """Fixtures shared by the tests: `transport` (each transport in turn), a short work
 directory (AF_UNIX paths are limited), a log holding the test module's `SEGMENTS`, a ready
-replica of it, and a Unix-socket-only server of that replica with a blocking client."""
+replica of it, its servers (Unix socket and HTTP), and a Unix-socket-only server of that replica
+with a blocking client."""
 
 from __future__ import annotations
 
@@ -50,6 +51,13 @@ def replica(workdir: Path, logstate: LogState) -> Iterator[Replica]:
     assert r.wait_ready(10)
     yield r
     r.stop(save=False)
+
+
+@pytest.fixture
+def sidecar_server(replica: Replica, workdir: Path) -> Iterator[SidecarThread]:
+    """The replica's servers, no fallback: its Unix socket and HTTP on 127.0.0.1."""
+    with SidecarThread(replica, uds_path=workdir / "s.sock") as s:
+        yield s
 
 
 @pytest.fixture

@@ -85,13 +85,6 @@ def sidecar(replica: Replica, workdir: Path, fallback: MapFallback) -> Iterator[
 
 
 @pytest.fixture
-def bare(replica: Replica, workdir: Path) -> Iterator[SidecarThread]:
-    """No fallback: segments not held are unknown."""
-    with SidecarThread(replica, uds_path=workdir / "b.sock") as s:
-        yield s
-
-
-@pytest.fixture
 def sc(sidecar: SidecarThread) -> Iterator[SidecarClient]:
     with SidecarClient(sidecar.uds_path, timeout=10, http=sidecar.http_url) as c:
         yield c
@@ -121,8 +114,9 @@ def test_eval_over_the_socket_is_the_truth(sc: SidecarClient, text: str) -> None
     assert sc.eval_many([], text) == []
 
 
-def test_unknown_leaves_follow_kleene_without_a_fallback(bare: SidecarThread) -> None:
-    with SidecarClient(bare.uds_path, timeout=10) as c:
+def test_unknown_leaves_follow_kleene_without_a_fallback(sidecar_server: SidecarThread) -> None:
+    """No fallback: segments not held are unknown."""
+    with SidecarClient(sidecar_server.uds_path, timeout=10) as c:
         assert c.eval(2, "vip & nosuch") is None  # true & unknown
         assert c.eval(1, "vip & nosuch") is False  # false & unknown
         assert c.eval(2, "vip | nosuch") is True

@@ -101,14 +101,8 @@ class Raw:
 
 
 @pytest.fixture
-def server(replica: Replica, workdir: Path) -> Iterator[SidecarThread]:
-    with SidecarThread(replica, uds_path=workdir / "s.sock") as s:
-        yield s
-
-
-@pytest.fixture
-def raw(server: SidecarThread) -> Iterator[Raw]:
-    r = Raw(server.uds_path)
+def raw(sidecar_server: SidecarThread) -> Iterator[Raw]:
+    r = Raw(sidecar_server.uds_path)
     yield r
     r.close()
 
@@ -292,23 +286,25 @@ def test_unknown_op(raw: Raw) -> None:
     assert raw.call(4, "ping") == [4, 0, "pong"]
 
 
-def test_oversize_frame_closes_only_that_connection(server: SidecarThread, raw: Raw) -> None:
-    other = Raw(server.uds_path)
+def test_oversize_frame_closes_only_that_connection(
+    sidecar_server: SidecarThread, raw: Raw
+) -> None:
+    other = Raw(sidecar_server.uds_path)
     try:
         raw.send(struct.pack(">I", (1 << 20) + 1))
         rid, status, message = raw.recv()
         assert rid is None and status == 1 and "limit" in message
         assert raw.is_closed()
         assert other.call(1, "ping") == [1, 0, "pong"]
-        fresh = Raw(server.uds_path)
+        fresh = Raw(sidecar_server.uds_path)
         assert fresh.call(2, "check", 1, "vip") == [2, 0, True]
         fresh.close()
     finally:
         other.close()
 
 
-def test_framing_garbage(server: SidecarThread) -> None:
-    conn = Raw(server.uds_path)
+def test_framing_garbage(sidecar_server: SidecarThread) -> None:
+    conn = Raw(sidecar_server.uds_path)
     conn.send(b"\x00\x00\x00\x05hello")  # a frame whose body is not a request
     assert conn.recv()[:2] == [None, 1]
     assert conn.call(1, "ping") == [1, 0, "pong"]
@@ -316,7 +312,7 @@ def test_framing_garbage(server: SidecarThread) -> None:
     assert conn.recv()[:2] == [None, 1]
     assert conn.is_closed()
     conn.close()
-    again = Raw(server.uds_path)
+    again = Raw(sidecar_server.uds_path)
     assert again.call(2, "ping") == [2, 0, "pong"]
     again.close()
 
@@ -343,12 +339,12 @@ def test_frame_of_exactly_the_limit_is_accepted(raw: Raw) -> None:
 
 
 def test_internal_error_is_status_3_without_details(
-    server: SidecarThread, raw: Raw, caplog: pytest.LogCaptureFixture
+    sidecar_server: SidecarThread, raw: Raw, caplog: pytest.LogCaptureFixture
 ) -> None:
     def broken() -> dict[str, Any]:
         raise ZeroDivisionError("secret detail")
 
-    server.queries.status = broken  # type: ignore[method-assign]
+    sidecar_server.queries.status = broken  # type: ignore[method-assign]
     rid, status, message = raw.call(7, "status")
     assert (rid, status) == (7, 3)
     assert "secret" not in message and "Traceback" not in message
@@ -380,14 +376,14 @@ def test_pipelining_100_requests_in_one_write(raw: Raw) -> None:
             assert g == e
 
 
-def test_many_idle_connections(server: SidecarThread) -> None:
+def test_many_idle_connections(sidecar_server: SidecarThread) -> None:
     idle = []
     try:
         for _ in range(300):
             s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            s.connect(server.uds_path)
+            s.connect(sidecar_server.uds_path)
             idle.append(s)
-        active = Raw(server.uds_path)
+        active = Raw(sidecar_server.uds_path)
         for i in range(50):
             assert active.call(i, "check", 1, "vip") == [i, 0, True]
         assert active.call(99, "status")[2]["connections"] >= 301
@@ -395,14 +391,14 @@ def test_many_idle_connections(server: SidecarThread) -> None:
     finally:
         for s in idle:
             s.close()
-    _wait(lambda: len(server.sidecar.uds.connections) == 0)  # type: ignore[union-attr]
+    _wait(lambda: len(sidecar_server.sidecar.uds.connections) == 0)  # type: ignore[union-attr]
 
 
-def test_client_that_disconnects_mid_frame(server: SidecarThread) -> None:
-    conn = Raw(server.uds_path)
+def test_client_that_disconnects_mid_frame(sidecar_server: SidecarThread) -> None:
+    conn = Raw(sidecar_server.uds_path)
     conn.send(struct.pack(">I", 100) + b"\x93")
     conn.close()
-    other = Raw(server.uds_path)
+    other = Raw(sidecar_server.uds_path)
     assert other.call(1, "ping") == [1, 0, "pong"]
     other.close()
 
@@ -603,11 +599,11 @@ def test_partial_replica_asks_fallback_for_other_segments(
         partial.stop(save=False)
 
 
-def test_metrics_count_requests(server: SidecarThread, raw: Raw) -> None:
+def test_metrics_count_requests(sidecar_server: SidecarThread, raw: Raw) -> None:
     raw.call(1, "check", 1, "vip")
     raw.call(2, "check", 1, "bad seg")
     raw.call(3, "nope")
-    text = server.sidecar.metrics.render().decode()
+    text = sidecar_server.sidecar.metrics.render().decode()
     assert 'seg_requests_total{op="check",result="ok",source="local",transport="uds"} 1.0' in text
     assert 'seg_errors_total{kind="unknown_op",transport="uds"} 1.0' in text
     assert 'seg_errors_total{kind="bad_request",transport="uds"} 1.0' in text
@@ -617,10 +613,10 @@ def test_metrics_count_requests(server: SidecarThread, raw: Raw) -> None:
 
 
 def test_every_check_is_counted_and_one_in_16_local_checks_is_timed(
-    server: SidecarThread, raw: Raw
+    sidecar_server: SidecarThread, raw: Raw
 ) -> None:
     def timed() -> float:
-        text = server.sidecar.metrics.render().decode()
+        text = sidecar_server.sidecar.metrics.render().decode()
         line = 'seg_request_duration_seconds_count{op="check",transport="uds"} '
         return float(text.split(line)[1].split()[0])
 
@@ -632,7 +628,7 @@ def test_every_check_is_counted_and_one_in_16_local_checks_is_timed(
     assert timed() - before == 10  # 160 local checks, whatever the counter's phase
     assert raw.call(999, "check", 1, "never_published") == [999, 0, None]  # not local: timed
     assert timed() - before == 11
-    text = server.sidecar.metrics.render().decode()
+    text = sidecar_server.sidecar.metrics.render().decode()
     local = 'seg_requests_total{op="check",result="ok",source="local",transport="uds"}'
     assert f"{local} 161.0" in text  # every check counted
     assert 'seg_requests_total{op="check",result="ok",source="none",transport="uds"} 1.0' in text

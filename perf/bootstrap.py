@@ -30,6 +30,17 @@ from .services import Context, log, rss_bytes
 FULL = (1_000, 100_000_000)
 
 
+def _ready(transport: Any, state_dir: Path, wait_s: float, what: str) -> tuple[Replica, float]:
+    """A Replica of `transport` on `state_dir`, started and ready, and the seconds that took;
+    RuntimeError (the replica stopped) when it is not ready within `wait_s`."""
+    t0 = time.perf_counter()
+    replica = Replica(transport, state_dir=state_dir).start()
+    if not replica.wait_ready(wait_s):
+        replica.stop(save=False)
+        raise RuntimeError(f"{what} replica not ready in {wait_s} s: {replica.status()}")
+    return replica, time.perf_counter() - t0
+
+
 def run(ctx: Context) -> dict[str, Any]:
     n_seg, total = ctx.sizes.pick((100, 2_000_000), FULL)
     wait_s = ctx.sizes.pick(120, 900)  # a replica that cannot get ready fails the scenario
@@ -45,12 +56,7 @@ def run(ctx: Context) -> dict[str, Any]:
     state_dir = ctx.workdir / "boot-state"
 
     rss0 = rss_bytes()
-    t0 = time.perf_counter()
-    replica = Replica(transport, state_dir=state_dir).start()
-    if not replica.wait_ready(wait_s):
-        replica.stop(save=False)
-        raise RuntimeError(f"cold replica not ready in {wait_s} s: {replica.status()}")
-    cold = time.perf_counter() - t0
+    replica, cold = _ready(transport, state_dir, wait_s, "cold")
     cold_status = replica.status()
     rss1 = rss_bytes()
     if cold_status["memberships"] != expected:
@@ -65,12 +71,7 @@ def run(ctx: Context) -> dict[str, Any]:
     del replica
     gc.collect()
 
-    t0 = time.perf_counter()
-    warm_rep = Replica(transport, state_dir=state_dir).start()
-    if not warm_rep.wait_ready(wait_s):
-        warm_rep.stop(save=False)
-        raise RuntimeError(f"warm replica not ready in {wait_s} s: {warm_rep.status()}")
-    warm = time.perf_counter() - t0
+    warm_rep, warm = _ready(transport, state_dir, wait_s, "warm")
     warm_status = warm_rep.status()
     warm_rep.stop(save=False)
     del warm_rep

@@ -9,6 +9,7 @@ import subprocess
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 from pyroaring import BitMap64
 
@@ -200,15 +201,22 @@ def reaped(proc: subprocess.Popen) -> Iterator[subprocess.Popen]:
 
 
 @contextmanager
-def ready_replica(transport: Transport, wait: float) -> Iterator[Replica]:
-    """A Replica of `transport` (polling every 10 ms), started and ready within `wait`
-    seconds (else an AssertionError with its status); stopped without a checkpoint after."""
-    replica = Replica(transport, poll_interval=0.01).start()
+def started_replica(transport: Transport, **options: Any) -> Iterator[Replica]:
+    """`Replica(transport, **options)`, started; stopped without a checkpoint after."""
+    replica = Replica(transport, **options).start()
     try:
-        assert replica.wait_ready(wait), replica.status()
         yield replica
     finally:
         replica.stop(save=False)
+
+
+@contextmanager
+def ready_replica(transport: Transport, wait: float) -> Iterator[Replica]:
+    """A Replica of `transport` (polling every 10 ms), started and ready within `wait`
+    seconds (else an AssertionError with its status); stopped without a checkpoint after."""
+    with started_replica(transport, poll_interval=0.01) as replica:
+        assert replica.wait_ready(wait), replica.status()
+        yield replica
 
 
 @contextmanager

@@ -28,6 +28,7 @@ from sidecar.record import Delta, decode, delta_key, encode
 from sidecar.replica import Health, Replica
 from sidecar.replica.checkpoint import FILENAME
 from sidecar.transport import LogDirTransport, Transport
+from tests.logtools import started_replica
 
 SEGMENTS = ["s0", "s1", "s2", "s3", "s4"]
 PARTITIONS = 2
@@ -432,16 +433,13 @@ def test_checkpoint_of_another_log_is_ignored(tmp_path: Path) -> None:
 def test_replica_with_a_segments_filter(tmp_path: Path) -> None:
     transport = LogDirTransport(tmp_path / "log")
     _publish_history(transport)
-    r = Replica(transport, segments=["a", "c*"], poll_interval=0.005).start()
-    try:
+    with started_replica(transport, segments=["a", "c*"], poll_interval=0.005) as r:
         assert r.wait_ready(WAIT)
         wait_caught_up(r, transport)
         assert set(r.engine.segments) == {"a"}
         assert r.contains(4, "a") is True
         assert r.contains(10, "b") is None  # not held: the caller asks the fallback
         assert r.status()["partial"] is True
-    finally:
-        r.stop(save=False)
 
 
 @pytest.mark.kafka
@@ -503,8 +501,7 @@ def test_resync_heals_from_a_snapshot_newer_than_the_damage(tmp_path: Path, othe
     # a's newest snapshot (v2) now starts after the bad record. Another damaged segment of the
     # same partition needs a resync at the same time:
     _junk(transport, "ghost" if other == "never-published" else "b", 1)
-    replica = Replica(transport, poll_interval=0.005).start()
-    try:
+    with started_replica(transport, poll_interval=0.005) as replica:
         wait_caught_up(replica, transport)
         deadline = time.monotonic() + 3
         while replica.engine.segments["a"].health is not Health.FRESH:
@@ -513,8 +510,6 @@ def test_resync_heals_from_a_snapshot_newer_than_the_damage(tmp_path: Path, othe
             time.sleep(0.01)
         state = replica.engine.segments["a"]
         assert (state.version, list(state.bitmap)) == (2, [1, 2])
-    finally:
-        replica.stop(save=False)
 
 
 def test_resync_of_one_segment_heals_from_its_newer_snapshot(tmp_path: Path) -> None:
@@ -524,8 +519,7 @@ def test_resync_of_one_segment_heals_from_its_newer_snapshot(tmp_path: Path) -> 
     pub.publish({"a": BitMap64([1, 2]), "b": BitMap64([3])})
     _junk(transport, "a", 1)
     assert pub.publish({"a": BitMap64([1, 2])}).versions == {"a": 2}
-    replica = Replica(transport, poll_interval=0.005).start()
-    try:
+    with started_replica(transport, poll_interval=0.005) as replica:
         wait_caught_up(replica, transport)
         deadline = time.monotonic() + 5
         while replica.engine.segments["a"].health is not Health.FRESH:
@@ -534,23 +528,18 @@ def test_resync_of_one_segment_heals_from_its_newer_snapshot(tmp_path: Path) -> 
         assert replica.engine.segments["a"].version == 2
         # The bad record precedes a's newest snapshot: bootstrap skips it, no gap at all.
         assert replica.engine.counters.gaps == 0
-    finally:
-        replica.stop(save=False)
 
 
 @pytest.mark.timeout(60)
 def test_replica_waits_for_a_log_that_does_not_exist_yet(tmp_path: Path) -> None:
     transport = LogDirTransport(tmp_path / "log")
-    replica = Replica(transport, poll_interval=0.005).start()
-    try:
+    with started_replica(transport, poll_interval=0.005) as replica:
         assert not replica.wait_ready(0.3)
         assert replica.contains(1, "a") is None
         Publisher(transport, partitions=PARTITIONS).publish({"a": BitMap64([1])})
         assert replica.wait_ready(WAIT), replica.status()
         wait_caught_up(replica, transport)
         assert replica.contains(1, "a") is True
-    finally:
-        replica.stop(save=False)
 
 
 @pytest.mark.timeout(60)
@@ -559,15 +548,12 @@ def test_replica_started_between_meta_and_log_creation_waits(tmp_path: Path) -> 
     path.mkdir()
     (path / "meta.json").write_text(json.dumps({"format": 1, "partitions": PARTITIONS}))
     transport = LogDirTransport(path)
-    replica = Replica(transport, poll_interval=0.005).start()
-    try:
+    with started_replica(transport, poll_interval=0.005) as replica:
         time.sleep(0.3)
         Publisher(transport, partitions=PARTITIONS).publish({"a": BitMap64([1])})
         assert replica.wait_ready(5), replica.status()
         wait_caught_up(replica, transport)
         assert replica.contains(1, "a") is True
-    finally:
-        replica.stop(save=False)
 
 
 @pytest.mark.timeout(60)
@@ -584,12 +570,9 @@ def test_checkpoint_of_a_recreated_log_at_the_same_path_is_not_trusted(tmp_path:
     pub = Publisher(transport, partitions=1)
     pub.publish({"a": BitMap64([2])})
     pub.publish({"a": BitMap64([2, 5])})
-    r2 = Replica(transport, state_dir=state_dir, poll_interval=0.005).start()
-    try:
+    with started_replica(transport, state_dir=state_dir, poll_interval=0.005) as r2:
         assert r2.wait_ready(WAIT)
         wait_caught_up(r2, transport)
         state = r2.engine.segments["a"]
         assert state.fresh
         assert (state.version, list(state.bitmap)) == (2, [2, 5])
-    finally:
-        r2.stop(save=False)

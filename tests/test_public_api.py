@@ -12,7 +12,7 @@ PUBLIC = {
     "sidecar": "AsyncSidecarClient BadRequest KafkaTransport LogDirTransport Replica SidecarClient",
     "sidecar.client": (
         "DEFAULT_PATH AsyncSidecarClient BadRequestError Explain NotLocalError ServerError "
-        "SidecarClient SidecarError SidecarTimeout SidecarUnavailable UnknownOpError"
+        "SharedReplica SidecarClient SidecarError SidecarTimeout SidecarUnavailable UnknownOpError"
     ),
     "sidecar.replica": (
         "Audience Count Counters Engine Health LogObserver NotLocal RecoveredLog Replica "

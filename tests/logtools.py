@@ -201,13 +201,14 @@ def reaped(proc: subprocess.Popen) -> Iterator[subprocess.Popen]:
 
 
 @contextmanager
-def started_replica(transport: Transport, **options: Any) -> Iterator[Replica]:
-    """`Replica(transport, **options)`, started; stopped without a checkpoint after."""
+def started_replica(transport: Transport, save: bool = False, **options: Any) -> Iterator[Replica]:
+    """`Replica(transport, **options)`, started; stopped after (saving a checkpoint when
+    `save`)."""
     replica = Replica(transport, **options).start()
     try:
         yield replica
     finally:
-        replica.stop(save=False)
+        replica.stop(save=save)
 
 
 @contextmanager

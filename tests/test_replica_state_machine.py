@@ -337,8 +337,7 @@ def test_checkpoint_restart_resumes_without_bootstrap(tmp_path: Path) -> None:
     first.stop()  # saves
     assert (state_dir / FILENAME).exists()
 
-    second = Replica(transport, state_dir=state_dir, poll_interval=0.005).start()
-    try:
+    with started_replica(transport, state_dir=state_dir, poll_interval=0.005, save=True) as second:
         assert second.wait_ready(WAIT)
         wait_caught_up(second, transport)
         assert _answers(second) == answers
@@ -357,8 +356,6 @@ def test_checkpoint_restart_resumes_without_bootstrap(tmp_path: Path) -> None:
         assert second.engine.segments["c"].version == 3  # continues after the drop (v2)
         assert list(second.engine.segments["c"].bitmap) == [5]
         assert (c.applied, c.duplicates) == (2, 0)
-    finally:
-        second.stop()
 
 
 @pytest.mark.timeout(120)
@@ -386,8 +383,7 @@ def test_damaged_checkpoint_is_ignored_and_bootstraps(tmp_path: Path, where: str
         data = bytearray()
     path.write_bytes(bytes(data))
 
-    second = Replica(transport, state_dir=state_dir, poll_interval=0.005).start()
-    try:
+    with started_replica(transport, state_dir=state_dir, poll_interval=0.005, save=True) as second:
         assert second.wait_ready(WAIT)
         wait_caught_up(second, transport)
         assert second.error is None
@@ -395,17 +391,12 @@ def test_damaged_checkpoint_is_ignored_and_bootstraps(tmp_path: Path, where: str
         c = second.engine.counters
         assert c.applied + c.duplicates > 0  # it replayed the log: a full bootstrap
         assert second.status()["started_from"] == "log"
-    finally:
-        second.stop()
     # the stop saved a good checkpoint again
-    third = Replica(transport, state_dir=state_dir, poll_interval=0.005).start()
-    try:
+    with started_replica(transport, state_dir=state_dir, poll_interval=0.005, save=True) as third:
         assert third.wait_ready(WAIT)
         assert _answers(third) == answers
         assert third.engine.counters.applied + third.engine.counters.duplicates == 0
         assert third.status()["started_from"] == "checkpoint"
-    finally:
-        third.stop()
 
 
 @pytest.mark.timeout(120)
@@ -419,14 +410,11 @@ def test_checkpoint_of_another_log_is_ignored(tmp_path: Path) -> None:
     assert r.wait_ready(WAIT)
     wait_caught_up(r, one)
     r.stop()
-    r2 = Replica(other, state_dir=state_dir, poll_interval=0.005).start()
-    try:
+    with started_replica(other, state_dir=state_dir, poll_interval=0.005, save=True) as r2:
         assert r2.wait_ready(WAIT)
         wait_caught_up(r2, other)
         assert set(r2.engine.segments) == {"z"}
         assert r2.contains(1, "a") is None
-    finally:
-        r2.stop()
 
 
 @pytest.mark.timeout(120)
@@ -470,8 +458,7 @@ def test_kafka_checkpoint_with_offsets_gone_bootstraps(
     warm.stop()
     pub.publish({"a": BitMap64([1, 5]), "c": BitMap64([3])})
     delete_all_deltas(kafka_bootstrap, topic_prefix)
-    cold = Replica(transport, state_dir=state_dir, poll_interval=0.01).start()
-    try:
+    with started_replica(transport, state_dir=state_dir, poll_interval=0.01, save=True) as cold:
         assert cold.wait_ready(WAIT)
         wait_caught_up(cold, transport)
         assert cold.status()["started_from"] == "log"
@@ -480,8 +467,6 @@ def test_kafka_checkpoint_with_offsets_gone_bootstraps(
             "b": (1, [2]),
             "c": (1, [3]),
         }
-    finally:
-        cold.stop()
 
 
 def _junk(transport: Transport, segment: str, partitions: int) -> None:

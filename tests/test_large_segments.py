@@ -15,6 +15,7 @@ from publisher import Publisher
 from sidecar.record import Delta, SnapshotChunk, decode
 from sidecar.replica import Replica
 from sidecar.transport import LogDirTransport, Transport
+from tests.logtools import started_replica
 
 
 @pytest.fixture(params=["logdir", pytest.param("kafka", marks=pytest.mark.kafka)])
@@ -73,8 +74,7 @@ def test_twenty_million_members(transport: Transport) -> None:
     assert len(chunks) > 1 and {c.chunks for c in chunks} == {len(chunks)}
     assert len(parts) > 1 and {p.parts for p in parts} == {len(parts)}
 
-    cold = Replica(transport).start()
-    try:
+    with started_replica(transport) as cold:
         assert cold.wait_ready(120), cold.status()
         _wait_version(cold, "big", 1)
         assert cold.state("big").bitmap == big  # type: ignore[union-attr]
@@ -86,5 +86,3 @@ def test_twenty_million_members(transport: Transport) -> None:
         _wait_version(cold, "big", 2)
         assert cold.state("big").bitmap == changed  # type: ignore[union-attr]
         assert cold.engine.counters.diverged == 0 and cold.engine.counters.gaps == 0
-    finally:
-        cold.stop(save=False)

@@ -26,7 +26,7 @@ from sidecar.replica import Replica
 from sidecar.transport import LogDirTransport
 from sidecar.transport.base import TransportError
 from sidecar.transport.logdir import MAGIC, survey
-from tests.logtools import SidecarThread, get_json
+from tests.logtools import SidecarThread, get_json, started_replica
 
 ROOT = Path(__file__).resolve().parent.parent
 WAIT = 30
@@ -144,16 +144,13 @@ def test_a_fresh_replica_serves_the_intact_prefix_and_reports_the_damage(tmp_pat
     log = tmp_path / "log"
     published(log)
     flip_middle(log)
-    replica = Replica(LogDirTransport(log), poll_interval=0.01).start()
-    try:
+    with started_replica(LogDirTransport(log), poll_interval=0.01) as replica:
         assert replica.wait_ready(WAIT), replica.status()
         # the first publish only: the second batch is damaged, the rest lies beyond it
         wait_for(lambda: replica.state("a") is not None, "segment a")
         assert list(replica.state("a").bitmap) == [1]  # type: ignore[union-attr]
         assert replica.state("a").version == 1  # type: ignore[union-attr]
         assert_reports_damage(replica)
-    finally:
-        replica.stop(save=False)
 
 
 def test_a_tailing_replica_stops_at_damage_and_reports_it(tmp_path: Path) -> None:
@@ -163,8 +160,7 @@ def test_a_tailing_replica_stops_at_damage_and_reports_it(tmp_path: Path) -> Non
     (log).mkdir()
     (log / "meta.json").write_bytes((tmp_path / "model" / "meta.json").read_bytes())
     (log / "log").write_bytes(good[: starts[1]])
-    replica = Replica(LogDirTransport(log), poll_interval=0.01).start()
-    try:
+    with started_replica(LogDirTransport(log), poll_interval=0.01) as replica:
         assert replica.wait_ready(WAIT), replica.status()
         assert replica.log_damage() is None
         rest = bytearray(good[starts[1] :])
@@ -174,8 +170,6 @@ def test_a_tailing_replica_stops_at_damage_and_reports_it(tmp_path: Path) -> Non
         wait_for(lambda: replica.log_damage() is not None, "the damage to be reported")
         assert replica.state("a").version == 1  # type: ignore[union-attr]
         assert_reports_damage(replica)
-    finally:
-        replica.stop(save=False)
 
 
 def test_repair_log_keeps_the_prefix_says_what_it_drops_and_publishing_resumes(
@@ -199,16 +193,13 @@ def test_repair_log_keeps_the_prefix_says_what_it_drops_and_publishing_resumes(
     assert again.returncode == 0 and "nothing to repair" in again.stdout
     versions = Publisher(LogDirTransport(log), partitions=2).publish(HISTORY[-1]).versions
     assert versions == {"a": 2, "b": 2}
-    replica = Replica(LogDirTransport(log), poll_interval=0.01).start()
-    try:
+    with started_replica(LogDirTransport(log), poll_interval=0.01) as replica:
         assert replica.wait_ready(WAIT)
         assert {s: list(st.bitmap) for s, st in replica.engine.segments.items()} == {
             "a": [3],
             "b": [11, 12],
         }
         assert replica.log_damage() is None
-    finally:
-        replica.stop(save=False)
 
 
 def test_repair_log_needs_a_log_directory(tmp_path: Path) -> None:
@@ -229,9 +220,6 @@ def test_a_checksummed_batch_that_is_not_entries_is_no_batch(tmp_path: Path, bad
     data = published(log)
     (log / "log").write_bytes(data + bad)
     assert survey((log / "log").read_bytes()) == (len(data), None)
-    replica = Replica(LogDirTransport(log), poll_interval=0.01).start()
-    try:
+    with started_replica(LogDirTransport(log), poll_interval=0.01) as replica:
         assert replica.wait_ready(WAIT) and replica.error is None
         assert replica.state("a").version == 4  # type: ignore[union-attr]
-    finally:
-        replica.stop(save=False)

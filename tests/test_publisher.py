@@ -32,7 +32,7 @@ from sidecar.record import (
 )
 from sidecar.replica import Health, Replica
 from sidecar.transport import LogDirTransport, Transport, TransportError
-from tests.logtools import ready_replica
+from tests.logtools import ready_replica, started_replica
 
 ROOT = Path(__file__).resolve().parents[1]
 PARTITIONS = 3
@@ -284,8 +284,7 @@ def test_republish_after_drop_continues_the_version(tmp_path: Path, cold: bool) 
 def test_a_segment_both_desired_and_dropped_is_not_two_changes(log: LogDirTransport) -> None:
     pub = publisher(log)
     pub.publish({"s": BitMap64([1])})
-    tailing = Replica(log, poll_interval=0.01).start()
-    try:
+    with started_replica(log, poll_interval=0.01) as tailing:
         assert tailing.wait_ready(WAIT)
         try:
             pub.publish({"s": BitMap64([1, 2])}, drop=["s"])
@@ -302,8 +301,6 @@ def test_a_segment_both_desired_and_dropped_is_not_two_changes(log: LogDirTransp
         tail_view = {s: (st.version, st.bitmap) for s, st in tailing.engine.segments.items()}
         assert tail_view == segments
         assert dict(tailing.engine.dropped) == dropped
-    finally:
-        tailing.stop(save=False)
 
 
 def test_identical_republish_after_a_restate_writes_nothing(log: LogDirTransport) -> None:
@@ -337,16 +334,13 @@ def test_snapshot_every_n_versions(log: LogDirTransport, every: int) -> None:
     versions = [s.version for s in snapshots_of(records, "s")]
     assert versions == list(range(1, 13, every))
     # a cold start replays only the deltas since the last snapshot
-    replica = Replica(log, poll_interval=0.01).start()
-    try:
+    with started_replica(log, poll_interval=0.01) as replica:
         assert replica.wait_ready(WAIT)
         state = replica.engine.segments["s"]
         assert (state.version, state.bitmap) == (12, members)
         c = replica.engine.counters
         assert c.applied == 12 - versions[-1]
         assert c.applied + c.duplicates <= every
-    finally:
-        replica.stop(save=False)
 
 
 def test_snapshot_when_churn_outweighs_the_segment(log: LogDirTransport) -> None:

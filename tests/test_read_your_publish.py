@@ -25,7 +25,7 @@ from sidecar.replica.waiters import Waiters
 from sidecar.server.queries import qualifies
 from sidecar.transport import LogDirTransport
 from sidecar.transport.base import Transport
-from tests.logtools import SidecarThread, get_json
+from tests.logtools import SidecarThread, get_json, started_replica
 
 
 class MapFallback(Fallback):
@@ -208,8 +208,7 @@ def test_http_wait_ms_needs_min_version(setup: tuple[Publisher, SidecarThread]) 
 def test_embedded_replica_waits_for_the_version(tmp_path: Path) -> None:
     publisher = Publisher(LogDirTransport(tmp_path / "log"), writer_id="e", partitions=1)
     publisher.publish({"seg": BitMap64([1])})
-    replica = Replica(LogDirTransport(tmp_path / "log"), poll_interval=0.01).start()
-    try:
+    with started_replica(LogDirTransport(tmp_path / "log"), poll_interval=0.01) as replica:
         assert replica.wait_ready(10)
         assert replica.check_at(1, "seg", 2, 20) is None
         later = threading.Timer(0.05, lambda: publisher.publish({"seg": BitMap64([2])}))
@@ -218,8 +217,6 @@ def test_embedded_replica_waits_for_the_version(tmp_path: Path) -> None:
         later.join()
         assert replica.check_at(1, "seg", 2, 0) is False
         assert len(replica.waiters) == 0
-    finally:
-        replica.stop(save=False)
 
 
 # -- the real broker: 1,000 publishes, each read at its version from a second sidecar -------------

@@ -18,7 +18,7 @@ from pyroaring import BitMap64
 from sidecar.fallback.base import Fallback
 from sidecar.replica.runner import Replica
 from sidecar.transport.logdir import LogDirTransport
-from tests.logtools import LogState, SidecarThread
+from tests.logtools import LogState, SidecarThread, started_replica
 
 MAX = 2**64 - 1
 SEGMENTS = {
@@ -283,16 +283,15 @@ def test_health_and_ready(api: Http) -> None:
 
 
 def test_readyz_503_when_not_ready(workdir: Path) -> None:
-    waiting = Replica(LogDirTransport(workdir / "missing")).start()
-    try:
-        with SidecarThread(waiting, uds_path=None) as s:
-            api = Http(s.http_url)
-            status, doc = api.get("/readyz")
-            assert status == 503 and doc["ready"] is False and "lag" in doc
-            assert api.get("/healthz")[0] == 200
-            assert api.get("/v1/check?user=1&segment=vip")[1]["source"] == "none"
-    finally:
-        waiting.stop(save=False)
+    with (
+        started_replica(LogDirTransport(workdir / "missing")) as waiting,
+        SidecarThread(waiting, uds_path=None) as s,
+    ):
+        api = Http(s.http_url)
+        status, doc = api.get("/readyz")
+        assert status == 503 and doc["ready"] is False and "lag" in doc
+        assert api.get("/healthz")[0] == 200
+        assert api.get("/v1/check?user=1&segment=vip")[1]["source"] == "none"
 
 
 def test_metrics(api: Http) -> None:

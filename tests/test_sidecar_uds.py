@@ -22,7 +22,7 @@ from sidecar.fallback.base import Fallback
 from sidecar.replica.runner import Replica
 from sidecar.server.uds import SocketPathError
 from sidecar.transport.logdir import LogDirTransport
-from tests.logtools import LogState, SidecarThread, publish_gap, publish_raw
+from tests.logtools import LogState, SidecarThread, publish_gap, publish_raw, started_replica
 
 MAX = 2**64 - 1
 SEGMENTS = {
@@ -549,8 +549,7 @@ def test_fallback_responses_keep_request_order(
 
 def test_not_ready_replica_uses_fallback(workdir: Path, fake: FakeFallback) -> None:
     # A log directory that does not exist yet: the replica waits and is never ready.
-    waiting = Replica(LogDirTransport(workdir / "missing")).start()
-    try:
+    with started_replica(LogDirTransport(workdir / "missing")) as waiting:
         with SidecarThread(waiting, fake, uds_path=workdir / "n.sock", http_host=None) as s:
             raw = Raw(s.uds_path)
             assert raw.call(1, "check", 1, "vip") == [1, 0, True]  # from the fallback map
@@ -562,8 +561,6 @@ def test_not_ready_replica_uses_fallback(workdir: Path, fake: FakeFallback) -> N
             assert len(fake.calls) == 4
         with SidecarThread(waiting, None, uds_path=workdir / "m.sock", http_host=None) as s:
             assert Raw(s.uds_path).call(1, "check", 1, "vip") == [1, 0, None]
-    finally:
-        waiting.stop(save=False)
 
 
 def test_stale_segment_uses_fallback(
@@ -583,8 +580,7 @@ def test_stale_segment_uses_fallback(
 def test_partial_replica_asks_fallback_for_other_segments(
     workdir: Path, logstate: LogState, fake: FakeFallback
 ) -> None:
-    partial = Replica(LogDirTransport(workdir / "log"), segments=["cart*"]).start()
-    try:
+    with started_replica(LogDirTransport(workdir / "log"), segments=["cart*"]) as partial:
         assert partial.wait_ready(10)
         with SidecarThread(partial, fake, uds_path=workdir / "p.sock", http_host=None) as s:
             raw = Raw(s.uds_path)
@@ -595,8 +591,6 @@ def test_partial_replica_asks_fallback_for_other_segments(
             _, _, explained = raw.call(3, "explain", 1, "vip")
             assert explained["reason"] == "not_held"
             assert raw.call(4, "segments", 150) == [4, 0, ["cart:30m", "other"]]
-    finally:
-        partial.stop(save=False)
 
 
 def test_metrics_count_requests(sidecar_server: SidecarThread, raw: Raw) -> None:

@@ -32,15 +32,16 @@ FAST_FAIL_POLICIES: dict[str, Any] = {
 }
 
 
-def publish_mirrored(log: Any, server: ThreadedAerospikeServer, segments: Any) -> None:
+def publish_mirrored(log: Any, server: ThreadedAerospikeServer, segments: Any) -> Any:
     """One `Publisher.publish(segments)` to `log` with the Aerospike mirror on `server`, on a
-    sink of its own (closed after a successful publish)."""
+    sink of its own (closed after a successful publish); returns its `PublishResult`."""
     from publisher import Publisher
     from publisher.aerospike_sink import AerospikeSink
 
     sink = AerospikeSink.connect(server.address)
-    Publisher(log, sink=sink).publish(segments)
+    result = Publisher(log, sink=sink).publish(segments)
     sink.client.close()
+    return result
 
 
 def client_config(server: ThreadedAerospikeServer, **extra: Any) -> dict[str, Any]:

@@ -72,6 +72,20 @@ class Checker(threading.Thread):
                     self.wrong += 1
 
 
+def _wait_applied(uds: str, versions: dict[str, int]) -> None:
+    """Until the sidecar answers every held segment locally at its published version."""
+    with SidecarClient(uds, timeout=5) as client:
+        for name, version in versions.items():
+            if name.startswith("held_"):
+                deadline = time.monotonic() + 20
+                while True:
+                    got = client.explain(USERS[0], name)
+                    if got.source == "local" and (got.version or 0) >= version:
+                        break
+                    assert time.monotonic() < deadline, (name, version, got)
+                    time.sleep(0.02)
+
+
 def test_aerospike_faults_while_falling_back_and_publishing(
     sidecar: tuple[LogDirTransport, str], aerospike_server: ThreadedAerospikeServer
 ) -> None:
@@ -82,6 +96,7 @@ def test_aerospike_faults_while_falling_back_and_publishing(
     checker = Checker(uds, states)
     checker.start()
     failures: list[str] = []
+    versions: dict[str, int] = {}
     faults = [
         ("slow", lambda: setattr(aerospike_server, "latency_s", 0.2)),
         ("erroring", lambda: setattr(aerospike_server, "error_code", 8)),
@@ -94,7 +109,7 @@ def test_aerospike_faults_while_falling_back_and_publishing(
             states.append(nxt)  # a publish in flight: Aerospike may show it before the log
             inject()
             try:
-                publish_mirrored(log, aerospike_server, nxt)
+                versions.update(publish_mirrored(log, aerospike_server, nxt).versions)
             except Exception as exc:  # refused: nothing of it reached the log
                 failures.append(f"{name}: {exc}")
                 assert "\n" not in str(exc).strip()
@@ -103,7 +118,9 @@ def test_aerospike_faults_while_falling_back_and_publishing(
                 aerospike_server.up()
             aerospike_server.reset_faults()
             # re-run once Aerospike is back: converges
-            publish_mirrored(log, aerospike_server, nxt)
+            versions.update(publish_mirrored(log, aerospike_server, nxt).versions)
+            # the older states stay acceptable until the sidecar has applied this publish
+            _wait_applied(uds, versions)
             del states[:-1]
             time.sleep(0.3)
     finally:

@@ -131,10 +131,14 @@ def test_kill_9_at_random_moments_loses_and_repeats_nothing(
         done.set()
         if writer.is_alive():
             writer.join()
+    resumed = log.read_text().count("resuming shop")
     proc = cdc_process(mongo.uri, kafka_bootstrap, topic_prefix, log=log)
     want = _oplog_tokens(mongo)[existing:]
     wait_for("every change", lambda: len(_streamed(events(kafka_bootstrap, topic))) >= len(want),
              timeout=180, proc=proc, log=log)  # fmt: skip
+    # the killed runs may have written every change already: SIGTERM only once this run is up
+    wait_for("the last run resuming", lambda: log.read_text().count("resuming shop") > resumed,
+             proc=proc, log=log)  # fmt: skip
     assert stop(proc) == 0
     got = events(kafka_bootstrap, topic)
     copied = [v["documentKey"]["_id"] for _, v in got if "copyingData" in v["_id"]]

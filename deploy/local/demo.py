@@ -29,6 +29,9 @@ from pyroaring import BitMap64
 from sidecar.client import SidecarClient
 
 ROOT = Path(__file__).resolve().parents[2]
+# The MongoDB step runs the wire-level test server and reads topics with tests/ helpers
+# (no MongoDB server can be installed here); tests/ is not part of the installed package.
+sys.path.insert(0, str(ROOT))
 BIN = Path(sys.executable).parent
 
 

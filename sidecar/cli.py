@@ -40,7 +40,7 @@ from .cliutil import (
 )
 from .fallback.base import Fallback
 from .protocol import DEFAULT_MAX_FRAME
-from .server.app import DEFAULT_UDS, serve
+from .server.app import DEFAULT_UDS, ServerOptions, serve
 from .server.http import DEFAULT_MAX_BODY, DEFAULT_TIMEOUTS, HttpTimeouts
 from .server.uds import SocketPathError
 
@@ -231,14 +231,10 @@ async def _run(
 
     freezer = asyncio.create_task(after_start())
     try:
-        await serve(
-            replica,
-            fallback,
-            args.uds or None,
-            http[0] if http else None,
-            http[1] if http else None,
-            stop=stop,
-            started=started,
+        options = ServerOptions(
+            uds_path=args.uds or None,
+            http_host=http[0] if http else None,
+            http_port=http[1] if http else None,
             socket_mode=args.socket_mode,
             max_frame=args.max_frame,
             max_body=args.max_body,
@@ -246,6 +242,7 @@ async def _run(
             http_timeouts=HttpTimeouts(args.http_idle_timeout, args.http_body_timeout),
             shm_info=shm.info() if shm is not None else None,
         )
+        await serve(replica, fallback, options, stop=stop, started=started)
     except (SocketPathError, OSError) as exc:
         log.error("cannot start the servers: %s", exc)
         return f"cannot start the servers: {exc}"

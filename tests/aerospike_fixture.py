@@ -8,6 +8,8 @@ the fixtures explicitly into a test module.
   other tests' records unless they call ``clear()``.
 * ``aerospike_server_factory``: ``make(**kwargs)`` starts more servers (other namespaces,
   ``node_id``...), all stopped at teardown.
+* ``mirror``: a :class:`Mirror` (``aerospike_server``, a publisher's sink connected to it, a
+  log directory under ``tmp_path``), for the publisher's Aerospike tests.
 * ``aerospike_client``: a connected ``aerospike`` client for ``aerospike_server``, closed at
   teardown; configured by :func:`client_config`.
 """
@@ -15,7 +17,8 @@ the fixtures explicitly into a test module.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import Any
+from pathlib import Path
+from typing import Any, NamedTuple
 
 import pytest
 
@@ -99,3 +102,20 @@ def aerospike_client(aerospike_server: ThreadedAerospikeServer) -> Iterator[Any]
         yield client
     finally:
         client.close()
+
+
+class Mirror(NamedTuple):
+    server: ThreadedAerospikeServer
+    sink: Any  # publisher.aerospike_sink.AerospikeSink
+    log_dir: Path
+
+
+@pytest.fixture
+def mirror(aerospike_server: ThreadedAerospikeServer, tmp_path: Path) -> Iterator[Mirror]:
+    from publisher.aerospike_sink import AerospikeSink
+
+    sink = AerospikeSink.connect(aerospike_server.address)
+    try:
+        yield Mirror(aerospike_server, sink, tmp_path / "log")
+    finally:
+        sink.close()

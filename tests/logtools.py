@@ -85,12 +85,12 @@ class SidecarThread:
 
         import uvloop
 
-        from sidecar.server.app import Sidecar
+        from sidecar.server.app import ServerOptions, Sidecar
 
         kwargs.setdefault("http_port", 0)
         kwargs.setdefault("process_metrics", False)
         self.loop = uvloop.new_event_loop()
-        self.sidecar = Sidecar(replica, fallback, **kwargs)  # type: ignore[arg-type]
+        self.sidecar = Sidecar(replica, fallback, ServerOptions(**kwargs))  # type: ignore[arg-type]
         started = threading.Event()
         self.error: BaseException | None = None
 

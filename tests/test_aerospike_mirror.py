@@ -9,7 +9,6 @@ by scans and queries, batch-max-requests answered with a whole-batch 151.
 from __future__ import annotations
 
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,10 +18,9 @@ from hypothesis import strategies as st
 from pyroaring import BitMap64
 
 from publisher.aerospike_sink import AerospikeSink, AerospikeSinkError
-from publisher.publish import Publisher
 from sidecar.aerospike_layout import AerospikeTarget, user_key
 from sidecar.transport.logdir import LogDirTransport
-from tests.aerospike_fixture import aerospike_server, aerospike_server_factory  # noqa: F401
+from tests.aerospike_fixture import Mirror
 from tests.aerospike_server import ThreadedAerospikeServer
 from tests.test_publisher_aerospike import (
     BIG,
@@ -33,6 +31,7 @@ from tests.test_publisher_aerospike import (
     bm,
     first_state,
     log_ends,
+    publisher,
     second_state,
     write_input,
 )
@@ -41,21 +40,8 @@ SET, BIN = "users", "segs"
 
 
 @pytest.fixture
-def sink(aerospike_server: ThreadedAerospikeServer) -> Iterator[AerospikeSink]:  # noqa: F811
-    sink = AerospikeSink.connect(AerospikeTarget([(aerospike_server.host, aerospike_server.port)]))
-    try:
-        yield sink
-    finally:
-        sink.close()
-
-
-@pytest.fixture
 def log_dir(tmp_path: Path) -> Path:
     return tmp_path / "log"
-
-
-def publisher(log_dir: Path, sink: AerospikeSink | None) -> Publisher:
-    return Publisher(LogDirTransport(log_dir), sink=sink, writer_id="test-publisher")
 
 
 def published(log_dir: Path, sink: AerospikeSink) -> Truth:
@@ -84,11 +70,8 @@ def seg_publish(*args: str, env: dict[str, str] | None = None) -> subprocess.Com
 # -- defect 1: a remove on a user with no record is a no-op --------------------------------
 
 
-def test_removing_a_user_with_no_record_is_a_no_op(
-    aerospike_server: ThreadedAerospikeServer,  # noqa: F811
-    sink: AerospikeSink,
-    log_dir: Path,
-) -> None:
+def test_removing_a_user_with_no_record_is_a_no_op(mirror: Mirror) -> None:
+    aerospike_server, sink, log_dir = mirror
     publisher(log_dir, None).publish({"a": bm(range(10)), "b": bm([3])})  # no Aerospike yet
     result = publisher(log_dir, sink).publish({"a": bm(range(1, 10)), "b": bm([3])})
     assert result.versions == {"a": 2}
@@ -104,7 +87,7 @@ def test_removing_a_user_with_no_record_is_a_no_op(
 
 
 def test_records_never_expire_whatever_the_default_ttl(
-    aerospike_server_factory: Any,  # noqa: F811
+    aerospike_server_factory: Any,
     log_dir: Path,
 ) -> None:
     server = aerospike_server_factory(default_ttl=3600)
@@ -127,11 +110,8 @@ def test_records_never_expire_whatever_the_default_ttl(
 # -- defect 4: a user in no segment has no record ------------------------------------------
 
 
-def test_users_who_leave_every_segment_are_deleted(
-    aerospike_server: ThreadedAerospikeServer,  # noqa: F811
-    sink: AerospikeSink,
-    log_dir: Path,
-) -> None:
+def test_users_who_leave_every_segment_are_deleted(mirror: Mirror) -> None:
+    aerospike_server, sink, log_dir = mirror
     truth = published(log_dir, sink)
     assert_aerospike_matches(aerospike_server, truth)
     records = aerospike_server.records(SET)
@@ -143,11 +123,8 @@ def test_users_who_leave_every_segment_are_deleted(
 # -- defect 5: keys are stored; who is in segment S ----------------------------------------
 
 
-def test_keys_are_stored_and_members_come_from_the_index(
-    aerospike_server: ThreadedAerospikeServer,  # noqa: F811
-    sink: AerospikeSink,
-    log_dir: Path,
-) -> None:
+def test_keys_are_stored_and_members_come_from_the_index(mirror: Mirror) -> None:
+    aerospike_server, sink, log_dir = mirror
     sink.create_index()
     desired = first_state()
     publisher(log_dir, sink).publish(desired)
@@ -159,7 +136,7 @@ def test_keys_are_stored_and_members_come_from_the_index(
 
 
 def test_cli_members_lists_a_segment_from_aerospike(
-    aerospike_server: ThreadedAerospikeServer,  # noqa: F811
+    aerospike_server: ThreadedAerospikeServer,
     log_dir: Path,
     tmp_path: Path,
 ) -> None:
@@ -182,11 +159,10 @@ def test_cli_members_lists_a_segment_from_aerospike(
 
 
 def test_whole_batch_error_is_reported_in_one_line(
-    aerospike_server: ThreadedAerospikeServer,  # noqa: F811
-    sink: AerospikeSink,
-    log_dir: Path,
+    mirror: Mirror,
     tmp_path: Path,
 ) -> None:
+    aerospike_server, sink, log_dir = mirror
     aerospike_server.batch_max_requests = 100
     desired = {"a": bm(range(500))}
     with pytest.raises(AerospikeSinkError) as err:
@@ -215,7 +191,7 @@ def test_whole_batch_error_is_reported_in_one_line(
 
 
 def test_publisher_takes_set_and_bin_options(
-    aerospike_server_factory: Any,  # noqa: F811
+    aerospike_server_factory: Any,
     log_dir: Path,
     tmp_path: Path,
 ) -> None:
@@ -264,11 +240,8 @@ def reconcile_cli(log_dir: Path, server: ThreadedAerospikeServer, *extra: str) -
     )
 
 
-def test_reconcile_repairs_a_truncated_set(
-    aerospike_server: ThreadedAerospikeServer,  # noqa: F811
-    sink: AerospikeSink,
-    log_dir: Path,
-) -> None:
+def test_reconcile_repairs_a_truncated_set(mirror: Mirror) -> None:
+    aerospike_server, sink, log_dir = mirror
     truth = published(log_dir, sink)
     ends = log_ends(log_dir)
     sink.client.info_all("truncate:namespace=test;set=users")
@@ -301,11 +274,8 @@ def assert_current(server: ThreadedAerospikeServer, truth: Truth) -> None:
             assert 1 <= version <= truth.versions[seg], (k, seg, version)
 
 
-def test_reconcile_repairs_deleted_tampered_and_extra_records(
-    aerospike_server: ThreadedAerospikeServer,  # noqa: F811
-    sink: AerospikeSink,
-    log_dir: Path,
-) -> None:
+def test_reconcile_repairs_deleted_tampered_and_extra_records(mirror: Mirror) -> None:
+    aerospike_server, sink, log_dir = mirror
     truth = published(log_dir, sink)
     members = truth.bins()
     users = sorted(members)
@@ -355,7 +325,7 @@ def test_reconcile_needs_aerospike_and_takes_no_input(log_dir: Path, tmp_path: P
 
 
 def test_reconcile_api_streams_and_batches(
-    aerospike_server: ThreadedAerospikeServer,  # noqa: F811
+    aerospike_server: ThreadedAerospikeServer,
     log_dir: Path,
 ) -> None:
     from publisher.reconcile import reconcile

@@ -18,7 +18,7 @@ PUBLIC = {
         "Audience Count Counters Engine Health LogObserver NotLocal RecoveredLog Replica "
         "SegmentState segment_filter"
     ),
-    "sidecar.server": "DEFAULT_UDS Queries Result Sidecar serve settle",
+    "sidecar.server": "DEFAULT_UDS Queries Result ServerOptions Sidecar serve settle",
     "sidecar.transport": (
         "TOPICS FencedError KafkaTransport LogDirTransport LogReader LogRecord LogWriter "
         "Topic Transport TransportError"

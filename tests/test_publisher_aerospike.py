@@ -16,7 +16,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -27,12 +27,12 @@ from pyroaring import BitMap64
 
 from publisher.aerospike_sink import AerospikeSink, AerospikeSinkError
 from publisher.publish import FAULT_ENV, FAULT_POINTS, Publisher, PublishResult
-from sidecar.aerospike_layout import AerospikeTarget, user_key
+from sidecar.aerospike_layout import user_key
 from sidecar.record import Delta, Drop, decode
 from sidecar.replica import Replica
 from sidecar.transport.base import TOPICS
 from sidecar.transport.logdir import LogDirTransport
-from tests.aerospike_fixture import aerospike_server  # noqa: F401
+from tests.aerospike_fixture import Mirror
 from tests.aerospike_server import ThreadedAerospikeServer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -198,20 +198,11 @@ def assert_log_matches(log_dir: Path, truth: Truth) -> None:
 
 
 @pytest.fixture
-def sink(aerospike_server: ThreadedAerospikeServer) -> Iterator[AerospikeSink]:  # noqa: F811
-    sink = AerospikeSink.connect(AerospikeTarget.at(aerospike_server.address))
-    try:
-        yield sink
-    finally:
-        sink.client.close()
-
-
-@pytest.fixture
 def log_dir(tmp_path: Path) -> Path:
     return tmp_path / "log"
 
 
-def publisher(log_dir: Path, sink: AerospikeSink) -> Publisher:
+def publisher(log_dir: Path, sink: AerospikeSink | None) -> Publisher:
     return Publisher(LogDirTransport(log_dir), sink=sink, writer_id="test-publisher")
 
 
@@ -248,11 +239,8 @@ def second_state() -> tuple[dict[str, BitMap64], list[str]]:
 # -- publishing ------------------------------------------------------------------------------
 
 
-def test_first_publish_writes_each_users_segments(
-    aerospike_server: ThreadedAerospikeServer,  # noqa: F811
-    sink: AerospikeSink,
-    log_dir: Path,
-) -> None:
+def test_first_publish_writes_each_users_segments(mirror: Mirror) -> None:
+    aerospike_server, sink, log_dir = mirror
     truth = Truth()
     desired = first_state()
     versions = truth.publish(desired)
@@ -269,11 +257,8 @@ def test_first_publish_writes_each_users_segments(
     }
 
 
-def test_second_publish_updates_bins_exactly(
-    aerospike_server: ThreadedAerospikeServer,  # noqa: F811
-    sink: AerospikeSink,
-    log_dir: Path,
-) -> None:
+def test_second_publish_updates_bins_exactly(mirror: Mirror) -> None:
+    aerospike_server, sink, log_dir = mirror
     truth = Truth()
     pub = publisher(log_dir, sink)
     first = first_state()
@@ -320,11 +305,8 @@ def test_second_publish_updates_bins_exactly(
     assert_log_matches(log_dir, truth)
 
 
-def test_identical_republish_writes_nothing(
-    aerospike_server: ThreadedAerospikeServer,  # noqa: F811
-    sink: AerospikeSink,
-    log_dir: Path,
-) -> None:
+def test_identical_republish_writes_nothing(mirror: Mirror) -> None:
+    aerospike_server, sink, log_dir = mirror
     pub = publisher(log_dir, sink)
     desired = first_state()
     pub.publish(desired)
@@ -342,11 +324,8 @@ def test_identical_republish_writes_nothing(
     assert log_state(log_dir) == log
 
 
-def test_users_in_several_changed_segments_get_one_write(
-    aerospike_server: ThreadedAerospikeServer,  # noqa: F811
-    sink: AerospikeSink,
-    log_dir: Path,
-) -> None:
+def test_users_in_several_changed_segments_get_one_write(mirror: Mirror) -> None:
+    aerospike_server, sink, log_dir = mirror
     pub = publisher(log_dir, sink)
     truth = Truth()
     shared = range(1, 101)
@@ -377,11 +356,8 @@ def test_users_in_several_changed_segments_get_one_write(
     assert_aerospike_matches(aerospike_server, truth)
 
 
-def test_create_index_and_mapkeys_query(
-    aerospike_server: ThreadedAerospikeServer,  # noqa: F811
-    sink: AerospikeSink,
-    log_dir: Path,
-) -> None:
+def test_create_index_and_mapkeys_query(mirror: Mirror) -> None:
+    aerospike_server, sink, log_dir = mirror
     sink.create_index()
     sink.create_index()  # idempotent
     assert [(ix.bin, ix.index_type) for ix in aerospike_server.sindexes.values()] == [
@@ -417,11 +393,10 @@ def _clear_error_after_first(server: ThreadedAerospikeServer) -> threading.Threa
 
 @pytest.mark.parametrize("users", [1, 400], ids=["operate", "batch"])
 def test_transient_error_is_retried(
-    aerospike_server: ThreadedAerospikeServer,  # noqa: F811
-    sink: AerospikeSink,
-    log_dir: Path,
+    mirror: Mirror,
     users: int,
 ) -> None:
+    aerospike_server, sink, log_dir = mirror
     truth = Truth()
     desired = {"a": bm(range(users))}
     truth.publish(desired)
@@ -438,12 +413,11 @@ def test_transient_error_is_retried(
 @pytest.mark.parametrize("code", [8, 14], ids=["permanent", "transient-forever"])
 @pytest.mark.parametrize("users", [1, 400], ids=["operate", "batch"])
 def test_failed_aerospike_write_aborts_before_the_log(
-    aerospike_server: ThreadedAerospikeServer,  # noqa: F811
-    sink: AerospikeSink,
-    log_dir: Path,
+    mirror: Mirror,
     code: int,
     users: int,
 ) -> None:
+    aerospike_server, sink, log_dir = mirror
     pub = publisher(log_dir, sink)
     truth = Truth()
     first = {"a": bm([10**6]), "b": bm([10**6 + 1])}
@@ -500,12 +474,11 @@ def test_fault_points_are_the_documented_ones() -> None:
 
 @pytest.mark.parametrize("point", FAULT_POINTS)
 def test_crash_then_rerun_converges(
-    aerospike_server: ThreadedAerospikeServer,  # noqa: F811
-    sink: AerospikeSink,
-    log_dir: Path,
+    mirror: Mirror,
     tmp_path: Path,
     point: str,
 ) -> None:
+    aerospike_server, sink, log_dir = mirror
     pub = publisher(log_dir, sink)
     truth = Truth()
     first = first_state()
@@ -561,7 +534,7 @@ def test_crash_then_rerun_converges(
 
 
 def test_cli_reports_aerospike_records(
-    aerospike_server: ThreadedAerospikeServer,  # noqa: F811
+    aerospike_server: ThreadedAerospikeServer,
     log_dir: Path,
     tmp_path: Path,
 ) -> None:
@@ -604,11 +577,10 @@ def test_cli_reports_aerospike_records(
 
 
 def test_write_throughput_against_test_server(
-    aerospike_server: ThreadedAerospikeServer,  # noqa: F811
-    sink: AerospikeSink,
-    log_dir: Path,
+    mirror: Mirror,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
+    aerospike_server, sink, log_dir = mirror
     users = 100_000
     desired = {
         "all_users": bm(range(users)),

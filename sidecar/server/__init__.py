@@ -1,7 +1,7 @@
 """The sidecar's servers: Unix socket (protocol v1) and HTTP, over one query layer."""
 
-from .app import DEFAULT_UDS, Sidecar, serve
+from .app import DEFAULT_UDS, ServerOptions, Sidecar, serve
 from .queries import Queries
 from .results import Result, settle
 
-__all__ = ["DEFAULT_UDS", "Queries", "Result", "Sidecar", "serve", "settle"]
+__all__ = ["DEFAULT_UDS", "Queries", "Result", "ServerOptions", "Sidecar", "serve", "settle"]

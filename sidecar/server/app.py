@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ..fallback.base import Fallback
@@ -22,6 +23,23 @@ log = logging.getLogger(__name__)
 DEFAULT_UDS = "/tmp/seg-sidecar/sidecar.sock"
 
 
+@dataclass(frozen=True)
+class ServerOptions:
+    """How the servers listen and bound their clients (`seg-sidecar`'s server options)."""
+
+    uds_path: str | os.PathLike[str] | None = DEFAULT_UDS
+    http_host: str | None = "127.0.0.1"
+    http_port: int | None = 8571
+    socket_mode: int = DEFAULT_SOCKET_MODE
+    max_frame: int = DEFAULT_MAX_FRAME
+    max_body: int = DEFAULT_MAX_BODY
+    grace: float = 5.0
+    process_metrics: bool = True
+    ui: bool = True
+    http_timeouts: HttpTimeouts = DEFAULT_TIMEOUTS
+    shm_info: dict[str, Any] | None = None
+
+
 class Sidecar:
     """The servers of one sidecar. `start()` binds, `close()` shuts down gracefully: stop
     accepting, let in-flight requests finish (up to `grace` seconds), close connections."""
@@ -30,21 +48,11 @@ class Sidecar:
         self,
         replica: Replica,
         fallback: Fallback | None = None,
-        *,
-        uds_path: str | os.PathLike[str] | None = DEFAULT_UDS,
-        http_host: str | None = "127.0.0.1",
-        http_port: int | None = 8571,
-        socket_mode: int = DEFAULT_SOCKET_MODE,
-        max_frame: int = DEFAULT_MAX_FRAME,
-        max_body: int = DEFAULT_MAX_BODY,
-        grace: float = 5.0,
-        process_metrics: bool = True,
-        ui: bool = True,
-        http_timeouts: HttpTimeouts = DEFAULT_TIMEOUTS,
-        shm_info: dict[str, Any] | None = None,
+        options: ServerOptions = ServerOptions(),  # noqa: B008 (frozen)
     ) -> None:
+        opts = options
         self.replica = replica
-        self.metrics = Metrics(replica, process=process_metrics)
+        self.metrics = Metrics(replica, process=opts.process_metrics)
         self.queries = Queries(replica, fallback, metrics=self.metrics)
         if fallback is not None and "breaker" in fallback.status():
             states = {"closed": 0.0, "half_open": 1.0, "open": 2.0}
@@ -53,28 +61,28 @@ class Sidecar:
                 "The fallback's circuit breaker: 0 closed, 1 half-open, 2 open.",
                 lambda: states.get(str(fallback.status()["breaker"]), -1.0),
             )
-        self.grace = grace
+        self.grace = opts.grace
         self.uds: UdsServer | None = None
         self.http: HttpServer | None = None
-        if uds_path:
+        if opts.uds_path:
             self.uds = UdsServer(
                 self.queries,
-                uds_path,
+                opts.uds_path,
                 metrics=self.metrics,
-                mode=socket_mode,
-                max_frame=max_frame,
-                shm_info=shm_info,
+                mode=opts.socket_mode,
+                max_frame=opts.max_frame,
+                shm_info=opts.shm_info,
             )
-        if http_host is not None and http_port is not None:
+        if opts.http_host is not None and opts.http_port is not None:
             self.http = HttpServer(
                 self.queries,
                 self.metrics,
-                http_host,
-                http_port,
-                max_body=max_body,
-                shutdown_timeout=grace,
-                ui=ui,
-                timeouts=http_timeouts,
+                opts.http_host,
+                opts.http_port,
+                max_body=opts.max_body,
+                shutdown_timeout=opts.grace,
+                ui=opts.ui,
+                timeouts=opts.http_timeouts,
             )
 
     @property
@@ -104,36 +112,14 @@ class Sidecar:
 async def serve(
     replica: Replica,
     fallback: Fallback | None,
-    uds_path: str | os.PathLike[str] | None,
-    http_host: str | None,
-    http_port: int | None,
+    options: ServerOptions,
     *,
     stop: asyncio.Event | None = None,
     started: asyncio.Event | None = None,
-    socket_mode: int = DEFAULT_SOCKET_MODE,
-    max_frame: int = DEFAULT_MAX_FRAME,
-    max_body: int = DEFAULT_MAX_BODY,
-    grace: float = 5.0,
-    ui: bool = True,
-    http_timeouts: HttpTimeouts = DEFAULT_TIMEOUTS,
-    shm_info: dict[str, Any] | None = None,
 ) -> None:
     """Run both servers until `stop` is set (forever when None), then shut down gracefully.
     Run it on a uvloop loop (`uvloop.run(serve(...))`); the replica runs on its own thread."""
-    sidecar = Sidecar(
-        replica,
-        fallback,
-        uds_path=uds_path,
-        http_host=http_host,
-        http_port=http_port,
-        socket_mode=socket_mode,
-        max_frame=max_frame,
-        max_body=max_body,
-        grace=grace,
-        ui=ui,
-        http_timeouts=http_timeouts,
-        shm_info=shm_info,
-    )
+    sidecar = Sidecar(replica, fallback, options)
     await sidecar.start()
     if started is not None:
         started.set()

@@ -67,6 +67,9 @@ class Segment:
     #: written into the manifest: replicas mark the segment stale when it is not
     #: republished within this many seconds (DESIGN.md "Freshness")
     max_age_seconds: int | None = None
+    #: written into the manifest: members expire this many seconds after the publish that
+    #: listed them, and a publish adds without removing (DESIGN.md "Freshness")
+    ttl_seconds: int | None = None
 
     def options(self) -> dict[str, int]:
         """The manifest entry's options this definition sets (publisher/segment_set.py)."""

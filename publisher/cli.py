@@ -187,6 +187,7 @@ def _publish(args: argparse.Namespace) -> PublishResult:
     transport = transport_from_args(args)
     desired, floors = {}, {}
     max_age: dict[str, int] | None = None  # a rollback keeps the log's max ages
+    ttl: dict[str, int] = {}
     try:
         if args.rollback:
             segment = _segment("--rollback", args.rollback)
@@ -194,7 +195,7 @@ def _publish(args: argparse.Namespace) -> PublishResult:
         elif args.input:
             segment_set = read_segment_set(args.input)
             desired, floors = segment_set.segments, segment_set.min_cardinality
-            max_age = segment_set.max_age
+            max_age, ttl = segment_set.max_age, segment_set.ttl
     except (InputError, HistoryError) as exc:
         raise CommandError(str(exc)) from None
     except TransportError as exc:
@@ -212,7 +213,12 @@ def _publish(args: argparse.Namespace) -> PublishResult:
     )
     try:
         result = publisher.publish(
-            desired, prune=args.prune, drop=args.drop, min_cardinality=floors, max_age=max_age
+            desired,
+            prune=args.prune,
+            drop=args.drop,
+            min_cardinality=floors,
+            max_age=max_age,
+            ttl=ttl,
         )
     except ValueError as exc:  # bad input, or refused by a guard (GuardError)
         raise CommandError(str(exc)) from None

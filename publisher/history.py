@@ -52,6 +52,9 @@ class History:
     deltas: dict[int, Delta] = field(default_factory=dict)  # version -> whole (parts merged)
     drops: dict[int, Drop | DropMarker] = field(default_factory=dict)
     snapshots: dict[int, tuple[BitMap64, int]] = field(default_factory=dict)  # -> (bitmap, ts)
+    #: a record of it carries membership expiries (DESIGN.md "Freshness"): its states are
+    #: not the plain sum of its deltas, so no version of it can be rebuilt
+    ttl: bool = False
 
     @property
     def latest(self) -> int:
@@ -86,6 +89,11 @@ class History:
             raise HistoryError(f"segment {self.segment} has no version {version} {self._held()}")
         if version in self.drops:
             raise HistoryError(f"version {version} of segment {self.segment} is its drop")
+        if self.ttl:
+            raise HistoryError(
+                f"segment {self.segment} has membership TTL (ttl_seconds): its versions cannot "
+                "be rolled back; publish its input again, or drop it"
+            )
         if version in self.snapshots:
             return BitMap64(self.snapshots[version][0])
         state = self._forward(version)
@@ -182,6 +190,10 @@ def read_history(transport: Transport, segment: str) -> History:
                 )
             except (UnknownRecord, CorruptRecord):
                 continue
+            if isinstance(record, Delta | SnapshotChunk):
+                history.ttl |= bool(
+                    record.expires_at if isinstance(record, Delta) else record.expiries
+                )
             if isinstance(record, Delta):
                 got = parts.setdefault(record.version, {})
                 got[record.part] = record
@@ -211,6 +223,7 @@ def _merge(parts: list[Delta]) -> Delta:
         BitMap64.union(*(p.remove for p in parts)),
         first.cardinality,
         max(p.ts for p in parts),
+        expires_at=first.expires_at,
     )
 
 

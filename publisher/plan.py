@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from pyroaring import BitMap64
@@ -18,8 +19,10 @@ from sidecar.record import (
     encode,
     snapshot_key,
     split_bitmaps,
+    ttl_deadline,
 )
 from sidecar.replica import RecoveredLog
+from sidecar.replica.expiry import ExpiryIndex
 from sidecar.transport.base import Topic
 
 
@@ -35,6 +38,11 @@ class Change:
     cardinality: int
     drop: bool = False
     snapshot: BitMap64 | None = None  # set when this publish writes a snapshot
+    #: a TTL segment's change (DESIGN.md "Freshness"): every member of `add` (all the publish
+    #: listed) expires then (ms); `remove` is empty. 0: a plain change
+    expires_at_ms: int = 0
+    #: with `snapshot`: the expiry index after this change (a TTL segment's)
+    snapshot_expiries: ExpiryIndex | None = None
 
 
 @dataclass(slots=True)
@@ -114,9 +122,17 @@ def diff(
     drop: set[str] | frozenset[str] = frozenset(),
     pacing: SnapshotPacing,
     policy: SnapshotPolicy | None = None,
+    ttl: Mapping[str, int] | None = None,
+    ts: int = 0,
 ) -> Plan:
     """Changes that take the log from its state to `desired` (and drop `drop`); `pacing`
-    (the log's snapshots so far) decides with `policy` which changes also write a snapshot."""
+    (the log's snapshots so far) decides with `policy` which changes also write a snapshot.
+
+    A segment in `ttl` (segment -> ttl_seconds) is published additively: its listed members
+    are added or re-affirmed, expiring `ttl_seconds` after `ts` (the records' time; `log`
+    must be expired through it), and unlisted ones lapse at their own expiry. Any other
+    segment is a full state; one that had expiring members lists all its members in `add`
+    (a replica whose clock already expired some still ends with every one, now permanent)."""
     policy = policy or SnapshotPolicy()
     known = pacing.info
     plan = Plan()
@@ -124,10 +140,23 @@ def diff(
         target = desired[name]
         current = log.segments.get(name)
         base = log.version_of(name)
-        if current is not None and current.fresh and current.bitmap == target:
+        if ttl is not None and name in ttl:
+            change = _ttl_change(log, name, target, ttl_deadline(ts, ttl[name]))
+            if change is None:
+                continue
+            restated = current is not None and not current.fresh
+            if not restated and not policy.due(
+                known.get(name), change.version, change.cardinality, len(target)
+            ):
+                change.snapshot = change.snapshot_expiries = None
+            plan.changes.append(change)
+            continue
+        index = log.expiries_of(name)
+        expiring = index is not None and bool(index.buckets)
+        if current is not None and current.fresh and current.bitmap == target and not expiring:
             continue
         old = current.bitmap if current is not None and current.fresh else BitMap64()
-        add = target - old
+        add = target - old if not expiring else BitMap64(target)
         remove = old - target
         if current is not None and not current.fresh:
             # The log's own history of this segment is damaged: restate it whole.
@@ -144,6 +173,27 @@ def diff(
             current = log.segments[name].bitmap
             plan.changes.append(Change(name, base, base + 1, BitMap64(), current, 0, drop=True))
     return plan
+
+
+def _ttl_change(log: RecoveredLog, name: str, listed: BitMap64, expires_at: int) -> Change | None:
+    """The additive change of a TTL segment (None: nothing to add or re-affirm), with the
+    state after it as its snapshot (the caller keeps it only when one is due)."""
+    current = log.segments.get(name)
+    base = log.version_of(name)
+    if current is not None and current.fresh:
+        if not listed:
+            return None
+        index = log.expiries_of(name)
+        after = index.copy() if index is not None else ExpiryIndex()
+        state = current.bitmap | listed
+    else:  # new, or its history in the log is damaged: the listed members are the state
+        after = ExpiryIndex()
+        state = BitMap64(listed)
+    after.affirm(listed, expires_at)
+    change = Change(name, base, base + 1, BitMap64(listed), BitMap64(), len(state))
+    change.expires_at_ms = expires_at
+    change.snapshot, change.snapshot_expiries = state, after
+    return change
 
 
 def records(
@@ -180,11 +230,15 @@ def records(
             ts=ts,
             part=i,
             parts=len(pieces),
+            expires_at=change.expires_at_ms,
         )
         out.append(("deltas", p, delta_key(change.segment), encode(delta)))
     if change.snapshot is not None:
-        chunks = split_bitmaps([change.snapshot], MAX_RECORD_BITMAP_BYTES)
-        for i, (_, _, (bitmap,)) in enumerate(chunks):
+        # a TTL segment's expiry buckets are cut with the members: each chunk carries its id
+        # range's piece of every bucket, counted in its size
+        pairs = change.snapshot_expiries.pairs() if change.snapshot_expiries is not None else []
+        chunks = split_bitmaps([change.snapshot, *(b for _, b in pairs)], MAX_RECORD_BITMAP_BYTES)
+        for i, (_, _, (bitmap, *buckets)) in enumerate(chunks):
             chunk = SnapshotChunk(
                 segment=change.segment,
                 version=change.version,
@@ -194,6 +248,9 @@ def records(
                 cardinality=change.cardinality,
                 delta_offset=delta_offsets[p],
                 ts=ts,
+                expiries=tuple(
+                    (at, piece) for (at, _), piece in zip(pairs, buckets, strict=True) if piece
+                ),
             )
             out.append(("snapshots", p, snapshot_key(change.segment, i), encode(chunk)))
         out.extend(

@@ -28,6 +28,7 @@ from .plan import (
     heartbeats,
     records,
 )
+from .segment_set import option_value
 
 log = logging.getLogger(__name__)
 
@@ -130,12 +131,13 @@ class _Session:
         elif change.snapshot is not None:
             # a copy: the engine changes its bitmaps in place, and this one may be the caller's
             state = SegmentState(change.snapshot.copy(), change.version, change.cardinality, ts)
-            self.log.wrote_state(change.segment, state)
+            expiries = change.snapshot_expiries
+            self.log.wrote_state(change.segment, state, expiries.copy() if expiries else None)
             self.pacing.snapshot(change.segment, change.version, chunks)
         else:
             self.log.wrote_delta(
                 Delta(change.segment, change.base, change.version, change.add, change.remove,
-                      change.cardinality, ts)
+                      change.cardinality, ts, expires_at=change.expires_at_ms)
             )  # fmt: skip
 
     def close(self) -> None:
@@ -202,15 +204,19 @@ class Publisher:
         drop: Iterable[str] = (),
         min_cardinality: Mapping[str, int] | None = None,
         max_age: Mapping[str, int] | None = None,
+        ttl: Mapping[str, int] | None = None,
     ) -> PublishResult:
         """Publish `desired` (segment -> members). With a `guard`, raises GuardError, having
         written nothing, when a change breaks it (see guard.py); `min_cardinality` holds the
         manifest's floors. Without one nothing is refused: the tools that publish a job's
         output (seg-publish, seg-compute batch and stream) pass theirs. `max_age` holds the
-        manifest's `max_age_seconds` (see `plan.heartbeats`; None keeps the log's)."""
+        manifest's `max_age_seconds` (see `plan.heartbeats`; None keeps the log's). `ttl`
+        holds the manifest's `ttl_seconds`: those segments' members are added or re-affirmed,
+        never removed (see `plan.diff`); any other segment is published as a full state."""
         both = sorted(set(drop) & set(desired))
         if both:
             raise ValueError(f"segments both in the input and to drop: {', '.join(both)}")
+        ttl = {s: option_value("ttl_seconds", n) for s, n in (ttl or {}).items() if s in desired}
         started = time.monotonic()
         try:
             if self._session is None:
@@ -224,6 +230,7 @@ class Publisher:
                 set(drop),
                 min_cardinality or {},
                 dict(max_age) if max_age is not None else None,
+                ttl,
             )
             self._save_state(self._session)
         except BaseException:
@@ -242,6 +249,7 @@ class Publisher:
         drop: set[str],
         min_cardinality: Mapping[str, int],
         max_age: dict[str, int] | None,
+        ttl: dict[str, int],
     ) -> PublishResult:
         state, writer = session.log, session.writer
         offsets = state.offsets()
@@ -252,18 +260,25 @@ class Publisher:
         explicit = frozenset(drop)
         if prune:
             drop |= set(state.segments) - set(desired)
-        plan = diff(state, dict(desired), drop=drop, policy=self.policy, pacing=session.pacing)
+        # TTL cardinalities count as of the records' time: expire through it first
+        ts = int(time.time() * 1000)
+        state.expire(ts)
+        plan = diff(
+            state, dict(desired), drop=drop, policy=self.policy, pacing=session.pacing,
+            ttl=ttl, ts=ts,
+        )  # fmt: skip
         if self.guard is not None:
             self.guard.check(state, plan, min_cardinality=min_cardinality, explicit_drops=explicit)
         result = PublishResult()
-        ts = int(time.time() * 1000)
         beats = heartbeats(state, dict(desired), plan, max_age, ts)
         if not plan.changes and not beats:
             return result
         if self.sink is not None and plan.changes:
             result.aerospike_records = self.sink.apply(plan.changes, self._progress_users)
         _fault("after-aerospike")
-        if plan.changes:  # the log's time of the change: after the sink's writes
+        # the log's time of the change: after the sink's writes (unless a TTL change counted
+        # and timed its expiry as of the plan's time)
+        if plan.changes and not any(c.expires_at_ms for c in plan.changes):
             ts = int(time.time() * 1000)
             beats = [replace(b, ts=ts) for b in beats]
         chunks: list[int] = []

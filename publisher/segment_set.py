@@ -20,6 +20,7 @@ from sidecar.record import MAX_AGE_SECONDS
 OPTIONS: dict[str, tuple[int, int]] = {
     "min_cardinality": (0, 2**64 - 1),
     "max_age_seconds": (1, MAX_AGE_SECONDS),
+    "ttl_seconds": (1, MAX_AGE_SECONDS),
 }
 
 
@@ -44,6 +45,8 @@ class SegmentSet:
     min_cardinality: dict[str, int] = field(default_factory=dict)
     #: the entries' optional "max_age_seconds" (heartbeats; DESIGN.md "Freshness")
     max_age: dict[str, int] = field(default_factory=dict)
+    #: the entries' optional "ttl_seconds" (membership TTL: additive publishes)
+    ttl: dict[str, int] = field(default_factory=dict)
 
 
 def read_segment_set(path: str | Path) -> SegmentSet:
@@ -66,6 +69,7 @@ def read_segment_set(path: str | Path) -> SegmentSet:
     segments: dict[str, BitMap64] = {}
     floors: dict[str, int] = {}
     max_age: dict[str, int] = {}
+    ttl: dict[str, int] = {}
     for name, entry in entries.items():
         try:
             segment_id(name)
@@ -76,7 +80,11 @@ def read_segment_set(path: str | Path) -> SegmentSet:
         card = entry.get("cardinality")
         if type(card) is not int or card < 0:
             raise InputError(f"segment {name}: cardinality must be a non-negative integer")
-        for key, found in (("min_cardinality", floors), ("max_age_seconds", max_age)):
+        for key, found in (
+            ("min_cardinality", floors),
+            ("max_age_seconds", max_age),
+            ("ttl_seconds", ttl),
+        ):
             if key in entry:
                 try:
                     found[name] = option_value(key, entry[key])
@@ -96,4 +104,4 @@ def read_segment_set(path: str | Path) -> SegmentSet:
                 f"segment {name}: {file.name} holds {len(bitmap)} members, manifest says {card}"
             )
         segments[name] = bitmap
-    return SegmentSet(computed_at, segments, floors, max_age)
+    return SegmentSet(computed_at, segments, floors, max_age, ttl)

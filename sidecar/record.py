@@ -10,6 +10,15 @@ Split deltas: a delta whose bitmaps serialize to more than the record limit is c
 ranges; part i of n carries the adds and removes inside range i, all parts share `segment`,
 `base`, `version`, `cardinality` (the count after the whole change) and are written in the same
 transaction, in order. A reader applies the change only once it holds all n parts.
+
+Membership TTL (DESIGN.md "Freshness"): a delta with `expires_at` (ms, > its `ts`) is a TTL
+delta: `add` holds every member the publish listed (new and re-affirmed), each expiring at
+`expires_at` unless a later TTL delta re-affirms it; `remove` is empty; `cardinality` is the
+count after applying as of `ts` (members whose expiry is at or before `ts` gone). A snapshot
+chunk of a segment with expiries carries `expiries`: `[[expires_at_ms, <roaring64 of that
+chunk's members expiring then>], ...]`, counted in the chunk's size. Readers older than these
+fields ignore them (they would see a TTL segment's members as permanent and its cardinality
+disagree: upgrade readers before publishing TTL segments).
 """
 
 from __future__ import annotations
@@ -67,6 +76,8 @@ class Delta:
     ts: int
     part: int = 0
     parts: int = 1
+    #: a TTL delta's expiry of every member of `add` (ms); 0: not a TTL delta
+    expires_at: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +98,8 @@ class SnapshotChunk:
     cardinality: int
     delta_offset: int
     ts: int
+    #: (expires_at_ms, the members of this chunk expiring then), by deadline; () when none
+    expiries: tuple[tuple[int, BitMap64], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,6 +134,12 @@ class Skipped:
 Record = Delta | Drop | SnapshotChunk | DropMarker | Heartbeat
 
 
+def ttl_deadline(ts_ms: int, ttl_seconds: int) -> int:
+    """When a membership published at `ts_ms` with `ttl_seconds` expires: rounded up to the
+    whole second, so one publish's members share one expiry bucket."""
+    return -(-(ts_ms + ttl_seconds * 1000) // 1000) * 1000
+
+
 def delta_key(segment: str) -> bytes:
     return segment.encode()
 
@@ -149,8 +168,16 @@ def encode(record: Record) -> bytes:
     for name in _FIELDS[cls]:
         value = getattr(record, name)
         body[name] = value.serialize() if isinstance(value, BitMap64) else value
-    if isinstance(record, Delta) and record.parts == 1:  # an unsplit delta omits part/parts
-        del body["part"], body["parts"]
+    if isinstance(record, Delta):
+        if record.parts == 1:  # an unsplit delta omits part/parts
+            del body["part"], body["parts"]
+        if not record.expires_at:  # a plain delta omits its expiry
+            del body["expires_at"]
+    if isinstance(record, SnapshotChunk):
+        if record.expiries:
+            body["expiries"] = [[at, bm.serialize()] for at, bm in record.expiries]
+        else:
+            del body["expiries"]
     return msgpack.packb(body, use_bin_type=True)
 
 
@@ -220,6 +247,26 @@ def _at_least(cardinality: int, members: int, what: str) -> None:
         )
 
 
+def _expiries(body: dict, bitmap: BitMap64, ts: int) -> tuple[tuple[int, BitMap64], ...]:
+    """A snapshot chunk's optional `expiries`: distinct deadlines after `ts`, each with
+    members of the chunk."""
+    raw = body.get("expiries", [])
+    if type(raw) is not list:
+        raise CorruptRecord("field 'expiries' must be a list", "bad_expiries")
+    out: list[tuple[int, BitMap64]] = []
+    for pair in raw:
+        if type(pair) is not list or len(pair) != 2:
+            raise CorruptRecord("an expiry is [expires_at_ms, bitmap]", "bad_expiries")
+        at = _int({"expires_at": pair[0]}, "expires_at", ts + 1, _I64)
+        members = _bitmap({"expiries": pair[1]}, "expiries")
+        if not members.issubset(bitmap):
+            raise CorruptRecord("expiries name ids outside the chunk", "bad_expiries")
+        out.append((at, members))
+    if len({at for at, _ in out}) != len(out):
+        raise CorruptRecord("expiries repeat a deadline", "bad_expiries")
+    return tuple(out)
+
+
 def decode(
     value: bytes,
     *,
@@ -266,18 +313,24 @@ def decode(
     elif kind == "delta":
         part, parts = _piece(body, "part", "parts", optional=True)
         cardinality = _int(body, "cardinality")
+        expires_at = _int(body, "expires_at", ts + 1, _I64) if "expires_at" in body else 0
     if wanted is not None and not wanted(segment, version):
         return Skipped(segment, version)
     if kind == "delta":
         add, remove = _bitmap(body, "add"), _bitmap(body, "remove")
         if not add.isdisjoint(remove):
             raise CorruptRecord("a delta adds and removes the same ids", "bad_bitmap")
+        if expires_at and remove:
+            raise CorruptRecord("a TTL delta (expires_at) removes nothing", "bad_expires_at")
         _at_least(cardinality, len(add), "adds")
-        return Delta(segment, base, version, add, remove, cardinality, ts, part, parts)
+        return Delta(segment, base, version, add, remove, cardinality, ts, part, parts, expires_at)
     if kind == "snapshot":
         bitmap = _bitmap(body, "bitmap")
         _at_least(cardinality, len(bitmap), "chunk")
-        return SnapshotChunk(segment, version, chunk, chunks, bitmap, cardinality, delta_offset, ts)
+        expiries = _expiries(body, bitmap, ts)
+        return SnapshotChunk(
+            segment, version, chunk, chunks, bitmap, cardinality, delta_offset, ts, expiries
+        )
     if snapshots:
         return DropMarker(segment, version, delta_offset, ts)
     return Drop(segment, base, version, ts)

@@ -24,6 +24,7 @@ from pyroaring import BitMap64
 
 from ..transport.base import LogReader
 from .engine import Engine
+from .expiry import ExpiryIndex
 from .state import Age, SegmentState
 
 log = logging.getLogger(__name__)
@@ -42,6 +43,8 @@ class Checkpoint:
     written_ms: int = 0
     #: segments with a max_age_seconds: their max age and last affirmation (DESIGN "Freshness")
     ages: dict[str, Age] = field(default_factory=dict)
+    #: TTL segments' expiry indexes (DESIGN "Freshness"): restored with their segment
+    expiries: dict[str, ExpiryIndex] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)  # msgpack-able; readers may ignore it
 
 
@@ -60,6 +63,11 @@ def save(state_dir: Path, ckpt: Checkpoint) -> int:
         ],
         "dropped": ckpt.dropped,
         "ages": {name: [a.max_age_ms, a.heard_ms] for name, a in ckpt.ages.items()},
+        "expiries": {
+            name: [index.dropped_ms, [[at, bm.serialize()] for at, bm in index.pairs()]]
+            for name, index in ckpt.expiries.items()
+            if name in ckpt.segments and ckpt.segments[name].fresh
+        },
         "written_ms": int(time.time() * 1000),
         "extra": ckpt.extra,
     }
@@ -122,6 +130,13 @@ def read(state_dir: Path) -> Checkpoint | None:
             written_ms=body["written_ms"],
             # absent in checkpoints written before max ages: the next heartbeat sets them
             ages={name: Age(*pair) for name, pair in body.get("ages", {}).items()},
+            # absent in checkpoints written before membership TTL
+            expiries={
+                name: ExpiryIndex.from_pairs(
+                    ((at, BitMap64.deserialize(bm)) for at, bm in pairs), dropped_ms
+                )
+                for name, (dropped_ms, pairs) in body.get("expiries", {}).items()
+            },
             extra=dict(body.get("extra") or {}),
         )
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
@@ -171,7 +186,7 @@ def restore(
             return False
     for name, state in ckpt.segments.items():
         if holds(name):
-            engine.install(name, state)
+            engine.install(name, state, expiries=ckpt.expiries.get(name))
     for name, version in ckpt.dropped.items():
         if holds(name):
             engine.install_drop(name, version)

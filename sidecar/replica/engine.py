@@ -7,8 +7,10 @@ Free of transports, threads and servers. `recovery.py` feeds it snapshots and re
 from __future__ import annotations
 
 import fnmatch
+import heapq
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterable
 from typing import Protocol
 
@@ -25,6 +27,7 @@ from ..record import (
     decode,
 )
 from ..transport.base import LogRecord
+from .expiry import ExpiryIndex
 from .state import Age, Counters, Health, SegmentState
 
 log = logging.getLogger(__name__)
@@ -101,11 +104,24 @@ class LogObserver(Protocol):
         """A delta changing `changed` memberships of `segment` was applied."""
 
 
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
 class Engine:
     def __init__(
-        self, holds: Callable[[str], bool] | None = None, observer: LogObserver | None = None
+        self,
+        holds: Callable[[str], bool] | None = None,
+        observer: LogObserver | None = None,
+        clock_ms: Callable[[], int] | None = None,
     ) -> None:
         self.segments: dict[str, SegmentState] = {}
+        #: TTL segments' expiry indexes (DESIGN.md "Freshness"; expiry.py)
+        self.expiries: dict[str, ExpiryIndex] = {}
+        #: (deadline, segment) of every bucket made; popped by `expire` (stale ones are no-ops)
+        self._deadlines: list[tuple[int, str]] = []
+        #: the clock `expire()` judges expiries by (ms since the epoch); tests give their own
+        self.clock_ms = clock_ms or _now_ms
         self.dropped: dict[str, int] = {}  # dropped segment -> version of the drop
         self.observer = observer
         #: segments with a max_age_seconds (DESIGN.md "Freshness"), from their heartbeats
@@ -138,6 +154,8 @@ class Engine:
         self.segments.clear()
         self.dropped.clear()
         self.ages.clear()
+        self.expiries.clear()
+        self._deadlines.clear()
         self.replay_from.clear()
         self.needs_resync.clear()
         self._pending.clear()
@@ -148,6 +166,17 @@ class Engine:
         if state is not None:
             return state.version
         return self.dropped.get(segment, 0)
+
+    def expires_at(self, segment: str, user: int) -> int | None:
+        """When `user`'s membership of `segment` expires (ms), or None: not a member, or a
+        permanent one. Reads under `lock`: safe from any thread."""
+        with self.lock:
+            index = self.expiries.get(segment)
+            return index.expires_at(user) if index is not None else None
+
+    def next_expiry(self) -> int | None:
+        """The earliest deadline of any bucket (possibly one already gone: a no-op to act on)."""
+        return self._deadlines[0][0] if self._deadlines else None
 
     def pending_offset(self, partition_of: Callable[[str], int], partition: int) -> int | None:
         """The lowest offset of a split delta still being assembled in `partition`: a
@@ -228,25 +257,46 @@ class Engine:
             delta = assembled
         if not self._check_order(delta.segment, delta.base, delta.version):
             return
+        segment = delta.segment
         with self.lock:
-            current = self.segments.get(delta.segment)
+            index = self.expiries.get(segment)
+            checked = True
+            if index is not None:
+                # the change's author counted as of its ts: expire through it first. If this
+                # replica's clock already dropped a later deadline, the count cannot match:
+                # only a TTL delta can meet that (a plain one after TTL lists every member)
+                self._drop_due(segment, index, delta.ts)
+                checked = not delta.expires_at or index.dropped_ms <= delta.ts
+            current = self.segments.get(segment)
             if current is None:
                 bitmap = BitMap64(delta.add)
             else:
                 bitmap = _apply_in_one_step(current.bitmap, delta)
-            self._swap_in(delta, bitmap)
+            if delta.expires_at:
+                if index is None:
+                    index = self.expiries[segment] = ExpiryIndex()
+                fresh_bucket = delta.expires_at not in index.buckets
+                index.affirm(delta.add, delta.expires_at)
+                if fresh_bucket and delta.add:
+                    heapq.heappush(self._deadlines, (delta.expires_at, segment))
+            elif index is not None:
+                del self.expiries[segment]  # a plain publish: its members are permanent
+            if not checked:
+                self.counters.ttl_unchecked += 1
+            self._swap_in(delta, bitmap, checked)
         self.dropped.pop(delta.segment, None)
         self._changed(delta.segment)
         self.counters.applied += 1
         if self.observer is not None:
             self.observer.delta(delta.segment, len(delta.add) + len(delta.remove))
 
-    def _swap_in(self, delta: Delta, bitmap: BitMap64) -> None:
+    def _swap_in(self, delta: Delta, bitmap: BitMap64, checked: bool = True) -> None:
         health = Health.FRESH
-        if len(bitmap) != delta.cardinality:
+        if checked and len(bitmap) != delta.cardinality:
             self.counters.diverged += 1
             health = Health.DIVERGED
             self.needs_resync.add(delta.segment)
+            self.expiries.pop(delta.segment, None)
             log.warning(
                 "segment %s diverged at version %d: %d members, the log says %d",
                 delta.segment,
@@ -263,7 +313,9 @@ class Engine:
         if pending is None or pending.version != part.version:
             pending = _PendingParts(part.version, part.parts, offset)
             self._pending[part.segment] = pending
-        if len(pending.parts) != part.parts:
+        if len(pending.parts) != part.parts or any(
+            p is not None and p.expires_at != part.expires_at for p in pending.parts
+        ):
             self.counters.skip("parts_mismatch")
             del self._pending[part.segment]
             return None
@@ -280,6 +332,7 @@ class Engine:
             remove=BitMap64.union(*(p.remove for p in parts)),
             cardinality=part.cardinality,
             ts=max(p.ts for p in parts),
+            expires_at=part.expires_at,
         )
 
     def apply_drop(self, drop: Drop) -> None:
@@ -298,8 +351,59 @@ class Engine:
             self._changed(segment)
         self.needs_resync.add(segment)
 
+    # -- expiring (membership TTL) ----------------------------------------------------------
+    def expire(self, now_ms: int | None = None) -> list[str]:
+        """Drop every expiry bucket due at `now_ms` (default: the clock) and its members from
+        the segment, each segment in one step under `lock` (its version stays); returns the
+        segments changed. Costs one heap look when nothing is due."""
+        now = self.clock_ms() if now_ms is None else now_ms
+        heap = self._deadlines
+        due: set[str] = set()
+        while heap and heap[0][0] <= now:
+            due.add(heapq.heappop(heap)[1])
+        changed = []
+        for segment in sorted(due):
+            index = self.expiries.get(segment)
+            if index is None:
+                continue
+            with self.lock:
+                if self._drop_due(segment, index, now):
+                    changed.append(segment)
+        for segment in changed:
+            self._changed(segment)
+        return changed
+
+    def _drop_due(self, segment: str, index: ExpiryIndex, now_ms: int) -> bool:
+        """Under `lock`: drop the segment's buckets due at `now_ms`; True when any was."""
+        members = index.take_due(now_ms)
+        if members is None:
+            return False
+        state = self.segments.get(segment)
+        if state is not None:
+            bitmap = state.bitmap
+            bitmap -= members  # one roaring call: a lock-free reader sees before or after
+            self.segments[segment] = SegmentState(
+                bitmap, state.version, len(bitmap), state.updated_ms, state.health
+            )
+            self.counters.expired += len(members)
+        return True
+
     # -- installing whole states (bootstrap, resync, checkpoint) --------------------------
-    def install(self, segment: str, state: SegmentState, from_offset: int = 0) -> None:
+    def install(
+        self,
+        segment: str,
+        state: SegmentState,
+        from_offset: int = 0,
+        expiries: ExpiryIndex | None = None,
+    ) -> None:
+        """Install `state` (with its expiry index: members of the bitmap, owned by the engine
+        from now on; buckets already due are dropped by the next `expire`)."""
+        if expiries is not None and (expiries.buckets or expiries.dropped_ms):
+            self.expiries[segment] = expiries
+            for deadline in expiries.buckets:
+                heapq.heappush(self._deadlines, (deadline, segment))
+        else:
+            self.expiries.pop(segment, None)
         self.segments[segment] = state
         self.dropped.pop(segment, None)
         self._pending.pop(segment, None)
@@ -310,6 +414,7 @@ class Engine:
     def install_drop(self, segment: str, version: int, from_offset: int = 0) -> None:
         self.segments.pop(segment, None)
         self.ages.pop(segment, None)
+        self.expiries.pop(segment, None)
         self.dropped[segment] = version
         self._pending.pop(segment, None)
         self._changed(segment)

@@ -20,6 +20,7 @@ from ..record import Delta, Heartbeat
 from ..transport.base import Transport, TransportError
 from . import checkpoint
 from .engine import Engine, LogObserver
+from .expiry import ExpiryIndex
 from .recovery import SnapshotAssembler, bootstrap
 from .state import SegmentState
 
@@ -149,6 +150,16 @@ class RecoveredLog:
         age = self._engine.ages.get(segment)
         return age.max_age_ms // 1000 if age is not None else 0
 
+    def expiries_of(self, segment: str) -> ExpiryIndex | None:
+        """The TTL segment's expiry index (None for a segment without one); the writer must
+        not change it (`ExpiryIndex.copy` first)."""
+        return self._engine.expiries.get(segment)
+
+    def expire(self, now_ms: int) -> None:
+        """Expire TTL memberships due at `now_ms` (a writer does it with the time it stamps on
+        its records: their cardinalities count as of then)."""
+        self._engine.expire(now_ms)
+
     def offsets(self) -> dict[int, int]:
         """Deltas partition -> the next offset: where a snapshot written now takes over."""
         return {p: self._reader.position("deltas", p) for p in range(self._reader.partitions)}
@@ -164,10 +175,12 @@ class RecoveredLog:
         """The writer's own committed delta."""
         self._engine.apply_delta(delta)
 
-    def wrote_state(self, segment: str, state: SegmentState) -> None:
-        """The writer's own committed snapshot; the engine keeps `state` and changes its bitmap
-        in place later, so pass one the caller does not hold."""
-        self._engine.install(segment, state)
+    def wrote_state(
+        self, segment: str, state: SegmentState, expiries: ExpiryIndex | None = None
+    ) -> None:
+        """The writer's own committed snapshot (with a TTL segment's expiries); the engine
+        keeps both and changes them in place later, so pass ones the caller does not hold."""
+        self._engine.install(segment, state, expiries=expiries)
 
     def wrote_drop(self, segment: str, version: int) -> None:
         """The writer's own committed drop."""
@@ -202,6 +215,7 @@ class RecoveredLog:
                 segments=dict(self._engine.segments),
                 dropped=dict(self._engine.dropped),
                 ages=dict(self._engine.ages),
+                expiries=dict(self._engine.expiries),
                 extra=extra,
             ),
         )

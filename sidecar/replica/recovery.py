@@ -14,6 +14,7 @@ from ..partitioner import partition_for
 from ..record import DropMarker, Skipped, SnapshotChunk
 from ..transport.base import LogReader, LogRecord, Topic, Transport
 from .engine import Engine, decode_counted
+from .expiry import ExpiryIndex
 from .state import Counters, SegmentState
 
 log = logging.getLogger(__name__)
@@ -30,6 +31,7 @@ class Snapshot:
     state: SegmentState | None
     delta_offset: int
     chunks: int = 1
+    expiries: ExpiryIndex | None = None  # a TTL segment's, from the chunks' `expiries`
 
 
 class SnapshotAssembler:
@@ -80,8 +82,12 @@ class SnapshotAssembler:
             )
             return
         state = SegmentState(bitmap, record.version, len(bitmap), record.ts)
+        pairs = [pair for p in parts if p is not None for pair in p.expiries]
+        expiries = ExpiryIndex.from_pairs(pairs) if pairs else None
         self._finish(
-            Snapshot(record.segment, record.version, state, record.delta_offset, record.chunks)
+            Snapshot(
+                record.segment, record.version, state, record.delta_offset, record.chunks, expiries
+            )
         )
 
     def _finish(self, snap: Snapshot) -> None:
@@ -95,7 +101,7 @@ def install(engine: Engine, snap: Snapshot) -> None:
     if snap.state is None:
         engine.install_drop(snap.segment, snap.version, snap.delta_offset)
     else:
-        engine.install(snap.segment, snap.state, snap.delta_offset)
+        engine.install(snap.segment, snap.state, snap.delta_offset, snap.expiries)
     if engine.observer is not None:
         engine.observer.snapshot(snap.segment, snap.version, snap.chunks)
 
@@ -175,7 +181,7 @@ def resync(
                 engine.counters.resyncs += 1
                 state = scratch.segments.get(segment)
                 if state is not None and state.fresh:
-                    engine.install(segment, state)
+                    engine.install(segment, state, expiries=scratch.expiries.get(segment))
                     log.info("resynced %s at version %d", segment, state.version)
                 elif segment in scratch.dropped:
                     engine.install_drop(segment, scratch.dropped[segment])

@@ -55,13 +55,13 @@ class Replica:
         self.state_dir = Path(state_dir) if state_dir else None
         self.holds = segment_filter(segments)
         self.partial = bool(segments)
-        self.engine = Engine(self.holds)
+        #: the clock ages and TTL expiries are judged by (ms); tests give their own
+        self.clock_ms = _now_ms
+        self.engine = Engine(self.holds, clock_ms=lambda: self.clock_ms())
         self._segments = self.engine.segments  # never replaced (reset() clears it in place)
         #: segments past their max_age_seconds (DESIGN.md "Freshness"), kept by the replica
         #: thread (`refresh_ages`); never replaced, so hot paths may hold it
         self.aged: set[str] = set()
-        #: the clock ages are judged by (ms); tests give their own
-        self.clock_ms = _now_ms
         #: read-your-publish waiters, woken by the engine when their segment changes
         self.waiters = Waiters()
         self.engine.on_change = self.waiters.notify
@@ -325,6 +325,7 @@ class Replica:
             segments=dict(self.engine.segments),
             dropped=dict(self.engine.dropped),
             ages=dict(self.engine.ages),
+            expiries=dict(self.engine.expiries),
         )
         started = time.monotonic()
         size = checkpoint.save(self.state_dir, ckpt)
@@ -400,8 +401,11 @@ class Replica:
         last_ckpt = last_ends = time.monotonic()
         try:
             while not self._stop.is_set():
-                for rec in reader.poll(self.poll_interval):
+                for rec in reader.poll(self._poll_timeout()):
                     self.engine.apply_record(rec)
+                # membership TTL: expiries due on this replica's clock, without a publish;
+                # the change hooks (waiters, the shared replica's writer) hear of each
+                self.engine.expire()
                 for p in range(self.partitions):
                     self.positions[p] = reader.position("deltas", p)
                 self.refresh_ages()
@@ -420,6 +424,14 @@ class Replica:
                     last_ckpt = now
         finally:
             reader.close()
+
+    def _poll_timeout(self) -> float:
+        """`poll_interval`, cut short by the next expiry deadline: a TTL segment's members
+        go at their deadline, not up to a poll later."""
+        deadline = self.engine.next_expiry()
+        if deadline is None:
+            return self.poll_interval
+        return min(self.poll_interval, max(0.0, (deadline - self.clock_ms()) / 1000))
 
     def _refresh_ends(self, reader: LogReader) -> None:
         self.ends = {p: end for p, (_, end) in reader.watermarks_all("deltas").items()}

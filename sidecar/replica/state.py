@@ -74,6 +74,10 @@ class Counters:
     drops: int = 0
     ignored: int = 0  # records of segments this replica does not hold (--segments)
     heartbeats: int = 0  # heartbeats applied (segments with a max_age_seconds)
+    expired: int = 0  # memberships dropped at their TTL expiry
+    #: TTL deltas applied without their cardinality check: this replica's clock had already
+    #: expired members past the delta's time (a lagging replica; DESIGN.md "Freshness")
+    ttl_unchecked: int = 0
     by_kind: dict[str, int] = field(default_factory=dict)
     #: records skipped because they cannot be applied, by `RecordError.reason` (and the
     #: assembly checks: `parts_mismatch`, `chunks_mismatch`, `snapshot_cardinality`)

@@ -17,10 +17,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from . import transport
 from .client import AsyncSidecarClient, SidecarClient
 from .ids import BadRequest
 from .replica import Replica
-from .transport.logdir import LogDirTransport
+from .transport import LogDirTransport
 
 if TYPE_CHECKING:
     from .transport.kafka import KafkaTransport
@@ -36,9 +37,6 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
-    # confluent_kafka is imported only by whoever uses Kafka.
-    if name == "KafkaTransport":
-        from .transport.kafka import KafkaTransport
-
-        return KafkaTransport
+    if name == "KafkaTransport":  # imported lazily by sidecar.transport too
+        return transport.KafkaTransport
     raise AttributeError(f"module 'sidecar' has no attribute {name!r}")

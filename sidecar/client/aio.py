@@ -13,20 +13,7 @@ from ..expr.results import Count
 from ..ids import MAX_WAIT_MS
 from ..protocol import HEADER, HEADER_SIZE, ResponseError, decode_response
 from . import base
-from .base import (
-    BaseClient,
-    Call,
-    Explain,
-    Export,
-    ServerError,
-    SidecarTimeout,
-    SidecarUnavailable,
-    audience_target,
-    http_address,
-    http_failure,
-    typed,
-    value_of,
-)
+from .base import ServerError, SidecarTimeout, SidecarUnavailable, typed, value_of
 
 _hunpack = HEADER.unpack_from
 
@@ -108,7 +95,7 @@ class _ClientProtocol(asyncio.Protocol):
             self.transport.close()
 
 
-class AsyncSidecarClient(BaseClient):
+class AsyncSidecarClient(base.BaseClient):
     """`AsyncSidecarClient(path, timeout=1.0)`; `async with` or `await connect()`. Safe to
     share between tasks of one event loop."""
 
@@ -179,7 +166,7 @@ class AsyncSidecarClient(BaseClient):
         """One request; returns the raw result or raises the matching SidecarError."""
         return value_of((await self._exchange([(op, *args)]))[0])
 
-    async def run(self, call: Call) -> Any:
+    async def run(self, call: base.Call) -> Any:
         """One request as `base` encodes it, its result decoded."""
         result = value_of((await self._exchange([(call.op, *call.args)], call.wait))[0])
         return call.decode(result) if call.decode is not None else result
@@ -224,7 +211,7 @@ class AsyncSidecarClient(BaseClient):
     async def segments(self, user: int) -> list[str]:
         return await self.call("segments", user)
 
-    async def explain(self, user: int, segment: str) -> Explain:
+    async def explain(self, user: int, segment: str) -> base.Explain:
         return await self.run(base.explain(user, segment))
 
     # -- segment expressions ---------------------------------------------------------------------
@@ -256,7 +243,9 @@ class AsyncSidecarClient(BaseClient):
         """The members of a bounded expression, ascending, streamed from the sidecar's HTTP
         server: `async with client.audience("a & !b") as export:` then `export.versions`
         and `async for user in export`."""
-        return AsyncAudienceExport(http_address(self.http), audience_target(expr, after, limit))
+        return AsyncAudienceExport(
+            base.http_address(self.http), base.audience_target(expr, after, limit)
+        )
 
     async def status(self) -> dict[str, Any]:
         return await self.call("status")
@@ -275,7 +264,7 @@ class AsyncSidecarClient(BaseClient):
         return [typed(req[0], resp) for req, resp in zip(reqs, responses, strict=True)]
 
 
-class AsyncAudienceExport(Export):
+class AsyncAudienceExport(base.Export):
     """One streamed `GET /v1/audience` (aiohttp); `async with`, then `async for` the ids."""
 
     def __init__(self, address: tuple[str, int], target: str) -> None:
@@ -290,7 +279,7 @@ class AsyncAudienceExport(Export):
         try:
             self._resp = await self._session.get(self._url)
             if self._resp.status != 200:
-                raise http_failure(self._resp.status, await self._resp.read())
+                raise base.http_failure(self._resp.status, await self._resp.read())
         except aiohttp.ClientError as exc:
             await self.aclose()
             raise SidecarUnavailable(f"cannot reach the sidecar at {self._url}: {exc}") from exc

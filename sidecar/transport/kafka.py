@@ -20,16 +20,8 @@ from confluent_kafka import (
 )
 from confluent_kafka.admin import AdminClient, NewTopic, OffsetSpec
 
-from .base import (
-    TOPICS,
-    FencedError,
-    LogReader,
-    LogRecord,
-    LogWriter,
-    Topic,
-    Transport,
-    TransportError,
-)
+from . import base
+from .base import TOPICS, FencedError, LogRecord, Topic, TransportError
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +136,7 @@ def list_offsets(
     return retrying(f"cannot read offsets of {', '.join(names)}", call, also=_NO_LEADERS)
 
 
-class KafkaWriter(LogWriter):
+class KafkaWriter(base.LogWriter):
     def __init__(self, transport: KafkaTransport, writer_id: str, partitions: int) -> None:
         self._t = transport
         self.partitions = partitions
@@ -240,7 +232,7 @@ class KafkaWriter(LogWriter):
             log.debug("producer flush on close: %s", exc)
 
 
-class KafkaReader(LogReader):
+class KafkaReader(base.LogReader):
     def __init__(self, transport: KafkaTransport) -> None:
         self._t = transport
         # Short: a replica retries, and says why meanwhile (a broker that is down).
@@ -326,7 +318,7 @@ class KafkaReader(LogReader):
         self._consumer.close()
 
 
-class KafkaTransport(Transport):
+class KafkaTransport(base.Transport):
     def __init__(
         self,
         bootstrap: str,

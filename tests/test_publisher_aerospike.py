@@ -413,9 +413,7 @@ def test_transient_error_is_retried(
 @pytest.mark.parametrize("code", [8, 14], ids=["permanent", "transient-forever"])
 @pytest.mark.parametrize("users", [1, 400], ids=["operate", "batch"])
 def test_failed_aerospike_write_aborts_before_the_log(
-    mirror: Mirror,
-    code: int,
-    users: int,
+    mirror: Mirror, code: int, users: int
 ) -> None:
     aerospike_server, sink, log_dir = mirror
     pub = publisher(log_dir, sink)
@@ -473,11 +471,7 @@ def test_fault_points_are_the_documented_ones() -> None:
 
 
 @pytest.mark.parametrize("point", FAULT_POINTS)
-def test_crash_then_rerun_converges(
-    mirror: Mirror,
-    tmp_path: Path,
-    point: str,
-) -> None:
+def test_crash_then_rerun_converges(mirror: Mirror, tmp_path: Path, point: str) -> None:
     aerospike_server, sink, log_dir = mirror
     pub = publisher(log_dir, sink)
     truth = Truth()

@@ -192,18 +192,14 @@ class AsyncSidecarClient(base.BaseClient):
 
     @overload
     async def batch_packed(
-        self,
-        users: Iterable[int] | Any,
-        segments: str | Sequence[str],
-        *,
-        raw: Literal[False] = ...,
+        self, users: base.Users, segments: base.Segments, *, raw: Literal[False] = ...
     ) -> list[bool | None]: ...
     @overload
     async def batch_packed(
-        self, users: Iterable[int] | Any, segments: str | Sequence[str], *, raw: Literal[True]
+        self, users: base.Users, segments: base.Segments, *, raw: Literal[True]
     ) -> bytes: ...
     async def batch_packed(
-        self, users: Iterable[int] | Any, segments: str | Sequence[str], *, raw: bool = False
+        self, users: base.Users, segments: base.Segments, *, raw: bool = False
     ) -> list[bool | None] | bytes:
         """See `SidecarClient.batch_packed`."""
         return await self.run(base.batch_packed(users, segments, raw))
@@ -221,14 +217,12 @@ class AsyncSidecarClient(base.BaseClient):
 
     @overload
     async def eval_many(
-        self, users: Iterable[int] | Any, expr: str, *, raw: Literal[False] = ...
+        self, users: base.Users, expr: str, *, raw: Literal[False] = ...
     ) -> list[bool | None]: ...
     @overload
+    async def eval_many(self, users: base.Users, expr: str, *, raw: Literal[True]) -> bytes: ...
     async def eval_many(
-        self, users: Iterable[int] | Any, expr: str, *, raw: Literal[True]
-    ) -> bytes: ...
-    async def eval_many(
-        self, users: Iterable[int] | Any, expr: str, *, raw: bool = False
+        self, users: base.Users, expr: str, *, raw: bool = False
     ) -> list[bool | None] | bytes:
         """`expr` for each of `users` (as `batch_packed` takes them), in order."""
         return await self.run(base.eval_many(users, expr, raw))

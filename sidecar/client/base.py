@@ -24,6 +24,11 @@ from ..protocol import (
     encode_request,
 )
 
+#: Users for the packed ops: ints, or a uint64 array (`array('Q')`, numpy) taken as it is.
+Users = Iterable[int] | Any
+#: One segment id for every user, or one per user.
+Segments = str | Sequence[str]
+
 DEFAULT_PATH = os.environ.get("SEG_UDS") or "/tmp/seg-sidecar/sidecar.sock"
 #: The sidecar's HTTP address, for the audience export (the socket protocol has no export).
 DEFAULT_HTTP = os.environ.get("SEG_HTTP") or "127.0.0.1:8571"
@@ -153,7 +158,7 @@ def batch(pairs: Iterable[tuple[int, str] | Sequence[Any]]) -> Call:
     return Call("batch", (pairs if isinstance(pairs, list | tuple) else list(pairs),))
 
 
-def batch_packed(users: Iterable[int] | Any, segments: str | Sequence[str], raw: bool) -> Call:
+def batch_packed(users: Users, segments: Segments, raw: bool) -> Call:
     """BadRequestError for bad input, before anything is sent."""
     try:
         args = pack_batch(users, segments)
@@ -166,7 +171,7 @@ def explain(user: int, segment: str) -> Call:
     return Call("explain", (user, segment), explain_result)
 
 
-def eval_many(users: Iterable[int] | Any, expr: str, raw: bool) -> Call:
+def eval_many(users: Users, expr: str, raw: bool) -> Call:
     """`users` as `batch_packed` takes them; BadRequestError for bad input before sending."""
     try:
         packed = pack_users(users)

@@ -223,18 +223,14 @@ class SidecarClient(BaseClient):
 
     @overload
     def batch_packed(
-        self,
-        users: Iterable[int] | Any,
-        segments: str | Sequence[str],
-        *,
-        raw: Literal[False] = ...,
+        self, users: base.Users, segments: base.Segments, *, raw: Literal[False] = ...
     ) -> list[bool | None]: ...
     @overload
     def batch_packed(
-        self, users: Iterable[int] | Any, segments: str | Sequence[str], *, raw: Literal[True]
+        self, users: base.Users, segments: base.Segments, *, raw: Literal[True]
     ) -> bytes: ...
     def batch_packed(
-        self, users: Iterable[int] | Any, segments: str | Sequence[str], *, raw: bool = False
+        self, users: base.Users, segments: base.Segments, *, raw: bool = False
     ) -> list[bool | None] | bytes:
         """Many checks in the packed form (`sidecar/packed.py`): `users` (ints, or a uint64
         array such as `array('Q')` or numpy's, taken as it is) against one segment id, or
@@ -263,12 +259,12 @@ class SidecarClient(BaseClient):
 
     @overload
     def eval_many(
-        self, users: Iterable[int] | Any, expr: str, *, raw: Literal[False] = ...
+        self, users: base.Users, expr: str, *, raw: Literal[False] = ...
     ) -> list[bool | None]: ...
     @overload
-    def eval_many(self, users: Iterable[int] | Any, expr: str, *, raw: Literal[True]) -> bytes: ...
+    def eval_many(self, users: base.Users, expr: str, *, raw: Literal[True]) -> bytes: ...
     def eval_many(
-        self, users: Iterable[int] | Any, expr: str, *, raw: bool = False
+        self, users: base.Users, expr: str, *, raw: bool = False
     ) -> list[bool | None] | bytes:
         """`expr` for each of `users` (as `batch_packed` takes them), in order."""
         return self.run(base.eval_many(users, expr, raw))

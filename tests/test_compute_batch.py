@@ -12,7 +12,9 @@ import os
 import re
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -27,6 +29,7 @@ from compute.bitmaps import segment_bitmap
 from compute.definitions import DefinitionError
 from compute.fsutil import OutputError
 from compute.segment_set import write_segment_set
+from tests.spark_session import spark_session
 from tests.truth import truth_from_lake
 
 USERS = 20_000
@@ -45,12 +48,8 @@ def lake20k(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def spark():
-    from compute.spark import build_session
-
-    session = build_session(app_name="seg-compute-tests")
-    yield session
-    session.stop()
+def spark() -> Iterator[Any]:
+    yield from spark_session("seg-compute-tests")
 
 
 @pytest.fixture(scope="module")

@@ -4,12 +4,15 @@ uncached afterwards. (tests/test_compute_batch.py checks the one pass against gr
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from compute import batch, definitions, lake
 from compute.definitions import EXAMPLE, DefinitionError
+from tests.spark_session import spark_session
 from tests.test_compute_batch import segment
 
 BENCH20 = EXAMPLE.parent / "bench20.toml"
@@ -23,12 +26,8 @@ def small_lake(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def spark():
-    from compute.spark import build_session
-
-    session = build_session(app_name="seg-compute-one-pass-tests")
-    yield session
-    session.stop()
+def spark() -> Iterator[Any]:
+    yield from spark_session("seg-compute-one-pass-tests")
 
 
 @pytest.mark.spark

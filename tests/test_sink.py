@@ -16,6 +16,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pymongo
 import pytest
@@ -27,6 +28,7 @@ from tests.cdc_tools import REPO, cdc_process, read_topic, stop, wait_for
 from tests.logtools import SidecarThread
 from tests.mongo_server import MongoTestServer
 from tests.s3_fixture import aws_env
+from tests.spark_session import spark_session
 
 pytestmark = [pytest.mark.spark, pytest.mark.kafka]
 
@@ -46,13 +48,10 @@ sql = "SELECT DISTINCT user_id FROM events WHERE type = 'view'"
 
 
 @pytest.fixture(scope="module")
-def spark() -> Iterator[object]:
-    from compute.spark import build_session
+def spark() -> Iterator[Any]:
     from compute.sparkjars import streaming_conf
 
-    session = build_session(app_name="test-sink", conf=streaming_conf())
-    yield session
-    session.stop()
+    yield from spark_session("test-sink", streaming_conf())
 
 
 def _publish_and_check(spark: object, lake_dir: Path | str, defs: Path, out: Path,

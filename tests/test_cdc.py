@@ -11,9 +11,11 @@ import datetime as dt
 import json
 import random
 import signal
+import subprocess
 import threading
 import time
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import pymongo
 import pytest
@@ -39,6 +41,26 @@ def _oplog_tokens(server: MongoTestServer, coll: str = "orders") -> list[dict]:
 
 def _streamed(evs: list[tuple[dict, dict]]) -> list[dict]:
     return [v for _, v in evs if "copyingData" not in v["_id"]]
+
+
+class OneOrder(NamedTuple):
+    db: Any
+    topic: str
+    log: Path
+    proc: subprocess.Popen
+
+
+def _copied_one_order(
+    mongo: MongoTestServer, kafka: str, prefix: str, tmp_path: Path, **options: str
+) -> OneOrder:
+    """shop.orders holds one order; a cdc job started on it has copied it to its topic."""
+    db = _client(mongo).shop
+    db.orders.insert_one({"_id": 1})
+    topic = f"{prefix}.shop.orders"
+    log = tmp_path / "cdc.log"
+    proc = cdc_process(mongo.uri, kafka, prefix, log=log, **options)
+    wait_for("the copy", lambda: len(events(kafka, topic)) == 1, proc=proc, log=log)
+    return OneOrder(db, topic, log, proc)
 
 
 def test_copy_then_changes_in_the_connector_shape(
@@ -153,12 +175,7 @@ def test_kill_9_at_random_moments_loses_and_repeats_nothing(
 def test_lost_resume_token_is_a_clear_error_and_fresh_copy_the_way_out(
     mongo: MongoTestServer, kafka_bootstrap: str, topic_prefix: str, tmp_path: Path
 ) -> None:
-    db = _client(mongo).shop
-    db.orders.insert_one({"_id": 1})
-    topic = f"{topic_prefix}.shop.orders"
-    log = tmp_path / "cdc.log"
-    proc = cdc_process(mongo.uri, kafka_bootstrap, topic_prefix, log=log)
-    wait_for("the copy", lambda: len(events(kafka_bootstrap, topic)) == 1, proc=proc, log=log)
+    db, topic, log, proc = _copied_one_order(mongo, kafka_bootstrap, topic_prefix, tmp_path)
     db.orders.insert_one({"_id": 2})
     wait_for("a change", lambda: len(events(kafka_bootstrap, topic)) == 2, proc=proc, log=log)
     assert stop(proc) == 0
@@ -185,13 +202,9 @@ def test_lost_resume_token_is_a_clear_error_and_fresh_copy_the_way_out(
 def test_a_dropped_collection_stops_the_job(
     mongo: MongoTestServer, kafka_bootstrap: str, topic_prefix: str, tmp_path: Path
 ) -> None:
-    db = _client(mongo).shop
-    db.orders.insert_one({"_id": 1})
-    topic = f"{topic_prefix}.shop.orders"
-    log = tmp_path / "cdc.log"
-    proc = cdc_process(mongo.uri, kafka_bootstrap, topic_prefix, log=log,
-                       collections="orders,users")  # fmt: skip
-    wait_for("the copy", lambda: len(events(kafka_bootstrap, topic)) == 1, proc=proc, log=log)
+    db, topic, log, proc = _copied_one_order(
+        mongo, kafka_bootstrap, topic_prefix, tmp_path, collections="orders,users"
+    )
     db.orders.insert_one({"_id": 2})
     db.orders.drop()
     assert proc.wait(60) == 1

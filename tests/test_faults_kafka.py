@@ -177,21 +177,20 @@ def _publish_or_error(transport: KafkaTransport, desired: dict[str, BitMap64]) -
         return str(exc)
 
 
-@pytest.mark.parametrize(
-    "down_s",
-    [pytest.param(3.0, id="3s"), pytest.param(10.0, id="10s", marks=pytest.mark.reliability)],
-)
-def test_broker_frozen_during_publishes_and_tailing(
-    fault_broker: FaultBroker, topic_prefix: str, workdir: Path, down_s: float
-) -> None:
-    _fault_cycle(fault_broker, topic_prefix, workdir, "freeze", down_s)
+LONG = pytest.mark.reliability
 
 
 @pytest.mark.parametrize(
-    "down_s",
-    [pytest.param(2.0, id="2s"), pytest.param(15.0, id="15s", marks=pytest.mark.reliability)],
+    ("fault", "down_s"),
+    [
+        pytest.param("freeze", 3.0, id="frozen-3s"),
+        pytest.param("freeze", 10.0, id="frozen-10s", marks=LONG),
+        pytest.param("kill", 2.0, id="killed-2s"),
+        pytest.param("kill", 15.0, id="killed-15s", marks=LONG),
+    ],
 )
-def test_broker_killed_and_restarted_during_publishes_tailing_and_a_start(
-    fault_broker: FaultBroker, topic_prefix: str, workdir: Path, down_s: float
+def test_broker_frozen_or_killed_during_publishes_tailing_and_a_start(
+    fault_broker: FaultBroker, topic_prefix: str, workdir: Path, fault: str, down_s: float
 ) -> None:
-    _fault_cycle(fault_broker, topic_prefix, workdir, "kill", down_s)
+    """SIGSTOP (freeze) or kill -9 and restart (kill) of the broker for `down_s`."""
+    _fault_cycle(fault_broker, topic_prefix, workdir, fault, down_s)

@@ -240,14 +240,14 @@ def test_latency_above_budget_is_none_within_budget(
         fb = make_fallback(aerospike_server, budget_ms=5)
         try:
             assert await answer(fb, 42) == {"a": 1}
-            aerospike_server.latency_s = 0.05
+            aerospike_server.latency_s = 1.0  # far past the budget: a wait would show
             before = dict(fb.calls)
             for _ in range(3):
                 started = time.perf_counter()
                 result = await fb.segments_of(42)
                 elapsed = time.perf_counter() - started
                 assert result is None
-                assert elapsed < 0.050, f"took {elapsed * 1000:.1f} ms with a 5 ms budget"
+                assert elapsed < 0.5, f"took {elapsed * 1000:.1f} ms with a 5 ms budget"
             assert fb.calls["timeout"] == before["timeout"] + 3
             assert fb.status()["breaker"] == "closed"  # 3 calls < the 20 it needs to open
             aerospike_server.latency_s = 0
@@ -324,12 +324,10 @@ def test_down_opens_breaker_then_up_closes_it(
             assert fb.status()["breaker_opened"] == 1
             assert fb.calls["error"] + fb.calls["timeout"] >= 2  # of 3 calls: the rate
 
-            # Open: None at once, no network call.
+            # Open: None without a network call (counted as rejected; the server sees nothing).
             counts, rejected = data_commands(aerospike_server), fb.calls["rejected"]
             for _ in range(50):
-                started = time.perf_counter()
                 assert await fb.segments_of(42) is None
-                assert time.perf_counter() - started < 0.002
             assert fb.calls["rejected"] == rejected + 50
             assert data_commands(aerospike_server) == counts
 
@@ -441,17 +439,17 @@ def test_max_in_flight_rejects_at_once(
     write_segs(aerospike_client, 42, {"a": 1})
 
     async def body() -> None:
-        fb = make_fallback(aerospike_server, max_in_flight=1)
+        fb = make_fallback(aerospike_server, max_in_flight=1, budget_ms=3000)
         try:
             assert await answer(fb, 42) == {"a": 1}
-            aerospike_server.latency_s = 0.1
+            aerospike_server.latency_s = 1.0
             gets = aerospike_server.command_counts()["get"]
             first = asyncio.create_task(fb.segments_of(42))
             await in_flight(fb, first)
             rejected = fb.calls["rejected"]
             started = time.perf_counter()
             assert await fb.segments_of(42) is None
-            assert time.perf_counter() - started < 0.002
+            assert time.perf_counter() - started < 0.5  # not queued behind the first
             assert fb.calls["rejected"] == rejected + 1
             assert await first == {"a": 1}
             assert aerospike_server.command_counts()["get"] == gets + 1

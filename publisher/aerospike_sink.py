@@ -2,10 +2,12 @@
 `sidecar.aerospike_layout`).
 
 Adds are map puts, removes map remove-by-key, written with the key stored and a never-expire
-TTL. Users whose operations are the same (the common case: one segment's adds) are written
-together with `batch_operate`, in batches of `batch_size`, on a few threads. The groups are
-found with array sorts when numpy is installed (the compute extra), else with bitmap algebra,
-never user by user in Python.
+TTL. A TTL segment's puts (its adds and re-affirmations) write `[version, expires_at_ms]`
+(`aerospike_layout.map_value`); its memberships lapse by that value, not by record TTL.
+Users whose operations are the same (the common case: one segment's adds) are written together
+with `batch_operate`, in batches of `batch_size`, on a few threads. The groups are found with
+array sorts when numpy is installed (the compute extra), else with bitmap algebra, never user
+by user in Python.
 A remove on a user with no record is a no-op (the server's code 2); a user whose map becomes
 empty has its record deleted (a generation-checked delete, so a concurrent write wins). Rows
 failing with a transient code are retried; a whole-batch error (such as over the server's
@@ -34,6 +36,7 @@ from sidecar.aerospike_layout import (
     POLICY_KEY_SEND,
     TTL_NEVER_EXPIRE,
     AerospikeTarget,
+    map_value,
     user_key,
     user_of_key,
 )
@@ -89,14 +92,18 @@ class MapChange(Protocol):
     version: int
     add: BitMap64
     remove: BitMap64
+    #: a TTL segment's expiry of this publish's adds and re-affirmations (0: plain)
+    expires_at_ms: int
 
 
 @dataclass(frozen=True, slots=True)
 class Entry:
-    """A map operation: put `segment: version`, or (version None) remove `segment`."""
+    """A map operation: put `segment: version` (`[version, expires_at_ms]` for a TTL
+    segment), or (version None) remove `segment`."""
 
     segment: str
     version: int | None
+    expires_at_ms: int = 0
 
 
 Signature = tuple[Entry, ...]
@@ -107,7 +114,8 @@ def _entries(changes: Iterable[MapChange]) -> list[tuple[Entry, BitMap64]]:
     out = []
     for change in changes:
         if change.add:
-            out.append((Entry(change.segment, change.version), change.add))
+            entry = Entry(change.segment, change.version, change.expires_at_ms)
+            out.append((entry, change.add))
         if change.remove:
             out.append((Entry(change.segment, None), change.remove))
     return out
@@ -289,7 +297,7 @@ class AerospikeSink:
         last operation reads the map's size)."""
         bin_name = self.target.bin_name
         puts = [
-            map_operations.map_put(bin_name, e.segment, e.version)
+            map_operations.map_put(bin_name, e.segment, map_value(e.version, e.expires_at_ms))
             for e in signature
             if e.version is not None
         ]

@@ -20,6 +20,16 @@ current version. A record written without its key (an older publisher) is matche
 user by digest among the members with no keyed record, and rewritten with the key; one that
 matches nobody is deleted. A record without the map bin is not the mirror's and is left
 alone. Nothing is written to the log.
+
+Membership TTL (DESIGN.md "Freshness"): everything is judged as of one `now` (the clock when
+the comparison starts). A member of a TTL segment whose expiry passed is not a member, and an
+entry `[version, expires_at_ms]` whose expiry passed is no entry. A member's valid entry is
+`[version, its expiry in the log]` exactly (a plain value, or another expiry, is outdated:
+it would lapse at the wrong time), and a permanent member's a plain version. An expired entry
+of a user who is not a member agrees with the log (the fallback reads it as absent), so it is
+not a difference (no exit 4 with `--dry-run`); it is counted as expired and removed, records
+left empty deleted: nothing else ever removes a lapsed membership from Aerospike, so
+reconcile is also its garbage collector.
 """
 
 from __future__ import annotations
@@ -48,6 +58,8 @@ class ReconcileReport:
     extra_entries: int = 0  # an entry of a segment the user is not in (or no such segment)
     outdated_entries: int = 0  # an entry whose value is not a version the log allows
     extra_records: int = 0  # records of users in no segment (empty maps included)
+    #: entries of TTL memberships whose expiry passed (not a difference: cleared as garbage)
+    expired_entries: int = 0
     keyless_records: int = 0  # records without a stored key
     written: int = 0  # records written (repairs applied)
     deleted: int = 0
@@ -71,7 +83,8 @@ class ReconcileReport:
             f"scanned {self.scanned:,} records: missing records {self.missing_records:,}, "
             f"missing entries {self.missing_entries:,}, extra entries {self.extra_entries:,}, "
             f"outdated entries {self.outdated_entries:,}, extra records "
-            f"{self.extra_records:,}, records without a stored key {self.keyless_records:,}; "
+            f"{self.extra_records:,}, records without a stored key {self.keyless_records:,}, "
+            f"expired entries {self.expired_entries:,}; "
             f"{verb} {self.written:,} records, deleted {self.deleted:,}, "
             f"time {self.seconds:.2f} s"
         )
@@ -79,31 +92,52 @@ class ReconcileReport:
 
 @dataclass(slots=True)
 class _Repair:
-    """A MapChange for the sink: put `segment: version` for `add`, remove it for `remove`."""
+    """A MapChange for the sink: put `segment: version` (`[version, expires_at_ms]` with an
+    expiry) for `add`, remove it for `remove`."""
 
     segment: str
     version: int
+    expires_at_ms: int = 0
     add: BitMap64 = field(default_factory=BitMap64)
     remove: BitMap64 = field(default_factory=BitMap64)
 
 
-def _valid_version(value: Any, current: int) -> bool:
+def _valid(value: Any, current: int, expires_at_ms: int) -> bool:
+    """Whether `value` is a valid entry of a member whose expiry in the log is
+    `expires_at_ms` (0: a permanent member)."""
     try:
-        version = map_version(value)  # a TTL segment's [version, expires_at_ms] too
+        version = map_version(value)
     except ValueError:
         return False
-    return version is not None and version <= current
+    held = value[1] if type(value) is list else 0
+    return version is not None and version <= current and held == expires_at_ms
+
+
+def _expired(value: Any, now_ms: int) -> bool:
+    """A well-formed TTL entry whose expiry passed."""
+    try:
+        return map_version(value, now_ms) is None
+    except ValueError:
+        return False
 
 
 class _Comparison:
     """What one streamed scan finds, against the log's state."""
 
-    def __init__(self, log: RecoveredLog, progress: Progress) -> None:
+    def __init__(self, log: RecoveredLog, progress: Progress, now_ms: int) -> None:
+        """`log` expired through `now_ms`: its members are the members as of then."""
+        self.now = now_ms
         self.members = {name: state.bitmap for name, state in log.segments.items()}
+        #: TTL segments' expiry buckets (all after `now`), by deadline
+        self.expiries = {
+            name: index.pairs()
+            for name in self.members
+            if (index := log.expiries_of(name)) is not None
+        }
         self.versions = {name: state.version for name, state in log.segments.items()}
         self.seen = {name: BitMap64() for name in self.members}  # a valid entry was found
         self.keyed = BitMap64()  # users with a record that has its key
-        self.repairs: dict[str, _Repair] = {}
+        self.repairs: dict[tuple[str, int], _Repair] = {}
         self.delete: list[Any] = []  # user ids or digests of records to delete
         self.keyless: dict[bytes, dict[Any, Any]] = {}
         self.matched = BitMap64()  # users whose record was found by digest
@@ -111,11 +145,20 @@ class _Comparison:
         self._progress = progress
         self._shown = time.monotonic()
 
-    def repair(self, segment: str) -> _Repair:
-        found = self.repairs.get(segment)
+    def repair(self, segment: str, expires_at_ms: int = 0) -> _Repair:
+        found = self.repairs.get((segment, expires_at_ms))
         if found is None:
-            found = self.repairs[segment] = _Repair(segment, self.versions.get(segment, 0))
+            version = self.versions.get(segment, 0)
+            found = _Repair(segment, version, expires_at_ms)
+            self.repairs[(segment, expires_at_ms)] = found
         return found
+
+    def expiry_of(self, segment: str, user: int) -> int:
+        """A member's expiry in the log (0: permanent)."""
+        for at, bucket in self.expiries.get(segment, ()):
+            if user in bucket:
+                return at
+        return 0
 
     def record(self, user: int | None, digest: bytes, segs: dict[Any, Any] | None) -> None:
         """One scanned record (runs on the client's scan thread, one at a time)."""
@@ -135,21 +178,27 @@ class _Comparison:
 
     def entries(self, user: int, segs: dict[Any, Any], *, keyed: bool) -> None:
         report = self.report
-        kept = 0
+        kept = expired = 0
         for segment, value in segs.items():
             members = self.members.get(segment)
             if members is None or user not in members:
-                report.extra_entries += 1
+                if _expired(value, self.now):
+                    expired += 1
+                else:
+                    report.extra_entries += 1
                 self.repair(str(segment)).remove.add(user)
             else:
-                if not _valid_version(value, self.versions[segment]):
+                at = self.expiry_of(segment, user)
+                if not _valid(value, self.versions[segment], at):
                     report.outdated_entries += 1
-                    self.repair(segment).add.add(user)
+                    self.repair(segment, at).add.add(user)
                 if keyed:
                     self.seen[segment].add(user)
                 kept += 1
+        report.expired_entries += expired
         if not kept:
-            report.extra_records += 1
+            if expired < len(segs) or not segs:
+                report.extra_records += 1  # (only expired entries: their removal deletes it)
             if not segs:
                 self.delete.append(user)  # an empty map: no remove will delete it
 
@@ -164,9 +213,12 @@ class _Comparison:
         for segment, members in self.members.items():
             missing = members - self.seen[segment]
             report.missing_entries += len(missing & self.keyed)
-            if missing:
-                repair = self.repair(segment)
-                repair.add |= missing
+            for at, bucket in self.expiries.get(segment, ()):
+                if missing and bucket.intersect(missing):
+                    self.repair(segment, at).add |= missing & bucket
+                    missing -= bucket
+            if missing:  # a plain segment's, or a TTL segment's permanent members
+                self.repair(segment).add |= missing
         return [r for r in self.repairs.values() if r.add or r.remove]
 
     def match_keyless(self, sink: AerospikeSink, candidates: BitMap64) -> None:
@@ -212,7 +264,9 @@ def _reconcile(
     transport: Transport, sink: AerospikeSink, dry_run: bool, say: Progress
 ) -> ReconcileReport:
     with RecoveredLog(transport, progress=lambda m: say(f"recover: {m}")) as log:
-        comparison = _Comparison(log, say)
+        now = int(time.time() * 1000)
+        log.expire(now)  # TTL memberships as of now (one clock for the log and the set)
+        comparison = _Comparison(log, say, now)
     say(f"reconcile: scanning {sink.target.describe()}")
     sink.scan(comparison.record)
     repairs: list[MapChange] = list(comparison.finish(sink))

@@ -1,9 +1,11 @@
 """The Aerospike layout (DESIGN.md "Aerospike layout"): one owner for the sink and the fallback.
 
 Namespace configurable, set `users`, key = user id as a signed 64-bit integer, one bin `segs`
-holding `{segment: version}`. Records are written with the key stored (so scans and queries
-return user ids) and an explicit never-expire TTL (a record expired by the namespace's
-`default-ttl` would turn a member into a wrong "not a member").
+holding `{segment: version}` (a TTL segment's value is `[version, expires_at_ms]`:
+`map_value`). Records are written with the key stored (so scans and queries return user ids)
+and an explicit never-expire TTL (a record expired by the namespace's `default-ttl` would turn
+a member into a wrong "not a member"; a TTL segment's memberships expire by their value, never
+by the record's TTL).
 
 The `aerospike` client is imported lazily: importing this module costs nothing.
 """
@@ -35,10 +37,18 @@ def user_of_key(key: int) -> int:
     return key + 2**64 if key < 0 else key
 
 
+def map_value(version: int, expires_at_ms: int = 0) -> int | list[int]:
+    """The `segs` map value the publisher writes for a membership: the version of the publish
+    that wrote it, with its expiry for a TTL segment (DESIGN.md "Freshness"; 0: a plain
+    segment's)."""
+    return [version, expires_at_ms] if expires_at_ms else version
+
+
 def map_version(value: Any, now_ms: int | None = None) -> int | None:
     """The version a `segs` map value holds: an int, or a TTL segment's `[version,
     expires_at_ms]` (DESIGN.md "Freshness"); None when, given `now_ms`, it has expired (an
-    expired membership is not a member). ValueError for anything else."""
+    expired membership is not a member). ValueError for anything else. The inverse of
+    `map_value`."""
     if type(value) is list and len(value) == 2 and all(type(v) is int for v in value):
         if now_ms is not None and value[1] <= now_ms:
             return None

@@ -330,6 +330,7 @@ def _publish(args: argparse.Namespace, transport: Transport) -> None:
             segment_set.segments,
             min_cardinality=segment_set.min_cardinality,
             max_age=segment_set.max_age,
+            ttl=segment_set.ttl,
         )
     except GuardError as exc:  # the set stays in --out: seg-publish --input OUT --force
         raise CommandError(f"{exc}; the segment set is in {args.out}", USAGE) from None

@@ -9,6 +9,9 @@
     category = "electronics"          # optional: only events of this category count
     unless = "order"                  # optional: not when this event type happened at or
                                       # after the user's latest qualifying event
+    max_age_seconds = 600             # optional: replicas mark it stale when not republished
+    ttl_seconds = 1800                # optional: each publish re-affirms the members for this
+                                      # long; members the job no longer lists lapse then
 
 A user is a member as of time T when at least `min_count` qualifying events have ts in
 (T - within_minutes, T], and (with `unless`) no `unless` event has ts >= the latest qualifying
@@ -41,7 +44,9 @@ from publisher.segment_set import option_value
 MAX_WINDOW_MINUTES = 31 * 24 * 60
 MAX_MIN_COUNT = 1000
 _RULE_KEYS = frozenset({"name", "description", "event", "within_minutes", "min_count",
-                        "category", "unless", "max_age_seconds"})  # fmt: skip
+                        "category", "unless", "max_age_seconds", "ttl_seconds"})  # fmt: skip
+#: the manifest entry options a rule may carry (publisher/segment_set.py checks each)
+_RULE_OPTIONS = ("max_age_seconds", "ttl_seconds")
 
 
 @dataclass(frozen=True)
@@ -72,6 +77,9 @@ class StreamRule:
     description: str = ""
     #: replicas mark the segment stale when the job has not republished it within this long
     max_age_seconds: int | None = None
+    #: membership TTL (DESIGN.md "Freshness"): each publish re-affirms the members for this
+    #: long, and members no longer listed lapse instead of being removed
+    ttl_seconds: int | None = None
 
     @property
     def window_ms(self) -> int:
@@ -161,11 +169,10 @@ def _rule(raw: object, index: int, source: str) -> StreamRule:
     if not isinstance(description, str):
         raise DefinitionError("description must be a string", name)
     try:
-        max_age = raw.get("max_age_seconds")
-        max_age = option_value("max_age_seconds", max_age) if max_age is not None else None
+        options = {k: option_value(k, raw[k]) for k in _RULE_OPTIONS if k in raw}
     except ValueError as exc:
         raise DefinitionError(str(exc), name) from None
-    return StreamRule(name, event, within, min_count, category, unless, description, max_age)
+    return StreamRule(name, event, within, min_count, category, unless, description, **options)
 
 
 def parse(text: str, source: str = "<definitions>") -> StreamDefinitions:

@@ -3,7 +3,8 @@
     DIR/manifest.json   {"format": 1, "computed_at": "<ISO 8601 UTC>",
                          "segments": {"<segment>": {"file": "<file>", "cardinality": N,
                                                     "min_cardinality": M (optional),
-                                                    "max_age_seconds": S (optional)}}}
+                                                    "max_age_seconds": S (optional),
+                                                    "ttl_seconds": T (optional)}}}
     DIR/<file>          BitMap64.serialize() bytes of that segment's members
 
 File names are `<nnnn>-<segment id with ':' replaced by '_'>.roaring`: the index keeps names
@@ -50,8 +51,8 @@ def write_segment_set(
     options: Mapping[str, Mapping[str, int]] | None = None,
 ) -> dict:
     """Write `bitmaps` (segment id -> members) as a segment-set directory at `path`, with the
-    definitions' options of each segment (`min_cardinality`, `max_age_seconds`: see
-    publisher/segment_set.py `OPTIONS`) in its entry.
+    definitions' options of each segment (`min_cardinality`, `max_age_seconds`,
+    `ttl_seconds`: see publisher/segment_set.py `OPTIONS`) in its entry.
 
     An existing segment set at `path` is replaced atomically; any other non-empty directory
     is refused. Returns the manifest that was written.

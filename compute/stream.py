@@ -275,10 +275,14 @@ class StreamJob:
         publish_attempts: int = 5,
     ) -> None:
         self.rules = definitions.rules
-        #: the rules' max_age_seconds: each publish heartbeats these segments, and a batch
-        #: whose memberships did not change still publishes once a third of the shortest
-        #: max age has passed since the last publish
+        #: the rules' max_age_seconds: each publish heartbeats these segments
         self.max_age = {r.name: r.max_age_seconds for r in self.rules if r.max_age_seconds}
+        #: the rules' ttl_seconds: each publish re-affirms these segments' members
+        self.ttl = {r.name: r.ttl_seconds for r in self.rules if r.ttl_seconds}
+        #: a batch whose memberships did not change still publishes once a third of the
+        #: shortest max age or TTL has passed since the last publish (before the segment goes
+        #: stale, before its members lapse)
+        self._renew_s = min([*self.max_age.values(), *self.ttl.values()], default=None)
         self._published_at = 0.0
         self.specs = definitions.tracks()
         self.publisher = publisher
@@ -322,7 +326,7 @@ class StreamJob:
         desired = streamstate.memberships(state, self.rules, clock)
         report.cardinalities = {k: len(v) for k, v in desired.items()}
         report.timings["compute"] = time.monotonic() - started
-        if desired != self._last or self._heartbeat_due():
+        if desired != self._last or self._renewal_due():
             publish_started = time.monotonic()
             result = self._publish(desired)
             report.timings["publish"] = time.monotonic() - publish_started
@@ -336,10 +340,10 @@ class StreamJob:
         if self.on_batch is not None:
             self.on_batch(report)
 
-    def _heartbeat_due(self) -> bool:
-        if not self.max_age:
+    def _renewal_due(self) -> bool:
+        if self._renew_s is None:
             return False
-        return time.monotonic() - self._published_at >= min(self.max_age.values()) / 3
+        return time.monotonic() - self._published_at >= self._renew_s / 3
 
     def _previous(self, batch_id: int) -> tuple[streamstate.State, int]:
         """The state and clock this batch starts from: the newest saved before it (kept in
@@ -359,7 +363,9 @@ class StreamJob:
         delay = 0.5
         for attempt in range(1, self.publish_attempts + 1):
             try:
-                return self.publisher.publish(desired, prune=False, max_age=self.max_age)
+                return self.publisher.publish(
+                    desired, prune=False, max_age=self.max_age, ttl=self.ttl
+                )
             except FencedError:
                 raise
             except TransportError as e:

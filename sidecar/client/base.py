@@ -83,6 +83,8 @@ class Explain:
     version: int | None
     age_ms: int | None
     reason: str | None = None  # why it was not answered locally (None when it was)
+    #: a local member of a TTL segment: when its membership expires (ms since the epoch)
+    expires_at: int | None = None
 
 
 def error_for(status: object, message: object) -> SidecarError:
@@ -123,6 +125,7 @@ def explain_result(result: Any) -> Any:
             result.get("version"),
             result.get("age_ms"),
             result.get("reason"),
+            result.get("expires_at"),
         )
     return result
 

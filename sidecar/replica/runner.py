@@ -187,6 +187,20 @@ class Replica:
     def state(self, segment: str) -> SegmentState | None:
         return self.engine.segments.get(segment)
 
+    def expires_at(self, segment: str, user: int) -> int | None:
+        """When `user`'s membership of TTL segment `segment` expires on this replica's clock
+        (ms since the epoch); None for a non-member, a permanent member or a plain segment.
+        Safe from any thread."""
+        return self.engine.expires_at(segment, user)
+
+    def next_expiry(self, segment: str) -> int | None:
+        """The earliest pending expiry of TTL segment `segment` (ms), None when it has none
+        pending or is not a TTL segment (`segment in replica.engine.expiries` says which
+        segments are). Safe from any thread."""
+        with self.engine.lock:
+            index = self.engine.expiries.get(segment)
+            return min(index.buckets, default=None) if index is not None else None
+
     def segment_items(self) -> list[tuple[str, SegmentState]]:
         """A copy of the segment table, safe to read from another thread."""
         return retry_changed(lambda: list(self._segments.items()))

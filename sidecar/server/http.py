@@ -263,15 +263,16 @@ class Api:
         return response
 
     async def segment_list(self, request: web.Request) -> web.Response:
-        items = self.queries.replica.segment_items()
-        return _json({"segments": [_segment_doc(name, st) for name, st in sorted(items)]})
+        replica = self.queries.replica
+        items = replica.segment_items()
+        return _json({"segments": [_segment_doc(n, st, replica) for n, st in sorted(items)]})
 
     async def segment_info(self, request: web.Request) -> web.Response:
         name = self.queries.names.check(request.match_info["segment"])
         st = self.queries.replica.state(name)
         if st is None:
             return _error(404, f"segment {name!r} is not known to this sidecar")
-        return _json(_segment_doc(name, st))
+        return _json(_segment_doc(name, st, self.queries.replica))
 
     async def status(self, request: web.Request) -> web.Response:
         return _json(_jsonable(self.queries.status()))
@@ -294,13 +295,17 @@ class Api:
         )
 
 
-def _segment_doc(name: str, st: Any) -> dict[str, Any]:
+def _segment_doc(name: str, st: Any, replica: Any) -> dict[str, Any]:
+    """`replica` says whether the segment is a TTL one ("expiring") and its next expiry."""
+    next_expiry = replica.next_expiry(name)
     return {
         "segment": name,
         "version": st.version,
         "cardinality": st.cardinality,
         "updated_at": _iso(st.updated_ms),
         "health": st.health.value,
+        "ttl": name in replica.engine.expiries,
+        "next_expiry_at": _iso(next_expiry) if next_expiry is not None else None,
     }
 
 

@@ -365,17 +365,20 @@ class Queries(ExpressionQueries):
 
     # -- explain and status -----------------------------------------------------------------------
     def explain(self, user: object, segment: object) -> Result | Deferred:
-        """The check with its version, the segment's age and why it was not answered
-        locally: {"member", "source", "version", "age_ms", "reason"}."""
+        """The check with its version, the segment's age, a TTL membership's expiry and why
+        it was not answered locally: {"member", "source", "version", "age_ms", "expires_at",
+        "reason"}."""
         user = user_id(user)
         segment = self.names.check(segment)
         st = self._local(segment)
         if type(st) is SegmentState:
+            member = user in st.bitmap
             doc = {
-                "member": user in st.bitmap,
+                "member": member,
                 "source": LOCAL,
                 "version": st.version,
                 "age_ms": max(0, int(time.time() * 1000) - st.updated_ms),
+                "expires_at": self.replica.expires_at(segment, user) if member else None,
                 "reason": None,
             }
             return doc, LOCAL
@@ -442,5 +445,6 @@ def _explained(
         "source": source,
         "version": version,
         "age_ms": None,
+        "expires_at": None,
         "reason": reason,
     }

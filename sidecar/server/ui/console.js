@@ -182,6 +182,7 @@
     const shown = state.segments.filter((s) => {
       if (text && !String(s.segment).toLowerCase().includes(text)) return false;
       if (health === "unhealthy") return s.health !== "fresh";
+      if (health === "expiring") return s.ttl === true;
       return !health || s.health === health;
     });
     shown.sort(compare);
@@ -205,6 +206,14 @@
         updated.append(time);
         const h = el("td");
         h.append(el("span", s.health || "?", `badge ${s.health === "fresh" ? "good" : "bad"}`));
+        if (s.ttl === true) {
+          // a TTL segment: its memberships lapse on this replica's clock unless republished
+          const exp = el("span", "expiring", "badge ttl");
+          exp.title = s.next_expiry_at
+            ? `memberships expire (ttl_seconds); next expiry in ${fmtAge(Date.parse(s.next_expiry_at) - now)} (${s.next_expiry_at})`
+            : "memberships expire (ttl_seconds); none pending";
+          h.append(" ", exp);
+        }
         const tr = row([name, numCell(s.version), numCell(s.cardinality), updated, h]);
         tr.dataset.segment = s.segment;
         return tr;
@@ -294,6 +303,10 @@
     $("check-source").textContent = r.source;
     $("check-version").textContent = r.version === null ? "–" : String(r.version);
     $("check-age").textContent = r.age_ms === null ? "–" : fmtAge(r.age_ms);
+    const expires = typeof r.expires_at === "number" ? new Date(r.expires_at) : null;
+    $("check-expires").textContent = expires === null ? "–" : `in ${fmtAge(r.expires_at - Date.now())} (${expires.toISOString()})`;
+    if (expires !== null) $("check-expires").dataset.expiresAt = String(r.expires_at);
+    else delete $("check-expires").dataset.expiresAt;
     $("check-reason").textContent = r.reason === null ? "answered by this replica" : r.reason;
     const segs = all.ok && all.body && Array.isArray(all.body.segments) ? all.body.segments : null;
     $("check-all").textContent = segs === null ? "–" : (segs.join(", ") || "none") + (all.body.complete === false ? " (incomplete: the fallback could not answer for all)" : "");

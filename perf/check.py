@@ -7,6 +7,9 @@ in the same run, interleaved in rounds.
   `[id, 0, true]` back), queried with the very same `SidecarClient` code path, so the
   difference is what the sidecar's server adds.
 - redis: `SISMEMBER` over Redis's Unix socket with redis-py, the same members loaded.
+- sidecar ttl: the same sidecar and client on TTL twins of the segments (the same members,
+  published with `ttl_seconds` of a day into the sidecar's log for this scenario and dropped
+  after it): a check on a TTL segment against a check on a plain one (DESIGN.md "Freshness").
 
 Every target runs the same (user, segment) list; each round runs every target once for
 `per_round` requests, the order rotating from round to round, the garbage collector off
@@ -25,6 +28,7 @@ from typing import Any
 from sidecar.client import SidecarClient
 
 from . import data
+from .embedded import TWIN_TTL_SECONDS, ttl_twin
 from .hist import Hist, ratio
 from .report import cpu_lines, fmt, image_lines, latency_rows, plot_latency, table, target
 from .services import Context, log
@@ -125,9 +129,18 @@ def run(ctx: Context) -> dict[str, Any]:
     expected = [u in serve.segments[s] for u, s in qs]
 
     sidecar = SidecarClient(serve.sidecar.uds, timeout=5.0).connect()
+    twins = publish_twins(serve, sidecar)
     echo_server = ctx.echo()
     echo = SidecarClient(echo_server.path, timeout=5.0).connect()
-    targets: dict[str, Call] = {"sidecar": sidecar.check, "echo": echo.check}
+    check = sidecar.check
+    # both through a lambda and a dict lookup, so the only difference is the segment
+    plain = {s: s for s in serve.segments}
+    targets: dict[str, Call] = {
+        "sidecar": sidecar.check,
+        "echo": echo.check,
+        "sidecar plain": lambda u, s: check(u, plain[s]),
+        "sidecar ttl": lambda u, s: check(u, twins[s]),
+    }
     redis_client = ctx.serve_redis()
     peers: dict[str, Any] = {
         "sidecar": {
@@ -138,6 +151,13 @@ def run(ctx: Context) -> dict[str, Any]:
         "echo": {
             "what": "bare uvloop Unix-socket server, same framing (msgpack decode, "
             "[id, 0, true] back), queried with the same SidecarClient code path",
+        },
+        "sidecar plain": {
+            "what": "the same sidecar and client, the call wrapped as for the TTL peer",
+        },
+        "sidecar ttl": {
+            "what": "the same sidecar and client on TTL twins of the segments (same members, "
+            f"ttl_seconds {TWIN_TTL_SECONDS}: nothing expires during the run)",
         },
     }
     if redis_client is not None:
@@ -164,10 +184,12 @@ def run(ctx: Context) -> dict[str, Any]:
         echo.close()
         if redis_client is not None:
             redis_client.close()
+        drop_twins(serve, twins)
 
     start_exp = expected[:per_round]
     wrong = {
-        "sidecar": sum(a is not e for a, e in zip(first["sidecar"], start_exp, strict=True)),
+        n: sum(a is not e for a, e in zip(first[n], start_exp, strict=True))
+        for n in ("sidecar", "sidecar plain", "sidecar ttl")
     }
     if "redis" in first:
         got = first["redis"]
@@ -203,8 +225,12 @@ def run(ctx: Context) -> dict[str, Any]:
         "paired_round_ratios_p50": {
             "sidecar_over_echo": paired("sidecar", "echo"),
             "redis_over_sidecar": paired("redis", "sidecar"),
+            "ttl_over_plain": paired("sidecar ttl", "sidecar plain"),
         },
     }
+    tt, tp = hists["sidecar ttl"], hists["sidecar plain"]
+    results["ratios"]["ttl_over_plain_p50"] = ratio(tt.p50_us, tp.p50_us)
+    results["ratios"]["ttl_over_plain_p99"] = ratio(tt.p99_us, tp.p99_us)
     targets_out = [
         target(
             "check: sidecar p50 / echo p50",
@@ -222,6 +248,15 @@ def run(ctx: Context) -> dict[str, Any]:
             100.0,
             "us",
             detail=f"p999 {s.p999_us:.1f} us; echo p99 {e.p99_us:.1f} us",
+        ),
+        target(
+            "check: TTL segment p50 / plain segment p50",
+            ratio(tt.p50_us, tp.p50_us),
+            "<=",
+            1.1,
+            "x",
+            detail=f"ttl p50 {tt.p50_us:.1f} us, plain p50 {tp.p50_us:.1f} us; per-round "
+            f"ratio median {fmt_paired(paired('sidecar ttl', 'sidecar plain'))}",
         ),
     ]
     if "redis" in hists:
@@ -254,6 +289,33 @@ def run(ctx: Context) -> dict[str, Any]:
     return results
 
 
+def publish_twins(serve: Any, client: SidecarClient, timeout: float = 300) -> dict[str, str]:
+    """Publish a TTL twin of every served segment into the sidecar's log and wait until the
+    sidecar answers them all; returns segment -> twin."""
+    from publisher import Publisher
+
+    twins = {s: ttl_twin(s) for s in serve.segments}
+    members = {twins[s]: m for s, m in serve.segments.items()}
+    log(f"check: publishing {len(twins)} TTL twins of the served segments")
+    Publisher(serve.transport, writer_id="perf-serve").publish(
+        members, ttl=dict.fromkeys(members, TWIN_TTL_SECONDS)
+    )
+    deadline = time.monotonic() + timeout
+    for twin, m in members.items():
+        while client.explain(m.min(), twin).source != "local":
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the sidecar did not load the TTL twin {twin}")
+            time.sleep(0.05)
+    return twins
+
+
+def drop_twins(serve: Any, twins: dict[str, str]) -> None:
+    """Drop the twins again: the scenarios after this one serve the data set as it was."""
+    from publisher import Publisher
+
+    Publisher(serve.transport, writer_id="perf-serve").publish({}, drop=list(twins.values()))
+
+
 def section(res: dict[str, Any], out: Path, report_dir: Path) -> list[str]:
     lines = [
         f"{res['rounds']} interleaved rounds x {res['requests_per_round']:,} requests per "
@@ -278,6 +340,15 @@ def section(res: dict[str, Any], out: Path, report_dir: Path) -> list[str]:
             f"quartiles over rounds: sidecar/echo {fmt_paired(pr.get('sidecar_over_echo'))}, "
             f"redis/sidecar {fmt_paired(pr.get('redis_over_sidecar'))}."
         )
+    if r.get("ttl_over_plain_p50") is not None:
+        lines += [
+            "",
+            "A check on a TTL segment (a twin of each segment, same members, published with "
+            "`ttl_seconds`) against the same check on the plain one, same sidecar and client, "
+            f"same rounds: p50 {fmt(r.get('ttl_over_plain_p50'), 3)}x, p99 "
+            f"{fmt(r.get('ttl_over_plain_p99'), 3)}x; per-round median "
+            f"{fmt_paired(pr.get('ttl_over_plain'))}.",
+        ]
     lines += cpu_lines(
         res.get("server_cpu_us_per_request"),
         "Server CPU per request (main thread, /proc schedstat; the syscalls that read the "

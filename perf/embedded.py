@@ -1,5 +1,8 @@
 """`embedded`: `Replica.contains(user, segment)` in-process (the library path for Python
-services), against `user in BitMap64` and `user in set` over the same (user, segment) list.
+services), against `user in BitMap64` and `user in set` over the same (user, segment) list,
+and against itself on a TTL segment: every segment has a twin with the same members published
+with `ttl_seconds` (a day: nothing expires during the run), checked with the same users
+(DESIGN.md "Freshness": a check on a TTL segment stays one bitmap lookup).
 
 The replica replays a log directory holding the data set, like an embedded service would.
 Each round times a loop of `LOOP` checks per target (order rotating, GC off) and divides:
@@ -25,6 +28,12 @@ from .report import table, target
 from .services import Context, log
 
 LOOP = 10_000
+#: the TTL twins' ttl_seconds: long enough that no member expires during a run
+TWIN_TTL_SECONDS = 86_400
+
+
+def ttl_twin(segment: str) -> str:
+    return f"ttl-{segment}"
 
 
 def run(ctx: Context) -> dict[str, Any]:
@@ -32,8 +41,12 @@ def run(ctx: Context) -> dict[str, Any]:
     rounds = ctx.sizes.pick(30, 100)
     segments = data.make_segments(n_seg, total, seed=7)
     qs = data.queries(segments, LOOP, seed=41)
+    qs_ttl = [(u, ttl_twin(s)) for u, s in qs]
+    twins = {ttl_twin(s): members for s, members in segments.items()}
     transport = ctx.transport("embedded", "logdir")
-    Publisher(transport, writer_id="perf-embedded", partitions=4).publish(segments)
+    Publisher(transport, writer_id="perf-embedded", partitions=4).publish(
+        {**segments, **twins}, ttl=dict.fromkeys(twins, TWIN_TTL_SECONDS)
+    )
     replica = Replica(transport).start()
     try:
         if not replica.wait_ready(300):
@@ -44,6 +57,15 @@ def run(ctx: Context) -> dict[str, Any]:
         expected = [u in segments[s] for u, s in qs]
         got = [contains(u, s) for u, s in qs]
         wrong = sum(a is not e for a, e in zip(got, expected, strict=True))
+        got_ttl = [contains(u, s) for u, s in qs_ttl]
+        wrong_ttl = sum(a is not e for a, e in zip(got_ttl, expected, strict=True))
+        ttl_segments = sum(t in replica.engine.expiries for t in twins)
+
+        def t_contains_ttl() -> int:
+            t0 = time.perf_counter_ns()
+            for u, s in qs_ttl:
+                contains(u, s)
+            return time.perf_counter_ns() - t0
 
         def t_contains() -> int:
             t0 = time.perf_counter_ns()
@@ -71,6 +93,7 @@ def run(ctx: Context) -> dict[str, Any]:
 
         loops = {
             "Replica.contains": t_contains,
+            "Replica.contains (TTL)": t_contains_ttl,
             "x in BitMap64": t_bitmap,
             "x in set": t_set,
             "empty loop": t_loop,
@@ -91,17 +114,18 @@ def run(ctx: Context) -> dict[str, Any]:
 
         # Per-call latency (timer pair included), for the distribution.
         calls = {
-            "Replica.contains": contains,
-            "x in BitMap64": lambda u, s: u in bitmaps[s],
-            "x in set": lambda u, s: u in sets[s],
+            "Replica.contains": (contains, qs),
+            "Replica.contains (TTL)": (contains, qs_ttl),
+            "x in BitMap64": (lambda u, s: u in bitmaps[s], qs),
+            "x in set": (lambda u, s: u in sets[s], qs),
         }
         hists = {}
         clock = time.perf_counter_ns
-        for n, fn in calls.items():
+        for n, (fn, checks) in calls.items():
             lat: list[int] = []
             gc.disable()
             try:
-                for u, s in qs:
+                for u, s in checks:
                     t0 = clock()
                     fn(u, s)
                     lat.append(clock() - t0)
@@ -132,12 +156,18 @@ def run(ctx: Context) -> dict[str, Any]:
             "net_of_loop_ns": round(med - loop_ns, 1) if n != "empty loop" else 0.0,
         }
     c = summary["Replica.contains"]
+    c_ttl = summary["Replica.contains (TTL)"]
     return {
         "segments": n_seg,
         "memberships": total,
         "rounds": rounds,
         "checks_per_loop": LOOP,
         "wrong_answers": wrong,
+        "wrong_answers_ttl": wrong_ttl,
+        "ttl_segments": ttl_segments,
+        "ttl_over_plain": round(c_ttl["net_of_loop_ns"] / c["net_of_loop_ns"], 3)
+        if c["net_of_loop_ns"] > 0
+        else None,  # fmt: skip
         "per_check": summary,
         "per_call_with_timer": hists,
         "timer_pair_ns_p50": timer.percentile_ns(50),
@@ -156,7 +186,19 @@ def run(ctx: Context) -> dict[str, Any]:
                 detail=f"{c['median_ns']:.0f} ns with the loop, {c['net_of_loop_ns']:.0f} ns net; "
                 f"x in BitMap64 {summary['x in BitMap64']['median_ns']:.0f} ns, "
                 f"x in set {summary['x in set']['median_ns']:.0f} ns",
-            )
+            ),
+            target(
+                "embedded: Replica.contains on a TTL segment / on a plain one",
+                round(c_ttl["net_of_loop_ns"] / c["net_of_loop_ns"], 3)
+                if c["net_of_loop_ns"] > 0
+                else None,
+                "<=",
+                1.1,
+                "x",
+                detail=f"TTL {c_ttl['median_ns']:.0f} ns with the loop, "
+                f"{c_ttl['net_of_loop_ns']:.0f} ns net; plain {c['net_of_loop_ns']:.0f} ns "
+                f"net; same members and users",
+            ),
         ],
     }
 
@@ -191,5 +233,16 @@ def section(res: dict[str, Any], out: Path, report_dir: Path) -> list[str]:
             for n, h in res["per_call_with_timer"].items()
         ],
     )
-    lines += ["", f"Wrong answers: {res['wrong_answers']}."]
+    if res.get("ttl_over_plain") is not None:
+        lines += [
+            "",
+            f"On a TTL segment (a twin of each segment with the same members, published with "
+            f"`ttl_seconds`; {res.get('ttl_segments')} held with an expiry index), "
+            f"Replica.contains costs {res['ttl_over_plain']}x what it costs on the plain one "
+            "(net of the loop, same run): the expiry index is off the check path.",
+        ]
+    lines += [
+        "",
+        f"Wrong answers: {res['wrong_answers']} (TTL twins: {res.get('wrong_answers_ttl')}).",
+    ]
     return lines

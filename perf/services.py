@@ -214,6 +214,8 @@ class ServeSet:
     publish_seconds: float
     memberships: int
     redis_loaded: bool = False
+    #: the log the sidecar replays (a scenario may publish more into it, and drop it after)
+    transport: Any = None
 
 
 @dataclass
@@ -333,7 +335,10 @@ class Context:
         log(f"serve data set: {n_seg} segments, {total:,} memberships -> {self.source}")
         res = Publisher(transport, writer_id="perf-serve", partitions=8).publish(segments)
         sidecar = self.sidecar(transport, "serve")
-        serve = ServeSet(segments, sidecar, self.source, res.seconds, data.memberships(segments))
+        serve = ServeSet(
+            segments, sidecar, self.source, res.seconds, data.memberships(segments),
+            transport=transport,
+        )  # fmt: skip
         self.services["serve_sidecar"] = {
             "command": " ".join(sidecar.command),
             "segments": n_seg,

@@ -15,6 +15,7 @@ from pyroaring import BitMap64
 
 from publisher import Publisher
 from sidecar.replica import Replica
+from sidecar.replica.forms import to_bitmap
 from sidecar.transport.base import Transport
 from tests.logtools import SidecarThread, get_json, ready_replica
 from tests.poison import POISON_SEGMENTS, expected_skips, inject
@@ -37,7 +38,7 @@ def settled(replica: Replica, truth: dict[str, BitMap64], version: int) -> None:
     deadline = time.monotonic() + WAIT
     while True:
         held = {
-            s: (st.version, st.bitmap)
+            s: (st.version, to_bitmap(st.bitmap))
             for s, st in list(replica.engine.segments.items())
             if s not in POISON_SEGMENTS
         }

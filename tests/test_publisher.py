@@ -31,6 +31,7 @@ from sidecar.record import (
     decode,
 )
 from sidecar.replica import Health, Replica
+from sidecar.replica.forms import to_bitmap
 from sidecar.transport import LogDirTransport, Transport, TransportError
 from tests.logtools import ready_replica, started_replica
 
@@ -131,7 +132,9 @@ def cold_answers(transport: Transport) -> tuple[dict[str, tuple[int, BitMap64]],
             assert time.monotonic() < deadline, replica.status()
             time.sleep(0.01)
         assert replica.error is None
-        segments = {s: (st.version, st.bitmap) for s, st in replica.engine.segments.items()}
+        segments = {
+            s: (st.version, to_bitmap(st.bitmap)) for s, st in replica.engine.segments.items()
+        }
         return segments, dict(replica.engine.dropped)
 
 
@@ -298,7 +301,9 @@ def test_a_segment_both_desired_and_dropped_is_not_two_changes(log: LogDirTransp
         records = read_log(log)
         assert_version_chain(records)
         segments, dropped = cold_answers(log)
-        tail_view = {s: (st.version, st.bitmap) for s, st in tailing.engine.segments.items()}
+        tail_view = {
+            s: (st.version, to_bitmap(st.bitmap)) for s, st in tailing.engine.segments.items()
+        }
         assert tail_view == segments
         assert dict(tailing.engine.dropped) == dropped
 
@@ -337,7 +342,7 @@ def test_snapshot_every_n_versions(log: LogDirTransport, every: int) -> None:
     with started_replica(log, poll_interval=0.01) as replica:
         assert replica.wait_ready(WAIT)
         state = replica.engine.segments["s"]
-        assert (state.version, state.bitmap) == (12, members)
+        assert (state.version, to_bitmap(state.bitmap)) == (12, members)
         c = replica.engine.counters
         assert c.applied == 12 - versions[-1]
         assert c.applied + c.duplicates <= every
@@ -421,7 +426,7 @@ def _wait_replica(replica: Replica, transport: Transport, want: dict) -> None:
     deadline = time.monotonic() + WAIT
     while True:
         got = {
-            s: (st.version, st.bitmap)
+            s: (st.version, to_bitmap(st.bitmap))
             for s, st in list(replica.engine.segments.items())
             if st.health is Health.FRESH
         }

@@ -30,6 +30,7 @@ from publisher.publish import FAULT_ENV, FAULT_POINTS, Publisher, PublishResult
 from sidecar.aerospike_layout import user_key
 from sidecar.record import Delta, Drop, decode
 from sidecar.replica import Replica
+from sidecar.replica.forms import to_bitmap
 from sidecar.transport.base import TOPICS
 from sidecar.transport.logdir import LogDirTransport
 from tests.aerospike_fixture import Mirror
@@ -178,7 +179,7 @@ def assert_log_matches(log_dir: Path, truth: Truth) -> None:
             if seg in truth.members:
                 assert state is not None, seg
                 assert state.version == version, (seg, state.version, version)
-                assert state.bitmap == truth.members[seg], seg
+                assert to_bitmap(state.bitmap) == truth.members[seg], seg
             else:
                 assert state is None, f"{seg} was dropped"
         assert set(replica.engine.segments) == set(truth.members)

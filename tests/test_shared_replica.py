@@ -47,6 +47,7 @@ def _native():  # type: ignore[no-untyped-def]
 native = _native()
 
 from sidecar.client.shared import SharedReplica  # noqa: E402
+from sidecar.replica.forms import is_compact  # noqa: E402
 from sidecar.shm import ShmUnavailable  # noqa: E402
 from sidecar.shm.writer import ShmWriter, default_dir  # noqa: E402
 
@@ -250,12 +251,22 @@ def test_the_index_grows(workdir: Path) -> None:
 # -- a reader process while publishes land -----------------------------------------------------
 
 
-def members(version: int) -> BitMap64:
-    """Version v of segment "moving": every version adds and removes members."""
-    return BitMap64(range(version * 1000, version * 1000 + 5000)) | BitMap64([2**40 + version])
+SPREAD = 0x9E3779B97F4A7C15  # odd: i -> i * SPREAD mod 2**64 spreads consecutive i over 2**64
 
 
-def _reader_process(shm_dir: str, until: float, out: mp.Queue) -> None:  # type: ignore[type-arg]
+def _id(shape: str, i: int) -> int:
+    return i if shape == "dense" else (i * SPREAD) % 2**64
+
+
+def members(version: int, shape: str = "dense") -> BitMap64:
+    """Version v of segment "moving": every version adds and removes members. "dense": a run
+    (the engine holds it as roaring); "sparse": 5,000 ids spread over 2**64 (the compact form,
+    sidecar/replica/forms.py). Both carry the marker 2**40 + v."""
+    base = version * 1000
+    return BitMap64(_id(shape, i) for i in range(base, base + 5000)) | BitMap64([2**40 + version])
+
+
+def _reader_process(shm_dir: str, until: float, out: mp.Queue, shape: str) -> None:  # type: ignore[type-arg]
     reader = SharedReplica(shm_dir=shm_dir)
     seen: set[int] = set()
     problems: list[str] = []
@@ -267,10 +278,11 @@ def _reader_process(shm_dir: str, until: float, out: mp.Queue) -> None:  # type:
         v = view.version
         seen.add(v)
         # a whole view at one version: never a mixture of two
-        for user in (v * 1000, v * 1000 + 4999, 2**40 + v):
+        for user in (_id(shape, v * 1000), _id(shape, v * 1000 + 4999), 2**40 + v):
             if not view.contains(user):
                 problems.append(f"version {v}: {user} missing")
-        for user in (v * 1000 - 1, v * 1000 + 5000, 2**40 + v - 1, 2**40 + v + 1):
+        absent = (_id(shape, v * 1000 - 1), _id(shape, v * 1000 + 5000), 2**40 + v - 1)
+        for user in (*absent, 2**40 + v + 1):
             if view.contains(user):
                 problems.append(f"version {v}: {user} present")
         if view.cardinality != 5001:
@@ -283,24 +295,27 @@ def _reader_process(shm_dir: str, until: float, out: mp.Queue) -> None:  # type:
     out.put({"seen": sorted(seen), "problems": problems, "checks": checks})
 
 
-def test_readers_see_whole_versions_while_publishes_land(workdir: Path) -> None:
+@pytest.mark.parametrize("shape", ["dense", "sparse"])
+def test_readers_see_whole_versions_while_publishes_land(workdir: Path, shape: str) -> None:
     log = LogDirTransport(workdir / "log")
-    state = publish_raw(log, {"moving": members(1)})
+    state = publish_raw(log, {"moving": members(1, shape)})
     replica = Replica(LogDirTransport(workdir / "log"), poll_interval=0.001).start()
     assert replica.wait_ready(10)
     writer = ShmWriter(replica, workdir / "shm").start()
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
     until = time.monotonic() + 8
-    procs = [ctx.Process(target=_reader_process, args=(str(workdir / "shm"), until, out))
+    procs = [ctx.Process(target=_reader_process, args=(str(workdir / "shm"), until, out, shape))
              for _ in range(2)]  # fmt: skip
+    forms_seen = set()
     try:
         for p in procs:
             p.start()
         version = 1
         while time.monotonic() < until - 1:
             version += 1
-            publish_raw(log, {"moving": members(version)}, state)
+            publish_raw(log, {"moving": members(version, shape)}, state)
+            forms_seen.add(is_compact(replica.engine.segments["moving"].bitmap))
             time.sleep(0.01)
         results = [out.get(timeout=60) for _ in procs]
     finally:
@@ -312,6 +327,7 @@ def test_readers_see_whole_versions_while_publishes_land(workdir: Path) -> None:
         assert res["problems"] == []
         assert len(res["seen"]) > 5, res["seen"]  # the readers did see publishes land
     assert version > 20
+    assert forms_seen == {shape == "sparse"}  # the form the engine chose for the shape
 
 
 # -- seg-sidecar --shm ---------------------------------------------------------------------------

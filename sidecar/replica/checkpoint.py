@@ -23,6 +23,7 @@ import msgpack
 from pyroaring import BitMap64
 
 from ..transport.base import LogReader
+from . import forms
 from .engine import Engine
 from .expiry import ExpiryIndex
 from .state import Age, SegmentState
@@ -48,6 +49,11 @@ class Checkpoint:
     extra: dict[str, Any] = field(default_factory=dict)  # msgpack-able; readers may ignore it
 
 
+def _dumped(state: SegmentState) -> list[Any]:
+    data, form = forms.dump(state.bitmap)
+    return [data] if form is None else [data, form]
+
+
 def save(state_dir: Path, ckpt: Checkpoint) -> int:
     """Write atomically; returns the file size."""
     state_dir.mkdir(parents=True, exist_ok=True)
@@ -56,8 +62,9 @@ def save(state_dir: Path, ckpt: Checkpoint) -> int:
         "log": ckpt.log_id,
         "partitions": ckpt.partitions,
         "offsets": ckpt.offsets,
+        # [name, version, cardinality, updated_ms, data] + [form] for a compact form
         "segments": [
-            [name, s.version, s.cardinality, s.updated_ms, s.bitmap.serialize()]
+            [name, s.version, s.cardinality, s.updated_ms, *_dumped(s)]
             for name, s in ckpt.segments.items()
             if s.fresh
         ],
@@ -118,8 +125,8 @@ def read(state_dir: Path) -> Checkpoint | None:
         if body.get("format") != 1:
             raise ValueError(f"unknown format {body.get('format')!r}")
         segments = {
-            name: SegmentState(BitMap64.deserialize(bm), version, card, updated)
-            for name, version, card, updated, bm in body["segments"]
+            name: SegmentState(forms.load(data, form[0] if form else None), version, card, updated)
+            for name, version, card, updated, data, *form in body["segments"]
         }
         return Checkpoint(
             log_id=body["log"],

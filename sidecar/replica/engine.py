@@ -6,6 +6,7 @@ Free of transports, threads and servers. `recovery.py` feeds it snapshots and re
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import heapq
 import logging
@@ -28,6 +29,7 @@ from ..record import (
 )
 from ..transport.base import LogRecord
 from .expiry import ExpiryIndex
+from .forms import Forms, nbytes
 from .state import Age, Counters, Health, SegmentState
 
 log = logging.getLogger(__name__)
@@ -114,8 +116,11 @@ class Engine:
         holds: Callable[[str], bool] | None = None,
         observer: LogObserver | None = None,
         clock_ms: Callable[[], int] | None = None,
+        forms: Forms | None = None,
     ) -> None:
         self.segments: dict[str, SegmentState] = {}
+        #: chooses each segment's in-memory form by its shape (sidecar/replica/forms.py)
+        self.forms = forms if forms is not None else Forms()
         #: TTL segments' expiry indexes (DESIGN.md "Freshness"; expiry.py)
         self.expiries: dict[str, ExpiryIndex] = {}
         #: (deadline, segment) of every bucket made; popped by `expire` (stale ones are no-ops)
@@ -269,9 +274,12 @@ class Engine:
                 checked = not delta.expires_at or index.dropped_ms <= delta.ts
             current = self.segments.get(segment)
             if current is None:
-                bitmap = BitMap64(delta.add)
-            else:
+                bitmap = self.forms.settle(BitMap64(delta.add), delta.version)
+            elif type(current.bitmap) is BitMap64:
                 bitmap = _apply_in_one_step(current.bitmap, delta)
+                bitmap = self.forms.settle(bitmap, delta.version)
+            else:  # the compact form: rebuilt, O(n)
+                bitmap = self.forms.apply(current.bitmap, delta.add, delta.remove, delta.version)
             if delta.expires_at:
                 if index is None:
                     index = self.expiries[segment] = ExpiryIndex()
@@ -381,7 +389,11 @@ class Engine:
         state = self.segments.get(segment)
         if state is not None:
             bitmap = state.bitmap
-            bitmap -= members  # one roaring call: a lock-free reader sees before or after
+            if type(bitmap) is BitMap64:
+                bitmap -= members  # one roaring call: a lock-free reader sees before or after
+                bitmap = self.forms.settle(bitmap, state.version)
+            else:  # the compact form: rebuilt, O(n), swapped in whole
+                bitmap = self.forms.apply(bitmap, BitMap64(), members, state.version)
             self.segments[segment] = SegmentState(
                 bitmap, state.version, len(bitmap), state.updated_ms, state.health
             )
@@ -404,6 +416,9 @@ class Engine:
                 heapq.heappush(self._deadlines, (deadline, segment))
         else:
             self.expiries.pop(segment, None)
+        members = self.forms.settle(state.bitmap, state.version)
+        if members is not state.bitmap:
+            state = dataclasses.replace(state, bitmap=members)
         self.segments[segment] = state
         self.dropped.pop(segment, None)
         self._pending.pop(segment, None)
@@ -426,13 +441,5 @@ class Engine:
         return sum(s.cardinality for s in list(self.segments.values()))
 
     def bitmap_bytes(self) -> int:
-        """Bytes held in roaring containers (what the memberships cost in memory)."""
-        total = 0
-        for state in list(self.segments.values()):
-            st = state.bitmap.get_statistics()
-            total += (
-                st["n_bytes_array_containers"]
-                + st["n_bytes_run_containers"]
-                + st["n_bytes_bitset_containers"]
-            )
-        return total
+        """Bytes held in roaring containers and compact forms (`forms.nbytes`)."""
+        return sum(nbytes(state.bitmap) for state in list(self.segments.values()))

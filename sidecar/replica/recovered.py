@@ -21,6 +21,7 @@ from ..transport.base import Transport, TransportError
 from . import checkpoint
 from .engine import Engine, LogObserver
 from .expiry import ExpiryIndex
+from .forms import Forms
 from .recovery import SnapshotAssembler, bootstrap
 from .state import SegmentState
 
@@ -69,7 +70,7 @@ class RecoveredLog:
     ) -> None:
         """`before_reading` is called once the state file is loaded, before the log is read
         (the publisher waits there for its writer, started meanwhile)."""
-        self._engine = Engine(observer=observer)
+        self._engine = Engine(observer=observer, forms=Forms(None))  # diffed: roaring
         self._observer = observer
         self._state_dir = Path(state_dir) if state_dir is not None else None
         self._log_id = ""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from pyroaring import BitMap64
 
@@ -34,9 +34,13 @@ class SegmentState:
     GIL). Each bitmap operation runs under the GIL, so a reader on another thread sees any one
     user either before or after a change; readers must not iterate an engine bitmap outside
     the replica's thread unless they hold `Engine.lock` (sidecar/replica/view.py does), and
-    whatever changes a bitmap in place must hold it."""
+    whatever changes a bitmap in place must hold it.
 
-    bitmap: BitMap64
+    `bitmap` is in the form the engine chose by the segment's shape (sidecar/replica/forms.py):
+    a BitMap64, or a compact immutable form with the same `in`, len() and to_array(); set
+    algebra takes `forms.to_bitmap(state.bitmap)`."""
+
+    bitmap: BitMap64 | Any
     version: int
     cardinality: int
     updated_ms: int

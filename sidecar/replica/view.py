@@ -6,8 +6,11 @@ function here reads the segments an expression names while holding that lock, so
 lands half-way through a read: each segment is seen at exactly one version, and the versions
 returned are the ones the answer used. What is read under the lock is either a membership test
 or a new bitmap computed from the engine's (an audience, or the engine's bitmaps restricted to
-a request's users); the engine's own bitmaps never leave it. The lock is held for the roaring
-operations only: microseconds for one user, milliseconds for a count over millions.
+a request's users); the engine's own bitmaps never leave it. A segment in the compact form
+(sidecar/replica/forms.py) answers membership tests as it is and is converted to a BitMap64 for
+set algebra: O(n) for a count or an audience, O(users) for a request's users. The lock is held
+for the roaring operations only: microseconds for one user, milliseconds for a count over
+millions.
 
 A segment is answered locally exactly when `check` would answer it locally (`Replica.local`);
 the fallback is the query layer's business.
@@ -23,6 +26,7 @@ from pyroaring import BitMap64
 
 from ..expr import Audience, Count, Expr
 from ..ids import BadRequest
+from .forms import to_bitmap, within
 from .state import SegmentState
 
 if TYPE_CHECKING:
@@ -97,7 +101,7 @@ def _whole(
     expr.require_bounded()
     with replica.engine.lock:
         states = _all_local(expr, _states(replica, expr))
-        value = compute([st.bitmap for st in states])
+        value = compute([to_bitmap(st.bitmap) for st in states])  # O(n) for a compact one
     return value, {s: st.version for s, st in zip(expr.segments, states, strict=True)}
 
 
@@ -127,7 +131,9 @@ def local_many(replica: Replica, expr: Expr, users: Sequence[int]) -> ManyLeaves
             restricted: list[BitMap64 | None] = []
         else:
             answers = None
-            members, unknown = expr.evaluate_many(bitmaps, BitMap64(users))
+            asked = BitMap64(users)
+            bitmaps = [None if bm is None else within(bm, asked) for bm in bitmaps]
+            members, unknown = expr.evaluate_many(bitmaps, asked)
             restricted = [None if bm is None else bm & unknown for bm in bitmaps] if unknown else []
     versions = {
         s: st.version for s, st in zip(expr.segments, states, strict=True) if type(st) is not str

@@ -1,7 +1,13 @@
 /* The shared replica's native part (docs/SHARED_REPLICA.md has the layout).
  *
  * - encode(ids, version): a segment file's bytes from the sorted uint64 ids (array('Q')).
- * - Segment(path): a segment file mapped read-only (no descriptor kept), searchable in place.
+ * - Segment(path): a segment file mapped read-only (no descriptor kept), searchable in place;
+ *   Segment.frombytes(data): the same over a bytes object it keeps (the replica engine's
+ *   compact form of a sparse segment, sidecar/replica/forms.py). `x in segment`, len(),
+ *   iteration and to_array() (the ids as array('Q'), as BitMap64.to_array()).
+ * - merge(ids, add, remove): (ids | add) - remove over sorted uint64 arrays, as array('Q').
+ * - shape(ids): what the forms cost, for choosing one: (containers, roaring's container
+ *   bytes, this format's bytes).
  * - Reader: the reader's hot path. `contains(user, segment)` is one C call: an acquire load
  *   of the index's sequence number and the writer's heartbeat (CLOCK_MONOTONIC_COARSE, read
  *   from the vDSO: no system call), a dict lookup and a binary search. Anything unusual
@@ -51,6 +57,99 @@ static void containers_size(const uint64_t *ids, size_t n, size_t *k_out, size_t
     }
     *k_out = k;
     *bytes_out = SEG_HEADER + k * 8 + k * 8 + align8(k * 4) + payload;
+}
+
+static PyObject *array_type; /* array.array */
+
+/* a new array('Q') of n uint64 written by the caller into *out, or NULL */
+static PyObject *new_ids(size_t n, uint64_t **out) {
+    PyObject *raw = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)(n * 8));
+    if (raw == NULL) return NULL;
+    *out = (uint64_t *)PyBytes_AS_STRING(raw);
+    return raw; /* the caller fills it, then as_array() */
+}
+
+static PyObject *as_array(PyObject *raw) {
+    PyObject *arr = PyObject_CallFunction(array_type, "sO", "Q", raw);
+    Py_DECREF(raw);
+    return arr;
+}
+
+/* a buffer of uint64 (array('Q'), bytes); 0, or -1 with ValueError */
+static int get_ids(PyObject *obj, Py_buffer *view, const char *what) {
+    if (PyObject_GetBuffer(obj, view, PyBUF_SIMPLE) != 0) return -1;
+    if (view->len % 8) {
+        PyBuffer_Release(view);
+        PyErr_Format(PyExc_ValueError, "%s must be a buffer of uint64", what);
+        return -1;
+    }
+    return 0;
+}
+
+/* shape(ids) -> (containers, roaring_bytes, segment_bytes) for strictly ascending ids:
+ * roaring's container bytes (each 2^16 range the smallest of an array, a bitset and runs, as
+ * roaring chooses) and the size of this format's encoding (the smaller kind). */
+static PyObject *shape(PyObject *self, PyObject *arg) {
+    Py_buffer in;
+    if (get_ids(arg, &in, "ids") != 0) return NULL;
+    const uint64_t *ids = (const uint64_t *)in.buf;
+    size_t n = (size_t)in.len / 8, k = 0, roaring = 0, i = 0;
+    while (i < n) {
+        uint64_t key = ids[i] >> 16;
+        size_t j = i + 1, runs = 1;
+        while (j < n && (ids[j] >> 16) == key) {
+            runs += ids[j] != ids[j - 1] + 1;
+            j++;
+        }
+        size_t card = j - i, best = card * 2;
+        if (best > BITSET_BYTES) best = BITSET_BYTES;
+        if (2 + 4 * runs < best) best = 2 + 4 * runs;
+        roaring += best;
+        k++;
+        i = j;
+    }
+    size_t ck, cbytes;
+    containers_size(ids, n, &ck, &cbytes);
+    size_t sbytes = SEG_HEADER + n * 8;
+    PyBuffer_Release(&in);
+    return Py_BuildValue("(nnn)", (Py_ssize_t)k, (Py_ssize_t)roaring,
+                         (Py_ssize_t)(cbytes <= sbytes ? cbytes : sbytes));
+}
+
+/* merge(ids, add, remove) -> array('Q'): (ids | add) - remove, each sorted ascending */
+static PyObject *merge(PyObject *self, PyObject *args) {
+    PyObject *a_obj, *add_obj, *rm_obj;
+    if (!PyArg_ParseTuple(args, "OOO", &a_obj, &add_obj, &rm_obj)) return NULL;
+    Py_buffer a, b, r;
+    if (get_ids(a_obj, &a, "ids") != 0) return NULL;
+    if (get_ids(add_obj, &b, "add") != 0) { PyBuffer_Release(&a); return NULL; }
+    if (get_ids(rm_obj, &r, "remove") != 0) {
+        PyBuffer_Release(&a);
+        PyBuffer_Release(&b);
+        return NULL;
+    }
+    const uint64_t *x = a.buf, *y = b.buf, *z = r.buf;
+    size_t nx = (size_t)a.len / 8, ny = (size_t)b.len / 8, nz = (size_t)r.len / 8;
+    uint64_t *out;
+    PyObject *raw = new_ids(nx + ny, &out);
+    if (raw == NULL) goto done;
+    size_t i = 0, j = 0, t = 0, m = 0;
+    while (i < nx || j < ny) {
+        uint64_t v;
+        if (j >= ny || (i < nx && x[i] < y[j])) v = x[i++];
+        else if (i >= nx || y[j] < x[i]) v = y[j++];
+        else { v = x[i++]; j++; }
+        while (t < nz && z[t] < v) t++;
+        if (t < nz && z[t] == v) continue;
+        out[m++] = v;
+    }
+    if (_PyBytes_Resize(&raw, (Py_ssize_t)(m * 8)) != 0) { raw = NULL; goto done; }
+    raw = as_array(raw);
+done:
+    PyBuffer_Release(&a);
+    PyBuffer_Release(&b);
+    PyBuffer_Release(&r);
+    return raw;
 }
 
 static PyObject *encode(PyObject *self, PyObject *args) {
@@ -125,6 +224,7 @@ typedef struct {
     PyObject_HEAD
     uint8_t *base;
     size_t size;
+    PyObject *owner; /* the bytes object `base` points into (frombytes), or NULL: mapped */
     uint32_t kind;
     uint64_t n, k, version;
     const uint64_t *keys;
@@ -248,10 +348,98 @@ static PyObject *Segment_new(PyTypeObject *type, PyObject *args, PyObject *kw) {
     return (PyObject *)s;
 }
 
+static PyObject *Segment_frombytes(PyTypeObject *type, PyObject *data) {
+    if (!PyBytes_CheckExact(data)) {
+        PyErr_SetString(PyExc_TypeError, "frombytes takes bytes");
+        return NULL;
+    }
+    Segment *s = (Segment *)type->tp_alloc(type, 0);
+    if (s == NULL) return NULL;
+    Py_INCREF(data);
+    s->owner = data;
+    s->base = (uint8_t *)PyBytes_AS_STRING(data); /* 8-aligned: bytes' data sits at 32 */
+    s->size = (size_t)PyBytes_GET_SIZE(data);
+    if (((uintptr_t)s->base & 7) != 0) {
+        Py_DECREF(s);
+        PyErr_SetString(PyExc_ValueError, "bytes not 8-aligned");
+        return NULL;
+    }
+    if (segment_validate(s) != 0) {
+        Py_DECREF(s);
+        return NULL;
+    }
+    return (PyObject *)s;
+}
+
 static void Segment_dealloc(Segment *s) {
-    if (s->base != NULL) munmap(s->base, s->size);
+    if (s->owner != NULL) Py_DECREF(s->owner);
+    else if (s->base != NULL) munmap(s->base, s->size);
     Py_TYPE(s)->tp_free((PyObject *)s);
 }
+
+/* the ids, ascending, into out[0..n) */
+static void segment_decode(const Segment *s, uint64_t *out) {
+    if (s->kind == KIND_SORTED) {
+        memcpy(out, s->keys, s->n * 8);
+        return;
+    }
+    size_t m = 0;
+    for (uint64_t i = 0; i < s->k; i++) {
+        uint64_t high = s->keys[i] << 16;
+        const uint8_t *c = s->base + s->offs[i];
+        uint32_t card = s->cards[i];
+        if (card > ARRAY_MAX) {
+            for (uint32_t w = 0; w < BITSET_BYTES / 8; w++) {
+                uint64_t word = rd64(c + w * 8);
+                while (word) {
+                    out[m++] = high | (w * 64 + (uint64_t)__builtin_ctzll(word));
+                    word &= word - 1;
+                }
+            }
+        } else {
+            const uint16_t *a = (const uint16_t *)c;
+            for (uint32_t t = 0; t < card; t++) out[m++] = high | a[t];
+        }
+    }
+}
+
+static PyObject *Segment_to_array(Segment *s, PyObject *unused) {
+    uint64_t *out;
+    PyObject *raw = new_ids(s->n, &out);
+    if (raw == NULL) return NULL;
+    segment_decode(s, out);
+    return as_array(raw);
+}
+
+static PyObject *Segment_iter(Segment *s) {
+    PyObject *arr = Segment_to_array(s, NULL);
+    if (arr == NULL) return NULL;
+    PyObject *it = PyObject_GetIter(arr);
+    Py_DECREF(arr);
+    return it;
+}
+
+static Py_ssize_t Segment_len(Segment *s) { return (Py_ssize_t)s->n; }
+
+/* `x in segment`: as `x in BitMap64` (OverflowError outside uint64, TypeError for a non-int) */
+static int Segment_sq_contains(Segment *s, PyObject *arg) {
+    unsigned long long x = PyLong_AsUnsignedLongLong(arg);
+    if (x == (unsigned long long)-1 && PyErr_Occurred()) return -1;
+    return segment_has(s, x);
+}
+
+static PyObject *Segment_get_data(Segment *s, void *c) {
+    if (s->owner != NULL) {
+        Py_INCREF(s->owner);
+        return s->owner;
+    }
+    return PyBytes_FromStringAndSize((const char *)s->base, (Py_ssize_t)s->size);
+}
+
+static PySequenceMethods Segment_as_sequence = {
+    .sq_length = (lenfunc)Segment_len,
+    .sq_contains = (objobjproc)Segment_sq_contains,
+};
 
 static PyObject *Segment_contains(Segment *s, PyObject *arg) {
     unsigned long long x = PyLong_AsUnsignedLongLong(arg);
@@ -266,6 +454,9 @@ static PyObject *Segment_get_size(Segment *s, void *c) { return PyLong_FromSize_
 
 static PyMethodDef Segment_methods[] = {
     {"contains", (PyCFunction)Segment_contains, METH_O, "contains(user) -> bool"},
+    {"to_array", (PyCFunction)Segment_to_array, METH_NOARGS, "the ids, ascending, as array('Q')"},
+    {"frombytes", (PyCFunction)Segment_frombytes, METH_O | METH_CLASS,
+     "frombytes(data: bytes) -> Segment over a segment file's bytes (kept, not copied)"},
     {NULL},
 };
 static PyGetSetDef Segment_getset[] = {
@@ -273,6 +464,7 @@ static PyGetSetDef Segment_getset[] = {
     {"version", (getter)Segment_get_version, NULL, "the segment's version", NULL},
     {"kind", (getter)Segment_get_kind, NULL, "1 sorted ids, 2 containers", NULL},
     {"size", (getter)Segment_get_size, NULL, "bytes mapped", NULL},
+    {"data", (getter)Segment_get_data, NULL, "the segment file's bytes", NULL},
     {NULL},
 };
 
@@ -281,9 +473,11 @@ static PyTypeObject SegmentType = {
     .tp_name = "sidecar.shm._native.Segment",
     .tp_basicsize = sizeof(Segment),
     .tp_flags = Py_TPFLAGS_DEFAULT,
-    .tp_doc = "Segment(path): a segment file mapped read-only",
+    .tp_doc = "Segment(path): a segment file mapped read-only; Segment.frombytes(data)",
     .tp_new = Segment_new,
     .tp_dealloc = (destructor)Segment_dealloc,
+    .tp_as_sequence = &Segment_as_sequence,
+    .tp_iter = (getiterfunc)Segment_iter,
     .tp_methods = Segment_methods,
     .tp_getset = Segment_getset,
 };
@@ -557,6 +751,8 @@ static PyObject *coarse_now_ms(PyObject *self, PyObject *unused) {
 
 static PyMethodDef module_methods[] = {
     {"encode", encode, METH_VARARGS, "encode(ids: array('Q') ascending, version) -> bytes"},
+    {"shape", shape, METH_O, "shape(ids) -> (containers, roaring bytes, segment bytes)"},
+    {"merge", merge, METH_VARARGS, "merge(ids, add, remove) -> array('Q') of (ids | add) - remove"},
     {"write_locked", write_locked, METH_VARARGS,
      "write_locked(buffer, seq_offset, data, position) -> the new (even) sequence number"},
     {"store", store, METH_VARARGS, "store(buffer, offset, value): atomic uint64 store"},
@@ -571,6 +767,11 @@ static struct PyModuleDef module = {
 
 PyMODINIT_FUNC PyInit__native(void) {
     if (PyType_Ready(&SegmentType) < 0 || PyType_Ready(&ReaderType) < 0) return NULL;
+    PyObject *array_mod = PyImport_ImportModule("array");
+    if (array_mod == NULL) return NULL;
+    array_type = PyObject_GetAttrString(array_mod, "array");
+    Py_DECREF(array_mod);
+    if (array_type == NULL) return NULL;
     PyObject *m = PyModule_Create(&module);
     if (m == NULL) return NULL;
     Py_INCREF(&SegmentType);

@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..replica.forms import is_compact
 from ..replica.state import SegmentState, retry_changed
 from . import ShmUnavailable, layout, native
 from .layout import Entry
@@ -212,9 +213,13 @@ class ShmWriter:
                 st = local(name)
                 if type(st) is not SegmentState:
                     continue
-                ids = st.bitmap.to_array()
-            data = self.native.encode(ids, st.version)
-            del ids
+                members = st.bitmap
+                if is_compact(members) and members.version == st.version:
+                    ids = None  # already this format (sidecar/replica/forms.py)
+                else:
+                    ids = members.to_array()
+            data = members.data if ids is None else self.native.encode(ids, st.version)
+            del ids, members
             self._next_file += 1
             number = self._next_file
             flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC

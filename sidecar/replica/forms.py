@@ -1,0 +1,170 @@
+"""A segment's in-memory form, chosen by its shape (DESIGN.md "Performance targets": memory).
+
+Two forms answer `x in members`, `len()`, iteration and `to_array()` alike:
+
+- roaring (`pyroaring.BitMap64`), for dense and clustered ids: a delta changes it in place;
+- compact: the shared replica's segment file format (sidecar/shm/_native.c, documented in
+  docs/SHARED_REPLICA.md: sorted uint64 ids, or flat containers of 16-bit low halves) in one
+  bytes object, searched in place by `_native.Segment`. For ids spread out, where roaring
+  gives every few members a container of their own and each costs ~100 bytes beside its
+  payload (pyroaring 1.2's 64-bit index and container headers, measured in RSS): 8 bytes a
+  member for ids random over 2^64 (roaring: 112), ~2.8 over 2^32 (roaring: 4.8-8.5).
+
+A form is chosen whenever a segment's members are installed or changed: compact when its
+encoding costs at most `to_compact` of roaring's estimated bytes, roaring again once it costs
+more than `to_roaring` of them (the gap between the two keeps a segment near the line from
+flipping on every delta); segments under `min_members` stay roaring. A compact segment is
+immutable: a delta builds its successor by merging sorted arrays, O(n) per delta, where
+roaring's in-place change is O(delta). Set algebra (counts, audiences) converts a compact
+segment to a BitMap64 on demand (`to_bitmap`); the socket's and the shared replica's checks
+only test membership.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from pyroaring import BitMap64
+
+from ..shm import ShmUnavailable, native
+
+log = logging.getLogger(__name__)
+
+#: Bytes roaring holds per container beside its payload (RSS of a fresh process holding
+#: 1M one-member containers: 111.6 B each, payload 2 B; 2^32-spread ids: 99 B per container).
+CONTAINER_OVERHEAD = 100
+#: the form's name in checkpoints
+COMPACT = "segment"
+
+#: a segment's members in either form: BitMap64 or `_native.Segment` (the compact form)
+Members = Any
+
+
+@dataclass(frozen=True, slots=True)
+class FormPolicy:
+    min_members: int = 4096
+    to_compact: float = 0.75
+    to_roaring: float = 0.9
+
+
+DEFAULT_POLICY = FormPolicy()
+
+
+def _native() -> Any:
+    try:
+        return native()
+    except ShmUnavailable as exc:
+        log.warning("segments stay roaring: %s", exc)
+        return None
+
+
+def roaring_bytes(containers: int, payload: int) -> int:
+    """Roaring's estimated memory for `containers` holding `payload` bytes."""
+    return payload + containers * CONTAINER_OVERHEAD
+
+
+def _compact_estimate(st: dict[str, int]) -> int:
+    """The compact encoding's size from roaring's statistics, without listing the ids."""
+    k = st["n_containers"]
+    runs = min(2 * st["n_values_run_containers"], 8192 * st["n_run_containers"])
+    containers = (
+        64 + 20 * k + 2 * st["n_values_array_containers"] + 8192 * st["n_bitset_containers"] + runs
+    )
+    return min(containers, 64 + 8 * st["cardinality"])
+
+
+def is_compact(members: Members) -> bool:
+    return type(members) is not BitMap64
+
+
+def to_bitmap(members: Members) -> BitMap64:
+    """`members` as a BitMap64: itself when roaring (do not change it), else a new one."""
+    if type(members) is BitMap64:
+        return members
+    return BitMap64(members.to_array())
+
+
+def within(members: Members, users: BitMap64) -> BitMap64:
+    """A BitMap64 holding `members & users` for set algebra over a request's users: roaring
+    as is (the caller intersects), a compact form by testing each user."""
+    if type(members) is BitMap64:
+        return members
+    return BitMap64([u for u in users if u in members])
+
+
+def nbytes(members: Members) -> int:
+    """Bytes the members' data holds: roaring's container bytes (its index not counted), or
+    the compact encoding's size."""
+    if type(members) is not BitMap64:
+        return int(members.size)
+    return _payload(members.get_statistics())
+
+
+def _payload(st: dict[str, int]) -> int:
+    """Roaring's container bytes from its statistics."""
+    return (
+        st["n_bytes_array_containers"]
+        + st["n_bytes_run_containers"]
+        + st["n_bytes_bitset_containers"]
+    )
+
+
+def dump(members: Members) -> tuple[bytes, str | None]:
+    """(bytes, form) for a checkpoint: roaring's portable serialization and None, or the
+    compact encoding and COMPACT."""
+    if type(members) is BitMap64:
+        return members.serialize(), None
+    return members.data, COMPACT
+
+
+def load(data: bytes, form: str | None) -> Members:
+    """What `dump` wrote; ValueError when it cannot be read here."""
+    if form is None:
+        return BitMap64.deserialize(data)
+    if form != COMPACT:
+        raise ValueError(f"unknown segment form {form!r}")
+    nat = _native()
+    if nat is None:
+        raise ValueError("a compact segment needs the C extension, which is not built")
+    return nat.Segment.frombytes(bytes(data))
+
+
+class Forms:
+    """Chooses forms by `policy`; with None every segment is roaring (the publisher, which
+    diffs states, keeps roaring)."""
+
+    def __init__(self, policy: FormPolicy | None = DEFAULT_POLICY) -> None:
+        self.native = _native() if policy is not None else None
+        self.policy = policy if self.native is not None else None
+
+    def settle(self, members: Members, version: int) -> Members:
+        """`members`, just installed or changed, in the form its shape calls for (the compact
+        form's header carries `version`, as a shared replica file does)."""
+        policy = self.policy
+        if policy is None:
+            return to_bitmap(members)
+        if type(members) is not BitMap64 or len(members) < policy.min_members:
+            return members
+        st = members.get_statistics()
+        roaring = roaring_bytes(st["n_containers"], _payload(st))
+        if _compact_estimate(st) > policy.to_compact * roaring:
+            return members
+        ids = members.to_array()
+        _containers, _bytes, size = self.native.shape(ids)
+        if size > policy.to_compact * roaring:
+            return members
+        return self.native.Segment.frombytes(self.native.encode(ids, version))
+
+    def apply(self, members: Members, add: BitMap64, remove: BitMap64, version: int) -> Members:
+        """A compact segment's successor after a change: O(n), a merge of sorted arrays.
+        Compact again unless its shape now favours roaring (hysteresis: `to_roaring`)."""
+        nat = self.native
+        assert nat is not None and self.policy is not None
+        ids = nat.merge(members.to_array(), add.to_array(), remove.to_array())
+        if len(ids) >= self.policy.min_members:
+            k, payload, size = nat.shape(ids)
+            if size <= self.policy.to_roaring * roaring_bytes(k, payload):
+                return nat.Segment.frombytes(nat.encode(ids, version))
+        return BitMap64(ids)

@@ -273,3 +273,21 @@ def test_replica_expressions_and_restart_over_compact_segments(tmp_path: Path) -
     with started_replica(log, poll_interval=0.01, state_dir=state_dir) as again:
         assert again.wait_ready(20), again.status()
         check(again)
+
+
+def test_ttl_expiry_removes_members_from_a_compact_segment() -> None:
+    """Membership TTL drops expired members through the engine's change path: a compact
+    segment is rebuilt without them, and a delta after that still applies."""
+    engine = Engine(forms=Forms(SMALL), clock_ms=lambda: 0)
+    first, second = BitMap64(spread(3000)), BitMap64(spread(2000, salt=10**6))
+    engine.apply_delta(Delta("t", 0, 1, first, BitMap64(), 3000, 1_000, expires_at=10_000))
+    engine.apply_delta(Delta("t", 1, 2, second, BitMap64(), 5000, 2_000, expires_at=20_000))
+    assert is_compact(engine.segments["t"].bitmap)
+    assert engine.expire(15_000) == ["t"]
+    state = engine.segments["t"]
+    assert is_compact(state.bitmap) and to_bitmap(state.bitmap) == second
+    assert (state.version, state.cardinality) == (2, 2000)
+    assert all(x not in state.bitmap for x in list(first)[:200])
+    engine.apply_delta(Delta("t", 2, 3, BitMap64(), BitMap64(list(second)[:10]), 1990, 16_000))
+    state = engine.segments["t"]
+    assert state.fresh and to_bitmap(state.bitmap) == second - BitMap64(list(second)[:10])

@@ -197,7 +197,12 @@ def _ttl_change(log: RecoveredLog, name: str, listed: BitMap64, expires_at: int)
 
 
 def records(
-    change: Change, partitions: int, ts: int, delta_offsets: dict[int, int], old_chunks: int
+    change: Change,
+    partitions: int,
+    ts: int,
+    delta_offsets: dict[int, int],
+    old_chunks: int,
+    max_bytes: int = MAX_RECORD_BITMAP_BYTES,
 ) -> list[tuple[Topic, int, bytes, bytes | None]]:
     """The log records of one change: delta part(s) or a drop, then snapshot chunks (or a drop
     marker) and tombstones for chunk keys the new snapshot no longer uses."""
@@ -218,7 +223,7 @@ def records(
             ("snapshots", p, snapshot_key(change.segment, i), None) for i in range(1, old_chunks)
         )
         return out
-    pieces = split_bitmaps([change.add, change.remove], MAX_RECORD_BITMAP_BYTES)
+    pieces = split_bitmaps([change.add, change.remove], max_bytes)
     for i, (_, _, (add, remove)) in enumerate(pieces):
         delta = Delta(
             segment=change.segment,
@@ -237,7 +242,7 @@ def records(
         # a TTL segment's expiry buckets are cut with the members: each chunk carries its id
         # range's piece of every bucket, counted in its size
         pairs = change.snapshot_expiries.pairs() if change.snapshot_expiries is not None else []
-        chunks = split_bitmaps([change.snapshot, *(b for _, b in pairs)], MAX_RECORD_BITMAP_BYTES)
+        chunks = split_bitmaps([change.snapshot, *(b for _, b in pairs)], max_bytes)
         for i, (_, _, (bitmap, *buckets)) in enumerate(chunks):
             chunk = SnapshotChunk(
                 segment=change.segment,

@@ -5,6 +5,11 @@ A change is refused when it would remove more than `max_remove_fraction` of the 
 log holds for a segment, or shrink it below the manifest's `min_cardinality`. Segments dropped
 by `--prune` count as removing every member; a segment named with `--drop` is the operator's
 explicit intent and is not guarded. `force=True` turns both checks off.
+
+A TTL segment (DESIGN.md "Freshness") loses members by expiry, never by a publish: the
+fraction does not apply, and `min_cardinality` judges its count after the publish against
+its count before this publish's expiries (an input that stopped listing members fails the
+floor even when the publish writes nothing).
 """
 
 from __future__ import annotations
@@ -69,13 +74,29 @@ class Guard:
         *,
         min_cardinality: Mapping[str, int] | None = None,
         explicit_drops: frozenset[str] | set[str] = frozenset(),
+        lapsing: Mapping[str, int] | None = None,
     ) -> None:
-        """Raise GuardError when any change of `plan` (against the log's state) breaks a rule."""
+        """Raise GuardError when any change of `plan` (against the log's state) breaks a rule.
+        `lapsing`: the publish's TTL segments -> their counts before its expiries."""
         if self.force:
             return
         floors = min_cardinality or {}
         violations: list[str] = []
+        counts = {c.segment: c.cardinality for c in plan.changes}
+        for segment, before in sorted((lapsing or {}).items()):
+            current = log.segments.get(segment)
+            floor = floors.get(segment)
+            if current is None or not current.fresh or floor is None:
+                continue
+            after = counts.get(segment, current.cardinality)
+            if after < min(floor, before):
+                violations.append(
+                    f"segment {segment}: would shrink from {before:,} to {after:,} members "
+                    f"(its unlisted members lapse), below its min_cardinality {floor:,}"
+                )
         for change in plan.changes:
+            if change.segment in (lapsing or {}):
+                continue
             if change.drop and change.segment in explicit_drops:
                 continue
             current = log.segments.get(change.segment)

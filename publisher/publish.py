@@ -262,13 +262,20 @@ class Publisher:
             drop |= set(state.segments) - set(desired)
         # TTL cardinalities count as of the records' time: expire through it first
         ts = int(time.time() * 1000)
+        lapsing = {s: st.cardinality for s, st in list(state.segments.items()) if s in ttl}
         state.expire(ts)
         plan = diff(
             state, dict(desired), drop=drop, policy=self.policy, pacing=session.pacing,
             ttl=ttl, ts=ts,
         )  # fmt: skip
         if self.guard is not None:
-            self.guard.check(state, plan, min_cardinality=min_cardinality, explicit_drops=explicit)
+            self.guard.check(
+                state,
+                plan,
+                min_cardinality=min_cardinality,
+                explicit_drops=explicit,
+                lapsing=lapsing,
+            )
         result = PublishResult()
         beats = heartbeats(state, dict(desired), plan, max_age, ts)
         if not plan.changes and not beats:

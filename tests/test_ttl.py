@@ -22,6 +22,7 @@ from publisher.publish import Publisher
 from publisher.segment_set import InputError, read_segment_set
 from sidecar.record import Delta, SnapshotChunk, decode
 from sidecar.replica import Replica
+from sidecar.server.metrics import ReplicaCollector
 from sidecar.transport import LogDirTransport
 from sidecar.transport.base import Transport
 from tests.logtools import started_replica
@@ -278,3 +279,10 @@ def test_members_expire_on_time_and_survive_restarts_and_cold_starts(
                 assert _view(cold) == _view(along)
                 assert cold.state("t").bitmap == BitMap64([5, 6, 7])  # type: ignore[union-attr]
                 assert cold.engine.counters.diverged == along.engine.counters.diverged == 0
+            metrics = {
+                (m.name, tuple(s.labels.values())): s.value
+                for m in ReplicaCollector(along).collect()
+                for s in m.samples
+            }
+            assert metrics[("seg_replica_expired_memberships", ())] == 4  # 1, 3, then 2, 4
+            assert ("seg_replica_records", ("ttl_unchecked",)) in metrics

@@ -207,6 +207,10 @@ _RECORD_COUNTERS = (
     "corrupt",
     "drops",
     "ignored",
+    "heartbeats",
+    # TTL deltas applied without their cardinality check (a lagging replica's clock had
+    # already expired members the publisher still counted; DESIGN.md "Freshness")
+    "ttl_unchecked",
 )
 
 
@@ -235,6 +239,11 @@ class ReplicaCollector(Collector):
         for reason, count in sorted(dict(counters.skipped).items()):
             skipped.add_metric([reason], count)
         yield skipped
+        yield CounterMetricFamily(
+            "seg_replica_expired_memberships",
+            "Memberships of TTL segments dropped at their expiry on this replica's clock.",
+            value=counters.expired,
+        )
         yield GaugeMetricFamily(
             "seg_replica_ready", "1 once caught up with the log.", value=int(bool(status["ready"]))
         )

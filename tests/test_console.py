@@ -175,7 +175,8 @@ def _explain(b: Browser, user: str, segment: str, *, enter: bool = False) -> dic
         what="an answer",
     )
     return b.eval(
-        "Object.fromEntries(['member', 'source', 'version', 'age', 'reason', 'all', 'error']"
+        "Object.fromEntries(['member', 'source', 'version', 'age', 'expires', 'reason', 'all',"
+        " 'error']"
         ".map(k => [k, document.getElementById('check-' + k).textContent]))"
     )
 
@@ -301,6 +302,38 @@ def test_page_updates_after_a_publish(page: Browser, logdir: Path) -> None:
         " tr.cells[1].textContent === 'explain' && Number(tr.cells[3].dataset.value) >= 1)",
         what="explain in the request table",
     )
+
+
+def test_ttl_segments_are_flagged_expiring(page: Browser, logdir: Path) -> None:
+    """A TTL segment (ttl_seconds) shows an "expiring" badge with its next expiry, the
+    "expiring" filter shows only TTL segments, and the check box shows a member's expiry."""
+    page.wait_for("document.getElementById('auto').checked")
+    members = BitMap64([5, 6])
+    Publisher(LogDirTransport(logdir)).publish({"soon": members}, ttl={"soon": 3600})
+    PUBLISHED.update(soon=members)
+    page.wait_for(
+        "document.querySelector('#segments tbody tr[data-segment=soon]') !== null",
+        what="the TTL segment in the table",
+    )
+    badges = page.eval(
+        "Object.fromEntries([...document.querySelectorAll('#segments tbody tr')].map(tr =>"
+        " [tr.dataset.segment, [...tr.cells[4].querySelectorAll('.badge.ttl')]"
+        ".map(b => [b.textContent, b.title])]))"
+    )
+    assert [text for text, _ in badges["soon"]] == ["expiring"]
+    assert re.search(r"next expiry in (59|60) min \(\d{4}-\d\d-\d\dT", badges["soon"][0][1])
+    assert all(not v for k, v in badges.items() if k != "soon")  # plain segments: no badge
+    page.eval(
+        "(() => { const s = document.getElementById('health-filter'); s.value = 'expiring';"
+        " s.dispatchEvent(new Event('change')); })()"
+    )
+    assert [r["segment"] for r in _rows(page)] == ["soon"]
+    got = _explain(page, "5", "soon")
+    assert got["member"] == "yes"
+    at = page.eval("Number(document.getElementById('check-expires').dataset.expiresAt)")
+    assert at % 1000 == 0 and at > time.time() * 1000 + 3_500_000
+    assert re.fullmatch(r"in (59|60) min \(\d{4}-\d\d-\d\dT[\d:.]+Z\)", got["expires"])
+    assert _explain(page, "5", "vip")["expires"] == "–"  # a plain segment's member
 
 
 def _audience(b: Browser, expr: str) -> dict[str, Any]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import msgpack
@@ -263,3 +264,26 @@ def test_a_lagging_replica_skips_the_count_and_says_so() -> None:
     assert state.fresh and state.bitmap == BitMap64([2, 3])
     assert engine.counters.ttl_unchecked == 1 and engine.counters.diverged == 0
     assert engine.counters.expired == 2
+
+
+def test_a_split_ttl_delta_applies_whole_with_its_expiry() -> None:
+    """A TTL delta cut into parts (as a large publish is) carries `expires_at` in every part;
+    the engine applies it once all parts are in, and a part disagreeing on it is refused."""
+    listed = BitMap64(range(0, 40_000, 3))
+    change = Change(SEG, 0, 1, listed, BitMap64(), len(listed), expires_at_ms=START + 5_000)
+    written = records(change, 1, START, {0: 0}, 0, max_bytes=2_000)
+    parts = [LogRecord(t, p, i, k, v) for i, (t, p, k, v) in enumerate(written) if t == "deltas"]
+    assert len(parts) > 2
+    engine = Engine(clock_ms=lambda: START)
+    for rec in parts[:-1]:
+        engine.apply_record(rec)
+        assert SEG not in engine.segments  # half a change is never applied
+    engine.apply_record(parts[-1])
+    assert engine.segments[SEG].bitmap == listed and engine.segments[SEG].fresh
+    assert engine.expiries[SEG].pairs() == [(START + 5_000, listed)]
+    other = Engine()
+    first = decode(parts[0].value)  # type: ignore[arg-type]
+    assert isinstance(first, Delta)
+    other.apply_delta(first, 0)
+    other.apply_delta(replace(decode(parts[1].value), expires_at=START + 9_000), 1)  # type: ignore[arg-type]
+    assert other.counters.skipped == {"parts_mismatch": 1} and SEG not in other.segments

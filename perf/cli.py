@@ -82,6 +82,13 @@ def build_parser() -> Parser:
         metavar="HOST:PORT",
         help="use this broker for the segment log instead of starting one",
     )
+    p.add_argument(
+        "--before",
+        type=Path,
+        metavar="DIR",
+        help="an older checkout (git worktree add DIR COMMIT): propagation also runs its "
+        "seg-publish, for a before/after in one run",
+    )
     return p
 
 
@@ -164,9 +171,13 @@ def main(argv: list[str] | None = None) -> int:
         path = report.write_report(out, report_path, sections)
         log(f"report {path} rebuilt from {out}")
         return 0
+    if args.before is not None and not (args.before / "publisher" / "cli.py").is_file():
+        parser.error(f"--before {args.before}: not a checkout of this project")
     names = list(SCENARIOS) if chosen == ["all"] else [n for n in SCENARIOS if n in chosen]
     signal.signal(signal.SIGTERM, _sigterm)
-    ctx = Context(quick=args.quick, out=out, source=args.source, kafka_addr=args.kafka)
+    ctx = Context(
+        quick=args.quick, out=out, source=args.source, kafka_addr=args.kafka, before=args.before
+    )
     failed: list[str] = []
     started = time.monotonic()
     try:

@@ -12,7 +12,12 @@ with the `Publisher` API (one Kafka transaction per publish), by two publishers 
   log's records after it (here, the other publishers');
 - `session`: `Publisher(..., session=True)`, as a long-running job (the stream job) runs it:
   the producer and the recovered state are kept, and each publish first reads only the log's
-  new records (here, the other publishers').
+  new records (here, the other publishers');
+- `seg-publish process, state file`: the `seg-publish --publisher-state-dir DIR` command, a
+  new process per publish (its interpreter start, imports and Kafka clients included), given a
+  segment-set directory of the one changed segment written before the clock starts. With
+  `seg-perf --before DIR` (an older checkout) the same command also runs that checkout's code
+  (`PYTHONPATH=DIR`), a mode of its own: before and after in one run.
 
 The modes take turns, so `one-shot` (before the state file) and `one-shot, state file` (after)
 are measured in the same run on the same log.
@@ -25,19 +30,26 @@ visible, and the publish itself.
 
 from __future__ import annotations
 
+import datetime as dt
+import os
+import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from pyroaring import BitMap64
+
+from compute.segment_set import write_segment_set
 from publisher import Publisher
 from sidecar.client import SidecarClient
 
 from . import data
 from .hist import Hist
 from .report import image_lines, plot_latency, table, target
-from .services import Context, log
+from .services import Context, log, tool
 
 POLL_S = 0.0005
 GIVE_UP_S = 30.0
@@ -46,12 +58,42 @@ RECOVERY = {
     "one-shot": "replay the log",
     "one-shot, state file": "load the state file, read the log's tail",
     "session": "read the new records",
+    "seg-publish process, state file": "start a process, load the state file, read the tail",
+    "seg-publish process, state file (before)": "the same with the --before checkout's code",
 }
-MODES = ("one-shot", "one-shot, state file", "session")
+PROCESS = "seg-publish process, state file"
+BEFORE = f"{PROCESS} (before)"
+
+
+class Command:
+    """`seg-publish --publisher-state-dir` in a new process per publish, on `transport`'s log;
+    `pythonpath` runs another checkout's code."""
+
+    def __init__(self, ctx: Context, transport: Any, name: str, pythonpath: str | None) -> None:
+        self.input = ctx.workdir / f"{name}-input"
+        self.env = {**os.environ, **({"PYTHONPATH": pythonpath} if pythonpath else {})}
+        self.argv = [
+            tool("seg-publish"),
+            "--input", str(self.input),
+            "--kafka", transport.bootstrap,
+            "--topic-prefix", transport.prefix,
+            "--writer-id", f"perf-{name}",
+            "--partitions", "8",
+            "--publisher-state-dir", str(ctx.workdir / f"{name}-state"),
+            "--quiet",
+        ]  # fmt: skip
+
+    def prepare(self, desired: dict[str, BitMap64]) -> None:
+        write_segment_set(self.input, desired, dt.datetime.now(dt.UTC))
+
+    def publish(self) -> None:
+        run = subprocess.run(self.argv, env=self.env, capture_output=True, text=True, check=False)
+        if run.returncode != 0:
+            raise RuntimeError(f"seg-publish exited {run.returncode}: {run.stderr.strip()}")
 
 
 def run(ctx: Context) -> dict[str, Any]:
-    n = ctx.sizes.pick(21, 150)
+    per_mode = ctx.sizes.pick(7, 50)
     transport = ctx.transport("prop", "kafka")
     segments = data.make_segments(8, 80_000, seed=71, prefix="prop")
     publishers = {
@@ -64,37 +106,45 @@ def run(ctx: Context) -> dict[str, Any]:
         ),
         "session": Publisher(transport, writer_id="perf-prop-session", partitions=8, session=True),
     }
-    publishers["one-shot"].publish(segments)
-    publishers["one-shot, state file"].publish(segments)  # writes its first state file
-    publishers["session"].publish(segments)  # opens the session (a one-time recovery): warm-up
+    commands = {PROCESS: Command(ctx, transport, "prop-process", None)}
+    if ctx.before is not None:
+        commands[BEFORE] = Command(ctx, transport, "prop-before", str(ctx.before))
+    modes = [*publishers, *commands]
+    for publisher in publishers.values():  # the first state file; the session's recovery
+        publisher.publish(segments)
+    for command in commands.values():
+        command.prepare(segments)
+        command.publish()
     sidecar = ctx.sidecar(transport, "prop")
     names = sorted(segments)
-    e2e = {m: Hist(f"{m}: publish call -> visible") for m in MODES}
-    after_commit = {m: Hist(f"{m}: commit -> visible") for m in MODES}
-    pub = {m: Hist(f"{m}: publish()") for m in MODES}
+    e2e = {m: Hist(f"{m}: publish call -> visible") for m in modes}
+    after_commit = {m: Hist(f"{m}: commit -> visible") for m in modes}
+    pub = {m: Hist(f"{m}: publish()") for m in modes}
     early = 0
     invisible = 0
     switch = sys.getswitchinterval()
     sys.setswitchinterval(0.0005)  # the poller must not wait 5 ms for the GIL
+    n = per_mode * len(modes)
     log(f"propagation: {n} publishes of one new member each, polled every {POLL_S * 1e3} ms")
     try:
         with SidecarClient(sidecar.uds, timeout=5.0) as client:
             for i in range(n):
-                mode = MODES[i % len(MODES)]
-                publisher = publishers[mode]
+                mode = modes[i % len(modes)]
                 seg = names[i % len(names)]
                 user = 10**15 + i
                 desired = {seg: segments[seg] | type(segments[seg])([user])}
                 segments[seg] = desired[seg]
+                call: Callable[[], object]
+                if mode in commands:
+                    commands[mode].prepare(desired)
+                    call = commands[mode].publish
+                else:
+                    call = lambda p=publishers[mode], d=desired: p.publish(d)  # noqa: E731
                 done: dict[str, Any] = {}
 
-                def publish(
-                    publisher: Publisher = publisher,
-                    desired: dict[str, Any] = desired,
-                    done: dict[str, Any] = done,
-                ) -> None:
+                def publish(call: Callable[[], object] = call, done: dict[str, Any] = done) -> None:
                     try:
-                        done["result"] = publisher.publish(desired)
+                        done["result"] = call()
                     except BaseException as exc:  # reported by the main thread
                         done["error"] = exc
                     done["t"] = time.perf_counter_ns()
@@ -131,12 +181,12 @@ def run(ctx: Context) -> dict[str, Any]:
         sys.setswitchinterval(switch)
         publishers["session"].close()
     latency: dict[str, Any] = {}
-    for m in MODES:
+    for m in modes:
         latency[e2e[m].name] = e2e[m].summary()
         latency[after_commit[m].name] = after_commit[m].summary()
         latency[pub[m].name] = pub[m].summary()
-    c = {m: after_commit[m].summary() for m in MODES}
-    s = {m: e2e[m].summary() for m in MODES}
+    c = {m: after_commit[m].summary() for m in modes}
+    s = {m: e2e[m].summary() for m in modes}
     return {
         "publishes": n,
         "segments": len(names),
@@ -155,7 +205,7 @@ def run(ctx: Context) -> dict[str, Any]:
                 detail=f"p50 {c[m]['p50_us'] / 1e3:.0f} ms, from publish() returning (the Kafka "
                 "transaction committed) to the sidecar answering true",
             )
-            for m in MODES
+            for m in modes
         ]
         + [
             target(
@@ -169,7 +219,7 @@ def run(ctx: Context) -> dict[str, Any]:
                 f"transaction): publish() p50 {pub[m].p50_us / 1e3:.0f} ms, p99 "
                 f"{pub[m].p99_us / 1e3:.0f} ms",
             )
-            for m in MODES
+            for m in modes
         ],
     }
 

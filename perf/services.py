@@ -224,6 +224,8 @@ class Context:
     out: Path
     source: str = "kafka"  # what the shared sidecar replays: "kafka" or "logdir"
     kafka_addr: str | None = None  # an external broker (nothing started then)
+    #: an older checkout whose code the comparing scenarios also run (propagation)
+    before: Path | None = None
     workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="seg-perf-")))
     sizes: Sizes = field(init=False)
     _kafka: Kafka | None = None

@@ -509,3 +509,85 @@ def test_kafka_writer_creates_the_topics(kafka_bootstrap: str, topic_prefix: str
     w = t.writer(f"{topic_prefix}-w", 2)  # existing topics keep their count
     assert w.partitions == 5
     w.close()
+
+
+@pytest.mark.kafka
+@pytest.mark.timeout(300)
+def test_kafka_reads_from_every_offset_past_markers_and_aborts(
+    kafka_bootstrap: str, topic_prefix: str
+) -> None:
+    """A reader moves its position past transaction markers and aborted records as soon as
+    its consumer has fetched them (KafkaReader._skipped), before the partition EOF: from every
+    starting offset, markers included, it reads exactly the committed records after it, and
+    stops at the end."""
+    from sidecar.transport import KafkaTransport
+
+    t = KafkaTransport(kafka_bootstrap, prefix=topic_prefix)
+    committed: list[bytes] = []
+    with t.writer(f"{topic_prefix}-w", PARTITIONS) as w:
+        for i in range(6):
+            values = [f"{i}-{j}".encode() for j in range(i % 3 + 1)]
+            if i % 3 == 1:
+                w.begin()
+                for v in values:
+                    w.append("deltas", 0, b"k", b"aborted " + v)
+                w.abort()
+                continue
+            with w.transaction():
+                for v in values:
+                    w.append("deltas", 0, b"k", v)
+            committed += values
+    with t.reader() as reader:
+        ends = _stable_ends(reader, {("deltas", 0): len(committed)})
+        end = ends[("deltas", 0)]
+        reader.assign({("deltas", 0): 0})
+        by_offset = {r.offset: r.value for r in _read_to(reader, {("deltas", 0): end})}
+        assert list(by_offset.values()) == committed
+    for start in range(end + 1):
+        with t.reader() as reader:
+            reader.assign({("deltas", 0): start})
+            got = [r.value for r in reader.read_until({("deltas", 0): end}, stall_timeout=30)]
+            assert got == [v for off, v in by_offset.items() if off >= start], start
+            assert reader.position("deltas", 0) == end
+
+
+@pytest.mark.kafka
+@pytest.mark.timeout(300)
+def test_kafka_clients_talk_to_a_learned_broker_once_connected(
+    kafka_bootstrap: str, topic_prefix: str
+) -> None:
+    """`connect` returns once a new client holds a connection to a broker the bootstrap
+    server named (its answers carry that broker's id, the bootstrap connection's is -1): a
+    request sent before then waits for librdkafka's timers (perf/ANALYSIS.md)."""
+    from confluent_kafka import Producer
+    from confluent_kafka.admin import AdminClient
+
+    from sidecar.transport.kafka import CLIENT_DEFAULTS, connect
+
+    topic = f"{topic_prefix}.deltas"
+    for make in (AdminClient, Producer):
+        for _ in range(3):
+            client = make({"bootstrap.servers": kafka_bootstrap, **CLIENT_DEFAULTS})
+            connect(client, topic, 30)
+            assert client.list_topics(topic, timeout=0.05).orig_broker_id >= 0
+
+
+@pytest.mark.kafka
+@pytest.mark.timeout(300)
+def test_kafka_transport_shares_one_admin_and_pickles_without_it(
+    kafka_bootstrap: str, topic_prefix: str
+) -> None:
+    import pickle
+
+    from sidecar.transport import KafkaTransport
+
+    t = KafkaTransport(kafka_bootstrap, prefix=topic_prefix)
+    t.writer(f"{topic_prefix}-w", 2).close()
+    with t.reader() as a, t.reader() as b:
+        a.watermarks_all("deltas")
+        b.watermarks_all("deltas")
+    assert t._admin() is t._admin()
+    copy = pickle.loads(pickle.dumps(t))  # e.g. sent to another process
+    assert copy._admin() is not t._admin()
+    assert copy.partition_count() == 2
+    assert copy.identity() == t.identity()

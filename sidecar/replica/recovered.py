@@ -85,9 +85,16 @@ class RecoveredLog:
             except TransportError as exc:
                 log.warning("state file not used: %s", exc)
                 ckpt = None
-        if before_reading is not None:
-            before_reading()
-        self._reader = transport.reader()
+        # with a file the log exists: the reader connects while the writer starts too
+        early = transport.reader() if ckpt is not None else None
+        try:
+            if before_reading is not None:
+                before_reading()
+            self._reader = early or transport.reader()
+        except BaseException:
+            if early is not None:
+                early.close()
+            raise
         try:
             if self._state_dir is not None:
                 self._log_id = self._log_id or transport.identity()
@@ -120,10 +127,16 @@ class RecoveredLog:
             # snapshots written since (by another writer) tell the pacing their chunks; the
             # engine gets their changes from the deltas
             asm = SnapshotAssembler(self._engine.holds, self._engine.counters)
-            self._reader.assign({("snapshots", p): off for p, off in snapshot_offsets.items()})
-            ends = {("snapshots", p): end for p, (_, end) in marks.items()}
-            for rec in self._reader.read_until(ends):
-                asm.add(rec)
+            # only partitions with new snapshots: the consumer's fetch of an assignment with
+            # nothing to read is held by the broker (fetch.wait.max.ms), and the deltas'
+            # first fetch would wait behind it
+            ends = {
+                ("snapshots", p): end for p, (_, end) in marks.items() if end > snapshot_offsets[p]
+            }
+            if ends:
+                self._reader.assign({tp: snapshot_offsets[tp[1]] for tp in ends})
+                for rec in self._reader.read_until(ends):
+                    asm.add(rec)
             for snap in asm.complete.values():
                 observer.snapshot(snap.segment, snap.version, snap.chunks)
             # as in a full replay, a delta a snapshot covers is no churn since it

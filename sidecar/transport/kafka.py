@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -31,6 +33,16 @@ MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 DELTA_RETENTION_MS = 7 * 24 * 3600 * 1000
 #: How long a reader waits for the broker's first answer before it fails (and is retried)
 CONNECT_TIMEOUT = 2.0
+#: Set on every client of the log (the transport's config goes over it). librdkafka holds a
+#: new client's first connection to a broker it learned from the bootstrap servers for half of
+#: reconnect.backoff.ms (default 100 ms); 10 ms makes that 11 ms. It is also the first pause
+#: before reconnecting to a lost broker (doubling up to reconnect.backoff.max.ms, 10 s).
+CLIENT_DEFAULTS: dict[str, object] = {"reconnect.backoff.ms": 10}
+#: After an assign or delivered records, for this long a reader's poll looks every
+#: MARKER_POLL_S for a position moved past transaction markers (KafkaReader._skipped); an idle
+#: tailing reader blocks for its whole timeout.
+MARKER_WATCH_S = 0.2
+MARKER_POLL_S = 0.003
 _FENCED_CODES = {
     KafkaError._FENCED,
     KafkaError.PRODUCER_FENCED,
@@ -112,6 +124,22 @@ def retrying(
             pause = min(1.0, pause * 2)
 
 
+def connect(client: Producer | Consumer | AdminClient, topic: str, timeout: float) -> None:
+    """Return once a new client is connected to a broker it learned from the bootstrap servers
+    (holding `topic`'s metadata), or `timeout` seconds have passed. librdkafka drops the
+    bootstrap connection as soon as the first metadata answer names the brokers, and a request
+    made before a learned broker is connected waits for a timer instead: a transactional
+    producer's InitProducerId 0.5 s, an admin request's partition leader lookup 1 or 3 s (1 in
+    10 to 20 new clients on the local broker, perf/ANALYSIS.md). An answer from a learned
+    broker carries its id (the bootstrap connection's is -1). KafkaException when the broker
+    does not answer."""
+    deadline = time.monotonic() + timeout
+    while True:
+        meta = client.list_topics(topic, timeout=max(0.05, deadline - time.monotonic()))
+        if meta.orig_broker_id >= 0 or time.monotonic() >= deadline:
+            return
+
+
 def list_offsets(
     admin: AdminClient,
     tps: list[TopicPartition],
@@ -140,21 +168,21 @@ class KafkaWriter(base.LogWriter):
     def __init__(self, transport: KafkaTransport, writer_id: str, partitions: int) -> None:
         self._t = transport
         self.partitions = partitions
-        conf = {
-            "bootstrap.servers": transport.bootstrap,
-            "logger": log,  # librdkafka's log lines go through Python logging
-            "transactional.id": writer_id,
-            "enable.idempotence": True,
-            "compression.type": "zstd",
-            "message.max.bytes": MAX_MESSAGE_BYTES,
-            "linger.ms": 5,
-            "transaction.timeout.ms": 120_000,
-            **transport.config,
-        }
+        conf = transport.client_config(
+            {
+                "transactional.id": writer_id,
+                "enable.idempotence": True,
+                "compression.type": "zstd",
+                "message.max.bytes": MAX_MESSAGE_BYTES,
+                "linger.ms": 5,
+                "transaction.timeout.ms": 120_000,
+            }
+        )
         self._producer = Producer(conf)
+        with contextlib.suppress(KafkaException):  # init_transactions says why, and retries
+            connect(self._producer, transport.topic("deltas"), 10)
         self._call(self._producer.init_transactions, 60)
         self._written: set[tuple[str, int]] = set()  # partitions of the open transaction
-        self._admin: AdminClient | None = None  # for wait_visible, made on first use
 
     def _call(self, fn, *args) -> None:  # type: ignore[no-untyped-def]
         """A transactional call; retried on retriable errors, as librdkafka asks (for
@@ -203,13 +231,12 @@ class KafkaWriter(base.LogWriter):
         this transaction and call itself caught up."""
         if not self._written:
             return
-        if self._admin is None:
-            self._admin = self._t._admin()
+        admin = self._t._admin()
         tps = [TopicPartition(t, p) for t, p in sorted(self._written)]
-        ends = list_offsets(self._admin, tps, "latest", IsolationLevel.READ_UNCOMMITTED)
+        ends = list_offsets(admin, tps, "latest", IsolationLevel.READ_UNCOMMITTED)
         deadline = time.monotonic() + timeout
         while True:
-            stable = list_offsets(self._admin, tps, "latest")
+            stable = list_offsets(admin, tps, "latest")
             if all(stable[k] >= end for k, end in ends.items()):
                 self._written.clear()
                 return
@@ -238,49 +265,64 @@ class KafkaReader(base.LogReader):
         # Short: a replica retries, and says why meanwhile (a broker that is down).
         self.partitions = transport.partition_count(timeout=CONNECT_TIMEOUT)
         self._consumer = Consumer(
-            {
-                "bootstrap.servers": transport.bootstrap,
-                "logger": log,
-                "group.id": f"seg-reader-{uuid.uuid4().hex}",
-                "enable.auto.commit": False,
-                "enable.auto.offset.store": False,
-                "isolation.level": "read_committed",
-                "enable.partition.eof": True,
-                "auto.offset.reset": "earliest",
-                "fetch.wait.max.ms": 50,
-                "fetch.message.max.bytes": MAX_MESSAGE_BYTES,
-                **transport.config,
-            }
+            transport.client_config(
+                {
+                    "group.id": f"seg-reader-{uuid.uuid4().hex}",
+                    "enable.auto.commit": False,
+                    "enable.auto.offset.store": False,
+                    "isolation.level": "read_committed",
+                    "enable.partition.eof": True,
+                    "auto.offset.reset": "earliest",
+                    "fetch.wait.max.ms": 50,
+                    "fetch.message.max.bytes": MAX_MESSAGE_BYTES,
+                }
+            )
         )
         self._next: dict[tuple[Topic, int], int] = {}
+        self._assigned: list[TopicPartition] = []
+        self._watch_until = 0.0  # until then poll() looks for skipped markers every few ms
         self._kinds = {transport.topic(t): t for t in TOPICS}
-        self._admin: AdminClient | None = None  # for watermarks_all, made on first use
         # Warm the consumer's metadata for both topics: a topic first met in assign() waits
         # for librdkafka's next metadata refresh (~1 s) before its first fetch.
         for kind in TOPICS:
             with contextlib.suppress(KafkaException):
-                self._consumer.list_topics(transport.topic(kind), timeout=10)
+                connect(self._consumer, transport.topic(kind), 10)
 
     def watermarks(self, topic: Topic, partition: int) -> tuple[int, int]:
         return self.watermarks_all(topic)[partition]
 
     def watermarks_all(self, topic: Topic) -> dict[int, tuple[int, int]]:
-        if self._admin is None:
-            self._admin = self._t._admin()
+        admin = self._t._admin()
         name = self._t.topic(topic)
         tps = [TopicPartition(name, p) for p in range(self.partitions)]
-        low = list_offsets(self._admin, tps, "earliest")
-        end = list_offsets(self._admin, tps, "latest")
+        low = list_offsets(admin, tps, "earliest")
+        end = list_offsets(admin, tps, "latest")
         return {p: (low[(name, p)], end[(name, p)]) for p in range(self.partitions)}
 
     def assign(self, assignments: dict[tuple[Topic, int], int]) -> None:
         self._next = dict(assignments)
+        self._assigned = [TopicPartition(self._t.topic(t), p) for t, p in assignments]
         self._consumer.assign(
             [TopicPartition(self._t.topic(t), p, off) for (t, p), off in assignments.items()]
         )
+        self._watch_until = time.monotonic() + MARKER_WATCH_S
 
     def position(self, topic: Topic, partition: int) -> int:
         return self._next.get((topic, partition), 0)
+
+    def _skipped(self) -> bool:
+        """Move positions past what the consumer skipped without delivering (transaction
+        markers, aborted records); True when one moved. librdkafka moves its own position as
+        soon as the fetch that held them is in, but reports the partition EOF only with its
+        next fetch answer, which the broker holds for fetch.wait.max.ms (50 ms) when nothing
+        new is there: a publisher's read up to a transaction's end waited for it."""
+        moved = False
+        for tp in self._consumer.position(self._assigned):
+            key = (self._kinds[tp.topic], tp.partition)
+            if tp.offset > self._next.get(key, 0):  # an unknown position is negative
+                self._next[key] = tp.offset
+                moved = True
+        return moved
 
     def poll(self, timeout: float) -> list[LogRecord]:
         deadline = time.monotonic() + timeout
@@ -290,7 +332,12 @@ class KafkaReader(base.LogReader):
             # drain what is queued, else wait for the first message with poll().
             msgs = self._consumer.consume(num_messages=1000, timeout=0)
             if not msgs:
-                first = self._consumer.poll(max(0.0, deadline - time.monotonic()))
+                if self._skipped():
+                    return out
+                wait = max(0.0, deadline - time.monotonic())
+                if time.monotonic() < self._watch_until:  # markers may follow: look again soon
+                    wait = min(wait, MARKER_POLL_S)
+                first = self._consumer.poll(wait)
                 if first is not None:
                     msgs = [first, *self._consumer.consume(num_messages=999, timeout=0)]
             moved = False
@@ -311,6 +358,8 @@ class KafkaReader(base.LogReader):
                 offset = msg.offset()
                 self._next[tp] = offset + 1
                 out.append(LogRecord(tp[0], tp[1], offset, msg.key(), msg.value()))
+            if out:
+                self._watch_until = time.monotonic() + MARKER_WATCH_S
             if out or moved or time.monotonic() >= deadline:
                 return out
 
@@ -330,18 +379,45 @@ class KafkaTransport(base.Transport):
         self.prefix = prefix
         self.config = dict(config or {})
         self.replication_factor = replication_factor
+        self._admin_lock = threading.Lock()
+        self._admin_client: tuple[int, AdminClient] | None = None  # (pid, client)
+
+    def __getstate__(self) -> dict[str, object]:
+        state = dict(self.__dict__)
+        del state["_admin_lock"], state["_admin_client"]
+        return state
+
+    def __setstate__(self, state: dict[str, object]) -> None:
+        self.__dict__.update(state)
+        self._admin_lock = threading.Lock()
+        self._admin_client = None
 
     def topic(self, kind: Topic) -> str:
         return f"{self.prefix}.{kind}"
 
-    def _admin(self) -> AdminClient:
-        return AdminClient({"bootstrap.servers": self.bootstrap, "logger": log, **self.config})
+    def client_config(self, conf: dict[str, object]) -> dict[str, object]:
+        """A librdkafka client's configuration: `conf` over the common settings, the
+        transport's own `config` over both."""
+        common = {"bootstrap.servers": self.bootstrap, "logger": log, **CLIENT_DEFAULTS}
+        return {**common, **conf, **self.config}
+
+    def _admin(self, timeout: float = 10.0) -> AdminClient:
+        """The transport's admin client (metadata, offsets, topics), shared by its readers and
+        writers: a new one would first have to connect (`connect`). Made again in a forked
+        child; not kept when the broker did not answer."""
+        with self._admin_lock:
+            if self._admin_client is not None and self._admin_client[0] == os.getpid():
+                return self._admin_client[1]
+            client = AdminClient(self.client_config({}))
+            connect(client, self.topic("deltas"), timeout)
+            self._admin_client = (os.getpid(), client)
+            return client
 
     def partition_count(self, timeout: float = 15.0) -> int:
         """Partitions of the topics; TransportError when they do not exist (yet), or when the
         broker does not answer within `timeout` seconds."""
         try:
-            meta = self._admin().list_topics(timeout=timeout)
+            meta = self._admin(timeout).list_topics(timeout=timeout)
         except KafkaException as exc:
             raise TransportError(f"cannot reach Kafka at {self.bootstrap}: {exc}") from exc
         counts = []
@@ -373,7 +449,7 @@ class KafkaTransport(base.Transport):
             NewTopic(self.topic(k), partitions, self.replication_factor, config=configs[k])
             for k in TOPICS
         ]
-        admin = self._admin()  # keep it alive until the futures resolve
+        admin = self._admin()
         for name, fut in admin.create_topics(new, request_timeout=30).items():
             try:
                 fut.result()
@@ -411,7 +487,7 @@ class KafkaTransport(base.Transport):
     def identity(self) -> str:
         """The topics' ids: topics deleted and created again get new ones."""
         names = [self.topic(k) for k in TOPICS]
-        admin = self._admin()  # keep it alive until the futures resolve
+        admin = self._admin()
 
         def call() -> list[str]:
             futures = admin.describe_topics(TopicCollection(names), request_timeout=15)

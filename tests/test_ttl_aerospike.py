@@ -266,12 +266,15 @@ def test_a_sidecar_holding_other_segments_answers_ttl_members_from_aerospike_unt
         assert time.time() * 1000 < at - 500, "too slow a machine for this TTL"
         explained = client.explain(BIG, "t")
         assert (explained.member, explained.source, explained.version) == (True, "aerospike", 1)
-        assert explained.reason == "not_held"
+        assert explained.reason == "not_held" and explained.expires_at == at  # the stored one
+        assert client.explain(1, "held").expires_at is None  # a plain segment, local
         assert client.check(11, "t") is True and client.check(12, "t") is False
         answers = []
         while time.time() * 1000 < at + 3_000:
             answers.append((time.time() * 1000, client.check(10, "t")))
             time.sleep(0.05)
+        gone = client.explain(10, "t")  # the entry is still in Aerospike, past its expiry
+        assert (gone.member, gone.source, gone.expires_at) == (False, "aerospike", None)
     # True before the expiry on the sidecar's clock (the same host's), False from it on
     assert all(member is True for t, member in answers if t < at - 50)
     assert all(member is False for t, member in answers if t >= at + 50)

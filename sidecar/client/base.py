@@ -83,7 +83,8 @@ class Explain:
     version: int | None
     age_ms: int | None
     reason: str | None = None  # why it was not answered locally (None when it was)
-    #: a local member of a TTL segment: when its membership expires (ms since the epoch)
+    #: a member of a TTL segment: when its membership expires (ms since the epoch), from the
+    #: replica's expiry index or, answered by Aerospike, the stored value
     expires_at: int | None = None
 
 

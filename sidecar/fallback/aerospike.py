@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from ..aerospike_layout import AerospikeTarget, map_version
-from .base import Fallback
+from .base import Fallback, FallbackMap
 from .breaker import CircuitBreaker
 
 log = logging.getLogger(__name__)
@@ -103,8 +103,14 @@ class AerospikeFallback(Fallback):
             return {}
         value = (bins or {}).get(bin_name) or {}
         now = int(time.time() * 1000)  # a malformed value raises: the answer is unknown
-        versions = ((str(k), map_version(v, now)) for k, v in value.items())
-        return {k: v for k, v in versions if v is not None}
+        found = FallbackMap()
+        for k, v in value.items():
+            version = map_version(v, now)  # None: a TTL membership past its expiry
+            if version is not None:
+                found[str(k)] = version
+                if type(v) is list:  # map_version checked it: [version, expires_at_ms]
+                    found.expires_at[str(k)] = v[1]
+        return found
 
     # -- the fallback ---------------------------------------------------------------------
     async def segments_of(self, user: int) -> dict[str, int] | None:

@@ -24,7 +24,7 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from ..fallback.base import Fallback, NoFallback
+from ..fallback.base import Fallback, FallbackMap, NoFallback
 from ..ids import (
     MAX_USER,
     BadRequest,
@@ -392,9 +392,10 @@ class Queries(ExpressionQueries):
             return _explained(None, NONE, None, reason), NONE
         version = m.get(segment)
         member = segment in m
-        return _explained(member, AEROSPIKE, version if type(version) is int else None, reason), (
-            AEROSPIKE
-        )
+        doc = _explained(member, AEROSPIKE, version if type(version) is int else None, reason)
+        if isinstance(m, FallbackMap):
+            doc["expires_at"] = m.expires_at.get(segment)
+        return doc, AEROSPIKE
 
     def status(self) -> dict[str, Any]:
         st: dict[str, Any] = self.replica.status()

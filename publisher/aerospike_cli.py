@@ -7,7 +7,9 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
+from sidecar.aerospike_layout import DEFAULT_BATCH_SIZE
 from sidecar.cliutil import (
     FAILURE,
     CommandError,
@@ -20,7 +22,9 @@ from sidecar.cliutil import (
 from sidecar.ids import BadRequest, segment_id
 from sidecar.transport.base import FencedError, TransportError
 
-from .aerospike_sink import DEFAULT_BATCH_SIZE, AerospikeSink, AerospikeSinkError
+# the sink (and the aerospike client, 0.1 s to import) only when Aerospike is used
+if TYPE_CHECKING:
+    from .aerospike_sink import AerospikeSink
 
 #: `--reconcile --dry-run` found differences
 DIFFERS = 4
@@ -87,6 +91,8 @@ def sink_from_args(args: argparse.Namespace) -> AerospikeSink | None:
     target = aerospike_target_from_args(args)
     if target is None:
         return None
+    from .aerospike_sink import AerospikeSink, AerospikeSinkError
+
     try:
         sink = AerospikeSink.connect(target, batch_size=args.aerospike_batch_size)
         if args.create_index:
@@ -139,6 +145,7 @@ def _members(sink: AerospikeSink, segment: str) -> int:
 def _reconcile(
     args: argparse.Namespace, sink: AerospikeSink, progress: Callable[[str], None]
 ) -> int:
+    from .aerospike_sink import AerospikeSinkError
     from .reconcile import reconcile
 
     transport = transport_from_args(args)

@@ -32,6 +32,7 @@ from aerospike_helpers.operations import map_operations
 from pyroaring import BitMap64
 
 from sidecar.aerospike_layout import (
+    DEFAULT_BATCH_SIZE,
     INDEX,
     POLICY_KEY_SEND,
     TTL_NEVER_EXPIRE,
@@ -43,7 +44,6 @@ from sidecar.aerospike_layout import (
 
 log = logging.getLogger(__name__)
 
-DEFAULT_BATCH_SIZE = 5000
 
 _TRANSIENT = {
     -11,  # MAX_RETRIES_EXCEEDED

@@ -15,16 +15,16 @@ and clients.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from . import transport
-from .client import AsyncSidecarClient, SidecarClient
-from .ids import BadRequest
-from .replica import Replica
-from .transport import LogDirTransport
+from .lazy import lazy_exports
 
 if TYPE_CHECKING:
+    from .client import AsyncSidecarClient, SidecarClient
+    from .ids import BadRequest
+    from .replica import Replica
     from .transport.kafka import KafkaTransport
+    from .transport.logdir import LogDirTransport
 
 __all__ = [
     "AsyncSidecarClient",
@@ -35,8 +35,16 @@ __all__ = [
     "SidecarClient",
 ]
 
-
-def __getattr__(name: str) -> Any:
-    if name == "KafkaTransport":  # imported lazily by sidecar.transport too
-        return transport.KafkaTransport
-    raise AttributeError(f"module 'sidecar' has no attribute {name!r}")
+# imported on first use (sidecar/lazy.py): `import sidecar.partitioner` loads no servers,
+# clients or Kafka
+__getattr__ = lazy_exports(
+    __name__,
+    {
+        "AsyncSidecarClient": ".client",
+        "SidecarClient": ".client",
+        "BadRequest": ".ids",
+        "Replica": ".replica",
+        "KafkaTransport": ".transport.kafka",
+        "LogDirTransport": ".transport.logdir",
+    },
+)

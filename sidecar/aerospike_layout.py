@@ -20,6 +20,9 @@ SET = "users"
 BIN = "segs"
 INDEX = "users_segs_mapkeys"  # the optional mapkeys secondary index on BIN
 
+#: records per batch_operate of the publisher's sink (publisher/aerospike_sink.py); here, so
+#: that seg-publish's option needs no client import
+DEFAULT_BATCH_SIZE = 5000
 #: the wire's "never expire" record TTL (the client's aerospike.TTL_NEVER_EXPIRE)
 TTL_NEVER_EXPIRE = 0xFFFF_FFFF
 #: the client's aerospike.POLICY_KEY_SEND: the user key travels with every write and is stored

@@ -1,5 +1,9 @@
-"""Log transports: Kafka and the embedded log directory behind one interface."""
+"""Log transports: Kafka and the embedded log directory behind one interface (each imported
+on first use: confluent_kafka only by whoever uses Kafka)."""
 
+from typing import TYPE_CHECKING
+
+from ..lazy import lazy_exports
 from .base import (
     TOPICS,
     FencedError,
@@ -10,7 +14,10 @@ from .base import (
     Transport,
     TransportError,
 )
-from .logdir import LogDirTransport
+
+if TYPE_CHECKING:
+    from .kafka import KafkaTransport
+    from .logdir import LogDirTransport
 
 __all__ = [
     "TOPICS",
@@ -25,11 +32,4 @@ __all__ = [
     "TransportError",
 ]
 
-
-def __getattr__(name: str) -> object:
-    # confluent_kafka is imported only by whoever uses Kafka.
-    if name == "KafkaTransport":
-        from .kafka import KafkaTransport
-
-        return KafkaTransport
-    raise AttributeError(name)
+__getattr__ = lazy_exports(__name__, {"KafkaTransport": ".kafka", "LogDirTransport": ".logdir"})

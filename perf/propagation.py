@@ -15,7 +15,8 @@ with the `Publisher` API (one Kafka transaction per publish), by two publishers 
   new records (here, the other publishers');
 - `seg-publish process, state file`: the `seg-publish --publisher-state-dir DIR` command, a
   new process per publish (its interpreter start, imports and Kafka clients included), given a
-  segment-set directory of the one changed segment written before the clock starts. With
+  segment-set directory of the one changed segment written before the clock starts (the
+  modules' bytecode written by a first run, as an installed package has it). With
   `seg-perf --before DIR` (an older checkout) the same command also runs that checkout's code
   (`PYTHONPATH=DIR`), a mode of its own: before and after in one run.
 
@@ -72,6 +73,9 @@ class Command:
     def __init__(self, ctx: Context, transport: Any, name: str, pythonpath: str | None) -> None:
         self.input = ctx.workdir / f"{name}-input"
         self.env = {**os.environ, **({"PYTHONPATH": pythonpath} if pythonpath else {})}
+        # as installed (pip compiles the modules): the warm-up run writes the bytecode the
+        # measured ones read, where a PYTHONDONTWRITEBYTECODE shell would recompile every time
+        self.env.pop("PYTHONDONTWRITEBYTECODE", None)
         self.argv = [
             tool("seg-publish"),
             "--input", str(self.input),

@@ -236,7 +236,7 @@ def run(ctx: Context) -> dict[str, Any]:
             "check: sidecar p50 / echo p50",
             ratio(s.p50_us, e.p50_us),
             "<=",
-            1.3,
+            1.1,  # DESIGN.md "Performance targets"
             "x",
             detail=f"sidecar p50 {s.p50_us:.1f} us, echo p50 {e.p50_us:.1f} us; "
             f"per-round ratio median {fmt_paired(paired('sidecar', 'echo'))}",

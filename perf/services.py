@@ -46,14 +46,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def rss_bytes(pid: int | None = None) -> int:
-    """Resident set size of `pid` (this process by default)."""
+def rss_bytes(pid: int | None = None, field: str = "VmRSS") -> int:
+    """Resident set size of `pid` (this process by default); `field` "VmHWM": its peak
+    since the process started or `reset_peak_rss`."""
     path = f"/proc/{pid or 'self'}/status"
     with open(path) as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
     return 0
+
+
+def reset_peak_rss() -> None:
+    """Start VmHWM (the peak RSS) over from the current RSS (Linux's clear_refs 5)."""
+    with contextlib.suppress(OSError), open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
 
 
 def tool(name: str) -> str:

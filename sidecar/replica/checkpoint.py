@@ -1,20 +1,31 @@
 """Checkpoints: the replica's bitmaps, versions and delta offsets in one checksummed file.
 
-`<state-dir>/checkpoint.seg` = b"SEGCKPT1" | sha256(payload) | payload (msgpack). Written to a
-temporary file, fsynced and renamed over the old one, so a crash leaves either the old or the
-new checkpoint, never a mix. A file whose checksum or log identity does not match, or whose
-offsets the log no longer holds (`restore`), is ignored: the reader then bootstraps from the log.
-The replica and the publisher's state file (`RecoveredLog(state_dir=...)`) share this format;
-`extra` carries what a writer needs beside the segments (its snapshot pacing).
+`<state-dir>/checkpoint.seg` = b"SEGCKPT2" | sha256(rest) | rest, where rest = the segments'
+members (`forms.dump` bytes: roaring's portable serialization, or a compact form; one after
+another, in the order of the segment list) | the header (msgpack: names, versions, offsets,
+each segment's byte length and form, expiry indexes) | the header's length (u32, big endian).
+Members first, so a writer streams them out one segment at a time (no second copy of the
+replica in memory) and a reader loads each from its place in the mapped file (no copy of a
+file that may be GiBs); the checksum is computed beside that work, on the other core. Files
+of the first format (b"SEGCKPT1" | sha256 | one msgpack map holding the bitmaps) are still
+read. Written to a temporary file, fsynced and renamed over the old one, so a crash leaves
+either the old or the new checkpoint, never a mix. A file whose checksum or log identity does
+not match, or whose offsets the log no longer holds (`restore`), is ignored: the reader then
+bootstraps from the log. The replica and the publisher's state file
+(`RecoveredLog(state_dir=...)`) share this format; `extra` carries what a writer needs beside
+the segments (its snapshot pacing).
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import mmap
 import os
+import queue
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,8 +41,11 @@ from .state import Age, SegmentState
 
 log = logging.getLogger(__name__)
 
-MAGIC = b"SEGCKPT1"
+MAGIC = b"SEGCKPT2"
+MAGIC_V1 = b"SEGCKPT1"  # read, never written
 FILENAME = "checkpoint.seg"
+_HEAD = len(MAGIC) + 32  # magic and checksum
+_TRAILER = 4  # the header's length
 
 
 @dataclass(slots=True)
@@ -49,41 +63,51 @@ class Checkpoint:
     extra: dict[str, Any] = field(default_factory=dict)  # msgpack-able; readers may ignore it
 
 
-def _dumped(state: SegmentState) -> list[Any]:
-    data, form = forms.dump(state.bitmap)
-    return [data] if form is None else [data, form]
-
-
 def save(state_dir: Path, ckpt: Checkpoint) -> int:
     """Write atomically; returns the file size."""
     state_dir.mkdir(parents=True, exist_ok=True)
-    body = {
-        "format": 1,
-        "log": ckpt.log_id,
-        "partitions": ckpt.partitions,
-        "offsets": ckpt.offsets,
-        # [name, version, cardinality, updated_ms, data] + [form] for a compact form
-        "segments": [
-            [name, s.version, s.cardinality, s.updated_ms, *_dumped(s)]
-            for name, s in ckpt.segments.items()
-            if s.fresh
-        ],
-        "dropped": ckpt.dropped,
-        "ages": {name: [a.max_age_ms, a.heard_ms] for name, a in ckpt.ages.items()},
-        "expiries": {
-            name: [index.dropped_ms, [[at, bm.serialize()] for at, bm in index.pairs()]]
-            for name, index in ckpt.expiries.items()
-            if name in ckpt.segments and ckpt.segments[name].fresh
-        },
-        "written_ms": int(time.time() * 1000),
-        "extra": ckpt.extra,
-    }
-    payload = msgpack.packb(body, use_bin_type=True)
+    fresh = [(name, s) for name, s in ckpt.segments.items() if s.fresh]
     tmp = state_dir / (FILENAME + ".tmp")
     with open(tmp, "wb") as f:
-        f.write(MAGIC)
-        f.write(hashlib.sha256(payload).digest())
-        f.write(payload)
+        f.write(MAGIC + bytes(32))  # the checksum, known at the end
+        kinds: list[str | None] = []  # each segment's form (None: roaring)
+
+        def dumped() -> Iterator[bytes]:
+            for _, s in fresh:
+                data, form = forms.dump(s.bitmap)
+                kinds.append(form)
+                yield data
+
+        digest, lengths = _stream_bitmaps(f, dumped())
+        header = msgpack.packb(
+            {
+                "format": 2,
+                "log": ckpt.log_id,
+                "partitions": ckpt.partitions,
+                "offsets": ckpt.offsets,
+                # [name, version, cardinality, updated_ms, bytes] + [form] for a compact form
+                "segments": [
+                    [name, s.version, s.cardinality, s.updated_ms, n, *([k] if k else [])]
+                    for (name, s), n, k in zip(fresh, lengths, kinds, strict=True)
+                ],
+                "dropped": ckpt.dropped,
+                "ages": {name: [a.max_age_ms, a.heard_ms] for name, a in ckpt.ages.items()},
+                "expiries": {
+                    name: [index.dropped_ms, [[at, bm.serialize()] for at, bm in index.pairs()]]
+                    for name, index in ckpt.expiries.items()
+                    if name in ckpt.segments and ckpt.segments[name].fresh
+                },
+                "written_ms": int(time.time() * 1000),
+                "extra": ckpt.extra,
+            },
+            use_bin_type=True,
+        )
+        tail = header + len(header).to_bytes(_TRAILER, "big")
+        f.write(tail)
+        digest.update(tail)
+        size = f.tell()
+        f.seek(len(MAGIC))
+        f.write(digest.digest())
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, state_dir / FILENAME)
@@ -92,13 +116,41 @@ def save(state_dir: Path, ckpt: Checkpoint) -> int:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
-    return len(payload) + len(MAGIC) + 32
+    return size
 
 
-def load(state_dir: Path, log_id: str) -> Checkpoint | None:
-    """The stored checkpoint for this log, or None (absent, damaged, or another log's)."""
-    ckpt = read(state_dir)
-    return ckpt if ckpt is not None and is_of(ckpt, log_id, state_dir) else None
+def _stream_bitmaps(f: Any, pieces: Iterable[bytes]) -> tuple[Any, list[int]]:
+    """Write each piece to `f` and hash it, on a second thread (file writes and sha256
+    release the GIL) while this one serializes the next (which holds it); at most a few
+    serialized pieces wait in between. Returns (the sha256 so far, the byte lengths)."""
+    digest = hashlib.sha256()
+    pending: queue.Queue[bytes | None] = queue.Queue(maxsize=8)
+    failed: list[BaseException] = []
+
+    def drain() -> None:
+        while (piece := pending.get()) is not None:
+            if not failed:
+                try:
+                    f.write(piece)
+                    digest.update(piece)
+                except BaseException as exc:  # re-raised on the calling thread
+                    failed.append(exc)
+
+    worker = threading.Thread(target=drain, name="checkpoint-writer", daemon=True)
+    worker.start()
+    lengths = []
+    try:
+        for piece in pieces:
+            lengths.append(len(piece))
+            pending.put(piece)
+            if failed:
+                break
+    finally:
+        pending.put(None)
+        worker.join()
+    if failed:
+        raise failed[0]
+    return digest, lengths
 
 
 def is_of(ckpt: Checkpoint, log_id: str, state_dir: Path) -> bool:
@@ -113,22 +165,37 @@ def read(state_dir: Path) -> Checkpoint | None:
     """The stored checkpoint, whichever log's, or None (absent or damaged)."""
     path = state_dir / FILENAME
     try:
-        data = path.read_bytes()
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size < _HEAD:
+                log.warning("ignoring %s: bad magic or checksum", path)
+                return None
+            data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
     except FileNotFoundError:
         return None
-    payload = memoryview(data)[40:]  # no copy of a checkpoint that may be 100s of MiB
-    if data[:8] != MAGIC or hashlib.sha256(payload).digest() != data[8:40]:
+    view = memoryview(data)
+    try:
+        return _parse(path, view)
+    finally:
+        view.release()
+        data.close()
+
+
+def _parse(path: Path, data: memoryview) -> Checkpoint | None:
+    magic, stored, payload = bytes(data[:8]), bytes(data[8:_HEAD]), data[_HEAD:]
+    if magic not in (MAGIC, MAGIC_V1):
         log.warning("ignoring %s: bad magic or checksum", path)
         return None
+    # the checksum is computed on another thread (sha256 releases the GIL) while this one
+    # deserializes; nothing is returned before it is known to match
+    digest: list[bytes] = []
+    hasher = threading.Thread(
+        target=lambda: digest.append(hashlib.sha256(payload).digest()), name="checkpoint-hash"
+    )
+    hasher.start()
     try:
-        body = msgpack.unpackb(payload, raw=False, strict_map_key=False)
-        if body.get("format") != 1:
-            raise ValueError(f"unknown format {body.get('format')!r}")
-        segments = {
-            name: SegmentState(forms.load(data, form[0] if form else None), version, card, updated)
-            for name, version, card, updated, data, *form in body["segments"]
-        }
-        return Checkpoint(
+        body, segments = _decode_v2(payload) if magic == MAGIC else _decode_v1(payload)
+        ckpt = Checkpoint(
             log_id=body["log"],
             partitions=body["partitions"],
             offsets={int(p): o for p, o in body["offsets"].items()},
@@ -146,9 +213,54 @@ def read(state_dir: Path) -> Checkpoint | None:
             },
             extra=dict(body.get("extra") or {}),
         )
-    except (ValueError, KeyError, TypeError, AttributeError) as exc:
-        log.warning("ignoring %s: %s", path, exc)
+    except (ValueError, KeyError, TypeError, AttributeError, IndexError) as exc:
+        hasher.join()
+        if digest[0] != stored:
+            log.warning("ignoring %s: bad magic or checksum", path)
+        else:
+            log.warning("ignoring %s: %s", path, exc)
         return None
+    finally:
+        hasher.join()
+        payload.release()
+    if digest[0] != stored:
+        log.warning("ignoring %s: bad magic or checksum", path)
+        return None
+    return ckpt
+
+
+def _decode_v2(payload: memoryview) -> tuple[dict[str, Any], dict[str, SegmentState]]:
+    if len(payload) < _TRAILER:
+        raise ValueError("truncated")
+    n = int.from_bytes(payload[-_TRAILER:], "big")
+    if n > len(payload) - _TRAILER:
+        raise ValueError("truncated")
+    end = len(payload) - _TRAILER - n
+    body = msgpack.unpackb(payload[end : end + n], raw=False, strict_map_key=False)
+    if body.get("format") != 2:
+        raise ValueError(f"unknown format {body.get('format')!r}")
+    segments = {}
+    at = 0
+    for name, version, card, updated, length, *form in body["segments"]:
+        if at + length > end:
+            raise ValueError("bitmaps overrun the header")
+        members = forms.load(payload[at : at + length], form[0] if form else None)
+        segments[name] = SegmentState(members, version, card, updated)
+        at += length
+    if at != end:
+        raise ValueError("bytes between the bitmaps and the header")
+    return body, segments
+
+
+def _decode_v1(payload: memoryview) -> tuple[dict[str, Any], dict[str, SegmentState]]:
+    body = msgpack.unpackb(payload, raw=False, strict_map_key=False)
+    if body.get("format") != 1:
+        raise ValueError(f"unknown format {body.get('format')!r}")
+    segments = {
+        name: SegmentState(forms.load(data, form[0] if form else None), version, card, updated)
+        for name, version, card, updated, data, *form in body["segments"]
+    }
+    return body, segments
 
 
 def resume_offsets(

@@ -70,7 +70,7 @@ class SnapshotAssembler:
         if any(p is None or p.chunks != record.chunks for p in parts):
             self._counters.skip("chunks_mismatch")
             return
-        bitmap = BitMap64.union(*(p.bitmap for p in parts if p is not None))
+        bitmap = _joined([p.bitmap for p in parts if p is not None])
         if len(bitmap) != record.cardinality:
             self._counters.skip("snapshot_cardinality")
             log.warning(
@@ -94,6 +94,17 @@ class SnapshotAssembler:
         self.complete[snap.segment] = snap
         for key in [k for k in self._building if k[0] == snap.segment and k[1] <= snap.version]:
             del self._building[key]
+
+
+def _joined(bitmaps: list[BitMap64]) -> BitMap64:
+    """The union of a snapshot's chunks, built in the first one: chunks are fresh from
+    decoding and cover disjoint id ranges, so each later one is copied in once and nothing
+    else is (`BitMap64.union` copies the first too: a second copy of every large segment
+    at bootstrap)."""
+    out = bitmaps[0]
+    for more in bitmaps[1:]:
+        out |= more
+    return out
 
 
 def install(engine: Engine, snap: Snapshot) -> None:
@@ -134,14 +145,13 @@ def bootstrap(reader: LogReader, engine: Engine, progress: Progress | None = Non
     starts: dict[tuple[Topic, int], int] = {}
     ends: dict[tuple[Topic, int], int] = {}
     marks = reader.watermarks_all("deltas")
+    lowest: dict[int, int] = {}  # partition -> the lowest delta_offset of its snapshots
+    for s in snapshots.values():
+        p = partition_for(s.segment, reader.partitions)
+        lowest[p] = min(lowest.get(p, s.delta_offset), s.delta_offset)
     for p in partitions:
         low, end = marks[p]
-        offsets = [
-            s.delta_offset
-            for s in snapshots.values()
-            if partition_for(s.segment, reader.partitions) == p
-        ]
-        starts[("deltas", p)] = max(low, min(offsets)) if offsets else low
+        starts[("deltas", p)] = max(low, lowest[p]) if p in lowest else low
         ends[("deltas", p)] = end
     reader.assign(starts)
     for rec in reader.read_until(ends):

@@ -87,6 +87,9 @@ class Replica:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._reader: LogReader | None = None
+        #: the checkpoint being read while the log is opened (`_read_checkpoint`)
+        self._checkpoint_read: tuple[threading.Thread, list[checkpoint.Checkpoint | None]] | None
+        self._checkpoint_read = None
 
     # -- the check path ----------------------------------------------------------------------
     def local(self, segment: str) -> SegmentState | str:
@@ -351,11 +354,33 @@ class Replica:
     def _partition_of(self, segment: str) -> int:
         return partition_for(segment, self.partitions)
 
+    def _read_checkpoint(self) -> None:
+        """Start reading the checkpoint file on another thread: deserializing it (seconds
+        for 1B memberships) overlaps connecting to the log, whose client waits off the GIL."""
+        if self.state_dir is None or self._checkpoint_read is not None:
+            return
+        state_dir = self.state_dir
+        found: list[checkpoint.Checkpoint | None] = []
+        reading = threading.Thread(
+            target=lambda: found.append(checkpoint.read(state_dir)),
+            name="checkpoint-read",
+            daemon=True,
+        )
+        reading.start()
+        self._checkpoint_read = (reading, found)
+
     def _restore(self, reader: LogReader) -> dict[int, int] | None:
         if self.state_dir is None:
             return None
-        ckpt = checkpoint.load(self.state_dir, self._log_id)
-        if ckpt is None or not checkpoint.restore(ckpt, reader, self.engine, self.holds):
+        self._read_checkpoint()
+        assert self._checkpoint_read is not None
+        reading, found = self._checkpoint_read
+        reading.join()
+        self._checkpoint_read = None  # a retried start reads the file again
+        ckpt = found[0] if found else None
+        if ckpt is None or not checkpoint.is_of(ckpt, self._log_id, self.state_dir):
+            return None
+        if not checkpoint.restore(ckpt, reader, self.engine, self.holds):
             return None
         return ckpt.offsets
 
@@ -390,6 +415,8 @@ class Replica:
                 return
 
     def _loop(self) -> None:
+        if not self.ready:
+            self._read_checkpoint()
         reader = self._reader = self._open()
         self.error = None
         if not self._log_id:

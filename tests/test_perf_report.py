@@ -1,0 +1,51 @@
+"""The report's verdict table (perf/report.py `targets_table`): one row per DESIGN.md target
+in `DESIGN_TARGETS`, with its measured figure, peer, ratio and verdict when a scenario's JSON
+holds it, "not run" when none does (never a figure from elsewhere); the scenarios' other
+targets follow."""
+
+from __future__ import annotations
+
+from perf.report import DESIGN_TARGETS, target, targets_table
+
+
+def _rows(lines: list[str]) -> list[list[str]]:
+    return [[c.strip() for c in line.strip("|").split("|")] for line in lines[2:]]
+
+
+def test_every_design_target_has_a_row_and_unrun_ones_say_so() -> None:
+    docs = {
+        "bootstrap": {
+            "targets": [
+                target("bootstrap: cold start from Kafka", 11.0, "<", 15.0, "s"),
+                target("bootstrap: warm restart from a checkpoint", 3.5, "<", 3.0, "s"),
+            ]
+        },
+        "fanout": {"targets": []},
+        "check": {"targets": [target("check: sidecar p99", 130.0, "<", 100.0, "us")]},
+    }
+    rows = _rows(targets_table(docs))
+    design = rows[: len(DESIGN_TARGETS)]
+    assert [r[0] for r in design] == [d[0] for d in DESIGN_TARGETS]
+    by_label = {r[0]: r for r in design}
+    cold = by_label[next(d[0] for d in DESIGN_TARGETS if "cold bootstrap" in d[0])]
+    assert cold[3] == "11.00 s" and cold[5] == "0.73" and cold[6] == "**met**"
+    warm = by_label[next(d[0] for d in DESIGN_TARGETS if "warm restart" in d[0])]
+    assert warm[6] == "**not met**"
+    for label, scenario, _words, _peer in DESIGN_TARGETS:
+        row = by_label[label]
+        if scenario == "bootstrap":
+            continue
+        assert row[3] == "-" and row[6].startswith("not run"), row
+        if scenario in docs:
+            assert row[6] == "not run (not in its results)"
+    # a target no DESIGN.md item names is still shown, after them
+    assert rows[len(DESIGN_TARGETS)][0] == "check: sidecar p99 (also measured)"
+    assert len(rows) == len(DESIGN_TARGETS) + 1
+
+
+def test_a_peer_given_by_the_scenario_is_shown() -> None:
+    t = target("fanout: socket rate with p99 < 1 ms vs Redis's", 9000, ">=", 7000, "checks/s",
+               peer="Redis SISMEMBER at 7,000/s")  # fmt: skip
+    rows = _rows(targets_table({"fanout": {"targets": [t]}}))
+    row = next(r for r in rows if r[1] == "fanout" and r[3] != "-")
+    assert row[4] == "Redis SISMEMBER at 7,000/s" and row[5] == "1.29" and row[6] == "**met**"

@@ -55,3 +55,27 @@ def test_every_package_with_public_names_is_pinned() -> None:
         if "__all__" in init.read_text()
     }
     assert declared == set(PUBLIC)
+
+
+def test_seg_publish_imports_only_what_a_publish_needs() -> None:
+    """A seg-publish process (a new one per publish) imports the publisher, the replica's
+    recovery and the Kafka transport, not the sidecar's servers, clients, runner or the
+    Aerospike client (sidecar/lazy.py): they cost start-up time on every publish."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, publisher.cli, publisher.publish, sidecar.replica.recovered, "
+        "sidecar.transport.kafka; print(' '.join(sorted(sys.modules)))"
+    )
+    loaded = set(subprocess.check_output([sys.executable, "-c", code], text=True).split())
+    assert "sidecar.replica.recovered" in loaded  # the probe works
+    unwanted = {
+        "aerospike",
+        "publisher.aerospike_sink",
+        "sidecar.client",
+        "sidecar.server",
+        "sidecar.replica.runner",
+        "sidecar.transport.logdir",
+    }
+    assert loaded & unwanted == set()

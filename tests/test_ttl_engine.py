@@ -31,6 +31,7 @@ from sidecar.record import (
 from sidecar.replica import checkpoint
 from sidecar.replica.engine import Engine
 from sidecar.replica.expiry import ExpiryIndex
+from sidecar.replica.forms import nbytes
 from sidecar.replica.recovery import SnapshotAssembler, install
 from sidecar.replica.state import Counters
 from sidecar.transport import LogDirTransport
@@ -281,6 +282,7 @@ def test_a_split_ttl_delta_applies_whole_with_its_expiry() -> None:
     engine.apply_record(parts[-1])
     assert engine.segments[SEG].bitmap == listed and engine.segments[SEG].fresh
     assert engine.expiries[SEG].pairs() == [(START + 5_000, listed)]
+    assert engine.bitmap_bytes() >= 2 * nbytes(listed)  # the bucket is memory too
     other = Engine()
     first = decode(parts[0].value)  # type: ignore[arg-type]
     assert isinstance(first, Delta)

@@ -441,5 +441,11 @@ class Engine:
         return sum(s.cardinality for s in list(self.segments.values()))
 
     def bitmap_bytes(self) -> int:
-        """Bytes held in roaring containers and compact forms (`forms.nbytes`)."""
-        return sum(nbytes(state.bitmap) for state in list(self.segments.values()))
+        """Bytes held in roaring containers and compact forms (`forms.nbytes`), TTL
+        segments' expiry buckets included (about a second copy of their members)."""
+        held = sum(nbytes(state.bitmap) for state in list(self.segments.values()))
+        return held + sum(
+            nbytes(bucket)
+            for index in list(self.expiries.values())
+            for bucket in list(index.buckets.values())
+        )

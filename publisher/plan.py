@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from pyroaring import BitMap64
@@ -141,15 +141,14 @@ def diff(
         current = log.segments.get(name)
         base = log.version_of(name)
         if ttl is not None and name in ttl:
-            change = _ttl_change(log, name, target, ttl_deadline(ts, ttl[name]))
-            if change is None:
-                continue
-            restated = current is not None and not current.fresh
-            if not restated and not policy.due(
-                known.get(name), change.version, change.cardinality, len(target)
-            ):
-                change.snapshot = change.snapshot_expiries = None
-            plan.changes.append(change)
+            info = known.get(name)
+
+            def due(change: Change, info: SnapshotInfo | None = info) -> bool:
+                return policy.due(info, change.version, change.cardinality, len(change.add))
+
+            change = _ttl_change(log, name, target, ttl_deadline(ts, ttl[name]), due)
+            if change is not None:
+                plan.changes.append(change)
             continue
         index = log.expiries_of(name)
         expiring = index is not None and bool(index.buckets)
@@ -175,24 +174,30 @@ def diff(
     return plan
 
 
-def _ttl_change(log: RecoveredLog, name: str, listed: BitMap64, expires_at: int) -> Change | None:
+def _ttl_change(
+    log: RecoveredLog,
+    name: str,
+    listed: BitMap64,
+    expires_at: int,
+    snapshot_due: Callable[[Change], bool],
+) -> Change | None:
     """The additive change of a TTL segment (None: nothing to add or re-affirm), with the
-    state after it as its snapshot (the caller keeps it only when one is due)."""
+    state after it as its snapshot when `snapshot_due(change)` (always for a segment whose
+    history in the log is damaged: the listed members are then its state)."""
     current = log.segments.get(name)
     base = log.version_of(name)
-    if current is not None and current.fresh:
-        if not listed:
-            return None
-        index = log.expiries_of(name)
-        after = index.copy() if index is not None else ExpiryIndex()
-        state = current.bitmap | listed
-    else:  # new, or its history in the log is damaged: the listed members are the state
-        after = ExpiryIndex()
-        state = BitMap64(listed)
-    after.affirm(listed, expires_at)
-    change = Change(name, base, base + 1, BitMap64(listed), BitMap64(), len(state))
+    old = current.bitmap if current is not None and current.fresh else None
+    if old is not None and not listed:
+        return None
+    count = old.union_cardinality(listed) if old is not None else len(listed)
+    change = Change(name, base, base + 1, BitMap64(listed), BitMap64(), count)
     change.expires_at_ms = expires_at
-    change.snapshot, change.snapshot_expiries = state, after
+    if (current is not None and old is None) or snapshot_due(change):
+        index = log.expiries_of(name) if old is not None else None
+        after = index.copy() if index is not None else ExpiryIndex()
+        after.affirm(listed, expires_at)
+        change.snapshot = old | listed if old is not None else BitMap64(listed)
+        change.snapshot_expiries = after
     return change
 
 

@@ -18,6 +18,7 @@ from pyroaring import BitMap64
 
 from compute.segment_set import write_segment_set
 from publisher.guard import Guard, GuardError
+from publisher.plan import SnapshotPolicy
 from publisher.publish import Publisher
 from publisher.segment_set import InputError, read_segment_set
 from sidecar.record import Delta, SnapshotChunk, decode
@@ -126,6 +127,24 @@ def test_a_ttl_publish_adds_and_reaffirms_and_removes_nothing(tmp_path: Path) ->
             None,
         ]
         assert r.engine.expires_at("plain", 7) is None
+
+
+def test_a_later_snapshot_carries_the_expiries_a_cold_start_needs(tmp_path: Path) -> None:
+    log = LogDirTransport(tmp_path / "log")
+    policy = SnapshotPolicy(every_versions=2, churn_ratio=100.0)
+    with Publisher(log, writer_id="t", partitions=2, session=True, policy=policy) as p:
+        for i, ttl in enumerate((60, 600, 120, 900)):
+            p.publish({"t": BitMap64([i, 10 + i])}, ttl={"t": ttl})
+    snaps = {r.version: r for r in _records(log) if type(r) is SnapshotChunk}
+    assert sorted(snaps) == [1, 3]  # the first publish, then every 2 versions
+    d = {d.version: d for d in _deltas(log, "t")}
+    assert [at for at, _ in snaps[3].expiries] == sorted([d[1].expires_at, d[2].expires_at,
+                                                          d[3].expires_at])  # fmt: skip
+    with started_replica(log, poll_interval=0.01) as cold:
+        assert cold.wait_ready(WAIT)
+        assert cold.state("t").bitmap == BitMap64([0, 1, 2, 3, 10, 11, 12, 13])  # type: ignore[union-attr]
+        for i in range(4):
+            assert cold.engine.expires_at("t", 10 + i) == d[i + 1].expires_at
 
 
 def test_switching_between_ttl_and_plain(tmp_path: Path) -> None:

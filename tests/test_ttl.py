@@ -21,12 +21,13 @@ from publisher.guard import Guard, GuardError
 from publisher.plan import SnapshotPolicy
 from publisher.publish import Publisher
 from publisher.segment_set import InputError, read_segment_set
+from sidecar.client import SidecarClient
 from sidecar.record import Delta, SnapshotChunk, decode
 from sidecar.replica import Replica
 from sidecar.server.metrics import ReplicaCollector
 from sidecar.transport import LogDirTransport
 from sidecar.transport.base import Transport
-from tests.logtools import started_replica
+from tests.logtools import free_port, sidecar_process, started_replica
 from tests.test_publish_guards import run_cli
 from tests.test_shared_replica import SharedReplica, ShmWriter
 
@@ -310,3 +311,31 @@ def test_members_expire_on_time_and_survive_restarts_and_cold_starts(
             # 1, 3, then 2, 4 (5 when the re-affirmation of 2 reached `along` after 2 expired)
             assert metrics[("seg_replica_expired_memberships", ())] >= 4
             assert ("seg_replica_records", ("ttl_unchecked",)) in metrics
+
+
+def test_the_sidecar_process_expires_members_for_its_clients_and_shared_readers(
+    tmp_path: Path, workdir: Path
+) -> None:
+    """`seg-sidecar` itself (its replica thread's timer): a socket client and a SharedReplica
+    found through the socket both stop answering True for a member once it expired."""
+    log = LogDirTransport(tmp_path / "log")
+    uds = workdir / "s.sock"
+    with Publisher(log, writer_id="t", partitions=2, session=True) as p:
+        p.publish({"keep": BitMap64([9])})
+        with (
+            sidecar_process("--log-dir", str(log.path), "--uds", str(uds), port=free_port()),
+            SidecarClient(str(uds), timeout=5) as client,
+        ):
+            shared = SharedReplica(str(uds), retry_s=0.01)
+            _until(lambda: shared.contains(9, "keep") is True, what="the shared replica")
+            p.publish({"t": BitMap64([1, 2])}, ttl={"t": TTL})
+            p.publish({"t": BitMap64([2])}, ttl={"t": TTL + 4})
+            first, later = (d.expires_at for d in _deltas(log, "t"))
+            _until(lambda: client.check(2, "t") is True, what="the TTL publishes")
+            _expires_on_time(lambda: client.check(1, "t"), first)
+            _until(lambda: shared.contains(1, "t") is False, 5, "shared expiry")
+            assert client.check(2, "t") is True and shared.contains(2, "t") is True
+            assert client.explain(2, "t").member is True
+            _expires_on_time(lambda: client.check(2, "t"), later)
+            _until(lambda: shared.contains(2, "t") is False, 5, "shared expiry")
+            assert client.check(9, "keep") is True

@@ -291,3 +291,41 @@ def test_ttl_expiry_removes_members_from_a_compact_segment() -> None:
     engine.apply_delta(Delta("t", 2, 3, BitMap64(), BitMap64(list(second)[:10]), 1990, 16_000))
     state = engine.segments["t"]
     assert state.fresh and to_bitmap(state.bitmap) == second - BitMap64(list(second)[:10])
+
+
+def test_a_sparse_snapshot_in_chunks_is_assembled_compact(tmp_path: Path) -> None:
+    """A snapshot of ids spread over 2**64 comes in several chunks: each is kept as its ids
+    (never one huge BitMap64) and the whole is compact; a dense one stays roaring."""
+    from publisher import Publisher
+    from sidecar.record import SnapshotChunk
+    from sidecar.transport import LogDirTransport
+    from tests.logtools import started_replica
+    from tests.test_large_segments import _records
+
+    big, dense = BitMap64(spread(150_000)), BitMap64(range(0, 3_000_000))
+    log = LogDirTransport(tmp_path / "log")
+    Publisher(log, partitions=2).publish({"big": big, "dense": dense})
+    chunks = [r for r in _records(log) if isinstance(r, SnapshotChunk) and r.segment == "big"]
+    assert len(chunks) > 1
+    with started_replica(log, poll_interval=0.01) as replica:
+        assert replica.wait_ready(30), replica.status()
+        got = replica.engine.segments
+        assert is_compact(got["big"].bitmap) and to_bitmap(got["big"].bitmap) == big
+        assert type(got["dense"].bitmap) is BitMap64 and got["dense"].bitmap == dense
+
+
+def test_assemble_takes_chunks_out_of_order_and_small_ones() -> None:
+    forms = Forms(SMALL)
+    ids = BitMap64(spread(1000))
+    low, high = BitMap64(list(ids)[:500]), BitMap64(list(ids)[500:])
+    parts = [forms.part(high), forms.part(low)]  # out of order: not ascending when joined
+    assert all(type(p) is array for p in parts)
+    whole = forms.assemble(parts, 3)
+    assert type(whole) is BitMap64 and whole == ids
+    ordered = forms.assemble([forms.part(low), forms.part(high)], 3)
+    assert is_compact(ordered) and ordered.version == 3 and to_bitmap(ordered) == ids
+    runs = BitMap64(range(10_000))
+    assert forms.part(runs) is runs  # roaring-shaped chunks stay bitmaps
+    mixed = forms.assemble([forms.part(runs), forms.part(BitMap64([2**60]))], 1)
+    assert mixed == runs | BitMap64([2**60])
+    assert forms.assemble([forms.part(BitMap64([5, 2**40]))], 1) == BitMap64([5, 2**40])

@@ -23,6 +23,7 @@ only test membership.
 from __future__ import annotations
 
 import logging
+from array import array
 from dataclasses import dataclass
 from typing import Any
 
@@ -73,6 +74,17 @@ def _compact_estimate(st: dict[str, int]) -> int:
         64 + 20 * k + 2 * st["n_values_array_containers"] + 8192 * st["n_bitset_containers"] + runs
     )
     return min(containers, 64 + 8 * st["cardinality"])
+
+
+def joined(bitmaps: list[BitMap64]) -> BitMap64:
+    """The union of a snapshot's chunks, built in the first one: chunks are fresh from
+    decoding and cover disjoint id ranges, so each later one is copied in once and nothing
+    else is (`BitMap64.union` copies the first too: a second copy of every large segment
+    at bootstrap)."""
+    out = bitmaps[0]
+    for more in bitmaps[1:]:
+        out |= more
+    return out
 
 
 def is_compact(members: Members) -> bool:
@@ -156,6 +168,39 @@ class Forms:
         if size > policy.to_compact * roaring:
             return members
         return self.native.Segment.frombytes(self.native.encode(ids, version))
+
+    # -- a snapshot's chunks, as they arrive (sidecar/replica/recovery.py) ---------------------
+    def part(self, chunk: BitMap64) -> BitMap64 | array[int]:
+        """A chunk's members as kept until its snapshot is whole: the sorted ids when the
+        chunk's shape calls for the compact form, else the bitmap. Taking the ids at once
+        means a sparse snapshot never becomes one huge BitMap64 (a ~100-byte container per
+        member, whose freed memory the heap keeps in fragments)."""
+        if self.policy is None:
+            return chunk
+        st = chunk.get_statistics()
+        roaring = roaring_bytes(st["n_containers"], _payload(st))
+        if _compact_estimate(st) > self.policy.to_compact * roaring and len(chunk):
+            return chunk
+        return chunk.to_array()
+
+    def assemble(self, parts: list[BitMap64 | array[int]], version: int) -> Members:
+        """A whole snapshot from its chunks' `part`s, in chunk order (chunks cover ascending
+        id ranges: when every part is ids, they are concatenated, and checked ascending)."""
+        if self.policy is not None and all(type(p) is array for p in parts):
+            ids = array("Q")
+            for p in parts:
+                ids.extend(p)
+            if len(ids) >= self.policy.min_members:
+                containers, payload, size = self.native.shape(ids)
+                try:
+                    if size <= self.policy.to_compact * roaring_bytes(containers, payload):
+                        return self.native.Segment.frombytes(self.native.encode(ids, version))
+                except ValueError:  # not ascending: chunks out of order
+                    pass
+            bitmap = BitMap64(ids)
+            bitmap.run_optimize()
+            return bitmap
+        return joined([p if type(p) is BitMap64 else BitMap64(p) for p in parts])
 
     def apply(self, members: Members, add: BitMap64, remove: BitMap64, version: int) -> Members:
         """A compact segment's successor after a change: O(n), a merge of sorted arrays.

@@ -3,10 +3,12 @@ deltas (DESIGN.md "Replica semantics")."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from pyroaring import BitMap64
 
@@ -15,11 +17,13 @@ from ..record import DropMarker, Skipped, SnapshotChunk
 from ..transport.base import LogReader, LogRecord, Topic, Transport
 from .engine import Engine, decode_counted
 from .expiry import ExpiryIndex
+from .forms import Forms
 from .state import Counters, SegmentState
 
 log = logging.getLogger(__name__)
 
 Progress = Callable[[str], None]
+_NONE = BitMap64()  # a chunk record's bitmap once its members moved to the assembler's part
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,10 +41,15 @@ class Snapshot:
 class SnapshotAssembler:
     """Collects chunks and keeps, per segment, the newest version whose chunks are all there."""
 
-    def __init__(self, holds: Callable[[str], bool], counters: Counters) -> None:
+    def __init__(
+        self, holds: Callable[[str], bool], counters: Counters, forms: Forms | None = None
+    ) -> None:
         self._holds = holds
         self._counters = counters
+        #: each chunk's members as `forms.part` keeps them (the chunk records keep the rest)
+        self._forms = forms or Forms(None)
         self._building: dict[tuple[str, int], dict[int, SnapshotChunk]] = {}
+        self._parts: dict[tuple[str, int], dict[int, Any]] = {}
         self.complete: dict[str, Snapshot] = {}
 
     def add(self, rec: LogRecord) -> None:
@@ -61,16 +70,20 @@ class SnapshotAssembler:
             self._finish(Snapshot(record.segment, record.version, None, record.delta_offset))
             return
         assert isinstance(record, SnapshotChunk)
-        chunks = self._building.setdefault((record.segment, record.version), {})
-        chunks[record.chunk] = record
+        key = (record.segment, record.version)
+        chunks = self._building.setdefault(key, {})
+        self._parts.setdefault(key, {})[record.chunk] = self._forms.part(record.bitmap)
+        # the part holds the members: the decoded BitMap64 goes now, before the next is decoded
+        record = chunks[record.chunk] = dataclasses.replace(record, bitmap=_NONE)
         if len(chunks) < record.chunks:
             return
-        del self._building[(record.segment, record.version)]
+        del self._building[key]
+        members_of = self._parts.pop(key)
         parts = [chunks.get(i) for i in range(record.chunks)]
         if any(p is None or p.chunks != record.chunks for p in parts):
             self._counters.skip("chunks_mismatch")
             return
-        bitmap = _joined([p.bitmap for p in parts if p is not None])
+        bitmap = self._forms.assemble([members_of[i] for i in range(record.chunks)], record.version)
         if len(bitmap) != record.cardinality:
             self._counters.skip("snapshot_cardinality")
             log.warning(
@@ -94,17 +107,7 @@ class SnapshotAssembler:
         self.complete[snap.segment] = snap
         for key in [k for k in self._building if k[0] == snap.segment and k[1] <= snap.version]:
             del self._building[key]
-
-
-def _joined(bitmaps: list[BitMap64]) -> BitMap64:
-    """The union of a snapshot's chunks, built in the first one: chunks are fresh from
-    decoding and cover disjoint id ranges, so each later one is copied in once and nothing
-    else is (`BitMap64.union` copies the first too: a second copy of every large segment
-    at bootstrap)."""
-    out = bitmaps[0]
-    for more in bitmaps[1:]:
-        out |= more
-    return out
+            self._parts.pop(key, None)
 
 
 def install(engine: Engine, snap: Snapshot) -> None:
@@ -118,9 +121,13 @@ def install(engine: Engine, snap: Snapshot) -> None:
 
 
 def read_snapshots(
-    reader: LogReader, partitions: list[int], holds: Callable[[str], bool], counters: Counters
+    reader: LogReader,
+    partitions: list[int],
+    holds: Callable[[str], bool],
+    counters: Counters,
+    forms: Forms | None = None,
 ) -> dict[str, Snapshot]:
-    asm = SnapshotAssembler(holds, counters)
+    asm = SnapshotAssembler(holds, counters, forms)
     every = reader.watermarks_all("snapshots")
     marks = {("snapshots", p): every[p] for p in partitions}
     reader.assign({tp: low for tp, (low, _) in marks.items()})
@@ -135,7 +142,7 @@ def bootstrap(reader: LogReader, engine: Engine, progress: Progress | None = Non
     say = progress or log.info
     started = time.monotonic()
     partitions = list(range(reader.partitions))
-    snapshots = read_snapshots(reader, partitions, engine.holds, engine.counters)
+    snapshots = read_snapshots(reader, partitions, engine.holds, engine.counters, engine.forms)
     for snap in snapshots.values():
         install(engine, snap)
     say(
@@ -177,7 +184,7 @@ def resync(
     with transport.reader() as reader:
         for p, wanted in by_partition.items():
             scratch = Engine(holds=wanted.__contains__)
-            snaps = read_snapshots(reader, [p], wanted.__contains__, engine.counters)
+            snaps = read_snapshots(reader, [p], wanted.__contains__, engine.counters, engine.forms)
             for snap in snaps.values():
                 install(scratch, snap)
             low, _ = reader.watermarks("deltas", p)

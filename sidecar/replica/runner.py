@@ -11,7 +11,7 @@ from pathlib import Path
 
 from ..expr import compile_arg
 from ..ids import MAX_WAIT_MS, segment_id, user_id, version_arg, wait_ms_arg
-from ..memory import release_free_memory
+from ..memory import fix_mmap_threshold, release_free_memory
 from ..partitioner import partition_for
 from ..transport.base import LogReader, Transport, TransportError
 from . import checkpoint, recovery, view
@@ -245,6 +245,7 @@ class Replica:
 
     # -- lifecycle -----------------------------------------------------------------------------
     def start(self) -> Replica:
+        fix_mmap_threshold()  # before the bootstrap allocates (sidecar/memory.py says why)
         self._thread = threading.Thread(target=self._run, name="replica", daemon=True)
         self._thread.start()
         return self

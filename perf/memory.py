@@ -92,7 +92,7 @@ def form_name(members: object) -> str:
     if not is_compact(members):
         return "roaring"
     kind = members.kind  # type: ignore[attr-defined]
-    return "compact: sorted ids" if kind == 1 else "compact: containers"
+    return "compact: " + {1: "sorted ids", 2: "containers", 3: "Elias-Fano"}[kind]
 
 
 def check_cost(members: object, low: int, high: int) -> dict[str, float | None]:
@@ -386,7 +386,8 @@ def section(res: dict[str, Any], out: Path, report_dir: Path) -> list[str]:
         "Roaring gives every 2^16-id range its own container with ~100 bytes of overhead (its "
         "64-bit index and container headers): ids spread over 2^64 each get one. The compact "
         "forms are the shared replica's segment file format (docs/SHARED_REPLICA.md) held in "
-        "one bytes object: sorted ids (8 B/member) or flat containers of 16-bit low halves.",
+        "one bytes object: Elias-Fano, sorted ids or flat containers of 16-bit low halves, "
+        "whichever is smallest; clustered ids stay roaring (FormPolicy).",
     ]
     if res["redis"] != "available":
         lines += ["", f"**Redis peer {res['redis']}**"]

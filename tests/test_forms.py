@@ -23,6 +23,7 @@ from sidecar.replica.forms import (
     dump,
     is_compact,
     load,
+    roaring_bytes,
     to_bitmap,
     within,
 )
@@ -82,6 +83,19 @@ def test_merge_and_shape(base: set[int], add: set[int], remove: set[int]) -> Non
     assert k == stats["n_containers"]
     assert roaring == sum(stats[f"n_bytes_{c}_containers"] for c in ("array", "run", "bitset"))
     assert size == len(native.encode(merged, 1))
+
+
+def test_each_kind_is_chosen_where_it_is_smallest() -> None:
+    cases = {
+        native.KIND_ELIAS_FANO: spread(5000),  # random over 2**64: ~6 B a member
+        native.KIND_CONTAINERS: set(range(70_000)),  # dense: bitsets, 1 bit a member
+        native.KIND_SORTED: {0, HIGH},  # two ids: Elias-Fano's bitvector costs more
+    }
+    for kind, ids in cases.items():
+        seg = compact(ids)
+        assert seg.kind == kind and list(seg) == sorted(ids)
+        assert all(x in seg for x in list(ids)[:500]) and (HIGH - 1 not in seg)
+    assert len(compact(spread(5000)).data) < 7.0 * 5000  # the bound: 6.6 B a member
 
 
 def test_compact_form_refuses_what_bitmap64_refuses() -> None:
@@ -167,23 +181,35 @@ def test_a_segment_moves_between_forms() -> None:
 
 
 def test_hysteresis_keeps_a_form_near_the_line() -> None:
-    policy = FormPolicy(min_members=0, to_compact=0.5, to_roaring=0.9)
-    forms = Forms(policy)
-    # ids 2**32 apart: roaring ~102 B a member, sorted 8: compact either way
-    wide = BitMap64(i << 32 for i in range(1000))
+    forms = Forms(FormPolicy(min_members=0, max_per_container=10**6, to_compact=0.5))
+    wide = BitMap64((i + 1) << 32 for i in range(1000))  # roaring ~102 B a member: compact
     assert is_compact(forms.settle(wide, 1))
-    # 1 in 8 over a 2**16 range: one bitset in either form: roaring stays roaring
+    # 1 in 8 over one 2**16 range: compact costs ~0.69 of roaring's bitset, inside the band
     mid = BitMap64(range(0, 2**16, 8))
-    assert not is_compact(forms.settle(mid, 1))
-    # that bitset and 50 of the wide ids: compact costs ~0.72 of roaring, inside the band
-    both = mid | BitMap64(list(wide)[:51])
-    assert not is_compact(forms.settle(both.copy(), 1))  # roaring stays roaring (> 0.5)
-    seg = forms.settle(wide, 1)
-    assert is_compact(forms.apply(seg, mid, BitMap64(), 2))
-    kept = forms.apply(seg, mid, BitMap64(list(wide)[51:]), 2)
-    assert is_compact(kept) and to_bitmap(kept) == both  # compact stays compact (<= 0.9)
-    back = forms.apply(kept, BitMap64(), BitMap64(list(wide)[1:51]), 3)
-    assert not is_compact(back) and back == mid  # ~1.0 of roaring: roaring again
+    containers, payload, size = native.shape(mid.to_array())
+    assert 0.5 < size / roaring_bytes(containers, payload) <= 0.9
+    assert not is_compact(forms.settle(mid.copy(), 1))  # roaring stays roaring
+    kept = forms.apply(forms.settle(wide, 1), mid, wide, 2)
+    assert is_compact(kept) and to_bitmap(kept) == mid  # compact stays compact
+    run = BitMap64(range(2**20, 2**20 + 100_000))
+    back = forms.apply(kept, run, BitMap64(), 3)
+    assert not is_compact(back) and back == mid | run  # a long run: roaring again
+
+
+def test_clustered_ids_stay_roaring() -> None:
+    """Members per 2^16 range decide too: 1 in 16 is smaller as Elias-Fano, but stays roaring
+    (deltas in place); a compact segment may grow to twice the limit before it turns."""
+    forms = Forms(FormPolicy(min_members=0, max_per_container=100))
+    one_in_16 = BitMap64(range(0, 2**20, 16))  # 4,096 a range
+    containers, payload, size = native.shape(one_in_16.to_array())
+    assert size < 0.5 * roaring_bytes(containers, payload)
+    assert not is_compact(forms.settle(one_in_16, 1))
+    sparse = BitMap64(range(0, 2**24, 2**16 // 90))  # 91 a range: compact
+    assert is_compact(seg := forms.settle(sparse, 1))
+    denser = BitMap64(range(5, 2**24, 2**16 // 60))  # with these, 151 a range: still compact
+    assert is_compact(grown := forms.apply(seg, denser, BitMap64(), 2))
+    assert not is_compact(forms.settle(to_bitmap(grown), 2))  # but not from roaring
+    assert not is_compact(forms.apply(grown, one_in_16, BitMap64(), 3))  # over 200: roaring
 
 
 def test_checkpoint_keeps_the_compact_form(tmp_path: Path) -> None:

@@ -99,8 +99,18 @@ def test_segment_file_answers_as_the_bitmap(tmp_path_factory, ids, probes, versi
     containers = native.SEGMENT_HEADER + 16 * len(cards) + pad(4 * len(cards))
     containers += sum(8192 if c > native.ARRAY_MAX else pad(2 * c) for c in cards.values())
     sorted_size = native.SEGMENT_HEADER + 8 * len(bm)
-    assert len(data) == min(containers, sorted_size)
-    assert seg.kind == (native.KIND_CONTAINERS if containers <= sorted_size else native.KIND_SORTED)
+    sizes = {native.KIND_CONTAINERS: containers, native.KIND_SORTED: sorted_size}
+    if members:  # Elias-Fano: low bits, unary high parts, a select sample every EF_SAMPLE zeros
+        span, n = members[-1] - members[0], len(members)
+        low = (span // n).bit_length() - 1 if span // n else 0
+        zeros = (span >> low) + 1
+        words = -(-n * low // 64) + -(-(n + zeros) // 64) + -(-zeros // native.EF_SAMPLE)
+        sizes[native.KIND_ELIAS_FANO] = native.SEGMENT_HEADER + 8 * words
+    smallest = min(sizes.values())
+    assert len(data) == smallest
+    # ties: containers, then Elias-Fano, then sorted ids
+    order = (native.KIND_CONTAINERS, native.KIND_ELIAS_FANO, native.KIND_SORTED)
+    assert seg.kind == next(k for k in order if sizes.get(k) == smallest)
 
 
 def test_encode_and_map_refuse_what_is_not_a_segment(tmp_path: Path) -> None:

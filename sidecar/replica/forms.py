@@ -4,16 +4,16 @@ Two forms answer `x in members`, `len()`, iteration and `to_array()` alike:
 
 - roaring (`pyroaring.BitMap64`), for dense and clustered ids: a delta changes it in place;
 - compact: the shared replica's segment file format (sidecar/shm/_native.c, documented in
-  docs/SHARED_REPLICA.md: sorted uint64 ids, or flat containers of 16-bit low halves) in one
-  bytes object, searched in place by `_native.Segment`. For ids spread out, where roaring
-  gives every few members a container of their own and each costs ~100 bytes beside its
-  payload (pyroaring 1.2's 64-bit index and container headers, measured in RSS): 8 bytes a
-  member for ids random over 2^64 (roaring: 112), ~2.8 over 2^32 (roaring: 4.8-8.5).
+  docs/SHARED_REPLICA.md: Elias-Fano, sorted uint64 ids or flat containers of 16-bit low
+  halves, whichever is smallest) in one bytes object, searched in place by `_native.Segment`.
+  For ids spread out, where roaring gives every few members a container of their own and each
+  costs ~100 bytes beside its payload (pyroaring 1.2's 64-bit index and container headers,
+  measured in RSS): Elias-Fano takes about log2(range / n) + 2 bits a member, ~5.6 bytes for
+  ids random over 2^64 (roaring: 112), ~1.6 over 2^32 (roaring: 4.7).
 
-A form is chosen whenever a segment's members are installed or changed: compact when its
-encoding costs at most `to_compact` of roaring's estimated bytes, roaring again once it costs
-more than `to_roaring` of them (the gap between the two keeps a segment near the line from
-flipping on every delta); segments under `min_members` stay roaring. A compact segment is
+A form is chosen whenever a segment's members are installed or changed (`FormPolicy` has
+the rule: compact for large segments of spread-out ids where it is clearly smaller, with
+hysteresis). A compact segment is
 immutable: a delta builds its successor by merging sorted arrays, O(n) per delta, where
 roaring's in-place change is O(delta). Set algebra (counts, audiences) converts a compact
 segment to a BitMap64 on demand (`to_bitmap`); the socket's and the shared replica's checks
@@ -22,6 +22,7 @@ only test membership.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from array import array
 from dataclasses import dataclass
@@ -45,9 +46,30 @@ Members = Any
 
 @dataclass(frozen=True, slots=True)
 class FormPolicy:
+    """When a segment is held compact: at least `min_members`, spread out (on average at
+    most `max_per_container` members per 2^16-id range, i.e. roaring's ~100-byte overhead per
+    container matters), and smaller: at most `to_compact` of roaring's estimated bytes. A
+    compact segment stays so while it has at most twice `max_per_container` members per
+    range and costs at most `to_roaring` of roaring (the gap keeps a segment near the line
+    from flipping on every delta). Clustered ids stay roaring even where Elias-Fano would be
+    smaller (1 in 16: 0.8 against 2.2 bytes a member): their deltas then cost O(delta), not
+    a rebuild."""
+
     min_members: int = 4096
+    max_per_container: int = 128
     to_compact: float = 0.75
     to_roaring: float = 0.9
+
+    def compact(self, n: int, containers: int, roaring: int, size: int, held: bool) -> bool:
+        """Whether n members in `containers` 2^16 ranges, costing `roaring` bytes as roaring
+        and `size` compact, are held compact (`held`: they are now)."""
+        if n < self.min_members or not containers:
+            return False
+        if held:
+            return (
+                n <= 2 * self.max_per_container * containers and size <= self.to_roaring * roaring
+            )
+        return n <= self.max_per_container * containers and size <= self.to_compact * roaring
 
 
 DEFAULT_POLICY = FormPolicy()
@@ -66,14 +88,16 @@ def roaring_bytes(containers: int, payload: int) -> int:
     return payload + containers * CONTAINER_OVERHEAD
 
 
-def _compact_estimate(st: dict[str, int]) -> int:
+def _compact_estimate(nat: Any, st: dict[str, int]) -> int:
     """The compact encoding's size from roaring's statistics, without listing the ids."""
-    k = st["n_containers"]
+    k, n = st["n_containers"], st["cardinality"]
     runs = min(2 * st["n_values_run_containers"], 8192 * st["n_run_containers"])
     containers = (
         64 + 20 * k + 2 * st["n_values_array_containers"] + 8192 * st["n_bitset_containers"] + runs
     )
-    return min(containers, 64 + 8 * st["cardinality"])
+    if n == 0:
+        return containers
+    return min(containers, 64 + 8 * n, nat.ef_size(n, st["min_value"], st["max_value"]))
 
 
 def joined(bitmaps: list[BitMap64]) -> BitMap64:
@@ -160,12 +184,13 @@ class Forms:
         if type(members) is not BitMap64 or len(members) < policy.min_members:
             return members
         st = members.get_statistics()
-        roaring = roaring_bytes(st["n_containers"], _payload(st))
-        if _compact_estimate(st) > policy.to_compact * roaring:
+        n, k = st["cardinality"], st["n_containers"]
+        roaring = roaring_bytes(k, _payload(st))
+        if not policy.compact(n, k, roaring, _compact_estimate(self.native, st), False):
             return members
         ids = members.to_array()
         _containers, _bytes, size = self.native.shape(ids)
-        if size > policy.to_compact * roaring:
+        if not policy.compact(n, k, roaring, size, False):
             return members
         return self.native.Segment.frombytes(self.native.encode(ids, version))
 
@@ -178,8 +203,13 @@ class Forms:
         if self.policy is None:
             return chunk
         st = chunk.get_statistics()
-        roaring = roaring_bytes(st["n_containers"], _payload(st))
-        if _compact_estimate(st) > self.policy.to_compact * roaring and len(chunk):
+        n, k = st["cardinality"], st["n_containers"]
+        estimate = _compact_estimate(self.native, st)
+        roaring = roaring_bytes(k, _payload(st))
+        # judged as if large enough: the whole snapshot decides on `min_members`
+        if n and not dataclasses.replace(self.policy, min_members=0).compact(
+            n, k, roaring, estimate, False
+        ):
             return chunk
         return chunk.to_array()
 
@@ -190,11 +220,11 @@ class Forms:
             ids = array("Q")
             for p in parts:
                 ids.extend(p)
-            if len(ids) >= self.policy.min_members:
-                containers, payload, size = self.native.shape(ids)
+            containers, payload, size = self.native.shape(ids)
+            roaring = roaring_bytes(containers, payload)
+            if self.policy.compact(len(ids), containers, roaring, size, False):
                 try:
-                    if size <= self.policy.to_compact * roaring_bytes(containers, payload):
-                        return self.native.Segment.frombytes(self.native.encode(ids, version))
+                    return self.native.Segment.frombytes(self.native.encode(ids, version))
                 except ValueError:  # not ascending: chunks out of order
                     pass
             bitmap = BitMap64(ids)
@@ -208,8 +238,9 @@ class Forms:
         nat = self.native
         assert nat is not None and self.policy is not None
         ids = nat.merge(members.to_array(), add.to_array(), remove.to_array())
-        if len(ids) >= self.policy.min_members:
-            k, payload, size = nat.shape(ids)
-            if size <= self.policy.to_roaring * roaring_bytes(k, payload):
-                return nat.Segment.frombytes(nat.encode(ids, version))
-        return BitMap64(ids)
+        k, payload, size = nat.shape(ids)
+        if self.policy.compact(len(ids), k, roaring_bytes(k, payload), size, True):
+            return nat.Segment.frombytes(nat.encode(ids, version))
+        bitmap = BitMap64(ids)
+        bitmap.run_optimize()
+        return bitmap

@@ -1,13 +1,14 @@
 /* The shared replica's native part (docs/SHARED_REPLICA.md has the layout).
  *
- * - encode(ids, version): a segment file's bytes from the sorted uint64 ids (array('Q')).
+ * - encode(ids, version): a segment file's bytes from the sorted uint64 ids (array('Q')), in
+ *   the smallest of three kinds: sorted ids, flat containers, Elias-Fano.
  * - Segment(path): a segment file mapped read-only (no descriptor kept), searchable in place;
  *   Segment.frombytes(data): the same over a bytes object it keeps (the replica engine's
  *   compact form of a sparse segment, sidecar/replica/forms.py). `x in segment`, len(),
  *   iteration and to_array() (the ids as array('Q'), as BitMap64.to_array()).
  * - merge(ids, add, remove): (ids | add) - remove over sorted uint64 arrays, as array('Q').
  * - shape(ids): what the forms cost, for choosing one: (containers, roaring's container
- *   bytes, this format's bytes).
+ *   bytes, this format's bytes); ef_size(n, min, max): the Elias-Fano kind's bytes.
  * - Reader: the reader's hot path. `contains(user, segment)` is one C call: an acquire load
  *   of the index's sequence number and the writer's heartbeat (CLOCK_MONOTONIC_COARSE, read
  *   from the vDSO: no system call), a dict lookup and a binary search. Anything unusual
@@ -32,6 +33,8 @@
 #define SEG_HEADER 64
 #define KIND_SORTED 1
 #define KIND_CONTAINERS 2
+#define KIND_ELIAS_FANO 3
+#define EF_SAMPLE 256 /* a select sample every EF_SAMPLE zeros of the upper bits */
 #define ARRAY_MAX 4096
 #define BITSET_BYTES 8192
 
@@ -57,6 +60,56 @@ static void containers_size(const uint64_t *ids, size_t n, size_t *k_out, size_t
     }
     *k_out = k;
     *bytes_out = SEG_HEADER + k * 8 + k * 8 + align8(k * 4) + payload;
+}
+
+/* Elias-Fano over sorted ids: d = id - min; the low `l` bits of each d packed in n*l bits;
+ * the high parts (d >> l) in unary: bit (high_i + i) set in an upper bitvector of
+ * n + (max - min >> l) + 1 bits; a sample of the position of every EF_SAMPLE-th zero. */
+typedef struct {
+    uint64_t min, l, nbits, zeros, low_words, up_words, samples;
+} EfShape;
+
+static void ef_shape_of(uint64_t min, uint64_t max, size_t n, EfShape *e) {
+    memset(e, 0, sizeof *e);
+    if (n == 0) return;
+    uint64_t span = max - min, q = span / n;
+    e->min = min;
+    e->l = q == 0 ? 0 : 63 - (uint64_t)__builtin_clzll(q);
+    e->zeros = (span >> e->l) + 1;
+    e->nbits = n + e->zeros;
+    e->low_words = (n * e->l + 63) / 64;
+    e->up_words = (e->nbits + 63) / 64;
+    e->samples = (e->zeros + EF_SAMPLE - 1) / EF_SAMPLE;
+}
+
+static void ef_shape(const uint64_t *ids, size_t n, EfShape *e) {
+    ef_shape_of(n ? ids[0] : 0, n ? ids[n - 1] : 0, n, e);
+}
+
+static size_t ef_bytes(const EfShape *e, size_t n) {
+    if (n == 0) return (size_t)-1;
+    return SEG_HEADER + 8 * (e->low_words + e->up_words + e->samples);
+}
+
+static void ef_write(const uint64_t *ids, size_t n, const EfShape *e, uint8_t *body) {
+    uint64_t *low = (uint64_t *)body, *up = low + e->low_words, *smp = up + e->up_words;
+    uint64_t mask = e->l ? ((uint64_t)1 << e->l) - 1 : 0;
+    for (size_t i = 0; i < n; i++) {
+        uint64_t d = ids[i] - e->min;
+        if (e->l) {
+            uint64_t o = (uint64_t)i * e->l, w = o >> 6, b = o & 63, v = d & mask;
+            low[w] |= v << b;
+            if (b + e->l > 64) low[w + 1] |= v >> (64 - b);
+        }
+        uint64_t pos = (d >> e->l) + i;
+        up[pos >> 6] |= (uint64_t)1 << (pos & 63);
+    }
+    uint64_t zero = 0;
+    for (uint64_t pos = 0; pos < e->nbits; pos++) {
+        if ((up[pos >> 6] >> (pos & 63)) & 1) continue;
+        if (zero % EF_SAMPLE == 0) smp[zero / EF_SAMPLE] = pos;
+        zero++;
+    }
 }
 
 static PyObject *array_type; /* array.array */
@@ -110,10 +163,25 @@ static PyObject *shape(PyObject *self, PyObject *arg) {
     }
     size_t ck, cbytes;
     containers_size(ids, n, &ck, &cbytes);
-    size_t sbytes = SEG_HEADER + n * 8;
+    size_t sbytes = SEG_HEADER + n * 8, best = cbytes <= sbytes ? cbytes : sbytes;
+    EfShape e;
+    ef_shape(ids, n, &e);
+    if (ef_bytes(&e, n) < best) best = ef_bytes(&e, n);
     PyBuffer_Release(&in);
-    return Py_BuildValue("(nnn)", (Py_ssize_t)k, (Py_ssize_t)roaring,
-                         (Py_ssize_t)(cbytes <= sbytes ? cbytes : sbytes));
+    return Py_BuildValue("(nnn)", (Py_ssize_t)k, (Py_ssize_t)roaring, (Py_ssize_t)best);
+}
+
+/* ef_size(n, min, max) -> the bytes of the Elias-Fano kind for n ids from min to max */
+static PyObject *ef_size(PyObject *self, PyObject *args) {
+    unsigned long long n, min, max;
+    if (!PyArg_ParseTuple(args, "KKK", &n, &min, &max)) return NULL;
+    if (n == 0 || max < min || max - min < n - 1) {
+        PyErr_SetString(PyExc_ValueError, "need n >= 1 distinct ids from min to max");
+        return NULL;
+    }
+    EfShape e;
+    ef_shape_of(min, max, (size_t)n, &e);
+    return PyLong_FromSize_t(ef_bytes(&e, (size_t)n));
 }
 
 /* merge(ids, add, remove) -> array('Q'): (ids | add) - remove, each sorted ascending */
@@ -173,8 +241,14 @@ static PyObject *encode(PyObject *self, PyObject *args) {
     size_t k, cbytes;
     containers_size(ids, n, &k, &cbytes);
     size_t sbytes = SEG_HEADER + n * 8;
-    int kind = cbytes <= sbytes ? KIND_CONTAINERS : KIND_SORTED;
-    size_t total = kind == KIND_CONTAINERS ? cbytes : sbytes;
+    EfShape e;
+    ef_shape(ids, n, &e);
+    size_t ebytes = ef_bytes(&e, n);
+    /* the smallest; on a tie containers, then Elias-Fano, then sorted ids */
+    int kind = KIND_SORTED;
+    size_t total = sbytes;
+    if (ebytes <= total) { kind = KIND_ELIAS_FANO; total = ebytes; }
+    if (cbytes <= total) { kind = KIND_CONTAINERS; total = cbytes; }
     PyObject *out = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)total);
     if (out == NULL) { PyBuffer_Release(&in); return NULL; }
     uint8_t *b = (uint8_t *)PyBytes_AS_STRING(out);
@@ -183,8 +257,12 @@ static PyObject *encode(PyObject *self, PyObject *args) {
     wr32(b + 8, (uint32_t)kind);
     wr64(b + 16, n);
     wr64(b + 24, version);
-    wr64(b + 32, kind == KIND_CONTAINERS ? k : n);
-    if (kind == KIND_SORTED) {
+    wr64(b + 32, kind == KIND_CONTAINERS ? k : kind == KIND_ELIAS_FANO ? e.l : n);
+    if (kind == KIND_ELIAS_FANO) {
+        wr64(b + 40, e.min);
+        wr64(b + 48, e.nbits);
+        ef_write(ids, n, &e, b + SEG_HEADER);
+    } else if (kind == KIND_SORTED) {
         memcpy(b + SEG_HEADER, ids, n * 8);
     } else {
         uint8_t *keys = b + SEG_HEADER, *offs = keys + k * 8, *cards = offs + k * 8;
@@ -230,6 +308,8 @@ typedef struct {
     const uint64_t *keys;
     const uint64_t *offs;
     const uint32_t *cards;
+    EfShape ef; /* kind 3: keys are its low words, offs its upper words, ef_samples its samples */
+    const uint64_t *ef_samples;
 } Segment;
 
 static PyTypeObject SegmentType;
@@ -245,7 +325,49 @@ static inline size_t lower_bound64(const uint64_t *keys, size_t n, uint64_t x) {
     return (size_t)(base - keys) + (n == 1 && *base < x);
 }
 
+static inline uint64_t ef_low(const Segment *s, uint64_t i) {
+    uint64_t l = s->ef.l;
+    if (l == 0) return 0;
+    uint64_t o = i * l, w = o >> 6, b = o & 63, v = s->keys[w] >> b;
+    if (b + l > 64) v |= s->keys[w + 1] << (64 - b);
+    return v & (((uint64_t)1 << l) - 1);
+}
+
+/* the position of the r-th zero (from 0) of the upper bits, or nbits when there is none */
+static inline uint64_t ef_select0(const Segment *s, uint64_t r) {
+    const uint64_t *up = s->offs;
+    uint64_t j = r / EF_SAMPLE, pos = s->ef_samples[j], left = r % EF_SAMPLE;
+    if (left == 0) return pos;
+    uint64_t start = pos + 1, w = start >> 6;
+    if (w >= s->ef.up_words) return s->ef.nbits;
+    uint64_t z = ~up[w] & (~(uint64_t)0 << (start & 63));
+    for (;;) {
+        uint64_t c = (uint64_t)__builtin_popcountll(z);
+        if (c >= left) break;
+        left -= c;
+        if (++w >= s->ef.up_words) return s->ef.nbits;
+        z = ~up[w];
+    }
+    while (--left) z &= z - 1; /* drop the zeros before the one wanted */
+    return (w << 6) + (uint64_t)__builtin_ctzll(z);
+}
+
+static inline int ef_has(const Segment *s, uint64_t x) {
+    if (x < s->ef.min) return 0;
+    uint64_t d = x - s->ef.min, h = d >> s->ef.l;
+    if (h >= s->ef.zeros) return 0;
+    uint64_t lowx = s->ef.l ? d & (((uint64_t)1 << s->ef.l) - 1) : 0;
+    uint64_t pos = h == 0 ? 0 : ef_select0(s, h - 1) + 1;
+    const uint64_t *up = s->offs;
+    for (; pos < s->ef.nbits && ((up[pos >> 6] >> (pos & 63)) & 1); pos++) {
+        uint64_t low = ef_low(s, pos - h);
+        if (low >= lowx) return low == lowx;
+    }
+    return 0;
+}
+
 static inline int segment_has(const Segment *s, uint64_t x) {
+    if (s->kind == KIND_ELIAS_FANO) return ef_has(s, x);
     if (s->kind == KIND_SORTED) {
         size_t i = lower_bound64(s->keys, s->n, x);
         return i < s->n && s->keys[i] == x;
@@ -278,6 +400,37 @@ static int segment_validate(Segment *s) {
     s->version = rd64(b + 24);
     s->k = rd64(b + 32);
     size_t room = s->size - SEG_HEADER;
+    if (s->kind == KIND_ELIAS_FANO) {
+        uint64_t l = s->k, nbits = rd64(b + 48);
+        if (s->n == 0 || l > 63 || nbits <= s->n ||
+            (l && nbits - s->n > ((uint64_t)1 << (64 - l))))
+            goto bad;
+        EfShape *e = &s->ef;
+        e->min = rd64(b + 40);
+        e->l = l;
+        e->nbits = nbits;
+        e->zeros = nbits - s->n;
+        if (s->n > (UINT64_MAX - 63) / (l ? l : 1)) goto bad;
+        e->low_words = (s->n * l + 63) / 64;
+        e->up_words = (nbits + 63) / 64;
+        e->samples = (e->zeros + EF_SAMPLE - 1) / EF_SAMPLE;
+        if (e->low_words > room / 8 || e->up_words > room / 8 - e->low_words ||
+            e->samples != room / 8 - e->low_words - e->up_words)
+            goto bad;
+        s->keys = (const uint64_t *)(b + SEG_HEADER);
+        s->offs = s->keys + e->low_words;
+        s->ef_samples = s->offs + e->up_words;
+        uint64_t ones = 0;
+        for (uint64_t w = 0; w < e->up_words; w++) ones += (uint64_t)__builtin_popcountll(s->offs[w]);
+        if (ones != s->n || (s->offs[(nbits - 1) >> 6] >> ((nbits - 1) & 63)) & 1) goto bad;
+        if (nbits & 63 && s->offs[e->up_words - 1] >> (nbits & 63)) goto bad; /* bits past the end */
+        for (uint64_t j = 0; j < e->samples; j++) {
+            uint64_t p = s->ef_samples[j];
+            if (p >= nbits || (j && p <= s->ef_samples[j - 1]) || (s->offs[p >> 6] >> (p & 63)) & 1)
+                goto bad;
+        }
+        return 0;
+    }
     if (s->kind == KIND_SORTED) {
         if (s->k != s->n || s->n > room / 8) goto bad;
         s->keys = (const uint64_t *)(b + SEG_HEADER);
@@ -379,6 +532,19 @@ static void Segment_dealloc(Segment *s) {
 
 /* the ids, ascending, into out[0..n) */
 static void segment_decode(const Segment *s, uint64_t *out) {
+    if (s->kind == KIND_ELIAS_FANO) {
+        uint64_t i = 0;
+        for (uint64_t w = 0; w < s->ef.up_words && i < s->n; w++) {
+            uint64_t word = s->offs[w];
+            while (word && i < s->n) {
+                uint64_t pos = (w << 6) + (uint64_t)__builtin_ctzll(word);
+                out[i] = s->ef.min + (((pos - i) << s->ef.l) | ef_low(s, i));
+                i++;
+                word &= word - 1;
+            }
+        }
+        return;
+    }
     if (s->kind == KIND_SORTED) {
         memcpy(out, s->keys, s->n * 8);
         return;
@@ -462,7 +628,7 @@ static PyMethodDef Segment_methods[] = {
 static PyGetSetDef Segment_getset[] = {
     {"cardinality", (getter)Segment_get_cardinality, NULL, "members", NULL},
     {"version", (getter)Segment_get_version, NULL, "the segment's version", NULL},
-    {"kind", (getter)Segment_get_kind, NULL, "1 sorted ids, 2 containers", NULL},
+    {"kind", (getter)Segment_get_kind, NULL, "1 sorted ids, 2 containers, 3 Elias-Fano", NULL},
     {"size", (getter)Segment_get_size, NULL, "bytes mapped", NULL},
     {"data", (getter)Segment_get_data, NULL, "the segment file's bytes", NULL},
     {NULL},
@@ -752,6 +918,7 @@ static PyObject *coarse_now_ms(PyObject *self, PyObject *unused) {
 static PyMethodDef module_methods[] = {
     {"encode", encode, METH_VARARGS, "encode(ids: array('Q') ascending, version) -> bytes"},
     {"shape", shape, METH_O, "shape(ids) -> (containers, roaring bytes, segment bytes)"},
+    {"ef_size", ef_size, METH_VARARGS, "ef_size(n, min, max) -> bytes of the Elias-Fano kind"},
     {"merge", merge, METH_VARARGS, "merge(ids, add, remove) -> array('Q') of (ids | add) - remove"},
     {"write_locked", write_locked, METH_VARARGS,
      "write_locked(buffer, seq_offset, data, position) -> the new (even) sequence number"},
@@ -781,6 +948,8 @@ PyMODINIT_FUNC PyInit__native(void) {
         PyModule_AddIntConstant(m, "SEGMENT_HEADER", SEG_HEADER) < 0 ||
         PyModule_AddIntConstant(m, "KIND_SORTED", KIND_SORTED) < 0 ||
         PyModule_AddIntConstant(m, "KIND_CONTAINERS", KIND_CONTAINERS) < 0 ||
+        PyModule_AddIntConstant(m, "KIND_ELIAS_FANO", KIND_ELIAS_FANO) < 0 ||
+        PyModule_AddIntConstant(m, "EF_SAMPLE", EF_SAMPLE) < 0 ||
         PyModule_AddIntConstant(m, "ARRAY_MAX", ARRAY_MAX) < 0 ||
         PyModule_AddStringConstant(m, "SEGMENT_MAGIC", SEG_MAGIC) < 0)
         return NULL;

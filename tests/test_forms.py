@@ -355,3 +355,41 @@ def test_assemble_takes_chunks_out_of_order_and_small_ones() -> None:
     mixed = forms.assemble([forms.part(runs), forms.part(BitMap64([2**60]))], 1)
     assert mixed == runs | BitMap64([2**60])
     assert forms.assemble([forms.part(BitMap64([5, 2**40]))], 1) == BitMap64([5, 2**40])
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    clusters=st.lists(
+        st.tuples(st.integers(0, HIGH - 50_000), st.integers(1, 5000), st.integers(1, 9)),
+        min_size=1,
+        max_size=4,
+    ),
+    scattered=st.sets(st.integers(0, HIGH), max_size=300),
+)
+def test_elias_fano_with_clusters_in_one_bucket(
+    clusters: list[tuple[int, int, int]], scattered: set[int]
+) -> None:
+    """Clusters far apart put thousands of ids in one Elias-Fano bucket (searched by
+    bisection): members, their neighbours and the scattered ids answer as the set."""
+    ids = scattered | {a + i * step for a, n, step in clusters for i in range(n)}
+    ids = {x for x in ids if x <= HIGH}
+    seg = native.Segment.frombytes(native.encode(array("Q", sorted(ids)), 1))
+    probes = [x + d for x in list(ids)[:2000] for d in (-1, 0, 1) if 0 <= x + d <= HIGH]
+    for x in probes + [0, HIGH]:
+        assert (x in seg) == (x in ids), (seg.kind, x)
+    assert list(seg) == sorted(ids)
+
+
+def test_a_damaged_elias_fano_file_is_refused(tmp_path: Path) -> None:
+    data = native.encode(array("Q", sorted(spread(5000))), 1)
+    assert native.Segment.frombytes(data).kind == native.KIND_ELIAS_FANO
+    with pytest.raises(ValueError, match="sizes"):
+        native.Segment.frombytes(data[:-8])  # a sample short
+    flipped = bytearray(data)
+    low_words = -(-5000 * int.from_bytes(data[32:40], "little") // 64)
+    flipped[64 + 8 * low_words] ^= 0x10  # one bit of the upper bitvector
+    with pytest.raises(ValueError, match="sizes"):
+        native.Segment.frombytes(bytes(flipped))
+    (tmp_path / "x.seg").write_bytes(bytes(flipped))
+    with pytest.raises(ValueError, match="sizes"):
+        native.Segment(str(tmp_path / "x.seg"))

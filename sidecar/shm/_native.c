@@ -357,10 +357,19 @@ static inline int ef_has(const Segment *s, uint64_t x) {
     uint64_t d = x - s->ef.min, h = d >> s->ef.l;
     if (h >= s->ef.zeros) return 0;
     uint64_t lowx = s->ef.l ? d & (((uint64_t)1 << s->ef.l) - 1) : 0;
-    uint64_t pos = h == 0 ? 0 : ef_select0(s, h - 1) + 1;
-    const uint64_t *up = s->offs;
-    for (; pos < s->ef.nbits && ((up[pos >> 6] >> (pos & 63)) & 1); pos++) {
-        uint64_t low = ef_low(s, pos - h);
+    /* the ids whose high part is h: indexes [lo, hi), between zero h - 1 and zero h; their
+     * low parts ascend. A bucket is one or two ids for uniform ids, but a cluster lands in
+     * one bucket whole: binary search it. */
+    uint64_t lo = (h == 0 ? 0 : ef_select0(s, h - 1) + 1) - h;
+    uint64_t hi = ef_select0(s, h) - h;
+    if (hi > s->n) hi = s->n; /* a malformed file: stay inside it */
+    uint64_t end = hi; /* below lo: lower than x's; from hi on: not lower */
+    while (hi - lo > 8) {
+        uint64_t mid = lo + (hi - lo) / 2;
+        if (ef_low(s, mid) < lowx) lo = mid + 1; else hi = mid;
+    }
+    for (; lo < end; lo++) {
+        uint64_t low = ef_low(s, lo);
         if (low >= lowx) return low == lowx;
     }
     return 0;

@@ -104,11 +104,17 @@ static void ef_write(const uint64_t *ids, size_t n, const EfShape *e, uint8_t *b
         uint64_t pos = (d >> e->l) + i;
         up[pos >> 6] |= (uint64_t)1 << (pos & 63);
     }
-    uint64_t zero = 0;
-    for (uint64_t pos = 0; pos < e->nbits; pos++) {
-        if ((up[pos >> 6] >> (pos & 63)) & 1) continue;
-        if (zero % EF_SAMPLE == 0) smp[zero / EF_SAMPLE] = pos;
-        zero++;
+    uint64_t zero = 0; /* zeros before word w; EF_SAMPLE > 64: at most one sample a word */
+    for (uint64_t w = 0; w < e->up_words; w++) {
+        uint64_t z = ~up[w];
+        if (w == e->up_words - 1 && (e->nbits & 63)) z &= ((uint64_t)1 << (e->nbits & 63)) - 1;
+        uint64_t c = (uint64_t)__builtin_popcountll(z);
+        uint64_t next = (zero + EF_SAMPLE - 1) / EF_SAMPLE * EF_SAMPLE;
+        if (next < zero + c) {
+            for (uint64_t k = next - zero; k; k--) z &= z - 1;
+            smp[next / EF_SAMPLE] = (w << 6) + (uint64_t)__builtin_ctzll(z);
+        }
+        zero += c;
     }
 }
 

@@ -1,12 +1,13 @@
-"""`python -m perf.profile [check|batch|http] [--seconds S] [--out DIR]`: where a `seg-sidecar`
-process spends its time under a closed-loop load, sampled with py-spy.
+"""`python -m perf.profile [check|batch|http|fanout] [--seconds S] [--out DIR]`: where a
+`seg-sidecar` process spends its time under a closed-loop load (`fanout`: fanout's open-loop
+client processes at `--fanout-rate` checks/s, the socket peer), sampled with py-spy.
 
 Starts a sidecar on a log directory holding the latency data set (the --quick size), drives
 it from this process with the project's client (`check`: single checks; `batch`: 1,000
 checks per request; `http`: GET /v1/check), and records the sidecar with
 `py-spy record --native --format raw` for the duration. Writes the collapsed stacks and a
 summary of the hottest frames (self and inclusive) to DIR (default perf/results/profile),
-and prints the summary. py-spy is not a dependency of the project: `pip install py-spy`.
+and prints the summary. py-spy comes with the `perf` extra.
 
 `pieces` instead times, in-process, each step of a check and a batch request in the server
 (no sockets) beside the echo peer's, and writes DIR/pieces.txt.
@@ -28,8 +29,25 @@ from . import data
 from .services import SidecarProcess, log, tool
 
 
-def drive(kind: str, sidecar: SidecarProcess, segments: dict, stop: threading.Event) -> int:
+def drive(
+    kind: str,
+    sidecar: SidecarProcess,
+    segments: dict,
+    stop: threading.Event,
+    rate: int = 0,
+    seconds: float = 0.0,
+) -> int:
     from sidecar.client import SidecarClient
+
+    if kind == "fanout":  # one open-loop step of fanout's socket peer, as long as the recording
+        from types import SimpleNamespace
+
+        from .fanout import PROCS, steps_of
+
+        res = steps_of(SimpleNamespace(segments=segments), "socket", str(sidecar.uds), PROCS,
+                       [rate], seconds)  # fmt: skip
+        FANOUT_STEPS.extend(res["steps"])
+        return sum(s["requests"] for s in res["steps"])
 
     qs = data.queries(segments, 20_000, seed=99)
     n = 0
@@ -57,6 +75,9 @@ def drive(kind: str, sidecar: SidecarProcess, segments: dict, stop: threading.Ev
                 n += 1000
     return n
 
+
+#: the fanout load's step results (latency, achieved rate), for the summary
+FANOUT_STEPS: list[dict] = []
 
 #: Frames of a thread that waits (event loop idle, sleeping, or blocked on the GIL).
 IDLE = ("epoll_pwait", "epoll_wait", "clock_nanosleep", "pthread_cond_timedwait", "select (")
@@ -159,10 +180,15 @@ def pieces() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m perf.profile", description=__doc__)
-    p.add_argument("kind", choices=["check", "batch", "http", "pieces"], nargs="?", default="check")
+    p.add_argument(
+        "kind", choices=["check", "batch", "http", "fanout", "pieces"], nargs="?", default="check"
+    )
+    p.add_argument("--fanout-rate", type=int, default=15_000, help="fanout: checks/s in all")
     p.add_argument("--seconds", type=float, default=10.0)
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "profile")
-    p.add_argument("--rate", type=int, default=1000, help="py-spy samples per second")
+    p.add_argument(
+        "--rate", type=int, default=1000, help="py-spy samples per second (0: the load only)"
+    )
     args = p.parse_args(argv)
     if args.kind == "pieces":
         text = pieces()
@@ -188,24 +214,48 @@ def main(argv: list[str] | None = None) -> int:
         log(f"sidecar pid {sidecar.pid} ({tool('seg-sidecar')}); load: {args.kind}")
         stop = threading.Event()
         done: list[int] = []
-        th = threading.Thread(target=lambda: done.append(drive(args.kind, sidecar, segments, stop)))
+        load_s = args.seconds + 4.0  # fanout: the step outlasts the recording
+        th = threading.Thread(
+            target=lambda: done.append(
+                drive(args.kind, sidecar, segments, stop, args.fanout_rate, load_s)
+            )
+        )
         th.start()
-        time.sleep(1.0)
+        time.sleep(4.0 if args.kind == "fanout" else 1.0)  # client processes start
         args.out.mkdir(parents=True, exist_ok=True)
         raw = args.out / f"{args.kind}.collapsed.txt"
+        # open loop: py-spy's pauses of the process (--native needs them) would be the latency
+        # measured, so the fanout load is sampled without pausing, Python frames only
+        how = ["--nonblocking"] if args.kind == "fanout" else ["--native"]
         cmd = [pyspy, "record", "--pid", str(sidecar.pid), "--duration", str(int(args.seconds)),
-               "--rate", str(args.rate), "--native", "--format", "raw",
+               "--rate", str(args.rate), *how, "--format", "raw",
                "--output", str(raw)]  # fmt: skip
         t0 = time.monotonic()
-        rec = subprocess.run(cmd, check=False, capture_output=True, text=True)
-        if rec.returncode != 0:
-            raise RuntimeError(f"py-spy failed: {rec.stderr[-500:]}; sidecar: {sidecar.log_tail()}")
+        if args.rate == 0:  # the load only, unsampled (fanout: its latency without py-spy)
+            time.sleep(args.seconds)
+            raw.write_text("")
+        else:
+            rec = subprocess.run(cmd, check=False, capture_output=True, text=True)
+            if rec.returncode != 0:
+                raise RuntimeError(
+                    f"py-spy failed: {rec.stderr[-500:]}; sidecar: {sidecar.log_tail()}"
+                )
         took = time.monotonic() - t0
         stop.set()
         th.join()
         summary = summarize(raw)
         rate = (done[0] if done else 0) / max(took + 1.0, 1e-9)
-        text = f"load {args.kind}: about {rate:,.0f} checks/s while recording\n\n{summary}\n"
+        from .fanout import PROCS
+
+        head = f"about {rate:,.0f} checks/s while recording"
+        for st in FANOUT_STEPS:
+            la = st["latency"]
+            head = (
+                f"{st['offered_rps']:,} checks/s offered by {PROCS} open-loop "
+                f"processes, {st['achieved_rps']:,} achieved, p50 {la['p50_us']:.0f} us, "
+                f"p99 {la['p99_us']:.0f} us, send lag p99 {st['send_lag']['p99_us']:.0f} us"
+            )
+        text = f"load {args.kind}: {head}\n\n{summary}\n"
         (args.out / f"{args.kind}.summary.txt").write_text(text)
         print(text)
     finally:

@@ -15,10 +15,11 @@ def _rows(lines: list[str]) -> list[list[str]]:
 def test_every_design_target_has_a_row_and_unrun_ones_say_so() -> None:
     docs = {
         "bootstrap": {
+            "results": {"segments": 10_000, "memberships": 1_000_000_000},
             "targets": [
                 target("bootstrap: cold start from Kafka", 11.0, "<", 15.0, "s"),
                 target("bootstrap: warm restart from a checkpoint", 3.5, "<", 3.0, "s"),
-            ]
+            ],
         },
         "fanout": {"targets": []},
         "check": {"targets": [target("check: sidecar p99", 130.0, "<", 100.0, "us")]},
@@ -31,7 +32,7 @@ def test_every_design_target_has_a_row_and_unrun_ones_say_so() -> None:
     assert cold[3] == "11.00 s" and cold[5] == "0.73" and cold[6] == "**met**"
     warm = by_label[next(d[0] for d in DESIGN_TARGETS if "warm restart" in d[0])]
     assert warm[6] == "**not met**"
-    for label, scenario, _words, _peer in DESIGN_TARGETS:
+    for label, scenario, *_ in DESIGN_TARGETS:
         row = by_label[label]
         if scenario == "bootstrap":
             continue
@@ -49,3 +50,22 @@ def test_a_peer_given_by_the_scenario_is_shown() -> None:
     rows = _rows(targets_table({"fanout": {"targets": [t]}}))
     row = next(r for r in rows if r[1] == "fanout" and r[3] != "-")
     assert row[4] == "Redis SISMEMBER at 7,000/s" and row[5] == "1.29" and row[6] == "**met**"
+
+
+def test_rows_are_judged_by_design_goals_and_sizes() -> None:
+    """A JSON file from an older harness (another goal, a smaller size) is not judged by what
+    it says: by DESIGN.md's goal, and not at all at another size."""
+    docs = {
+        "embedded": {
+            "targets": [target("embedded: Replica.contains per check", 0.8, "<", 1.0, "us")]
+        },
+        "bootstrap": {
+            "results": {"segments": 1_000, "memberships": 100_000_000},
+            "targets": [target("bootstrap: cold start from Kafka", 1.1, "<", 15.0, "s")],
+        },
+    }
+    rows = {r[0]: r for r in _rows(targets_table(docs))}
+    embedded = rows["in-process check under 0.5 us"]
+    assert embedded[2] == "< 0.5 us" and embedded[6] == "**not met**"
+    cold = next(r for label, r in rows.items() if label.startswith("cold bootstrap"))
+    assert cold[6] == "not run at this size (ran 1,000 / 100,000,000)" and cold[5] == "-"

@@ -24,6 +24,7 @@ from compute.lake import (
     read_lake_meta,
     spark_ddl,
 )
+from compute.pruning import columns_read
 from compute.segment_set import write_segment_set
 
 if TYPE_CHECKING:
@@ -204,9 +205,9 @@ def evaluate(
     *,
     one_pass: bool = True,
 ) -> dict[str, BitMap64]:
-    """Every segment's members in order. `one_pass`: one Spark job for all of them over the
-    views cached on first read (each table scanned once; `cached_views`); else one job per
-    segment, one after another, each reading the lake's files."""
+    """Every segment's members in order. `one_pass`: one Spark job for all of them (over the
+    views cached on first read: `cached_views`); else one job per segment, one after another,
+    each reading the lake's files."""
     if not one_pass:
         bitmaps: dict[str, BitMap64] = {}
         for segment, df in zip(segments, frames, strict=True):
@@ -226,16 +227,70 @@ def evaluate(
 
 
 @contextmanager
-def cached_views(spark: SparkSession, views: Sequence[str]) -> Iterator[None]:
-    """The views cached (lazily: a table no query reads is never loaded; MEMORY_AND_DISK) while
-    the block runs, so the queries of one pass share one scan of each table's files."""
-    for name in views:
+def cached_views(
+    spark: SparkSession,
+    segments: Sequence[Segment],
+    views: Sequence[str],
+    frames: Sequence[DataFrame],
+    *,
+    prune_columns: bool = True,
+) -> Iterator[list[DataFrame]]:
+    """The segments' frames over cached views while the block runs (lazily: MEMORY_AND_DISK,
+    built by the first job that reads them), so the queries of one pass share one scan of each
+    table's files. `prune_columns`: each view read by a query is narrowed to the columns the
+    queries read (compute/pruning.py) and the queries analyzed again over it; a view no query
+    reads is not cached. Else every view is cached whole (as before). The full views are
+    registered again afterwards."""
+    from pyspark.errors import PySparkException
+
+    originals = {name: spark.table(name) for name in views}
+    cached = list(views)
+    if prune_columns:
+        read = columns_read(frames, views)
+        cached = [name for name in views if read.get(name)]
+        for name in cached:
+            table = originals[name]
+            table.select(*[c for c in table.columns if c in read[name]]).createOrReplaceTempView(
+                name
+            )
+        try:
+            frames = [analyze(spark, segment) for segment in segments]
+        except (DefinitionError, PySparkException):
+            _register(originals)  # a read this module did not foresee: cache whole tables
+            cached = list(views)
+    for name in cached:
         spark.catalog.cacheTable(name)
     try:
-        yield
+        yield list(frames)
     finally:
-        for name in views:
+        for name in cached:
             spark.catalog.uncacheTable(name)
+        _register(originals)
+
+
+def _register(frames: Mapping[str, DataFrame]) -> None:
+    for name, frame in frames.items():
+        frame.createOrReplaceTempView(name)
+
+
+@contextmanager
+def prepared(
+    spark: SparkSession,
+    lake: Path | str,
+    segments: Sequence[Segment],
+    *,
+    one_pass: bool = True,
+    prune_columns: bool = True,
+) -> Iterator[list[DataFrame]]:
+    """The segments' analyzed frames over the lake's views (nothing runs unless all analyze);
+    for one pass over the cached views while the block runs (`cached_views`)."""
+    views = register_views(spark, lake)
+    frames = [analyze(spark, segment) for segment in segments]
+    if not one_pass:
+        yield frames
+        return
+    with cached_views(spark, segments, views, frames, prune_columns=prune_columns) as frames:
+        yield frames
 
 
 def compute(
@@ -245,11 +300,10 @@ def compute(
     on_segment: Callable[[SegmentResult], None] | None = None,
     *,
     one_pass: bool = True,
+    prune_columns: bool = True,
 ) -> dict[str, BitMap64]:
-    """Every segment's members, in definition order (nothing runs unless all analyze)."""
-    views = register_views(spark, lake)
-    frames = [analyze(spark, segment) for segment in segments]
-    with cached_views(spark, views if one_pass else ()):
+    """Every segment's members, in definition order (`prepared`, then `evaluate`)."""
+    with prepared(spark, lake, segments, one_pass=one_pass, prune_columns=prune_columns) as frames:
         return evaluate(segments, frames, on_segment, one_pass=one_pass)
 
 
@@ -272,15 +326,20 @@ def run_batch(
         if on_segment:
             on_segment(result)
 
-    views = register_views(spark, lake)
-    frames = [analyze(spark, segment) for segment in segments]
-    prepared = time.perf_counter() - t0
-    with cached_views(spark, views if one_pass else ()):
+    with prepared(spark, lake, segments, one_pass=one_pass) as frames:
+        prepare_seconds = time.perf_counter() - t0
         bitmaps = evaluate(segments, frames, record, one_pass=one_pass)
     t_write = time.perf_counter()
     write_segment_set(out, bitmaps, computed_at, {s.name: s.options() for s in segments})
     now = time.perf_counter()
-    evaluated = t_write - t0 - prepared
+    evaluated = t_write - t0 - prepare_seconds
     return BatchResult(
-        Path(out), computed_at, results, now - t0, prepared, now - t_write, evaluated, one_pass
+        Path(out),
+        computed_at,
+        results,
+        now - t0,
+        prepare_seconds,
+        now - t_write,
+        evaluated,
+        one_pass,
     )

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from compute import batch, definitions, lake
+from compute import batch, definitions, lake, pruning
 from compute.definitions import EXAMPLE, DefinitionError
 from tests.spark_session import spark_session
 from tests.test_compute_batch import segment
@@ -56,3 +56,45 @@ def test_one_pass_names_the_first_bad_segment(spark, small_lake: Path) -> None:
     with pytest.raises(DefinitionError, match="segment 'neg'"):
         batch.compute(spark, small_lake, segments)
     assert not spark.catalog.isCached("users")
+
+
+@pytest.mark.spark
+def test_columns_read_follows_joins_and_subqueries(spark, small_lake: Path) -> None:
+    views = batch.register_views(spark, small_lake)
+    segments = definitions.parse(
+        segment("tiers", "SELECT user_id FROM users WHERE tier = 'vip'")
+        + segment(
+            "books",
+            "SELECT u.user_id FROM users u WHERE u.country = 'DE' AND u.user_id IN "
+            "(SELECT o.user_id FROM orders o WHERE o.category = 'books')",
+        )
+        + segment("rows", "SELECT 1 AS user_id FROM events")
+    )
+    frames = [batch.analyze(spark, s) for s in segments]
+    assert pruning.columns_read(frames[:1], views) == {"users": {"user_id", "tier"}}
+    assert pruning.columns_read(frames, views) == {
+        "users": {"user_id", "tier", "country"},
+        "orders": {"user_id", "category"},
+        "events": set(),  # read (its row count), no column: left whole and uncached
+    }
+
+
+@pytest.mark.spark
+def test_one_pass_caches_only_the_columns_read_then_restores_the_views(
+    spark, small_lake: Path
+) -> None:
+    segments = definitions.parse(
+        segment("vip", "SELECT user_id FROM users WHERE tier = 'vip'")
+        + segment("books", "SELECT user_id FROM orders WHERE category = 'books'")
+    )
+    with batch.prepared(spark, small_lake, segments) as frames:
+        assert spark.table("users").columns == ["user_id", "tier"]
+        assert spark.table("orders").columns == ["user_id", "category"]
+        assert spark.catalog.isCached("users") and spark.catalog.isCached("orders")
+        assert not spark.catalog.isCached("events")
+        assert len(frames) == 2
+    assert spark.table("users").columns == lake.SCHEMAS["users"].names
+    assert not any(spark.catalog.isCached(t) for t in ("users", "orders", "events"))
+    pruned = batch.compute(spark, small_lake, segments)
+    whole = batch.compute(spark, small_lake, segments, prune_columns=False)
+    assert pruned == whole and all(pruned.values())

@@ -77,15 +77,68 @@ class PySegment:
         self.mv = mv
         if self.kind == 1:
             self.ids = mv[64 : 64 + 8 * self.n].cast("Q")
-        else:
+        elif self.kind == 2:
             self.keys = mv[64 : 64 + 8 * k].cast("Q")
             self.offs = mv[64 + 8 * k : 64 + 16 * k].cast("Q")
             self.cards = mv[64 + 16 * k : 64 + 20 * k].cast("I")
+        else:  # 3, Elias-Fano: k is L, the low bits per id
+            self.min, upper_bits = struct.unpack_from("<QQ", mv, 40)
+            lows = -(-self.n * k // 64)
+            uppers = -(-upper_bits // 64)
+            self.zeros = upper_bits - self.n
+            self.lows = mv[64 : 64 + 8 * lows].cast("Q")
+            self.upper = mv[64 + 8 * lows : 64 + 8 * (lows + uppers)].cast("Q")
+            at = 64 + 8 * (lows + uppers)
+            self.samples = mv[at : at + 8 * -(-self.zeros // 256)].cast("Q")
+
+    def _select0(self, q: int) -> int:
+        """The position of zero number q (from 0) of the upper bitvector."""
+        j = q >> 8
+        pos = self.samples[j]
+        left = q - (j << 8)
+        b = pos + 1
+        while left:
+            w = b >> 6
+            word = ~self.upper[w] & ((1 << 64) - 1) & ~((1 << (b & 63)) - 1)
+            c = word.bit_count()
+            if c >= left:
+                for _ in range(left - 1):
+                    word &= word - 1
+                return (w << 6) + (word & -word).bit_length() - 1
+            left -= c
+            b = (w + 1) << 6
+        return pos
+
+    def _low(self, i: int) -> int:
+        width = self.k
+        if not width:
+            return 0
+        bit = i * width
+        w, off = bit >> 6, bit & 63
+        value = self.lows[w] >> off
+        if off + width > 64:
+            value |= self.lows[w + 1] << (64 - off)
+        return value & ((1 << width) - 1)
+
+    def _ef_contains(self, x: int) -> bool:
+        d = x - self.min
+        h = d >> self.k
+        if d < 0 or h >= self.zeros:
+            return False
+        low = d & ((1 << self.k) - 1)
+        start = self._select0(h - 1) + 1 if h else 0
+        for p in range(start, self._select0(h)):  # the ids whose high part is h, ascending
+            got = self._low(p - h)
+            if got >= low:
+                return got == low
+        return False
 
     def contains(self, x: int) -> bool:
         if self.kind == 1:
             i = bisect.bisect_left(self.ids, x)
             return i < self.n and self.ids[i] == x
+        if self.kind == 3:
+            return self._ef_contains(x)
         key = x >> 16
         i = bisect.bisect_left(self.keys, key)
         if i == self.k or self.keys[i] != key:

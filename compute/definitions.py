@@ -27,9 +27,10 @@ from __future__ import annotations
 import datetime as dt
 import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from publisher.segment_set import OPTIONS, option_value  # the manifest entry's options
 from sidecar.ids import SEGMENT_RE  # the one segment-id rule, shared by every part
@@ -155,13 +156,7 @@ def parse(
         sql = raw.get("sql")
         if not isinstance(sql, str) or not sql.strip():
             raise DefinitionError("sql is missing or empty", name)
-        description = raw.get("description", "")
-        if not isinstance(description, str):
-            raise DefinitionError("description must be a string", name)
-        try:
-            options = {k: option_value(k, raw[k]) for k in OPTIONS if k in raw}
-        except ValueError as exc:
-            raise DefinitionError(str(exc), name) from None
+        description, options = described_options(raw, OPTIONS, name)
         own = _check_params(raw.get("params", {}), "[segment.params]", name)
         params = {**(base_params or {}), **shared, **own, **(overrides or {})}
         rendered = render(sql, params, name)
@@ -169,6 +164,20 @@ def parse(
         segments.append(Segment(name, text, rendered, sql, params, **options))
     _check_single_owner(doc, first_seen)
     return segments
+
+
+def described_options(
+    raw: dict[str, Any], keys: Iterable[str], name: str
+) -> tuple[str, dict[str, int]]:
+    """A `[[segment]]` or `[[stream]]` table's description and its manifest options among
+    `keys` (max_age_seconds, ttl_seconds, ...), each validated as the manifest validates it."""
+    description = raw.get("description", "")
+    if not isinstance(description, str):
+        raise DefinitionError("description must be a string", name)
+    try:
+        return description, {k: option_value(k, raw[k]) for k in keys if k in raw}
+    except ValueError as exc:
+        raise DefinitionError(str(exc), name) from None
 
 
 def table_name(raw: object, index: int, source: str, kind: str) -> str:

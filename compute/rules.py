@@ -37,9 +37,13 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from compute.definitions import DefinitionError, read_definitions, table_name
+from compute.definitions import (
+    DefinitionError,
+    described_options,
+    read_definitions,
+    table_name,
+)
 from compute.events import EVENT_TYPES, Event
-from publisher.segment_set import option_value
 
 MAX_WINDOW_MINUTES = 31 * 24 * 60
 MAX_MIN_COUNT = 1000
@@ -165,13 +169,7 @@ def _rule(raw: object, index: int, source: str) -> StreamRule:
     unless = _event_type(raw, "unless", name) if "unless" in raw else None
     if unless == event:
         raise DefinitionError("unless must differ from event", name)
-    description = raw.get("description", "")
-    if not isinstance(description, str):
-        raise DefinitionError("description must be a string", name)
-    try:
-        options = {k: option_value(k, raw[k]) for k in _RULE_OPTIONS if k in raw}
-    except ValueError as exc:
-        raise DefinitionError(str(exc), name) from None
+    description, options = described_options(raw, _RULE_OPTIONS, name)
     return StreamRule(name, event, within, min_count, category, unless, description, **options)
 
 

@@ -179,9 +179,7 @@ def run(ctx: Context) -> dict[str, Any]:
             "Aerospike writes vs the client's own batch_operate"
             + (" (real server)" if "real server" in results else " (test server)"),
             main["ratio_median"],
-            ">=",
-            1.0,
-            "x",
+            ">= 1 x",
             detail="median per-round ratio of memberships/s, sink / plain client",
             applies="real server" in results or not ctx.quick,
         )

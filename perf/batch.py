@@ -120,9 +120,7 @@ def run(ctx: Context) -> dict[str, Any]:
         target(
             f"{label}: sidecar p50 per request",
             round(hists[f"sidecar {form}"].p50_us, 1),
-            "<",
-            300.0,
-            "us",
+            "< 300 us",
             detail=f"p99 {hists[f'sidecar {form}'].p99_us:.0f} us; echo p50 "
             f"{hists[f'echo {form}'].p50_us:.0f} us; "
             f"{results['checks_per_second'][f'sidecar {form}']:,} checks/s from one client",

@@ -150,9 +150,7 @@ def run(ctx: Context) -> dict[str, Any]:
             target(
                 "fanout: socket rate with p99 < 1 ms vs Redis's in the same harness",
                 best["socket"],
-                ">=",
-                best.get("redis") or 0,
-                "checks/s",
+                f">= {best.get('redis') or 0} checks/s",
                 detail=f"socket {best['socket']:,}/s, Redis SISMEMBER "
                 f"{best.get('redis', 0):,}/s, {PROCS} client processes each",
                 applies=bool(best.get("redis")),
@@ -161,9 +159,7 @@ def run(ctx: Context) -> dict[str, Any]:
                 f"fanout: shared replica, {SHARED_PROCS} reader processes, checks/s with "
                 "p99 < 1 ms",
                 best["shared"],
-                ">=",
-                1_000_000,
-                "checks/s",
+                ">= 1000000 checks/s",
                 detail=f"highest step kept up with: "
                 f"{peers['shared'].get('max_achieved_rps', 0):,}/s",
             ),

@@ -289,9 +289,7 @@ def run(ctx: Context) -> dict[str, Any]:
                 target(
                     f"memory {name}: replica bytes / bound",
                     row["replica_over_bound"],
-                    "<=",
-                    1.6,
-                    "x",
+                    "<= 1.6 x",
                     detail=detail,
                 )  # fmt: skip
             )
@@ -303,9 +301,7 @@ def run(ctx: Context) -> dict[str, Any]:
                 target(
                     f"memory {name}: Redis bytes / replica bytes",
                     measured,
-                    ">=",
-                    15.0,
-                    "x",
+                    ">= 15 x",
                     detail=detail,
                 )  # fmt: skip
             )
@@ -314,9 +310,7 @@ def run(ctx: Context) -> dict[str, Any]:
                 target(
                     f"check {name}: `x in` the {row['form']} form / `x in BitMap64`",
                     row["check_over_bitmap64"],
-                    "<=",
-                    1.0,
-                    "x",
+                    "<= 1 x",
                     detail=f"{row['check_ns']} ns vs {row['bitmap64_check_ns']} ns per check "
                     f"(medians of {ROUNDS} interleaved rounds of {PROBES:,} probes)",
                 )

@@ -44,29 +44,34 @@ _OPS: dict[str, Callable[[float, float], bool]] = {
 def target(
     name: str,
     measured: float | None,
-    op: str,
-    goal: float,
-    unit: str,
+    goal: str,
     *,
     detail: str = "",
     applies: bool = True,
     peer: str = "",
 ) -> dict[str, Any]:
-    """One DESIGN.md target beside its measured figure. `applies` False: measured at a
+    """One DESIGN.md target beside its measured figure; `goal` as DESIGN.md words it, an
+    operator, a number and a unit ("< 100 us", ">= 15 x"). `applies` False: measured at a
     smaller size than the target's (--quick), shown but not judged. `peer`: what the goal
     (or the measured ratio) was measured against in the same run, when not a fixed figure."""
-    met = None if measured is None else _OPS[op](measured, goal)
+    op, number, unit = goal.split(" ", 2)
+    if op not in _OPS:
+        raise ValueError(f"target {name!r}: goal {goal!r} does not start with one of {list(_OPS)}")
+    goal_value = float(number)
+    met = None if measured is None else _OPS[op](measured, goal_value)
     return {
         "name": name,
         "peer": peer,
-        "goal": goal,
+        "goal": goal_value,
         "op": op,
         "unit": unit,
         "measured": measured,
         "met": met if applies else None,
         "met_at_this_size": met,
         "applies": applies,
-        "measured_over_goal": round(measured / goal, 3) if measured is not None and goal else None,
+        "measured_over_goal": (
+            round(measured / goal_value, 3) if measured is not None and goal_value else None
+        ),
         "detail": detail,
     }
 
@@ -384,7 +389,7 @@ def _as_designed(t: dict[str, Any], goal: tuple[str, float] | None) -> dict[str,
     if goal is None or (t["op"], t["goal"]) == goal:
         return t
     op, value = goal
-    return target(t["name"], t["measured"], op, value, t["unit"], detail=t["detail"],
+    return target(t["name"], t["measured"], f"{op} {value} {t['unit']}", detail=t["detail"],
                   applies=t["applies"], peer=t.get("peer", ""))  # fmt: skip
 
 

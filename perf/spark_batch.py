@@ -73,9 +73,7 @@ def run(lake: Path, definitions: Path, rounds: int, ways: list[str]) -> dict[str
             target(
                 f"spark batch: {len(segments)} segments in one pass, end to end",
                 e2e["one pass"],
-                "<",
-                30.0,
-                "s",
+                "< 30 s",
                 detail=f"lake {lake}; "
                 + "".join(f"{w} {e2e[w]} s, " for w in ways if w != "one pass")
                 + f"in the same run ({len(runs)} runs, best of each way, Spark start-up "

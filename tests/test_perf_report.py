@@ -5,6 +5,8 @@ targets follow."""
 
 from __future__ import annotations
 
+import pytest
+
 from perf.report import DESIGN_TARGETS, target, targets_table
 
 
@@ -17,12 +19,12 @@ def test_every_design_target_has_a_row_and_unrun_ones_say_so() -> None:
         "bootstrap": {
             "results": {"segments": 10_000, "memberships": 1_000_000_000},
             "targets": [
-                target("bootstrap: cold start from Kafka", 11.0, "<", 15.0, "s"),
-                target("bootstrap: warm restart from a checkpoint", 3.5, "<", 3.0, "s"),
+                target("bootstrap: cold start from Kafka", 11.0, "< 15 s"),
+                target("bootstrap: warm restart from a checkpoint", 3.5, "< 3 s"),
             ],
         },
         "fanout": {"targets": []},
-        "check": {"targets": [target("check: sidecar p99", 130.0, "<", 100.0, "us")]},
+        "check": {"targets": [target("check: sidecar p99", 130.0, "< 100 us")]},
     }
     rows = _rows(targets_table(docs))
     design = rows[: len(DESIGN_TARGETS)]
@@ -45,7 +47,7 @@ def test_every_design_target_has_a_row_and_unrun_ones_say_so() -> None:
 
 
 def test_a_peer_given_by_the_scenario_is_shown() -> None:
-    t = target("fanout: socket rate with p99 < 1 ms vs Redis's", 9000, ">=", 7000, "checks/s",
+    t = target("fanout: socket rate with p99 < 1 ms vs Redis's", 9000, ">= 7000 checks/s",
                peer="Redis SISMEMBER at 7,000/s")  # fmt: skip
     rows = _rows(targets_table({"fanout": {"targets": [t]}}))
     row = next(r for r in rows if r[1] == "fanout" and r[3] != "-")
@@ -56,12 +58,10 @@ def test_rows_are_judged_by_design_goals_and_sizes() -> None:
     """A JSON file from an older harness (another goal, a smaller size) is not judged by what
     it says: by DESIGN.md's goal, and not at all at another size."""
     docs = {
-        "embedded": {
-            "targets": [target("embedded: Replica.contains per check", 0.8, "<", 1.0, "us")]
-        },
+        "embedded": {"targets": [target("embedded: Replica.contains per check", 0.8, "< 1 us")]},
         "bootstrap": {
             "results": {"segments": 1_000, "memberships": 100_000_000},
-            "targets": [target("bootstrap: cold start from Kafka", 1.1, "<", 15.0, "s")],
+            "targets": [target("bootstrap: cold start from Kafka", 1.1, "< 15 s")],
         },
     }
     rows = {r[0]: r for r in _rows(targets_table(docs))}
@@ -69,3 +69,11 @@ def test_rows_are_judged_by_design_goals_and_sizes() -> None:
     assert embedded[2] == "< 0.5 us" and embedded[6] == "**not met**"
     cold = next(r for label, r in rows.items() if label.startswith("cold bootstrap"))
     assert cold[6] == "not run at this size (ran 1,000 / 100,000,000)" and cold[5] == "-"
+
+
+def test_a_goal_is_an_operator_a_number_and_a_unit() -> None:
+    t = target("check: sidecar p99", 130.0, "< 100 us")
+    assert (t["op"], t["goal"], t["unit"], t["met"], t["measured_over_goal"]) == (
+        "<", 100.0, "us", False, 1.3)  # fmt: skip
+    with pytest.raises(ValueError, match="does not start with one of"):
+        target("check: sidecar p99", 130.0, "under 100 us")

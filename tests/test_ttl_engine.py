@@ -142,6 +142,8 @@ class ExpiryMachine(RuleBasedStateMachine):
         delta = Delta(SEG, self.version, self.version + 1, listed, BitMap64(), len(self.pub), ts,
                       expires_at=at)  # fmt: skip
         self.engine.apply_delta(decode(encode(delta)))  # type: ignore[arg-type]
+        if at <= self.now:  # late: applied and expired in one step
+            self._expire(self.rep, self.now)
         self.version += 1
         self.exists = True
 
@@ -265,6 +267,18 @@ def test_a_lagging_replica_skips_the_count_and_says_so() -> None:
     assert state.fresh and state.bitmap == BitMap64([2, 3])
     assert engine.counters.ttl_unchecked == 1 and engine.counters.diverged == 0
     assert engine.counters.expired == 2
+
+
+def test_a_delta_past_its_deadline_is_never_readable() -> None:
+    """A lagging replica applies a TTL delta after its deadline: its members are not in the
+    segment once apply_delta returns, without waiting for the next expire()."""
+    engine = Engine(clock_ms=lambda: 20_000)
+    engine.apply_delta(Delta(SEG, 0, 1, BitMap64([1, 2]), BitMap64(), 2, 9_000, expires_at=11_000))
+    state = engine.segments[SEG]
+    assert state.fresh and 1 not in state.bitmap and len(state.bitmap) == 0
+    assert engine.counters.expired == 2 and engine.counters.diverged == 0
+    engine.apply_delta(Delta(SEG, 1, 2, BitMap64([3]), BitMap64(), 1, 19_000, expires_at=21_000))
+    assert 3 in engine.segments[SEG].bitmap
 
 
 def test_a_split_ttl_delta_applies_whole_with_its_expiry() -> None:

@@ -292,6 +292,10 @@ class Engine:
             if not checked:
                 self.counters.ttl_unchecked += 1
             self._swap_in(delta, bitmap, checked)
+            if delta.expires_at and index is not None and delta.expires_at <= self.clock_ms():
+                # it reached this replica after its own deadline (a lagging replica): its
+                # members go in the same step, never readable until the next `expire`
+                self._drop_due(segment, index, self.clock_ms())
         self.dropped.pop(delta.segment, None)
         self._changed(delta.segment)
         self.counters.applied += 1

@@ -281,6 +281,9 @@ class KafkaReader(base.LogReader):
         self._next: dict[tuple[Topic, int], int] = {}
         self._assigned: list[TopicPartition] = []
         self._watch_until = 0.0  # until then poll() looks for skipped markers every few ms
+        #: assigned partitions the consumer has not fetched for yet: until it has, its
+        #: position() may still be the previous assignment's (seen after a re-assign back)
+        self._unfetched: set[tuple[Topic, int]] = set()
         self._kinds = {transport.topic(t): t for t in TOPICS}
         # Warm the consumer's metadata for both topics: a topic first met in assign() waits
         # for librdkafka's next metadata refresh (~1 s) before its first fetch.
@@ -301,6 +304,7 @@ class KafkaReader(base.LogReader):
 
     def assign(self, assignments: dict[tuple[Topic, int], int]) -> None:
         self._next = dict(assignments)
+        self._unfetched = set(assignments)
         self._assigned = [TopicPartition(self._t.topic(t), p) for t, p in assignments]
         self._consumer.assign(
             [TopicPartition(self._t.topic(t), p, off) for (t, p), off in assignments.items()]
@@ -319,6 +323,8 @@ class KafkaReader(base.LogReader):
         moved = False
         for tp in self._consumer.position(self._assigned):
             key = (self._kinds[tp.topic], tp.partition)
+            if key in self._unfetched:
+                continue
             if tp.offset > self._next.get(key, 0):  # an unknown position is negative
                 self._next[key] = tp.offset
                 moved = True
@@ -344,6 +350,7 @@ class KafkaReader(base.LogReader):
             for msg in msgs:
                 err = msg.error()
                 tp = (self._kinds[msg.topic()], msg.partition())
+                self._unfetched.discard(tp)
                 if err is not None:
                     if err.code() == KafkaError._PARTITION_EOF:
                         # read_committed: EOF sits at the last stable offset, past markers.

@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -26,7 +27,7 @@ from sidecar.replica import Replica
 from sidecar.transport import LogDirTransport
 from sidecar.transport.base import TransportError
 from sidecar.transport.logdir import MAGIC, survey
-from tests.logtools import SidecarThread, get_json, started_replica
+from tests.logtools import SidecarThread, get_json, ready_replica, started_replica
 
 ROOT = Path(__file__).resolve().parent.parent
 WAIT = 30
@@ -200,6 +201,58 @@ def test_repair_log_keeps_the_prefix_says_what_it_drops_and_publishing_resumes(
             "b": [11, 12],
         }
         assert replica.log_damage() is None
+
+
+def answers(replica: Replica) -> dict[str, tuple[int, list[int]]]:
+    return {s: (st.version, list(st.bitmap)) for s, st in replica.segment_items()}
+
+
+def repair_and_republish(log: Path, later: dict[str, BitMap64]) -> None:
+    assert seg_publish("--log-dir", str(log), "--repair-log").returncode == 0
+    publisher = Publisher(LogDirTransport(log), partitions=2)
+    for desired in (HISTORY[-1], later, later | {"b": BitMap64([14])}):
+        publisher.publish(desired)
+
+
+@pytest.mark.parametrize("grown", [False, True], ids=["shrunk", "grown"])
+def test_a_replica_tailing_through_repair_log_answers_as_a_fresh_one(
+    tmp_path: Path, grown: bool
+) -> None:
+    """A replica that read all four batches before the damage: after the repair its offsets
+    and versions 2..4 mean other changes (the republish writes versions 2 and 3 again). It
+    notices the new identity by itself and answers as a replica started after the repair,
+    whether it sees the log shrink under it or only grown past where it stood (the repair
+    and the republishes landed between two of its reads: it would read from inside a batch)."""
+    log = tmp_path / "log"
+    published(log)
+    later = {"a": BitMap64([5, 6]), "b": BitMap64([12, 13])}
+    with started_replica(LogDirTransport(log), poll_interval=0.01) as tailing:
+        assert tailing.wait_ready(WAIT), tailing.status()
+        wait_for(lambda: tailing.engine.version_of("a") == 4, "all four publishes")
+        damaged, _ = flip_middle(log)
+        if grown:  # repaired and republished aside, then written over the log in one go
+            aside = tmp_path / "aside"
+            shutil.copytree(log, aside)
+            repair_and_republish(aside, later)
+            data = (aside / "log").read_bytes()
+            assert len(data) > len(damaged)
+            fd = os.open(log / "log", os.O_WRONLY)
+            try:
+                assert os.pwrite(fd, data, 0) == len(data)
+            finally:
+                os.close(fd)
+            os.replace(aside / "meta.json", log / "meta.json")
+        else:
+            repair_and_republish(log, later)
+        with ready_replica(LogDirTransport(log), WAIT) as fresh:
+            want = answers(fresh)
+            assert want == {"a": (3, [5, 6]), "b": (4, [14])}
+            wait_for(lambda: answers(tailing) == want, "the tailing replica to answer the same")
+            assert tailing.ready and tailing.log_damage() is None
+            assert tailing.status()["rebootstraps"] >= 1
+            for user in range(16):
+                for segment in want:
+                    assert tailing.contains(user, segment) == fresh.contains(user, segment)
 
 
 def test_repair_log_needs_a_log_directory(tmp_path: Path) -> None:

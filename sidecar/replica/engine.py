@@ -13,7 +13,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from pyroaring import BitMap64
 
@@ -33,6 +33,8 @@ from .forms import Forms, nbytes
 from .state import Age, Counters, Health, SegmentState
 
 log = logging.getLogger(__name__)
+K = TypeVar("K")
+V = TypeVar("V")
 
 
 def segment_filter(globs: Iterable[str] | None) -> Callable[[str], bool]:
@@ -110,6 +112,11 @@ def _now_ms() -> int:
     return int(time.time() * 1000)
 
 
+def _refill(table: dict[K, V], other: dict[K, V]) -> None:
+    table.clear()
+    table.update(other)
+
+
 class Engine:
     def __init__(
         self,
@@ -164,6 +171,27 @@ class Engine:
         self.replay_from.clear()
         self.needs_resync.clear()
         self._pending.clear()
+
+    def adopt(self, other: Engine) -> None:
+        """Take `other`'s whole state (a bootstrap built aside) in one step under `lock`: a
+        reader holding it sees all of the old state or all of the new; a lock-free check sees
+        each segment at its old or its new state, never a segment missing that both hold."""
+        with self.lock:
+            changed = set(self.segments) | set(other.segments) | set(self.dropped)
+            self.segments.update(other.segments)
+            for segment in [s for s in self.segments if s not in other.segments]:
+                del self.segments[segment]
+            # the tables are held by reference elsewhere (servers, the runner): refilled
+            _refill(self.dropped, other.dropped)
+            _refill(self.ages, other.ages)
+            _refill(self.expiries, other.expiries)
+            _refill(self.replay_from, other.replay_from)
+            _refill(self._pending, other._pending)
+            self._deadlines[:] = other._deadlines
+            self.needs_resync.clear()
+            self.needs_resync.update(other.needs_resync)
+        for segment in sorted(changed | set(other.dropped)):
+            self._changed(segment)
 
     # -- reading -------------------------------------------------------------------------
     def version_of(self, segment: str) -> int:

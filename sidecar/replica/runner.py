@@ -314,6 +314,7 @@ class Replica:
             "gaps": c.gaps,
             "diverged": c.diverged,
             "resyncs": c.resyncs,
+            "rebootstraps": c.rebootstraps,
             "unknown": c.unknown,
             "corrupt": c.corrupt,
             "skipped": dict(c.skipped),
@@ -420,11 +421,13 @@ class Replica:
             self._read_checkpoint()
         reader = self._reader = self._open()
         self.error = None
-        if not self._log_id:
-            self._log_id = self.transport.identity()
-        if self.ready:  # a retry after a log error: carry on from where we were
+        opened = reader.identity()  # None: this transport's readers do not know it
+        if self.ready and opened is not None and opened != self._log_id:
+            self._bootstrap_again(reader, opened)
+        elif self.ready:  # a retry after a log error: carry on from where we were
             reader.assign({("deltas", p): off for p, off in self.positions.items()})
         else:
+            self._log_id = opened or self._log_id or self.transport.identity()
             self.engine.reset()  # a bootstrap that failed half-way starts over
             self.partitions = reader.partitions
             self.phase = "reading the checkpoint" if self.state_dir else "bootstrapping"
@@ -466,6 +469,24 @@ class Replica:
                     last_ckpt = now
         finally:
             reader.close()
+
+    def _bootstrap_again(self, reader: LogReader, log_id: str) -> None:
+        """The log got a new identity under a serving replica (`seg-publish --repair-log`
+        kept a damaged log's intact prefix; topics deleted and created again): its offsets
+        and versions may mean other changes now. Bootstrap as a fresh replica would, into an
+        engine aside, the old state answering meanwhile, then swap the new state in whole."""
+        log.warning(
+            "the log has a new identity (%s; was %s): bootstrapping again", log_id, self._log_id
+        )
+        self.partitions = reader.partitions
+        fresh = Engine(self.holds, clock_ms=self.engine.clock_ms, forms=self.engine.forms)
+        fresh.counters = self.engine.counters
+        recovery.bootstrap(reader, fresh)
+        self.engine.adopt(fresh)
+        self.positions = {p: reader.position("deltas", p) for p in range(self.partitions)}
+        self._log_id = log_id
+        self._checkpoint_key = None
+        self.engine.counters.rebootstraps += 1
 
     def _poll_timeout(self) -> float:
         """`poll_interval`, cut short by the next expiry deadline: a TTL segment's members

@@ -73,6 +73,8 @@ class Counters:
     gaps: int = 0
     diverged: int = 0
     resyncs: int = 0
+    #: full bootstraps of a serving replica whose log got a new identity (--repair-log)
+    rebootstraps: int = 0
     unknown: int = 0
     corrupt: int = 0
     drops: int = 0

@@ -203,6 +203,7 @@ _RECORD_COUNTERS = (
     "gaps",
     "diverged",
     "resyncs",
+    "rebootstraps",
     "unknown",
     "corrupt",
     "drops",

@@ -105,6 +105,12 @@ class LogReader(abc.ABC):
     def position(self, topic: Topic, partition: int) -> int:
         """The offset this reader reads next in that partition (past markers it skipped)."""
 
+    def identity(self) -> str | None:
+        """`Transport.identity()` of the log as this reader opened it, when the reader knows it
+        without a round trip; None otherwise. A reader that sees the log take a new identity
+        under it raises TransportError (its offsets may mean other records now)."""
+        return None
+
     def damage(self) -> str | None:
         """Why this reader cannot read past some point of the log (a damaged log directory),
         in one line; None when nothing is in the way."""

@@ -12,7 +12,9 @@ Damage is not a torn tail: when a valid batch follows bytes that are not one (fl
 inside an earlier batch), committed history lies beyond them. Readers serve the intact prefix
 and report the damage (`LogDirReader.damage()`); a writer refuses to open, and
 `repair()` (`seg-publish --log-dir DIR --repair-log`) keeps the intact prefix only when told,
-saving the rest beside the log and giving the log a new identity.
+saving the rest beside the log and giving the log a new identity. A reader stats meta.json
+on every poll and fails once the identity changed under it; a serving replica then bootstraps
+again by itself (sidecar/replica/runner.py).
 """
 
 from __future__ import annotations
@@ -48,6 +50,20 @@ def _read_meta(path: Path) -> tuple[int, str]:
     if meta.get("format") != 1 or type(meta.get("partitions")) is not int:
         raise TransportError(f"{path}/meta.json has an unknown format: {meta!r}")
     return meta["partitions"], str(meta.get("log_id", ""))
+
+
+def _meta_stat(path: Path) -> tuple[int, int, int]:
+    """What changes when meta.json is replaced (`repair()` writes a new one and renames it)."""
+    try:
+        st = os.stat(path / "meta.json")
+    except OSError as exc:
+        raise TransportError(f"{path}/meta.json is unreadable: {exc}") from exc
+    return st.st_ino, st.st_mtime_ns, st.st_size
+
+
+def _identity(path: Path, log_id: str) -> str:
+    """`Transport.identity()` of the log directory at `path` with id `log_id`."""
+    return f"log directory {path} id {log_id}"
 
 
 def _batch(data: bytes, pos: int) -> tuple[int, list[list]] | None:
@@ -180,8 +196,8 @@ def repair(path: str | os.PathLike[str]) -> str:
             f"{path}: kept the intact prefix ({damage.kept_batches} batches, {prefix} bytes); "
             f"dropped {damage.dropped_batches} valid batches ({damage.dropped_records} records) "
             f"and {len(data) - prefix} bytes in all, saved to {kept.name}; the log has a new "
-            "identity: restart its sidecars, then re-run the last publishes to restore the "
-            "dropped changes"
+            "identity (its running sidecars bootstrap again by themselves): re-run the last "
+            "publishes to restore the dropped changes"
         )
     finally:
         lock.close()
@@ -257,7 +273,10 @@ class LogDirReader(LogReader):
 
     def __init__(self, path: Path) -> None:
         self._path = path
-        self.partitions = _read_meta(path)[0]
+        _read_meta(path)  # its errors first
+        # the stat before the read: a file replaced in between is read again on the first poll
+        self._meta_seen = _meta_stat(path)
+        self.partitions, self._log_id = _read_meta(path)
         try:
             self._file = open(path / "log", "rb")  # noqa: SIM115 - held for our lifetime
         except OSError as exc:
@@ -294,6 +313,24 @@ class LogDirReader(LogReader):
         tp = (topic, partition)
         return max(self._assigned.get(tp, 0), self._next.get(tp, 0))
 
+    def identity(self) -> str:
+        return _identity(self._path, self._log_id)
+
+    def _check_identity(self) -> None:
+        """TransportError once meta.json names another log than the one this reader opened
+        (`repair()` gave it a new identity): offsets and versions may mean other changes now.
+        One stat per poll; the file is read only when it was replaced."""
+        seen = _meta_stat(self._path)
+        if seen == self._meta_seen:
+            return
+        self._meta_seen = seen
+        log_id = _read_meta(self._path)[1]
+        if log_id != self._log_id:
+            raise TransportError(
+                f"{self._path} has a new identity (repaired?): its offsets may mean other "
+                "records now; reading it again from the start"
+            )
+
     def damage(self) -> str | None:
         return None if self._damage is None else f"log directory {self._path} is {self._damage}"
 
@@ -312,10 +349,10 @@ class LogDirReader(LogReader):
     def poll(self, timeout: float) -> list[LogRecord]:
         deadline = time.monotonic() + timeout
         while True:
+            self._check_identity()
             if os.fstat(self._file.fileno()).st_size < self._pos:
                 raise TransportError(
-                    f"{self._path}/log shrank under this reader (repaired?): restart to read "
-                    "the log again"
+                    f"{self._path}/log shrank under this reader (repaired?): reading it again"
                 )
             data = self._read_from(self._pos)
             entries, used = _scan(data, 0)
@@ -352,4 +389,4 @@ class LogDirTransport(Transport):
         return f"log directory {self.path}"
 
     def identity(self) -> str:
-        return f"{self.describe()} id {_read_meta(self.path)[1]}"
+        return _identity(self.path, _read_meta(self.path)[1])

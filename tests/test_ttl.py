@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pyroaring import BitMap64
@@ -23,7 +25,7 @@ from publisher.publish import Publisher
 from publisher.segment_set import InputError, read_segment_set
 from sidecar.client import SidecarClient
 from sidecar.record import Delta, SnapshotChunk, decode
-from sidecar.replica import Replica
+from sidecar.replica import Replica, checkpoint
 from sidecar.server.metrics import ReplicaCollector
 from sidecar.transport import LogDirTransport
 from sidecar.transport.base import Transport
@@ -311,6 +313,78 @@ def test_members_expire_on_time_and_survive_restarts_and_cold_starts(
             # 1, 3, then 2, 4 (5 when the re-affirmation of 2 reached `along` after 2 expired)
             assert metrics[("seg_replica_expired_memberships", ())] >= 4
             assert ("seg_replica_records", ("ttl_unchecked",)) in metrics
+
+
+class _GatedFile:
+    """A real file whose first write waits for `gate` (a slow disk: a checkpoint of 1B
+    memberships takes ~2.5 s to write)."""
+
+    def __init__(self, f: Any, gate: threading.Event) -> None:
+        self._f, self._gate = f, gate
+
+    def write(self, data: bytes) -> int:
+        self._gate.wait(WAIT)
+        return self._f.write(data)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._f, name)
+
+    def __enter__(self) -> _GatedFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._f.close()
+
+
+@pytest.mark.timeout(180)
+def test_a_checkpoint_being_written_holds_back_neither_expiry_nor_the_tail(
+    transport: Transport, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The replica's periodic checkpoint writes its file on another thread from a state taken
+    between two polls: while the write hangs, a TTL member still leaves on time and publishes
+    still land; the file holds the state as it was taken (bitmaps changed meanwhile were
+    changed copy-on-write), and a restart from the next one answers as the running replica."""
+    first, later = threading.Event(), threading.Event()
+    opened: list[str] = []
+
+    def gated_open(path: Any, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
+        f = open(path, mode, *args, **kwargs)  # noqa: SIM115 - closed by the wrapper
+        if "w" not in mode:
+            return f
+        opened.append(str(path))
+        return _GatedFile(f, first if len(opened) == 1 else later)
+
+    monkeypatch.setattr(checkpoint, "open", gated_open, raising=False)
+    writer = f"{getattr(transport, 'prefix', 'dir')}-ckpt"
+    state_dir = tmp_path / "state"
+    with Publisher(transport, writer_id=writer, partitions=2, session=True) as p:
+        p.publish({"keep": BitMap64([9])})
+        options = {"poll_interval": 0.01, "state_dir": state_dir, "checkpoint_interval": 0.2}
+        with started_replica(transport, **options) as r:  # type: ignore[arg-type]
+            try:
+                assert r.wait_ready(WAIT), r.status()
+                _until(lambda: opened, what="the first checkpoint to start writing")
+                p.publish({"t": BitMap64([1, 2]), "keep": BitMap64([9, 10])}, ttl={"t": TTL})
+                _until(lambda: r.state("t") is not None, 10, "a publish while the write hangs")
+                assert r.contains(10, "keep") is True
+                _expires_on_time(lambda: r.contains(1, "t"), _deadline(r, "t", 1))
+                assert r.checkpoints_written == 0 and not first.is_set(), "the write hung"
+                first.set()
+                _until(lambda: r.checkpoints_written == 1, what="the first checkpoint")
+                taken = checkpoint.read(state_dir)
+                assert taken is not None
+                assert {n: (s.version, list(s.bitmap)) for n, s in taken.segments.items()} == {
+                    "keep": (1, [9])
+                }
+            finally:
+                first.set()
+                later.set()
+            _until(lambda: r.checkpoints_written >= 2, what="a checkpoint of the later state")
+            r.stop(save=False)
+            assert r.contains(1, "t") is False
+            with started_replica(transport, poll_interval=0.01, state_dir=state_dir) as again:
+                assert again.wait_ready(WAIT) and again.started_from == "checkpoint"
+                assert _view(again) == _view(r)
 
 
 def test_the_sidecar_process_expires_members_for_its_clients_and_shared_readers(

@@ -154,6 +154,22 @@ class Engine:
         #: called with a segment's name after its state, version or health changed (the
         #: replica wakes read-your-publish waiters from it); on the applying thread
         self.on_change: Callable[[str], None] | None = None
+        #: ids of the bitmaps a checkpoint being written on another thread reads (`pin`):
+        #: changed copy-on-write until it is done, never in place under it
+        self._pinned: frozenset[int] = frozenset()
+
+    def pin(self, states: Iterable[SegmentState]) -> None:
+        """Keep these states' bitmaps as they are until `unpin` (a checkpoint serializes them
+        on another thread): a change copies such a bitmap once and changes the copy. Costs a
+        copy of each roaring segment changed meanwhile, nothing for the others."""
+        self._pinned = frozenset(id(s.bitmap) for s in states if type(s.bitmap) is BitMap64)
+
+    def unpin(self) -> None:
+        self._pinned = frozenset()
+
+    def _own(self, bitmap: BitMap64) -> BitMap64:
+        """`bitmap`, or a copy of it to change when a checkpoint still reads it."""
+        return BitMap64(bitmap) if id(bitmap) in self._pinned else bitmap
 
     def _changed(self, segment: str) -> None:
         self.generation += 1
@@ -304,7 +320,7 @@ class Engine:
             if current is None:
                 bitmap = self.forms.settle(BitMap64(delta.add), delta.version)
             elif type(current.bitmap) is BitMap64:
-                bitmap = _apply_in_one_step(current.bitmap, delta)
+                bitmap = _apply_in_one_step(self._own(current.bitmap), delta)
                 bitmap = self.forms.settle(bitmap, delta.version)
             else:  # the compact form: rebuilt, O(n)
                 bitmap = self.forms.apply(current.bitmap, delta.add, delta.remove, delta.version)
@@ -422,6 +438,7 @@ class Engine:
         if state is not None:
             bitmap = state.bitmap
             if type(bitmap) is BitMap64:
+                bitmap = self._own(bitmap)
                 bitmap -= members  # one roaring call: a lock-free reader sees before or after
                 bitmap = self.forms.settle(bitmap, state.version)
             else:  # the compact form: rebuilt, O(n), swapped in whole

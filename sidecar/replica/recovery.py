@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +23,9 @@ from .state import Counters, SegmentState
 log = logging.getLogger(__name__)
 
 Progress = Callable[[str], None]
+#: called between the records a bootstrap or resync reads: the serving engine's `expire`, so
+#: TTL members of a serving replica still leave on time while it reads
+Tick = Callable[[], object]
 _NONE = BitMap64()  # a chunk record's bitmap once its members moved to the assembler's part
 
 
@@ -120,29 +123,41 @@ def install(engine: Engine, snap: Snapshot) -> None:
         engine.observer.snapshot(snap.segment, snap.version, snap.chunks)
 
 
+def _ticked(records: Iterator[LogRecord], tick: Tick | None) -> Iterator[LogRecord]:
+    for rec in records:
+        if tick is not None:
+            tick()
+        yield rec
+
+
 def read_snapshots(
     reader: LogReader,
     partitions: list[int],
     holds: Callable[[str], bool],
     counters: Counters,
     forms: Forms | None = None,
+    tick: Tick | None = None,
 ) -> dict[str, Snapshot]:
     asm = SnapshotAssembler(holds, counters, forms)
     every = reader.watermarks_all("snapshots")
     marks = {("snapshots", p): every[p] for p in partitions}
     reader.assign({tp: low for tp, (low, _) in marks.items()})
-    for rec in reader.read_until({tp: end for tp, (_, end) in marks.items()}):
+    for rec in _ticked(reader.read_until({tp: end for tp, (_, end) in marks.items()}), tick):
         asm.add(rec)
     return asm.complete
 
 
-def bootstrap(reader: LogReader, engine: Engine, progress: Progress | None = None) -> None:
+def bootstrap(
+    reader: LogReader, engine: Engine, progress: Progress | None = None, tick: Tick | None = None
+) -> None:
     """Cold start: newest complete snapshots, then deltas from the lowest `delta_offset` per
     partition up to the end offsets seen now. The reader is left assigned to the deltas."""
     say = progress or log.info
     started = time.monotonic()
     partitions = list(range(reader.partitions))
-    snapshots = read_snapshots(reader, partitions, engine.holds, engine.counters, engine.forms)
+    snapshots = read_snapshots(
+        reader, partitions, engine.holds, engine.counters, engine.forms, tick
+    )
     for snap in snapshots.values():
         install(engine, snap)
     say(
@@ -161,7 +176,7 @@ def bootstrap(reader: LogReader, engine: Engine, progress: Progress | None = Non
         starts[("deltas", p)] = max(low, lowest[p]) if p in lowest else low
         ends[("deltas", p)] = end
     reader.assign(starts)
-    for rec in reader.read_until(ends):
+    for rec in _ticked(reader.read_until(ends), tick):
         engine.apply_record(rec)
     say(
         f"bootstrap done: {len(engine.segments)} segments, {engine.memberships():,} memberships "
@@ -175,6 +190,7 @@ def resync(
     segments: set[str],
     upto: Callable[[int], int],
     partitions: int,
+    tick: Tick | None = None,
 ) -> None:
     """Rebuild `segments` from their snapshots plus the deltas before `upto(partition)` (where
     the main reader stands), each with a fresh reader, and install what heals."""
@@ -183,15 +199,17 @@ def resync(
         by_partition.setdefault(partition_for(segment, partitions), set()).add(segment)
     with transport.reader() as reader:
         for p, wanted in by_partition.items():
-            scratch = Engine(holds=wanted.__contains__)
-            snaps = read_snapshots(reader, [p], wanted.__contains__, engine.counters, engine.forms)
+            scratch = Engine(holds=wanted.__contains__, clock_ms=engine.clock_ms)
+            snaps = read_snapshots(
+                reader, [p], wanted.__contains__, engine.counters, engine.forms, tick
+            )
             for snap in snaps.values():
                 install(scratch, snap)
             low, _ = reader.watermarks("deltas", p)
             offsets = [s.delta_offset for s in snaps.values()]
             start = max(low, min(offsets)) if len(offsets) == len(wanted) else low
             reader.assign({("deltas", p): start})
-            for rec in reader.read_until({("deltas", p): upto(p)}):
+            for rec in _ticked(reader.read_until({("deltas", p): upto(p)}), tick):
                 if rec.offset < upto(p):
                     scratch.apply_record(rec)
             for segment in wanted:

@@ -82,6 +82,8 @@ class Replica:
         self.last_checkpoint_ms = 0
         self.checkpoints_written = 0
         self._checkpoint_key: tuple[object, ...] | None = None
+        #: the periodic checkpoint's writer thread, while it writes (`_checkpoint_aside`)
+        self._checkpoint_writing: threading.Thread | None = None
         self.started_from: str | None = None  # "checkpoint" or "log", once known
         self._log_id = ""  # the log's identity, read when the log is first opened
         self._stop = threading.Event()
@@ -265,6 +267,7 @@ class Replica:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=30)
+        self._wait_checkpoint()
         if save and self.ready:
             self.save_checkpoint()
 
@@ -329,25 +332,72 @@ class Replica:
 
     # -- checkpoints ---------------------------------------------------------------------------
     def save_checkpoint(self) -> None:
-        if self.state_dir is None or not self.ready:
+        """Write a checkpoint of the state now, on the calling thread (shutdown). Call it where
+        the replica thread does not run (or from it)."""
+        self._wait_checkpoint()
+        taken = self._take_checkpoint()
+        if taken is not None:
+            self._write_checkpoint(*taken)
+
+    def _checkpoint_aside(self) -> None:
+        """The replica thread's periodic checkpoint: the state is taken here, between two
+        polls (so it matches the positions), and the file written on another thread, so
+        expiries and the tail go on meanwhile (DESIGN.md "Freshness": within a second of the
+        deadline). Skipped while the previous one is still being written."""
+        if self._checkpoint_writing is not None and self._checkpoint_writing.is_alive():
             return
-        offsets = checkpoint.resume_offsets(self.engine, self.positions, self._partition_of)
+        taken = self._take_checkpoint()
+        if taken is None:
+            return
+        self._checkpoint_writing = threading.Thread(
+            target=self._write_checkpoint, args=taken, name="checkpoint-write", daemon=True
+        )
+        self._checkpoint_writing.start()
+
+    def _wait_checkpoint(self) -> None:
+        if self._checkpoint_writing is not None:
+            self._checkpoint_writing.join()
+            self._checkpoint_writing = None
+
+    def _take_checkpoint(self) -> tuple[checkpoint.Checkpoint, tuple[object, ...]] | None:
+        """The state to write (its bitmaps pinned: `Engine.pin`) and its key, or None when
+        there is nothing (new) to write."""
+        if self.state_dir is None or not self.ready:
+            return None
+        engine = self.engine
+        offsets = checkpoint.resume_offsets(engine, self.positions, self._partition_of)
         # The same state at the same offsets is the checkpoint already on disk: skip it (a
         # quiet log would otherwise rewrite the whole file every interval).
-        key = (self.engine.generation, tuple(sorted(offsets.items())))
+        key = (engine.generation, tuple(sorted(offsets.items())))
         if key == self._checkpoint_key and (self.state_dir / checkpoint.FILENAME).exists():
-            return
-        ckpt = checkpoint.Checkpoint(
-            log_id=self._log_id,
-            partitions=self.partitions,
-            offsets=offsets,
-            segments=dict(self.engine.segments),
-            dropped=dict(self.engine.dropped),
-            ages=dict(self.engine.ages),
-            expiries=dict(self.engine.expiries),
-        )
+            return None
+        with engine.lock:
+            segments = dict(engine.segments)
+            engine.pin(segments.values())
+            ckpt = checkpoint.Checkpoint(
+                log_id=self._log_id,
+                partitions=self.partitions,
+                offsets=offsets,
+                segments=segments,
+                dropped=dict(engine.dropped),
+                ages=dict(engine.ages),
+                # changed in place by deltas and expiries: copied (about a TTL segment's size)
+                expiries={name: index.copy() for name, index in engine.expiries.items()},
+            )
+        return ckpt, key
+
+    def _write_checkpoint(self, ckpt: checkpoint.Checkpoint, key: tuple[object, ...]) -> None:
+        assert self.state_dir is not None
         started = time.monotonic()
-        size = checkpoint.save(self.state_dir, ckpt)
+        try:
+            size = checkpoint.save(self.state_dir, ckpt)
+        except Exception:
+            if threading.current_thread() is not self._checkpoint_writing:
+                raise
+            log.exception("checkpoint write failed; the next interval tries again")
+            return
+        finally:
+            self.engine.unpin()
         self._checkpoint_key = key
         self.checkpoints_written += 1
         self.last_checkpoint_ms = int(time.time() * 1000)
@@ -465,7 +515,7 @@ class Replica:
                     release_free_memory()
                     log.info("ready: %s", self.status())
                 if self.state_dir and now - last_ckpt > self.checkpoint_interval:
-                    self.save_checkpoint()
+                    self._checkpoint_aside()
                     last_ckpt = now
         finally:
             reader.close()
@@ -481,7 +531,7 @@ class Replica:
         self.partitions = reader.partitions
         fresh = Engine(self.holds, clock_ms=self.engine.clock_ms, forms=self.engine.forms)
         fresh.counters = self.engine.counters
-        recovery.bootstrap(reader, fresh)
+        recovery.bootstrap(reader, fresh, tick=self.engine.expire)
         self.engine.adopt(fresh)
         self.positions = {p: reader.position("deltas", p) for p in range(self.partitions)}
         self._log_id = log_id
@@ -504,5 +554,10 @@ class Replica:
         self.engine.needs_resync.clear()
         log.info("resyncing %d segments: %s", len(wanted), sorted(wanted)[:10])
         recovery.resync(
-            self.transport, self.engine, wanted, self.positions.__getitem__, self.partitions
+            self.transport,
+            self.engine,
+            wanted,
+            self.positions.__getitem__,
+            self.partitions,
+            self.engine.expire,
         )

@@ -221,9 +221,12 @@ def ready_replica(transport: Transport, wait: float) -> Iterator[Replica]:
 
 
 @contextmanager
-def sidecar_process(*args: str, port: int, interval: float = 0.05) -> Iterator[subprocess.Popen]:
-    """`seg-sidecar ARGS --http 127.0.0.1:PORT` (stderr discarded), once its /readyz answers
-    200 within 30 s; on leaving, SIGTERM and a clean exit within 30 s is asserted."""
+def sidecar_process(
+    *args: str, port: int, interval: float = 0.05, ready: bool = True
+) -> Iterator[subprocess.Popen]:
+    """`seg-sidecar ARGS --http 127.0.0.1:PORT` (stderr discarded), once its /readyz (with
+    `ready=False`: its /healthz, for a sidecar that is not ready) answers 200 within 30 s; on
+    leaving, SIGTERM and a clean exit within 30 s is asserted."""
     import signal
     import sys
     from pathlib import Path
@@ -232,7 +235,8 @@ def sidecar_process(*args: str, port: int, interval: float = 0.05) -> Iterator[s
     http = ["--http", f"127.0.0.1:{port}"]
     proc = subprocess.Popen([seg_sidecar, *args, *http], stderr=subprocess.DEVNULL)
     try:
-        wait_http_ok(f"http://127.0.0.1:{port}/readyz", proc, 30, interval)
+        probe = "readyz" if ready else "healthz"
+        wait_http_ok(f"http://127.0.0.1:{port}/{probe}", proc, 30, interval)
         yield proc
     finally:
         proc.send_signal(signal.SIGTERM)

@@ -2,7 +2,8 @@
 segment's map value is `[version, expires_at_ms]` for every member a publish lists (new and
 re-affirmed), plain segments keep `version`, records never expire; `--reconcile` compares TTL
 entries (an expired entry is "not a member") and clears expired entries; a sidecar that holds
-only other segments answers a TTL segment from Aerospike: a member until its expiry, not after.
+only other segments, and a sidecar not ready yet, answer a TTL segment from Aerospike: a member
+until its expiry, not after.
 
 The real `aerospike` client against the wire-level test server (tests/aerospike_server/)."""
 
@@ -259,23 +260,50 @@ def test_a_sidecar_holding_other_segments_answers_ttl_members_from_aerospike_unt
                         "--fallback-budget-ms", "500", port=free_port()),
         SidecarClient(str(uds), timeout=5) as client,
     ):  # fmt: skip
-        deadline = time.monotonic() + 10  # the fallback connects in the background
-        while client.explain(10, "t").source != "aerospike":
-            assert time.monotonic() < deadline, "the fallback did not connect"
-            time.sleep(0.05)
-        assert time.time() * 1000 < at - 500, "too slow a machine for this TTL"
-        explained = client.explain(BIG, "t")
-        assert (explained.member, explained.source, explained.version) == (True, "aerospike", 1)
-        assert explained.reason == "not_held" and explained.expires_at == at  # the stored one
+        assert_the_fallback_honours_the_expiry(client, at, "not_held")
         assert client.explain(1, "held").expires_at is None  # a plain segment, local
-        assert client.check(11, "t") is True and client.check(12, "t") is False
-        answers = []
-        while time.time() * 1000 < at + 3_000:
-            answers.append((time.time() * 1000, client.check(10, "t")))
-            time.sleep(0.05)
-        gone = client.explain(10, "t")  # the entry is still in Aerospike, past its expiry
-        assert (gone.member, gone.source, gone.expires_at) == (False, "aerospike", None)
-    # True before the expiry on the sidecar's clock (the same host's), False from it on
+
+
+def test_a_sidecar_not_ready_yet_answers_ttl_members_from_aerospike_until_expiry(
+    mirror: Mirror, tmp_path: Path
+) -> None:
+    """DESIGN.md "Replica semantics": a sidecar that is not ready answers from the fallback;
+    for a TTL segment that is the stored `[version, expires_at_ms]`, a member until then and
+    not after (an expired entry, still stored, is not a member)."""
+    publisher(mirror).publish({"t": BitMap64([10, 11, BIG])}, ttl={"t": 3})
+    ((at, _),) = log_expiries(mirror, "t").items()
+    uds = tmp_path / "run" / "s.sock"
+    missing = tmp_path / "not-yet"  # a log directory not created yet: never ready
+    with (
+        sidecar_process("--log-dir", str(missing), "--uds", str(uds), "--aerospike",
+                        mirror.server.address, "--fallback-budget-ms", "500",
+                        port=free_port(), ready=False),
+        SidecarClient(str(uds), timeout=5) as client,
+    ):  # fmt: skip
+        assert client.status()["ready"] is False
+        assert_the_fallback_honours_the_expiry(client, at, "not_ready")
+        assert client.status()["ready"] is False
+
+
+def assert_the_fallback_honours_the_expiry(client: SidecarClient, at: int, reason: str) -> None:
+    """Segment "t" (10, 11 and BIG, version 1, expiring at `at`) answered by the fallback for
+    `reason`: True until `at` on the sidecar's clock (the same host's), False from then on,
+    while the entry is still stored."""
+    deadline = time.monotonic() + 10  # the fallback connects in the background
+    while client.explain(10, "t").source != "aerospike":
+        assert time.monotonic() < deadline, "the fallback did not connect"
+        time.sleep(0.05)
+    assert time.time() * 1000 < at - 500, "too slow a machine for this TTL"
+    explained = client.explain(BIG, "t")
+    assert (explained.member, explained.source, explained.version) == (True, "aerospike", 1)
+    assert explained.reason == reason and explained.expires_at == at  # the stored one
+    assert client.check(11, "t") is True and client.check(12, "t") is False
+    answers = []
+    while time.time() * 1000 < at + 3_000:
+        answers.append((time.time() * 1000, client.check(10, "t")))
+        time.sleep(0.05)
+    gone = client.explain(10, "t")  # the entry is still in Aerospike, past its expiry
+    assert (gone.member, gone.source, gone.expires_at) == (False, "aerospike", None)
     assert all(member is True for t, member in answers if t < at - 50)
     assert all(member is False for t, member in answers if t >= at + 50)
     assert answers[0][1] is True and answers[-1][1] is False

@@ -281,6 +281,21 @@ def test_a_delta_past_its_deadline_is_never_readable() -> None:
     assert 3 in engine.segments[SEG].bitmap
 
 
+def test_a_late_delta_is_judged_at_one_moment() -> None:
+    """The clock moves while a late delta is applied (a loaded host): its members go as of
+    the moment it was found late, and a member whose deadline comes after that moment stays
+    until an `expire` reaches it."""
+    ticks = iter([10_000, 12_000, 16_000])  # each read of the clock is a later moment
+    engine = Engine(clock_ms=lambda: next(ticks))
+    engine.apply_delta(Delta(SEG, 0, 1, BitMap64([1]), BitMap64(), 1, 9_000, expires_at=15_000))
+    # stamped 10_000 with a 1 s TTL, applied at 12_000: late; 1 is due only at 15_000
+    engine.apply_delta(Delta(SEG, 1, 2, BitMap64([2]), BitMap64(), 2, 10_000, expires_at=11_000))
+    state = engine.segments[SEG]
+    assert state.fresh and state.bitmap == BitMap64([1]) and state.cardinality == 1
+    assert engine.expires_at(SEG, 1) == 15_000 and engine.counters.expired == 1
+    assert engine.expire() == [SEG] and len(engine.segments[SEG].bitmap) == 0  # at 16_000
+
+
 def test_a_split_ttl_delta_applies_whole_with_its_expiry() -> None:
     """A TTL delta cut into parts (as a large publish is) carries `expires_at` in every part;
     the engine applies it once all parts are in, and a part disagreeing on it is refused."""

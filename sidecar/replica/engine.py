@@ -336,10 +336,12 @@ class Engine:
             if not checked:
                 self.counters.ttl_unchecked += 1
             self._swap_in(delta, bitmap, checked)
-            if delta.expires_at and index is not None and delta.expires_at <= self.clock_ms():
-                # it reached this replica after its own deadline (a lagging replica): its
-                # members go in the same step, never readable until the next `expire`
-                self._drop_due(segment, index, self.clock_ms())
+            if delta.expires_at and index is not None:
+                now = self.clock_ms()  # one moment judges the whole delta
+                if delta.expires_at <= now:
+                    # it reached this replica after its own deadline (a lagging replica): its
+                    # members go in the same step, never readable until the next `expire`
+                    self._drop_due(segment, index, now)
         self.dropped.pop(delta.segment, None)
         self._changed(delta.segment)
         self.counters.applied += 1

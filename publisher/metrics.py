@@ -24,6 +24,7 @@ EXIT_CODE = "seg_publish_last_exit_code"
 DURATION = "seg_publish_last_duration_seconds"
 CHANGED = "seg_publish_last_segments_changed"
 ADDS = "seg_publish_last_adds"
+RENEWED = "seg_publish_last_renewed"
 REMOVES = "seg_publish_last_removes"
 
 _DOCS = {
@@ -34,6 +35,8 @@ _DOCS = {
     DURATION: "Seconds the last run took.",
     CHANGED: "Segments the last successful publish changed.",
     ADDS: "Memberships the last successful publish added.",
+    RENEWED: "Memberships the last successful publish re-affirmed (TTL segments: held already, "
+    "given a new expiry).",
     REMOVES: "Memberships the last successful publish removed.",
 }
 #: every metric name seg-publish exports (the observability test checks the rules use these)
@@ -55,6 +58,7 @@ class RunMetrics:
                 LAST_SUCCESS: now,
                 CHANGED: result.segments_changed,
                 ADDS: result.adds,
+                RENEWED: result.renewed,
                 REMOVES: result.removes,
             }
         if self.textfile:

@@ -43,6 +43,14 @@ class Change:
     expires_at_ms: int = 0
     #: with `snapshot`: the expiry index after this change (a TTL segment's)
     snapshot_expiries: ExpiryIndex | None = None
+    #: how many members of `add` the segment already held: written again, not added (a TTL
+    #: re-affirmation; a switch from TTL to plain rewriting them permanent)
+    renewed: int = 0
+
+    @property
+    def added(self) -> int:
+        """Members `add` brings that the segment did not hold."""
+        return len(self.add) - self.renewed
 
 
 @dataclass(slots=True)
@@ -108,7 +116,11 @@ class Plan:
 
     @property
     def adds(self) -> int:
-        return sum(len(c.add) for c in self.changes)
+        return sum(c.added for c in self.changes)
+
+    @property
+    def renewed(self) -> int:
+        return sum(c.renewed for c in self.changes)
 
     @property
     def removes(self) -> int:
@@ -161,6 +173,8 @@ def diff(
             # The log's own history of this segment is damaged: restate it whole.
             remove = BitMap64()
         change = Change(name, base, base + 1, add, remove, len(target))
+        if expiring:  # every member listed: the ones held already are rewritten permanent
+            change.renewed = len(add) - len(target - old)
         unhealthy = current is not None and not current.fresh
         info = known.get(name)
         if unhealthy or policy.due(info, base + 1, len(target), len(add) + len(remove)):
@@ -192,6 +206,7 @@ def _ttl_change(
     count = old.union_cardinality(listed) if old is not None else len(listed)
     change = Change(name, base, base + 1, BitMap64(listed), BitMap64(), count)
     change.expires_at_ms = expires_at
+    change.renewed = len(listed) - (count - len(old)) if old is not None else 0
     if (current is not None and old is None) or snapshot_due(change):
         index = log.expiries_of(name) if old is not None else None
         after = index.copy() if index is not None else ExpiryIndex()

@@ -53,7 +53,11 @@ class MembershipSink(Protocol):
 @dataclass(slots=True)
 class PublishResult:
     versions: dict[str, int] = field(default_factory=dict)
+    #: memberships added: members the segments did not hold before
     adds: int = 0
+    #: memberships written again that the segments held: re-affirmed by a TTL publish (a new
+    #: expiry), or made permanent by a TTL segment's plain publish
+    renewed: int = 0
     removes: int = 0
     drops: int = 0
     snapshots: int = 0
@@ -71,7 +75,8 @@ class PublishResult:
     def summary(self) -> str:
         return (
             f"segments changed {self.segments_changed}, adds {self.adds:,}, "
-            f"removes {self.removes:,}, drops {self.drops}, snapshots {self.snapshots}, "
+            f"renewed {self.renewed:,}, removes {self.removes:,}, drops {self.drops}, "
+            f"snapshots {self.snapshots}, "
             f"heartbeats {self.heartbeats}, "
             f"log records {self.records} ({self.log_bytes:,} bytes), "
             f"aerospike records {self.aerospike_records:,}, time {self.seconds:.2f} s"
@@ -314,7 +319,8 @@ class Publisher:
         for change, n in zip(plan.changes, chunks, strict=True):
             session.remember(change, n, ts)
             result.versions[change.segment] = change.version
-            result.adds += len(change.add)
+            result.adds += change.added
+            result.renewed += change.renewed
             result.removes += len(change.remove) if not change.drop else 0
             result.drops += change.drop
             result.snapshots += change.snapshot is not None

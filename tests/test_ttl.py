@@ -106,10 +106,14 @@ def test_a_ttl_publish_adds_and_reaffirms_and_removes_nothing(tmp_path: Path) ->
         before = _now_ms()
         first = p.publish({"t": BitMap64([1, 2, 3]), "plain": BitMap64([7])}, ttl={"t": 60})
         assert first.versions == {"t": 1, "plain": 1}
-        second = p.publish({"t": BitMap64([3, 4])}, ttl={"t": 600})
-        assert second.versions == {"t": 2} and second.adds == 2 and second.removes == 0
+        assert (first.adds, first.renewed) == (4, 0)
+        second = p.publish({"t": BitMap64([3, 4])}, ttl={"t": 600})  # 4 added, 3 re-affirmed
+        assert second.versions == {"t": 2} and second.removes == 0
+        assert (second.adds, second.renewed) == (1, 1)
+        assert "adds 1, renewed 1, removes 0" in second.summary()
         again = p.publish({"t": BitMap64([3, 4])}, ttl={"t": 600})  # re-affirmed: a delta
         assert again.versions == {"t": 3} and again.heartbeats == 0
+        assert (again.adds, again.renewed) == (0, 2)
         assert p.publish({"t": BitMap64()}, ttl={"t": 600}).versions == {}  # nothing listed
     d1, d2, d3 = _deltas(log, "t")
     assert d1.add == BitMap64([1, 2, 3]) and d1.cardinality == 3
@@ -156,12 +160,14 @@ def test_switching_between_ttl_and_plain(tmp_path: Path) -> None:
     log = LogDirTransport(tmp_path / "log")
     with Publisher(log, writer_id="t", partitions=2, session=True) as p:
         p.publish({"s": BitMap64([1, 2])})
-        p.publish({"s": BitMap64([2, 3])}, ttl={"s": 60})
+        to_ttl = p.publish({"s": BitMap64([2, 3])}, ttl={"s": 60})
+        assert (to_ttl.adds, to_ttl.renewed, to_ttl.removes) == (1, 1, 0)
         with started_replica(log, poll_interval=0.01) as r:
             assert r.wait_ready(WAIT)
             assert r.state("s").bitmap == BitMap64([1, 2, 3])  # type: ignore[union-attr]
             assert r.engine.expires_at("s", 1) is None and r.engine.expires_at("s", 3)
-            p.publish({"s": BitMap64([3, 4])})  # plain again: 1 and 2 go, 3 and 4 stay
+            to_plain = p.publish({"s": BitMap64([3, 4])})  # plain again: 1 and 2 go, 3, 4 stay
+            assert (to_plain.adds, to_plain.renewed, to_plain.removes) == (1, 1, 2)
             _until(lambda: r.state("s").version == 3)  # type: ignore[union-attr]
             assert r.state("s").bitmap == BitMap64([3, 4]) and "s" not in r.engine.expiries  # type: ignore[union-attr]
     (_, _, transition) = _deltas(log, "s")

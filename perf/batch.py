@@ -5,7 +5,8 @@ moving and decoding that request in Python, all interleaved:
 - `pairs`: the `batch` op, `[[user, segment], ...]` (`SidecarClient.batch`);
 - `packed`: the `batch_packed` op (sidecar/packed.py) with the same 1,000 (user, segment)
   checks: users as packed uint64, a uint16 segment index per user
-  (`SidecarClient.batch_packed(users, segments)`);
+  (`SidecarClient.batch_packed(users, segments)`). The documented call for arbitrary pairs,
+  so DESIGN.md's batch target is judged by it (`JUDGED`); the other forms are also measured;
 - `packed, 1 segment`: `batch_packed` with 1,000 users against one segment, as a
   notification service filters a recipient list (`SidecarClient.batch_packed(users, seg)`);
 - `packed raw, 1 segment`: the same with the users already in a uint64 array and the answers
@@ -41,6 +42,13 @@ FORMS = {
     "packed, 1 segment": "batch of 1,000 (batch_packed, one segment)",
     "packed raw, 1 segment": "batch of 1,000 (batch_packed, one segment, uint64 in, bytes out)",
 }
+#: the form DESIGN.md's batch target is judged by (perf/report.py DESIGN_TARGETS): the
+#: documented call for 1,000 arbitrary [user, segment] pairs; the others are also measured
+JUDGED = "packed"
+JUDGED_DETAIL = (
+    "the documented call for 1,000 arbitrary [user, segment] pairs: "
+    "SidecarClient.batch_packed(users, segments), a segment per user; "
+)
 
 
 def run(ctx: Context) -> dict[str, Any]:
@@ -121,7 +129,8 @@ def run(ctx: Context) -> dict[str, Any]:
             f"{label}: sidecar p50 per request",
             round(hists[f"sidecar {form}"].p50_us, 1),
             "< 300 us",
-            detail=f"p99 {hists[f'sidecar {form}'].p99_us:.0f} us; echo p50 "
+            detail=(JUDGED_DETAIL if form == JUDGED else "")
+            + f"p99 {hists[f'sidecar {form}'].p99_us:.0f} us; echo p50 "
             f"{hists[f'echo {form}'].p50_us:.0f} us; "
             f"{results['checks_per_second'][f'sidecar {form}']:,} checks/s from one client",
         )

@@ -20,7 +20,7 @@ import struct
 import sys
 from array import array
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import Any, cast
 
 from .ids import BadRequest
 
@@ -96,20 +96,16 @@ def unpack_answers(data: bytes) -> list[bool | None]:
         raise ValueError("malformed batch_packed result") from None
 
 
-def unpack_request(
-    segments: object, users: object, index: object
-) -> tuple[Sequence[Any], Sequence[int], Sequence[int] | None]:
-    """Validate the arguments' shapes: (segments, user ids, segment index per user or None
-    when every user goes with the one segment). Segment ids themselves are checked by the
-    caller. BadRequest says what is wrong."""
+def packed_length(segments: object, users: object, index: object) -> int:
+    """The number of checks, once the arguments' shapes are valid; BadRequest says what is
+    wrong. What the index refers to is not checked (`unpack_request` does)."""
     if type(segments) is not list and type(segments) is not tuple:
         raise BadRequest(f"segments must be an array of segment ids, got {_kind(segments)}")
     if len(segments) > MAX_SEGMENTS:
         raise BadRequest(f"segments holds {len(segments):,} ids; at most {MAX_SEGMENTS:,}")
-    ids = unpack_users(users)
+    n = _users_length(users)
     if type(index) is not bytes:
         raise BadRequest(f"index must be bin (little-endian uint16), got {_kind(index)}")
-    n = len(ids)
     if n and not segments:
         raise BadRequest("segments is empty: it must hold the segment ids the index refers to")
     if not index:
@@ -118,25 +114,44 @@ def unpack_request(
                 f"index is empty but segments holds {len(segments)} ids: "
                 "an empty index needs exactly one segment"
             )
-        return segments, ids, None
-    if len(index) != 2 * n:
+    elif len(index) != 2 * n:
         raise BadRequest(f"index must be 2 bytes per user: {n} users, {len(index)} bytes")
-    positions = _little_endian(index, "H")
-    if max(positions) >= len(segments):
+    return n
+
+
+def unpack_request(
+    segments: object, users: object, index: object
+) -> tuple[Sequence[Any], Sequence[int], Sequence[int] | None]:
+    """Validate the arguments (`packed_length`, and what the index refers to): (segments,
+    user ids, segment index per user or None when every user goes with the one segment).
+    Segment ids themselves are checked by the caller. BadRequest says what is wrong."""
+    packed_length(segments, users, index)
+    segs = cast(Sequence[Any], segments)
+    ids = _little_endian(cast(bytes, users), "Q")
+    if not index:
+        return segs, ids, None
+    positions = _little_endian(cast(bytes, index), "H")
+    if max(positions) >= len(segs):
         raise BadRequest(
-            f"index refers to segment {max(positions)}, but segments holds {len(segments)} ids"
+            f"index refers to segment {max(positions)}, but segments holds {len(segs)} ids"
         )
-    return segments, ids, positions
+    return segs, ids, positions
 
 
 def unpack_users(users: object) -> Sequence[int]:
     """The `users` argument (bin of little-endian uint64 ids) as ints; BadRequest says what
     is wrong. Also the users of `eval_many`."""
+    _users_length(users)
+    return _little_endian(cast(bytes, users), "Q")
+
+
+def _users_length(users: object) -> int:
+    """The number of ids in the `users` argument; BadRequest when it is not one."""
     if type(users) is not bytes:
         raise BadRequest(f"users must be bin (little-endian uint64 ids), got {_kind(users)}")
     if len(users) % 8:
         raise BadRequest(f"users must be 8 bytes per user id, got {len(users)} bytes")
-    return _little_endian(users, "Q")
+    return len(users) // 8
 
 
 def _little_endian(data: bytes, code: str) -> Sequence[int]:

@@ -83,6 +83,13 @@ def _native() -> Any:
         return None
 
 
+def batch_lookup() -> Any:
+    """`_native.lookup(members, users, index, unknown)`: a packed batch's answers over members
+    of either form (or None: not answered here) in one C call; None without the C extension."""
+    nat = _native()
+    return nat.lookup if nat is not None else None
+
+
 def roaring_bytes(containers: int, payload: int) -> int:
     """Roaring's estimated memory for `containers` holding `payload` bytes."""
     return payload + containers * CONTAINER_OVERHEAD

@@ -22,7 +22,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from ..fallback.base import Fallback, FallbackMap, NoFallback
 from ..ids import (
@@ -35,8 +35,9 @@ from ..ids import (
     wait_ms_arg,
 )
 from ..packed import UNKNOWN as UNKNOWN_BYTE
-from ..packed import unpack_request
+from ..packed import packed_length, unpack_request
 from ..protocol import VERSION
+from ..replica.forms import batch_lookup
 from ..replica.state import BEHIND, SegmentState
 from .expressions import ExpressionQueries
 from .results import AEROSPIKE, LOCAL, NONE, Deferred, Result
@@ -72,6 +73,8 @@ class Queries(ExpressionQueries):
         self.fallback_timeout = fallback_timeout
         self._fallback_concurrency = fallback_concurrency
         self._sem: asyncio.Semaphore | None = None
+        #: `_native.lookup`, or None without the C extension (`batch_packed` then loops)
+        self._lookup = batch_lookup()
 
     @property
     def has_fallback(self) -> bool:
@@ -298,7 +301,39 @@ class Queries(ExpressionQueries):
         return by_item, source
 
     def batch_packed(self, segments: object, users: object, index: object) -> Result | Deferred:
-        """The `batch_packed` op (sidecar/packed.py): one answer byte per user."""
+        """The `batch_packed` op (sidecar/packed.py): one answer byte per user. Which segments
+        answer locally is `_bitmaps`' (`Replica.local`'s) rule; the lookups themselves are one
+        C call over the members in either form (`forms.batch_lookup`) when it is built."""
+        lookup = self._lookup
+        if lookup is None:
+            return self._batch_packed_python(segments, users, index)
+        n = packed_length(segments, users, index)
+        segs = cast(Sequence[str], segments)
+        try:
+            bitmaps = self._bitmaps(segs)
+        except BadRequest:
+            unpack_request(segments, users, index)  # a bad index is reported first, as ever
+            raise
+        if not n:
+            return b"", LOCAL
+        try:
+            answers = lookup(bitmaps, users, index, UNKNOWN_BYTE)
+        except IndexError:
+            unpack_request(segments, users, index)  # raises the BadRequest naming it
+            raise
+        if None not in bitmaps or UNKNOWN_BYTE not in answers:
+            return answers, LOCAL
+        if self._fb is None:
+            return answers, NONE
+        _, ids, positions = unpack_request(segs, users, index)
+        out = bytearray(answers)
+        missing = [k for k, b in enumerate(out) if b == UNKNOWN_BYTE]
+        return self._batch_packed_fallback(segs, ids, positions, out, missing)
+
+    def _batch_packed_python(
+        self, segments: object, users: object, index: object
+    ) -> Result | Deferred:
+        """`batch_packed` without the C extension: a Python pass over the items."""
         segs, ids, positions = unpack_request(segments, users, index)
         bitmaps = self._bitmaps(segs)
         if not ids:

@@ -9,6 +9,11 @@
  * - merge(ids, add, remove): (ids | add) - remove over sorted uint64 arrays, as array('Q').
  * - shape(ids): what the forms cost, for choosing one: (containers, roaring's container
  *   bytes, this format's bytes); ef_size(n, min, max): the Elias-Fano kind's bytes.
+ * - lookup(members, users, index, unknown): a packed batch's answers (sidecar/packed.py) in one
+ *   call, one byte per user: does members[index[i]] hold users[i]? A member is a Segment
+ *   (searched here), a BitMap64 (roaring64_bitmap_contains, found in pyroaring's own
+ *   extension: see find_roaring), None (the `unknown` byte: the caller's rules said it is not
+ *   answered here) or any other container (`in`).
  * - Reader: the reader's hot path. `contains(user, segment)` is one C call: an acquire load
  *   of the index's sequence number and the writer's heartbeat (CLOCK_MONOTONIC_COARSE, read
  *   from the vDSO: no system call), a dict lookup and a binary search. Anything unusual
@@ -20,8 +25,10 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <dlfcn.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <stdbool.h>
 #include <stdint.h>
 #include <string.h>
 #include <sys/mman.h>
@@ -926,6 +933,169 @@ static PyObject *store(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* -- a packed batch's lookups ------------------------------------------------------------------- */
+
+typedef bool (*Roaring64Contains)(const void *bitmap, uint64_t x);
+static Roaring64Contains roaring64_contains; /* NULL: BitMap64s are asked through `in` */
+static PyObject *bitmap64_type;
+static int roaring_looked_up;
+
+/* pyroaring exports CRoaring's functions from its extension, and a BitMap64's
+ * roaring64_bitmap_t as `raw_pointer`: with both, a check is one C call, where `in` costs a
+ * Python int and a Cython method call (3-5x the time). Either missing (another pyroaring
+ * build): `in`. SEG_NATIVE_ROARING=0 forces `in` (tests compare the two). */
+static void find_roaring(void) {
+    roaring_looked_up = 1;
+    const char *env = getenv("SEG_NATIVE_ROARING");
+    if (env != NULL && strcmp(env, "0") == 0) return;
+    PyObject *mod = PyImport_ImportModule("pyroaring");
+    if (mod == NULL) {
+        PyErr_Clear();
+        return;
+    }
+    PyObject *type = PyObject_GetAttrString(mod, "BitMap64");
+    PyObject *file = PyObject_GetAttrString(mod, "__file__");
+    Py_DECREF(mod);
+    const char *path = (file != NULL && PyUnicode_Check(file)) ? PyUnicode_AsUTF8(file) : NULL;
+    void *lib = path != NULL ? dlopen(path, RTLD_NOW | RTLD_NOLOAD) : NULL; /* loaded already */
+    void *fn = lib != NULL ? dlsym(lib, "roaring64_bitmap_contains") : NULL;
+    if (fn != NULL && type != NULL && PyType_Check(type) &&
+        PyObject_HasAttrString(type, "raw_pointer")) {
+        roaring64_contains = (Roaring64Contains)fn;
+        bitmap64_type = type; /* kept for the process's life */
+        type = NULL;
+    }
+    Py_XDECREF(type);
+    Py_XDECREF(file);
+    PyErr_Clear();
+}
+
+enum { M_UNKNOWN, M_SEGMENT, M_ROARING, M_OTHER };
+typedef struct {
+    int how;
+    const void *p; /* the Segment, or the roaring64_bitmap_t */
+    PyObject *obj;
+} Member;
+
+static inline uint64_t rd_le64(const uint8_t *p) {
+    uint64_t v;
+    memcpy(&v, p, 8);
+#if __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
+    v = __builtin_bswap64(v);
+#endif
+    return v;
+}
+
+static inline uint16_t rd_le16(const uint8_t *p) {
+    uint16_t v;
+    memcpy(&v, p, 2);
+#if __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
+    v = __builtin_bswap16(v);
+#endif
+    return v;
+}
+
+/* what lookup asks of members[j]; 0, or -1 with an exception */
+static int member_of(PyObject *o, Member *m) {
+    m->obj = o;
+    m->p = NULL;
+    if (o == Py_None) {
+        m->how = M_UNKNOWN;
+    } else if (Py_TYPE(o) == &SegmentType) {
+        m->how = M_SEGMENT;
+        m->p = o;
+    } else if (roaring64_contains != NULL && Py_TYPE(o) == (PyTypeObject *)bitmap64_type) {
+        PyObject *raw = PyObject_GetAttrString(o, "raw_pointer");
+        if (raw == NULL) return -1;
+        m->p = PyLong_AsVoidPtr(raw);
+        Py_DECREF(raw);
+        if (m->p == NULL) {
+            if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "a BitMap64 with no bitmap");
+            return -1;
+        }
+        m->how = M_ROARING;
+    } else {
+        m->how = M_OTHER;
+    }
+    return 0;
+}
+
+/* lookup(members, users, index, unknown) -> bytes: byte i is 1 when members[index[i]] holds
+ * users[i] (little-endian uint64), else 0, and `unknown` where that member is None. An empty
+ * index: every user against members[0]. IndexError for an index past the members. The GIL is
+ * held throughout (unless a member is some other container, whose `in` may run Python), so
+ * the batch reads one state of every member. */
+static PyObject *lookup(PyObject *self, PyObject *args) {
+    PyObject *members;
+    Py_buffer users, index;
+    int unknown;
+    if (!PyArg_ParseTuple(args, "Oy*y*i", &members, &users, &index, &unknown)) return NULL;
+    PyObject *out = NULL;
+    Member *m = NULL;
+    PyObject *seq = PySequence_Tuple(members); /* owns them while `in` may run Python */
+    if (seq == NULL) goto done;
+    Py_ssize_t nm = PyTuple_GET_SIZE(seq), n = users.len / 8;
+    if (users.len % 8 || (index.len && index.len != 2 * n) || (n && nm == 0)) {
+        PyErr_SetString(PyExc_ValueError, "lookup: users, index and members do not agree");
+        goto done;
+    }
+    if (!roaring_looked_up) find_roaring();
+    m = PyMem_Malloc(sizeof(Member) * (size_t)(nm ? nm : 1));
+    if (m == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    for (Py_ssize_t j = 0; j < nm; j++)
+        if (member_of(PyTuple_GET_ITEM(seq, j), &m[j]) < 0) goto done;
+    out = PyBytes_FromStringAndSize(NULL, n);
+    if (out == NULL) goto done;
+    uint8_t *res = (uint8_t *)PyBytes_AS_STRING(out);
+    const uint8_t *u = users.buf, *ix = index.buf;
+    int has_index = index.len != 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        uint64_t x = rd_le64(u + 8 * i);
+        size_t j = has_index ? rd_le16(ix + 2 * i) : 0;
+        if ((Py_ssize_t)j >= nm) {
+            PyErr_Format(PyExc_IndexError, "index %zu past the %zd members", j, nm);
+            Py_CLEAR(out);
+            goto done;
+        }
+        const Member *mj = &m[j];
+        switch (mj->how) {
+        case M_SEGMENT:
+            res[i] = (uint8_t)segment_has((const Segment *)mj->p, x);
+            break;
+        case M_ROARING:
+            res[i] = (uint8_t)roaring64_contains(mj->p, x);
+            break;
+        case M_UNKNOWN:
+            res[i] = (uint8_t)unknown;
+            break;
+        default: {
+            PyObject *v = PyLong_FromUnsignedLongLong(x);
+            int has = v != NULL ? PySequence_Contains(mj->obj, v) : -1;
+            Py_XDECREF(v);
+            if (has < 0) {
+                Py_CLEAR(out);
+                goto done;
+            }
+            res[i] = (uint8_t)has;
+        }
+        }
+    }
+done:
+    PyMem_Free(m);
+    Py_XDECREF(seq);
+    PyBuffer_Release(&users);
+    PyBuffer_Release(&index);
+    return out;
+}
+
+static PyObject *roaring_native(PyObject *self, PyObject *unused) {
+    if (!roaring_looked_up) find_roaring();
+    return PyBool_FromLong(roaring64_contains != NULL);
+}
+
 static PyObject *coarse_now_ms(PyObject *self, PyObject *unused) {
     return PyLong_FromLongLong(coarse_ms());
 }
@@ -938,6 +1108,10 @@ static PyMethodDef module_methods[] = {
     {"write_locked", write_locked, METH_VARARGS,
      "write_locked(buffer, seq_offset, data, position) -> the new (even) sequence number"},
     {"store", store, METH_VARARGS, "store(buffer, offset, value): atomic uint64 store"},
+    {"lookup", lookup, METH_VARARGS,
+     "lookup(members, users: bin uint64, index: bin uint16, unknown) -> bytes, one per user"},
+    {"roaring_native", roaring_native, METH_NOARGS,
+     "whether lookup searches BitMap64s itself (else through `in`)"},
     {"coarse_ms", coarse_now_ms, METH_NOARGS, "CLOCK_MONOTONIC_COARSE in ms, as readers see it"},
     {NULL},
 };

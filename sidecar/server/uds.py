@@ -37,6 +37,7 @@ from ..protocol import (
     oversize_message,
 )
 from ..replica.state import Health
+from ..shm import ShmUnavailable, native
 from .metrics import NO_SOURCE, OK_KEYS, Metrics, OpStats
 from .queries import Queries
 from .results import LOCAL, Deferred, Result
@@ -53,6 +54,22 @@ _FRESH = Health.FRESH
 _K_LOCAL = OK_KEYS[LOCAL]
 #: 1 in (mask + 1) locally answered checks is timed for seg_request_duration_seconds.
 LATENCY_SAMPLE_MASK = 15
+
+
+class _Sampler:
+    """The latency sampler's counter when the C extension (`FastCheck`) is not built."""
+
+    __slots__ = ("untimed",)
+
+    def __init__(self) -> None:
+        self.untimed = 0
+
+
+def _native() -> Any:
+    try:
+        return native()
+    except ShmUnavailable:
+        return None
 
 
 class _Slot:
@@ -81,10 +98,12 @@ class _Connection(asyncio.Protocol):
         "max_frame",
         "handlers",
         "metrics",
+        "fast",
     )
 
     def __init__(self, server: UdsServer) -> None:
         self.server = server
+        self.fast = server.fast_check
         self.max_frame = server.max_frame
         self.handlers = server.handlers
         self.metrics = server.metrics
@@ -126,6 +145,15 @@ class _Connection(asyncio.Protocol):
     # -- requests --------------------------------------------------------------------------------
     def data_received(self, data: bytes) -> None:
         buf = self.buf
+        if not buf and not self.pending and not self.closing:
+            # One whole frame holding a check answered from memory: all of it in C
+            # (`_native.FastCheck`, the inline path below in C; None for anything else).
+            fast = self.fast
+            if fast is not None:
+                out = fast(data)
+                if out is not None:
+                    self.transport.write(out)  # type: ignore[union-attr]
+                    return
         if not buf and len(data) >= HEADER_SIZE and not self.closing:
             # The common case: exactly one whole frame (a client waiting for its answer).
             length = _unpack_header(data, 0)[0]
@@ -208,7 +236,8 @@ class _Connection(asyncio.Protocol):
             # LATENCY_SAMPLE_MASK + 1 takes the general path below and is timed, which keeps
             # the latency histogram honest at a fraction of the cost.
             server = self.server
-            server.untimed = untimed = (server.untimed + 1) & LATENCY_SAMPLE_MASK
+            sampler = server.sampler
+            sampler.untimed = untimed = (sampler.untimed + 1) & LATENCY_SAMPLE_MASK
             if untimed:
                 user = req[2]
                 seg = req[3]
@@ -355,15 +384,34 @@ class UdsServer:
             op: (OPS[op] + 2, fn, self.metrics.op("uds", op)) for op, fn in ops.items()
         }
         # What the connections' inline check path reads (these objects are never replaced).
-        self.untimed = 0
         self.replica = queries.replica
         self.valid_names = queries.names.valid
         self.segments = queries.replica.engine.segments
         self.aged = queries.replica.aged
         self.check_counts = self.handlers["check"][2].counts
+        #: the inline path in C (`FastCheck.answer`), reading the same objects; None without
+        #: the C extension. Its `untimed` is the latency sampler's counter for both paths.
+        self.fast_check: Callable[[bytes], bytes | None] | None = None
+        self.sampler: Any = _Sampler()
+        nat = _native()
+        if nat is not None:
+            self.sampler = nat.FastCheck(
+                self.valid_names, self.segments, self.aged, self.replica, self.check_counts,
+                _K_LOCAL, _FRESH, self.max_frame, LATENCY_SAMPLE_MASK,
+            )  # fmt: skip
+            self.fast_check = self.sampler.answer
         self.metrics.gauge(
             "seg_uds_connections", "Open Unix-socket connections.", lambda: len(self.connections)
         )
+
+    @property
+    def untimed(self) -> int:
+        """The latency sampler's counter: the next request is timed when it wraps to 0."""
+        return int(self.sampler.untimed)
+
+    @untimed.setter
+    def untimed(self, value: int) -> None:
+        self.sampler.untimed = value
 
     def op_stats(self, op: object) -> OpStats:
         entry = self.handlers.get(op) if type(op) is str else None

@@ -1,0 +1,201 @@
+"""The socket server's check in C (`_native.FastCheck`, sidecar/server/uds.py): it answers a
+frame exactly when the inline Python path would, with the same bytes and the same counts, and
+leaves everything else (other ops, other encodings, bad requests, several or partial frames,
+the request the latency sampler picks) to Python without changing anything."""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from sidecar.protocol import encode_request, encode_response
+from sidecar.server.metrics import OK_KEYS
+from sidecar.server.queries import Queries
+from sidecar.server.results import LOCAL
+from sidecar.server.uds import LATENCY_SAMPLE_MASK, UdsServer, _Connection
+from tests.test_batch_native import HIGH, SHAPES, STATES, _replica
+
+KEY = OK_KEYS[LOCAL]
+
+
+class Transport:
+    def __init__(self) -> None:
+        self.out: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        self.out.append(data)
+
+    def is_closing(self) -> bool:
+        return False
+
+    def pause_reading(self) -> None:
+        pass
+
+
+def _server(tmp: Path, segments: dict[str, tuple[str, set[int], bool]], ready: bool) -> Any:
+    uds = UdsServer(Queries(_replica(tmp, segments, ready)), tmp / "s.sock")
+    assert uds.fast_check is not None
+    for name in segments:  # the names the general path has validated, as after a first ask
+        uds.queries.names.check(name)
+    return uds
+
+
+def _frame(body: bytes) -> bytes:
+    return struct.pack(">I", len(body)) + body
+
+
+def _uint(v: int, width: int) -> bytes:
+    """msgpack uint of `width` bytes (0: the shortest), as other encoders may write it."""
+    if width == 0:
+        return msgpack.packb(v)
+    code = {1: 0xCC, 2: 0xCD, 4: 0xCE, 8: 0xCF}[width]
+    return bytes([code]) + v.to_bytes(width, "big")
+
+
+@st.composite
+def requests(draw: st.DrawFn, names: list[str]) -> bytes:
+    """A frame: mostly checks in the client's encoding, some in encodings the C path leaves
+    to Python (str8 op, array16, wider ints), some not checks at all."""
+    rid = draw(st.one_of(st.integers(0, 300), st.integers(0, HIGH), st.integers(-5, -1)))
+    user: Any = draw(
+        st.one_of(
+            st.integers(0, HIGH), st.sampled_from([0, 1, HIGH]), st.integers(-3, -1), st.booleans()
+        )
+    )
+    seg: Any = draw(
+        st.one_of(st.sampled_from(names), st.just("nosuch"), st.just("bad id!"), st.integers())
+    )
+    shape = draw(st.sampled_from(["client"] * 6 + ["wide", "str8", "array16", "ping", "extra"]))
+    if shape == "client":
+        return encode_request(rid, "check", (user, seg), 1 << 20)
+    if shape == "ping":
+        return encode_request(rid, "ping", (), 1 << 20)
+    if shape == "extra":  # five elements
+        return encode_request(rid, "check", (user, seg, 1), 1 << 20)
+    if type(user) is not int or user < 0 or rid < 0 or type(seg) is not str:
+        return encode_request(rid, "check", (user, seg), 1 << 20)
+    if shape == "wide":
+        body = (
+            b"\x94"
+            + _uint(rid, draw(st.sampled_from([0, 8])))
+            + b"\xa5check"
+            + _uint(user, draw(st.sampled_from([0, 8])))
+            + msgpack.packb(seg)
+        )
+        return _frame(body)
+    if shape == "str8":
+        return _frame(b"\x94" + msgpack.packb(rid) + b"\xd9\x05check" + msgpack.packb(user)
+                      + msgpack.packb(seg))  # fmt: skip
+    return _frame(b"\xdc\x00\x04" + msgpack.packb(rid) + b"\xa5check" + msgpack.packb(user)
+                  + msgpack.packb(seg))  # fmt: skip
+
+
+@st.composite
+def cases(draw: st.DrawFn) -> dict[str, Any]:
+    segments = {
+        f"s{i}": (draw(st.sampled_from([s for s in STATES if s != "out"])), draw(SHAPES),
+                  draw(st.booleans()))
+        for i in range(draw(st.integers(1, 4)))
+    }  # fmt: skip
+    frames = draw(st.lists(requests(sorted(segments)), min_size=1, max_size=8))
+    return {"segments": segments, "ready": draw(st.booleans()), "frames": frames}
+
+
+def _python(uds: Any, frame: bytes) -> tuple[bytes, bool]:
+    """The Python path's response to `frame` and whether its inline path answered it
+    (counted, not timed)."""
+    conn = _Connection(uds)
+    conn.transport = Transport()  # type: ignore[assignment]
+    conn.fast = None
+    stats = uds.handlers["check"][2]
+    counted, timed = stats.counts[KEY], sum(stats.latency.counts)
+    uds.untimed = 0
+    conn.data_received(frame)
+    inline = stats.counts[KEY] == counted + 1 and sum(stats.latency.counts) == timed
+    assert len(conn.transport.out) == 1  # type: ignore[attr-defined]
+    return conn.transport.out[0], inline  # type: ignore[attr-defined]
+
+
+@settings(
+    max_examples=150,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+@given(case=cases())
+def test_c_answers_exactly_what_the_inline_path_answers(
+    tmp_path_factory: pytest.TempPathFactory, case: dict[str, Any]
+) -> None:
+    uds = _server(tmp_path_factory.mktemp("f"), case["segments"], case["ready"])
+    counts = uds.handlers["check"][2].counts
+    for frame in case["frames"]:
+        want, inline = _python(uds, frame)
+        uds.untimed = 0
+        before = counts[KEY]
+        got = uds.fast_check(frame)
+        if got is None:
+            assert counts[KEY] == before and uds.untimed == 0
+            # what C leaves to Python is never an inline answer in the client's encoding
+            assert not (inline and _client_encoded(frame)), frame
+        else:
+            assert inline, frame
+            assert got == want
+            assert counts[KEY] == before + 1 and uds.untimed == 1
+
+
+def _client_encoded(frame: bytes) -> bool:
+    req = msgpack.unpackb(frame[4:])
+    return encode_request(req[0], req[1], req[2:], 1 << 20) == frame
+
+
+def test_the_sampled_request_is_left_to_python(tmp_path: Path) -> None:
+    uds = _server(tmp_path, {"s0": ("fresh", {1, 2}, False)}, True)
+    frame = encode_request(7, "check", (1, "s0"), 1 << 20)
+    uds.untimed = LATENCY_SAMPLE_MASK  # the next request wraps to 0: timed
+    assert uds.fast_check(frame) is None and uds.untimed == LATENCY_SAMPLE_MASK
+    uds.untimed = LATENCY_SAMPLE_MASK - 1
+    assert uds.fast_check(frame) == encode_response(7, 0, True)
+    assert uds.untimed == LATENCY_SAMPLE_MASK
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        b"",
+        b"\x00\x00",
+        b"\x00\x00\x00\x00",
+        encode_request(1, "check", (1, "s0"), 1 << 20)[:-1],  # partial
+        encode_request(1, "check", (1, "s0"), 1 << 20) * 2,  # two frames
+        _frame(b"\x94\x01\xa5check\x01\xa2s0\xc0"),  # a byte after the request
+        _frame(b"\x94\x01\xa5check\x01\xa3s0"),  # a string cut short
+        _frame(b"\x94\x01\xa5check\x01\xa2\xff\xfe"),  # not UTF-8
+        _frame(b"\x94\x01\xa5chec"),
+        b"\xff\xff\xff\xff" + b"x" * 8,  # over the frame limit
+    ],
+)
+def test_frames_it_does_not_take(tmp_path: Path, frame: bytes) -> None:
+    uds = _server(tmp_path, {"s0": ("fresh", {1}, False)}, True)
+    before = dict(uds.handlers["check"][2].counts)
+    assert uds.fast_check(frame) is None
+    assert uds.handlers["check"][2].counts == before and uds.untimed == 0
+
+
+def test_a_connection_with_responses_owed_keeps_its_order(tmp_path: Path) -> None:
+    """While a fallback response is owed, a check answered from memory queues behind it."""
+    uds = _server(tmp_path, {"s0": ("fresh", {1}, False)}, True)
+    conn = _Connection(uds)
+    conn.transport = Transport()  # type: ignore[assignment]
+    frame = encode_request(3, "check", (1, "s0"), 1 << 20)
+    conn.data_received(frame)
+    assert conn.transport.out == [encode_response(3, 0, True)]  # type: ignore[attr-defined]
+    from sidecar.server.uds import _Slot
+
+    conn.pending.append(_Slot())
+    conn.data_received(frame)
+    assert len(conn.transport.out) == 1 and len(conn.pending) == 2  # type: ignore[attr-defined]
+    assert conn.pending[1].data == encode_response(3, 0, True)

@@ -70,9 +70,7 @@ def _form(members: set[int], compact: bool) -> Any:
     return BitMap64(ids)
 
 
-def _replica(
-    tmp: Any, segments: dict[str, tuple[str, set[int], bool]], ready: bool
-) -> Replica:
+def _replica(tmp: Any, segments: dict[str, tuple[str, set[int], bool]], ready: bool) -> Replica:
     """A replica (not started) holding `segments`: name -> (state, members, compact)."""
     replica = Replica(LogDirTransport(tmp / "log"), segments=["s*"])
     engine = replica.engine
@@ -84,9 +82,7 @@ def _replica(
             continue
         health = {"stale": Health.STALE, "diverged": Health.DIVERGED}.get(state, Health.FRESH)
         # set directly: install() would choose the form itself
-        engine.segments[name] = SegmentState(
-            _form(members, compact), 2, len(members), 0, health
-        )
+        engine.segments[name] = SegmentState(_form(members, compact), 2, len(members), 0, health)
         if state == "aged":
             replica.aged.add(name)
     replica.ready = ready
@@ -172,9 +168,7 @@ def test_native_batch_answers_as_the_model(tmp_path_factory: Any, case: dict[str
     replica = _replica(tmp_path_factory.mktemp("b"), case["segments"], case["ready"])
     requests: list[tuple[list[tuple[int, str]], str | None]] = [(case["items"], None)]
     if case["one"]:
-        requests = [
-            ([it for it in case["items"] if it[1] == seg], seg) for seg in case["segments"]
-        ]
+        requests = [([it for it in case["items"] if it[1] == seg], seg) for seg in case["segments"]]
     for items, one in requests:
         want, source, asked = expected(case, items)
         for native_path in (True, False):
@@ -214,7 +208,9 @@ def test_lookup_takes_every_kind_of_member() -> None:
             users.append(u)
             index.append(j)
     got = native.lookup(members, array("Q", users).tobytes(), array("H", index).tobytes(), 2)
-    want = bytes(2 if truth[j] is None else u in truth[j] for u, j in zip(users, index))
+    want = bytes(
+        2 if truth[j] is None else u in truth[j] for u, j in zip(users, index, strict=True)
+    )
     assert got == want
     assert native.roaring_native()  # this pyroaring's BitMap64 is searched in C
     one = native.lookup([members[0]], array("Q", probes).tobytes(), b"", 2)

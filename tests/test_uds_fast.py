@@ -69,7 +69,12 @@ def requests(draw: st.DrawFn, names: list[str]) -> bytes:
         )
     )
     seg: Any = draw(
-        st.one_of(st.sampled_from(names), st.just("nosuch"), st.just("bad id!"), st.integers())
+        st.one_of(
+            st.sampled_from(names),
+            st.just("nosuch"),
+            st.just("bad id!"),
+            st.integers(-(2**63), HIGH),
+        )
     )
     shape = draw(st.sampled_from(["client"] * 6 + ["wide", "str8", "array16", "ping", "extra"]))
     if shape == "client":

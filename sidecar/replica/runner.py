@@ -13,6 +13,7 @@ from ..expr import compile_arg
 from ..ids import MAX_WAIT_MS, segment_id, user_id, version_arg, wait_ms_arg
 from ..memory import fix_mmap_threshold, release_free_memory
 from ..partitioner import partition_for
+from ..shm import native_or_none
 from ..transport.base import LogReader, Transport, TransportError
 from . import checkpoint, recovery, view
 from .engine import Engine, segment_filter
@@ -92,6 +93,12 @@ class Replica:
         #: the checkpoint being read while the log is opened (`_read_checkpoint`)
         self._checkpoint_read: tuple[threading.Thread, list[checkpoint.Checkpoint | None]] | None
         self._checkpoint_read = None
+        # `contains` in one C call (`_native.LocalCheck`, the method below in C, reading the
+        # same objects) when the C extension is built: a Python method costs more than the
+        # lookup itself
+        nat = native_or_none()
+        if nat is not None:
+            self.contains = nat.LocalCheck(self._segments, self.aged, self, _FRESH).contains  # type: ignore[method-assign]
 
     # -- the check path ----------------------------------------------------------------------
     def local(self, segment: str) -> SegmentState | str:
@@ -110,6 +117,8 @@ class Replica:
         return state.health.value
 
     def contains(self, user: int, segment: str) -> bool | None:
+        """`local(segment)`'s answer for `user`, None when it gives a reason instead. An
+        instance built with the C extension answers with `_native.LocalCheck`, this in C."""
         state = self._segments.get(segment)
         if state is not None and state.health is _FRESH and self.ready:
             return user in state.bitmap if segment not in self.aged else None

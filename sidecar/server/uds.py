@@ -37,7 +37,7 @@ from ..protocol import (
     oversize_message,
 )
 from ..replica.state import Health
-from ..shm import ShmUnavailable, native
+from ..shm import native_or_none
 from .metrics import NO_SOURCE, OK_KEYS, Metrics, OpStats
 from .queries import Queries
 from .results import LOCAL, Deferred, Result
@@ -63,13 +63,6 @@ class _Sampler:
 
     def __init__(self) -> None:
         self.untimed = 0
-
-
-def _native() -> Any:
-    try:
-        return native()
-    except ShmUnavailable:
-        return None
 
 
 class _Slot:
@@ -393,7 +386,7 @@ class UdsServer:
         #: the C extension. Its `untimed` is the latency sampler's counter for both paths.
         self.fast_check: Callable[[bytes], bytes | None] | None = None
         self.sampler: Any = _Sampler()
-        nat = _native()
+        nat = native_or_none()
         if nat is not None:
             self.sampler = nat.FastCheck(
                 self.valid_names, self.segments, self.aged, self.replica, self.check_counts,

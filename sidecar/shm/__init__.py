@@ -27,3 +27,11 @@ def native() -> Any:
             ) from None
         _loaded = mod
     return _loaded
+
+
+def native_or_none() -> Any:
+    """The C extension, or None when it is not built (callers then take their Python path)."""
+    try:
+        return native()
+    except ShmUnavailable:
+        return None

@@ -16,6 +16,7 @@
  *   answered here) or any other container (`in`).
  * - FastCheck: the Unix-socket server's inline check (sidecar/server/uds.py) in one C call,
  *   reading Python's rules; anything else it leaves to Python.
+ * - LocalCheck: `Replica.contains` in one C call, reading the same objects.
  * - Reader: the reader's hot path. `contains(user, segment)` is one C call: an acquire load
  *   of the index's sequence number and the writer's heartbeat (CLOCK_MONOTONIC_COARSE, read
  *   from the vDSO: no system call), a dict lookup and a binary search. Anything unusual
@@ -972,6 +973,8 @@ static void find_roaring(void) {
     PyErr_Clear();
 }
 
+static PyObject *str_raw_pointer; /* interned "raw_pointer" */
+
 enum { M_UNKNOWN, M_SEGMENT, M_ROARING, M_OTHER };
 typedef struct {
     int how;
@@ -1007,7 +1010,7 @@ static int member_of(PyObject *o, Member *m) {
         m->how = M_SEGMENT;
         m->p = o;
     } else if (roaring64_contains != NULL && Py_TYPE(o) == (PyTypeObject *)bitmap64_type) {
-        PyObject *raw = PyObject_GetAttrString(o, "raw_pointer");
+        PyObject *raw = PyObject_GetAttr(o, str_raw_pointer);
         if (raw == NULL) return -1;
         m->p = PyLong_AsVoidPtr(raw);
         Py_DECREF(raw);
@@ -1215,21 +1218,15 @@ static size_t mp_put_uint(uint8_t *p, uint64_t v) {
     return 1 + n;
 }
 
-/* 1 member, 0 not, -1 error (set) */
+/* 1 member, 0 not, -1 error (set). One check: a Segment is searched here; a BitMap64's own
+ * `in` costs less than fetching its raw pointer. */
 static int member_has(PyObject *members, uint64_t user) {
-    Member m;
-    if (member_of(members, &m) < 0) return -1;
-    switch (m.how) {
-    case M_SEGMENT: return segment_has((const Segment *)m.p, user);
-    case M_ROARING: return roaring64_contains(m.p, user);
-    default: {
-        PyObject *v = PyLong_FromUnsignedLongLong(user);
-        if (v == NULL) return -1;
-        int has = PySequence_Contains(members, v);
-        Py_DECREF(v);
-        return has;
-    }
-    }
+    if (Py_TYPE(members) == &SegmentType) return segment_has((const Segment *)members, user);
+    PyObject *v = PyLong_FromUnsignedLongLong(user);
+    if (v == NULL) return -1;
+    int has = PySequence_Contains(members, v);
+    Py_DECREF(v);
+    return has;
 }
 
 static PyObject *FastCheck_answer(FastCheck *f, PyObject *data) {
@@ -1359,6 +1356,123 @@ static PyTypeObject FastCheckType = {
     .tp_new = FastCheck_new,
 };
 
+/* -- the in-process check --------------------------------------------------------------------- */
+
+/* LocalCheck(segments, aged, replica, fresh).contains(user, segment): `Replica.contains`
+ * (sidecar/replica/runner.py) in C, reading the same objects: the engine's segment table, the
+ * segments past their max age, `replica.ready`, a state's `health` is `fresh`; the lookup is
+ * the members' own `in`, so errors are theirs. */
+typedef struct {
+    PyObject_HEAD
+    PyObject *segments, *aged, *replica, *fresh;
+} LocalCheck;
+
+static void LocalCheck_dealloc(LocalCheck *c) {
+    PyObject_GC_UnTrack(c);
+    Py_CLEAR(c->segments);
+    Py_CLEAR(c->aged);
+    Py_CLEAR(c->replica);
+    Py_CLEAR(c->fresh);
+    Py_TYPE(c)->tp_free((PyObject *)c);
+}
+
+static int LocalCheck_traverse(LocalCheck *c, visitproc visit, void *arg) {
+    Py_VISIT(c->segments);
+    Py_VISIT(c->aged);
+    Py_VISIT(c->replica);
+    Py_VISIT(c->fresh);
+    return 0;
+}
+
+static int LocalCheck_clear(LocalCheck *c) {
+    Py_CLEAR(c->segments);
+    Py_CLEAR(c->aged);
+    Py_CLEAR(c->replica);
+    Py_CLEAR(c->fresh);
+    return 0;
+}
+
+static PyObject *LocalCheck_new(PyTypeObject *type, PyObject *args, PyObject *kw) {
+    static char *names[] = {"segments", "aged", "replica", "fresh", NULL};
+    PyObject *segments, *aged, *replica, *fresh;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O!O!OO", names, &PyDict_Type, &segments,
+                                     &PySet_Type, &aged, &replica, &fresh))
+        return NULL;
+    if (!roaring_looked_up) find_roaring();
+    LocalCheck *c = (LocalCheck *)type->tp_alloc(type, 0);
+    if (c == NULL) return NULL;
+    Py_INCREF(segments);
+    Py_INCREF(aged);
+    Py_INCREF(replica);
+    Py_INCREF(fresh);
+    c->segments = segments;
+    c->aged = aged;
+    c->replica = replica;
+    c->fresh = fresh;
+    return (PyObject *)c;
+}
+
+static PyObject *LocalCheck_contains(LocalCheck *c, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 2) {
+        PyErr_Format(PyExc_TypeError, "contains() takes 2 arguments (user, segment), got %zd",
+                     nargs);
+        return NULL;
+    }
+    PyObject *user = args[0], *segment = args[1];
+    PyObject *st = PyDict_GetItemWithError(c->segments, segment); /* borrowed */
+    if (st == NULL) {
+        if (PyErr_Occurred()) return NULL;
+        Py_RETURN_NONE;
+    }
+    Py_INCREF(st);
+    PyObject *health = PyObject_GetAttr(st, str_health);
+    if (health == NULL) goto error;
+    int fresh = health == c->fresh;
+    Py_DECREF(health);
+    if (!fresh) goto none;
+    PyObject *ready = PyObject_GetAttr(c->replica, str_ready);
+    if (ready == NULL) goto error;
+    int is_ready = PyObject_IsTrue(ready);
+    Py_DECREF(ready);
+    if (is_ready < 0) goto error;
+    if (!is_ready) goto none;
+    int aged = PySet_Contains(c->aged, segment);
+    if (aged < 0) goto error;
+    if (aged) goto none;
+    PyObject *members = PyObject_GetAttr(st, str_bitmap);
+    Py_DECREF(st);
+    if (members == NULL) return NULL;
+    /* the members' own `in` (a Segment's is segment_has), so errors are theirs */
+    int has = PySequence_Contains(members, user);
+    Py_DECREF(members);
+    if (has < 0) return NULL;
+    return PyBool_FromLong(has);
+none:
+    Py_DECREF(st);
+    Py_RETURN_NONE;
+error:
+    Py_DECREF(st);
+    return NULL;
+}
+
+static PyMethodDef LocalCheck_methods[] = {
+    {"contains", (PyCFunction)(void (*)(void))LocalCheck_contains, METH_FASTCALL,
+     "contains(user, segment) -> True / False, or None when not answered from memory"},
+    {NULL},
+};
+
+static PyTypeObject LocalCheckType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "sidecar.shm._native.LocalCheck",
+    .tp_basicsize = sizeof(LocalCheck),
+    .tp_dealloc = (destructor)LocalCheck_dealloc,
+    .tp_traverse = (traverseproc)LocalCheck_traverse,
+    .tp_clear = (inquiry)LocalCheck_clear,
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "Replica.contains, in C.",
+    .tp_methods = LocalCheck_methods,
+    .tp_new = LocalCheck_new,
+};
+
 static PyObject *coarse_now_ms(PyObject *self, PyObject *unused) {
     return PyLong_FromLongLong(coarse_ms());
 }
@@ -1386,13 +1500,14 @@ static struct PyModuleDef module = {
 
 PyMODINIT_FUNC PyInit__native(void) {
     if (PyType_Ready(&SegmentType) < 0 || PyType_Ready(&ReaderType) < 0 ||
-        PyType_Ready(&FastCheckType) < 0)
+        PyType_Ready(&FastCheckType) < 0 || PyType_Ready(&LocalCheckType) < 0)
         return NULL;
+    str_raw_pointer = PyUnicode_InternFromString("raw_pointer");
     str_ready = PyUnicode_InternFromString("ready");
     str_health = PyUnicode_InternFromString("health");
     str_bitmap = PyUnicode_InternFromString("bitmap");
     one = PyLong_FromLong(1);
-    if (str_ready == NULL || str_health == NULL || str_bitmap == NULL || one == NULL) return NULL;
+    if (str_raw_pointer == NULL || str_ready == NULL || str_health == NULL || str_bitmap == NULL || one == NULL) return NULL;
     PyObject *array_mod = PyImport_ImportModule("array");
     if (array_mod == NULL) return NULL;
     array_type = PyObject_GetAttrString(array_mod, "array");
@@ -1403,8 +1518,10 @@ PyMODINIT_FUNC PyInit__native(void) {
     Py_INCREF(&SegmentType);
     Py_INCREF(&ReaderType);
     Py_INCREF(&FastCheckType);
+    Py_INCREF(&LocalCheckType);
     if (PyModule_AddObject(m, "Segment", (PyObject *)&SegmentType) < 0 ||
         PyModule_AddObject(m, "FastCheck", (PyObject *)&FastCheckType) < 0 ||
+        PyModule_AddObject(m, "LocalCheck", (PyObject *)&LocalCheckType) < 0 ||
         PyModule_AddObject(m, "Reader", (PyObject *)&ReaderType) < 0 ||
         PyModule_AddIntConstant(m, "SEGMENT_HEADER", SEG_HEADER) < 0 ||
         PyModule_AddIntConstant(m, "KIND_SORTED", KIND_SORTED) < 0 ||

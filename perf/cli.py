@@ -150,6 +150,10 @@ def _prefer_source_tree() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     _prefer_source_tree()
+    from sidecar.shm.build import build_if_stale
+
+    if build_if_stale():  # the sidecars it starts import this build
+        print("seg-perf: built the C extension in place (it was older than its source)")
     parser = build_parser()
     args = parser.parse_args(argv)
     out: Path = args.out.resolve()

@@ -21,6 +21,7 @@ from pyroaring import BitMap64
 from sidecar.client import SidecarClient
 from sidecar.ids import BadRequest
 from sidecar.replica import Replica
+from sidecar.shm.build import build_if_stale
 from sidecar.transport import LogDirTransport
 from tests.logtools import LogState, SidecarThread, publish_gap, publish_raw
 
@@ -28,19 +29,12 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def _native():  # type: ignore[no-untyped-def]
-    """The C extension; built in place when this checkout has not been installed since it
-    changed (`pip install -e .` builds it; a worktree sharing another checkout's venv may not
-    have)."""
-    try:
-        from sidecar.shm import _native as mod
-    except ImportError:
-        subprocess.run(
-            [sys.executable, "setup.py", "build_ext", "--inplace"],
-            cwd=REPO,
-            check=True,
-            capture_output=True,
-        )
-        from sidecar.shm import _native as mod
+    """The C extension; built in place when this checkout's build is missing or older than
+    its source (`pip install -e .` builds it; a worktree sharing another checkout's venv may
+    not have)."""
+    build_if_stale()
+    from sidecar.shm import _native as mod
+
     return mod
 
 

@@ -86,8 +86,7 @@ def _native() -> Any:
 def batch_lookup() -> Any:
     """`_native.lookup(members, users, index, unknown)`: a packed batch's answers over members
     of either form (or None: not answered here) in one C call; None without the C extension."""
-    nat = _native()
-    return nat.lookup if nat is not None else None
+    return getattr(_native(), "lookup", None)  # None too from an older build
 
 
 def roaring_bytes(containers: int, payload: int) -> int:

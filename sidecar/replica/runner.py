@@ -96,9 +96,9 @@ class Replica:
         # `contains` in one C call (`_native.LocalCheck`, the method below in C, reading the
         # same objects) when the C extension is built: a Python method costs more than the
         # lookup itself
-        nat = native_or_none()
-        if nat is not None:
-            self.contains = nat.LocalCheck(self._segments, self.aged, self, _FRESH).contains  # type: ignore[method-assign]
+        local = getattr(native_or_none(), "LocalCheck", None)  # None: an older build
+        if local is not None:
+            self.contains = local(self._segments, self.aged, self, _FRESH).contains  # type: ignore[method-assign]
 
     # -- the check path ----------------------------------------------------------------------
     def local(self, segment: str) -> SegmentState | str:

@@ -386,9 +386,9 @@ class UdsServer:
         #: the C extension. Its `untimed` is the latency sampler's counter for both paths.
         self.fast_check: Callable[[bytes], bytes | None] | None = None
         self.sampler: Any = _Sampler()
-        nat = native_or_none()
-        if nat is not None:
-            self.sampler = nat.FastCheck(
+        fast = getattr(native_or_none(), "FastCheck", None)  # None: an older build
+        if fast is not None:
+            self.sampler = fast(
                 self.valid_names, self.segments, self.aged, self.replica, self.check_counts,
                 _K_LOCAL, _FRESH, self.max_frame, LATENCY_SAMPLE_MASK,
             )  # fmt: skip

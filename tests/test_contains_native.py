@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sidecar.replica import Replica
+from sidecar.replica import Replica, SegmentState
 from tests.test_batch_native import HIGH, SHAPES, STATES, _replica
 
 USERS = st.one_of(
@@ -66,6 +66,15 @@ def test_c_contains_is_the_python_method(
         state = segments.get(seg, ("unknown",))[0]
         if got[0] == "value" and not (ready and state == "fresh"):
             assert got[1] is None
+    # members_of: the members `local` answers with, per segment; None for a name not known
+    names = ["s0", "s1", "s2", "out3", "x"]
+    local = [replica.local(s) for s in names]
+    want = [st.bitmap if isinstance(st, SegmentState) else None for st in local]
+    found = replica.native_local.members_of(names, set(names))
+    assert [type(m) for m in found] == [type(m) for m in want]
+    assert all(a is b for a, b in zip(found, want, strict=True))
+    assert replica.native_local.members_of(names, set(names[1:])) is None
+    assert replica.native_local.members_of([*names, 5], set(names)) is None
 
 
 def test_unhashable_segment_and_arity(tmp_path: Path) -> None:

@@ -8,6 +8,7 @@ import logging
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 from ..expr import compile_arg
 from ..ids import MAX_WAIT_MS, segment_id, user_id, version_arg, wait_ms_arg
@@ -97,8 +98,11 @@ class Replica:
         # same objects) when the C extension is built: a Python method costs more than the
         # lookup itself
         local = getattr(native_or_none(), "LocalCheck", None)  # None: an older build
+        #: `_native.LocalCheck` over this replica (or None): `contains` and `members_of` in C
+        self.native_local: Any = None
         if local is not None:
-            self.contains = local(self._segments, self.aged, self, _FRESH).contains  # type: ignore[method-assign]
+            self.native_local = local(self._segments, self.aged, self, _FRESH)
+            self.contains = self.native_local.contains  # type: ignore[method-assign]
 
     # -- the check path ----------------------------------------------------------------------
     def local(self, segment: str) -> SegmentState | str:

@@ -75,6 +75,8 @@ class Queries(ExpressionQueries):
         self._sem: asyncio.Semaphore | None = None
         #: `_native.lookup`, or None without the C extension (`batch_packed` then loops)
         self._lookup = batch_lookup()
+        #: `_native.LocalCheck.members_of` (or None): `_bitmaps` for names already validated
+        self._members_of = getattr(replica.native_local, "members_of", None)
 
     @property
     def has_fallback(self) -> bool:
@@ -87,6 +89,11 @@ class Queries(ExpressionQueries):
 
     def _bitmaps(self, segments: Sequence[object]) -> list[Any]:
         """Validate `segments[i]` each; the bitmap answering each locally, or None."""
+        members_of = self._members_of
+        if members_of is not None:  # `Replica.local`'s rule in C, when every name is known
+            found = members_of(segments, self._valid_names)
+            if found is not None:
+                return found  # type: ignore[no-any-return]
         names = self.names
         valid = self._valid_names
         bitmap = self._bitmap

@@ -16,7 +16,8 @@
  *   answered here) or any other container (`in`).
  * - FastCheck: the Unix-socket server's inline check (sidecar/server/uds.py) in one C call,
  *   reading Python's rules; anything else it leaves to Python.
- * - LocalCheck: `Replica.contains` in one C call, reading the same objects.
+ * - LocalCheck: `Replica.contains` in one C call, reading the same objects; members_of:
+ *   the members answering each of a request's segments from memory.
  * - Reader: the reader's hot path. `contains(user, segment)` is one C call: an acquire load
  *   of the index's sequence number and the writer's heartbeat (CLOCK_MONOTONIC_COARSE, read
  *   from the vDSO: no system call), a dict lookup and a binary search. Anything unusual
@@ -1412,52 +1413,95 @@ static PyObject *LocalCheck_new(PyTypeObject *type, PyObject *args, PyObject *kw
     return (PyObject *)c;
 }
 
+/* the state answering `segment` from memory (a new reference), or NULL: when none answers
+ * (no exception set) or on an error (set) */
+static PyObject *answering(LocalCheck *c, PyObject *segment) {
+    PyObject *st = PyDict_GetItemWithError(c->segments, segment); /* borrowed */
+    if (st == NULL) return NULL;
+    Py_INCREF(st);
+    PyObject *health = PyObject_GetAttr(st, str_health);
+    if (health == NULL) goto none;
+    int fresh = health == c->fresh;
+    Py_DECREF(health);
+    if (!fresh) goto none;
+    PyObject *ready = PyObject_GetAttr(c->replica, str_ready);
+    if (ready == NULL) goto none;
+    int is_ready = PyObject_IsTrue(ready);
+    Py_DECREF(ready);
+    if (is_ready <= 0 || PySet_Contains(c->aged, segment) != 0) goto none;
+    return st;
+none:
+    Py_DECREF(st);
+    return NULL;
+}
+
 static PyObject *LocalCheck_contains(LocalCheck *c, PyObject *const *args, Py_ssize_t nargs) {
     if (nargs != 2) {
         PyErr_Format(PyExc_TypeError, "contains() takes 2 arguments (user, segment), got %zd",
                      nargs);
         return NULL;
     }
-    PyObject *user = args[0], *segment = args[1];
-    PyObject *st = PyDict_GetItemWithError(c->segments, segment); /* borrowed */
+    PyObject *st = answering(c, args[1]);
     if (st == NULL) {
         if (PyErr_Occurred()) return NULL;
         Py_RETURN_NONE;
     }
-    Py_INCREF(st);
-    PyObject *health = PyObject_GetAttr(st, str_health);
-    if (health == NULL) goto error;
-    int fresh = health == c->fresh;
-    Py_DECREF(health);
-    if (!fresh) goto none;
-    PyObject *ready = PyObject_GetAttr(c->replica, str_ready);
-    if (ready == NULL) goto error;
-    int is_ready = PyObject_IsTrue(ready);
-    Py_DECREF(ready);
-    if (is_ready < 0) goto error;
-    if (!is_ready) goto none;
-    int aged = PySet_Contains(c->aged, segment);
-    if (aged < 0) goto error;
-    if (aged) goto none;
     PyObject *members = PyObject_GetAttr(st, str_bitmap);
     Py_DECREF(st);
     if (members == NULL) return NULL;
     /* the members' own `in` (a Segment's is segment_has), so errors are theirs */
-    int has = PySequence_Contains(members, user);
+    int has = PySequence_Contains(members, args[0]);
     Py_DECREF(members);
     if (has < 0) return NULL;
     return PyBool_FromLong(has);
-none:
-    Py_DECREF(st);
-    Py_RETURN_NONE;
-error:
-    Py_DECREF(st);
+}
+
+/* members_of(segments, valid) -> [members or None per segment], or None when one of them is
+ * not a str in `valid` (the caller validates then) */
+static PyObject *LocalCheck_members_of(LocalCheck *c, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 2 || !PySet_Check(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "members_of(segments, valid: set)");
+        return NULL;
+    }
+    PyObject *seq = PySequence_Fast(args[0], "segments must be a sequence");
+    if (seq == NULL) return NULL;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    PyObject *out = PyList_New(n);
+    if (out == NULL) goto fail;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *seg = PySequence_Fast_GET_ITEM(seq, i);
+        if (!PyUnicode_CheckExact(seg) || PySet_Contains(args[1], seg) != 1) {
+            PyErr_Clear();
+            Py_DECREF(out);
+            Py_DECREF(seq);
+            Py_RETURN_NONE;
+        }
+        PyObject *st = answering(c, seg), *members;
+        if (st == NULL) {
+            if (PyErr_Occurred()) goto fail;
+            Py_INCREF(Py_None);
+            members = Py_None;
+        } else {
+            members = PyObject_GetAttr(st, str_bitmap);
+            Py_DECREF(st);
+            if (members == NULL) goto fail;
+        }
+        PyList_SET_ITEM(out, i, members);
+    }
+    Py_DECREF(seq);
+    return out;
+fail:
+    Py_XDECREF(out);
+    Py_DECREF(seq);
     return NULL;
 }
 
 static PyMethodDef LocalCheck_methods[] = {
     {"contains", (PyCFunction)(void (*)(void))LocalCheck_contains, METH_FASTCALL,
      "contains(user, segment) -> True / False, or None when not answered from memory"},
+    {"members_of", (PyCFunction)(void (*)(void))LocalCheck_members_of, METH_FASTCALL,
+     "members_of(segments, valid) -> the members answering each (None: not from memory), "
+     "or None when a segment is not a str in valid"},
     {NULL},
 };
 

@@ -204,3 +204,25 @@ def test_a_connection_with_responses_owed_keeps_its_order(tmp_path: Path) -> Non
     conn.data_received(frame)
     assert len(conn.transport.out) == 1 and len(conn.pending) == 2  # type: ignore[attr-defined]
     assert conn.pending[1].data == encode_response(3, 0, True)
+
+
+def test_without_the_extension_python_answers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sidecar.server.uds as uds_module
+
+    monkeypatch.setattr(uds_module, "native_or_none", lambda: None)
+    uds = UdsServer(
+        Queries(_replica(tmp_path, {"s0": ("fresh", {1}, False)}, True)), tmp_path / "s"
+    )
+    assert uds.fast_check is None
+    conn = _Connection(uds)
+    conn.transport = Transport()  # type: ignore[assignment]
+    for rid in range(LATENCY_SAMPLE_MASK + 2):  # every path: inline, and the sampled one
+        conn.data_received(encode_request(rid, "check", (1, "s0"), 1 << 20))
+    assert conn.transport.out == [  # type: ignore[attr-defined]
+        encode_response(rid, 0, True) for rid in range(LATENCY_SAMPLE_MASK + 2)
+    ]
+    stats = uds.handlers["check"][2]
+    # timed: the first (its name not validated yet: the general path) and the sampled one
+    assert stats.counts[KEY] == LATENCY_SAMPLE_MASK + 2 and sum(stats.latency.counts) == 2

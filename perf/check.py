@@ -238,6 +238,7 @@ def run(ctx: Context) -> dict[str, Any]:
             "<= 1.1 x",
             detail=f"sidecar p50 {s.p50_us:.1f} us, echo p50 {e.p50_us:.1f} us; "
             f"per-round ratio median {fmt_paired(paired('sidecar', 'echo'))}",
+            peer=f"bare uvloop echo, same framing: p50 {e.p50_us:.1f} us",
         ),
         target(
             "check: sidecar p99",
@@ -264,6 +265,7 @@ def run(ctx: Context) -> dict[str, Any]:
                 ">= 3 x",
                 detail=f"redis p50 {rd.p50_us:.1f} us, sidecar p50 {s.p50_us:.1f} us; "
                 f"per-round ratio median {fmt_paired(paired('redis', 'sidecar'))}",
+                peer=f"Redis SISMEMBER (redis-py, Unix socket): p50 {rd.p50_us:.1f} us",
             )
         )
     else:

@@ -27,7 +27,7 @@ from pathlib import Path
 from types import FrameType, ModuleType
 from typing import Any
 
-from sidecar.cliutil import Parser
+from sidecar.cliutil import Parser, positive_float
 
 from . import report
 from .services import Context, log
@@ -36,6 +36,13 @@ PERF_DIR = Path(__file__).resolve().parent
 DEFAULT_OUT = PERF_DIR / "results"
 DEFAULT_REPORT = PERF_DIR / "REPORT.md"
 SCENARIOS = report.SCENARIOS
+#: a scenario still running after this long is stopped and recorded as failed, and the run goes
+#: on: the longest takes about 6 minutes at full size on this machine (perf/README.md)
+SCENARIO_TIMEOUT_S = {"quick": 600.0, "full": 1800.0}
+
+
+class ScenarioTimeout(Exception):
+    """A scenario ran past --scenario-timeout (raised in it by SIGALRM)."""
 
 
 def module(name: str) -> ModuleType:
@@ -89,6 +96,14 @@ def build_parser() -> Parser:
         help="an older checkout (git worktree add DIR COMMIT): propagation also runs its "
         "seg-publish, for a before/after in one run",
     )
+    p.add_argument(
+        "--scenario-timeout",
+        type=positive_float,
+        metavar="SECONDS",
+        help="stop a scenario still running after this long, record it as failed and go on "
+        f"(default {SCENARIO_TIMEOUT_S['full']:.0f}, {SCENARIO_TIMEOUT_S['quick']:.0f} with "
+        "--quick)",
+    )
     return p
 
 
@@ -96,11 +111,21 @@ def _sigterm(_signum: int, _frame: FrameType | None) -> None:
     raise SystemExit(143)
 
 
-def run_one(name: str, ctx: Context, command: str) -> tuple[dict[str, Any], bool]:
+def _alarm(_signum: int, _frame: FrameType | None) -> None:
+    raise ScenarioTimeout("still running at --scenario-timeout")
+
+
+def run_one(
+    name: str, ctx: Context, command: str, timeout: float | None = None, run: str = ""
+) -> tuple[dict[str, Any], bool]:
+    """Run one scenario; any Exception it raises (a ScenarioTimeout after `timeout` seconds
+    too) is recorded in its doc, never raised: the run goes on with the next. `run`: when
+    the run (one `seg-perf` command) started, the same in every scenario's doc."""
     doc: dict[str, Any] = {
         "scenario": name,
         "quick": ctx.quick,
         "command": command,
+        "run": run,
         "started_at": report.stamp(),
         "machine": report.machine(),
         "load_before": report.loadavg(),
@@ -108,8 +133,16 @@ def run_one(name: str, ctx: Context, command: str) -> tuple[dict[str, Any], bool
     started = time.monotonic()
     ok = True
     log(f"== {name} ({'quick' if ctx.quick else 'full'})")
+    previous = signal.signal(signal.SIGALRM, _alarm) if timeout else None
     try:
-        results = module(name).run(ctx)
+        try:
+            if timeout:
+                signal.setitimer(signal.ITIMER_REAL, timeout)
+            results = module(name).run(ctx)
+        finally:
+            if timeout:
+                signal.setitimer(signal.ITIMER_REAL, 0)
+                signal.signal(signal.SIGALRM, previous)
         doc["targets"] = results.pop("targets", [])
         doc["results"] = results
         doc["error"] = None
@@ -182,11 +215,13 @@ def main(argv: list[str] | None = None) -> int:
     ctx = Context(
         quick=args.quick, out=out, source=args.source, kafka_addr=args.kafka, before=args.before
     )
+    timeout = args.scenario_timeout or SCENARIO_TIMEOUT_S["quick" if args.quick else "full"]
     failed: list[str] = []
     started = time.monotonic()
+    run = report.stamp()
     try:
         for name in names:
-            doc, ok = run_one(name, ctx, command)
+            doc, ok = run_one(name, ctx, command, timeout, run)
             report.write_json(out, name, doc)
             if not ok:
                 failed.append(name)

@@ -184,6 +184,7 @@ def run(ctx: Context) -> dict[str, Any]:
                 detail=f"{c['median_ns']:.0f} ns with the loop, {c['net_of_loop_ns']:.0f} ns net; "
                 f"x in BitMap64 {summary['x in BitMap64']['median_ns']:.0f} ns, "
                 f"x in set {summary['x in set']['median_ns']:.0f} ns",
+                peer=f"x in BitMap64 {summary['x in BitMap64']['median_ns'] / 1000:.3f} us",
             ),
             target(
                 "embedded: Replica.contains on a TTL segment / on a plain one",

@@ -13,7 +13,7 @@ from typing import Any
 from pyroaring import BitMap64
 
 from . import data
-from .services import Context, SidecarProcess, load_redis, log
+from .services import Context, SidecarProcess, ensure_redis_sets, log
 
 NAMES = ("x0", "x1", "x2", "x3", "x4")
 SHARES = (0.35, 0.25, 0.2, 0.12, 0.08)
@@ -65,11 +65,7 @@ def redis(ctx: Context, es: ExprSet) -> Any:
     # redis-py times reads out after a few seconds by default; a 5-segment count over 10M
     # members takes Redis longer than that on this machine
     client = redis_py.Redis(unix_socket_path=server.socket, socket_timeout=600)
-    # another scenario may have flushed the server since (serve_redis does once)
-    if client.scard(NAMES[-1]) != len(es.segments[NAMES[-1]]):
-        log(f"loading {es.memberships:,} memberships into Redis")
-        client.delete(*NAMES)
-        load_redis(client, es.segments)
+    ensure_redis_sets(client, es.segments)
     return client
 
 

@@ -291,6 +291,7 @@ def run(ctx: Context) -> dict[str, Any]:
                     row["replica_over_bound"],
                     "<= 1.6 x",
                     detail=detail,
+                    peer=f"log2 C(2^64, n) bits: {row['bound_bytes_per_member']} B/member",
                 )  # fmt: skip
             )
         else:
@@ -303,6 +304,9 @@ def run(ctx: Context) -> dict[str, Any]:
                     measured,
                     ">= 15 x",
                     detail=detail,
+                    peer=f"Redis set: {row['redis_bytes_per_member']} B/member"
+                    if redis is not None
+                    else "",
                 )  # fmt: skip
             )
         if row["form"] != "roaring" and row["check_over_bitmap64"] is not None:

@@ -218,6 +218,9 @@ def run(ctx: Context) -> dict[str, Any]:
                 f"({RECOVERY[m]}, diff, "
                 f"transaction): publish() p50 {pub[m].p50_us / 1e3:.0f} ms, p99 "
                 f"{pub[m].p99_us / 1e3:.0f} ms",
+                peer=""
+                if m == "session" or "session" not in s
+                else f"session publisher: p99 {s['session']['p99_us'] / 1e6:.3f} s",
             )
             for m in modes
         ],

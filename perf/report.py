@@ -378,10 +378,18 @@ def _find(doc: dict[str, Any] | None, words: tuple[str, ...]) -> dict[str, Any] 
     return None
 
 
-def _row(t: dict[str, Any], scenario: str, label: str, peer: str) -> list[Any]:
+def _row(
+    t: dict[str, Any], scenario: str, label: str, peer: str, peer_goal: bool = False
+) -> list[Any]:
+    """`peer_goal`: the goal is the peer's figure measured in the same run (DESIGN.md names
+    no number), shown as such."""
     goal = f"{t['op']} {fmt(t['goal'])} {t['unit']}"
+    if peer_goal:
+        goal = f"{t['op']} the peer's ({fmt(t['goal'])} {t['unit']})"
     measured = f"{fmt(t['measured'], 2)} {t['unit']}" if t["measured"] is not None else "-"
     ratio = fmt(t["measured_over_goal"], 2)
+    if t["measured"] is not None and not t["goal"]:
+        ratio = "- (the peer's figure is 0)"
     return [label, scenario, goal, measured, t.get("peer") or peer, ratio, _met(t), t["detail"]]
 
 
@@ -407,7 +415,7 @@ def targets_table(docs: dict[str, dict[str, Any]]) -> list[str]:
             continue
         shown.add(id(t))
         off_size = DESIGN_SIZES.get(scenario, lambda _r: None)(doc.get("results") or {})  # type: ignore[union-attr]
-        row = _row(_as_designed(t, goal), scenario, label, peer)
+        row = _row(_as_designed(t, goal), scenario, label, peer, peer_goal=goal is None)
         if off_size:
             row[5], row[6] = "-", off_size
         rows.append(row)
@@ -420,6 +428,38 @@ def targets_table(docs: dict[str, dict[str, Any]]) -> list[str]:
          "detail"],
         rows,
     )  # fmt: skip
+
+
+def _commit(d: dict[str, Any]) -> str:
+    src = (d.get("machine") or {}).get("source") or {}
+    dirty = "+changes" if src.get("product_code_changed_since_commit") else ""
+    return f"{src.get('commit') or '?'}{dirty}"
+
+
+def provenance(docs: dict[str, dict[str, Any]]) -> list[str]:
+    """What was measured when: one sentence when every result comes from one `seg-perf` run
+    of one commit, else the runs and commits it mixes (the table below has each scenario's)."""
+    if not docs:
+        return ["No results yet."]
+    runs = {d.get("run") or f"{d.get('command')} at {d.get('started_at')}" for d in docs.values()}
+    commits = sorted({_commit(d) for d in docs.values()})
+    if len(runs) == 1 and len(commits) == 1 and all(d.get("run") for d in docs.values()):
+        d0 = next(iter(docs.values()))
+        ends = [
+            dt.datetime.fromisoformat(d["started_at"]) + dt.timedelta(seconds=d["seconds"])
+            for d in docs.values()
+            if d.get("started_at") and d.get("seconds") is not None
+        ]
+        took = (max(ends) - dt.datetime.fromisoformat(d0["run"])).total_seconds() if ends else 0
+        return [
+            f"Every result below from one run, `{d0.get('command')}`, started {d0['run'][:19]} "
+            f"UTC, {took / 60:.0f} min for its {len(docs)} scenarios, of commit {commits[0]}."
+        ]
+    return [
+        f"Results from {len(runs)} runs of {len(commits)} commits ({', '.join(commits)}): "
+        "each scenario's run and commit are in the table below; the ratios are each measured "
+        "inside one run."
+    ]
 
 
 def write_report(out: Path, report: Path, sections: dict[str, Callable[..., list[str]]]) -> Path:
@@ -441,15 +481,7 @@ def write_report(out: Path, report: Path, sections: dict[str, Callable[..., list
     )  # fmt: skip
     libs = ", ".join(f"{k} {v}" for k, v in (mach.get("libraries") or {}).items() if v)
     lines += ["", f"Libraries: {libs}."]
-    src = mach.get("source") or {}
-    if src.get("commit"):
-        dirty = (
-            " plus uncommitted changes to " + ", ".join(src["changed_files"])
-            if src.get("product_code_changed_since_commit")
-            else ""
-        )
-        lines += ["", f"Code measured: commit {src['commit']}{dirty} (per scenario below)."]
-    lines.append("")
+    lines += ["", *provenance(docs), ""]
     lines += [
         "Load average (1/5/15 min) before and after each scenario: other work on this 2-core "
         "machine shares the CPUs, so absolute figures are noisy; the ratios are measured "
@@ -457,17 +489,12 @@ def write_report(out: Path, report: Path, sections: dict[str, Callable[..., list
         "",
     ]
 
-    def commit(d: dict[str, Any]) -> str:
-        src = (d.get("machine") or {}).get("source") or {}
-        dirty = "+changes" if src.get("product_code_changed_since_commit") else ""
-        return f"{src.get('commit') or '?'}{dirty}"
-
     lines += table(
         ["scenario", "mode", "ran at (UTC)", "seconds", "load before", "load after", "commit"],
         [
             [name, "quick" if d.get("quick") else "full", d.get("started_at", "")[:19],
              d.get("seconds"), " / ".join(map(str, d.get("load_before") or [])),
-             " / ".join(map(str, d.get("load_after") or [])), commit(d)]
+             " / ".join(map(str, d.get("load_after") or [])), _commit(d)]
             for name, d in docs.items()
         ],
     )  # fmt: skip

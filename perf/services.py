@@ -220,7 +220,6 @@ class ServeSet:
     source: str
     publish_seconds: float
     memberships: int
-    redis_loaded: bool = False
     #: the log the sidecar replays (a scenario may publish more into it, and drop it after)
     transport: Any = None
 
@@ -361,12 +360,8 @@ class Context:
         server = self.redis()
         if server is None:
             return None
-        serve = self.serve()
         client = server.client()
-        if not serve.redis_loaded:
-            client.flushall()
-            load_redis(client, serve.segments)
-            serve.redis_loaded = True
+        ensure_redis_sets(client, self.serve().segments)
         return client
 
     def close(self) -> None:
@@ -457,3 +452,20 @@ def load_redis(client: Any, segments: dict[str, BitMap64], chunk: int = 10_000) 
                 pipe.execute()
                 queued = 0
     pipe.execute()
+
+
+def ensure_redis_sets(client: Any, segments: dict[str, BitMap64]) -> bool:
+    """Load every segment into Redis as a set of its members unless the set is there with as
+    many members; True when something was loaded. Checked on every use, not remembered:
+    another scenario of the run may have flushed the server since (memory does)."""
+    pipe = client.pipeline(transaction=False)
+    for name in segments:
+        pipe.scard(name)
+    cards = pipe.execute()
+    stale = {n: bm for (n, bm), c in zip(segments.items(), cards, strict=True) if c != len(bm)}
+    if not stale:
+        return False
+    log(f"loading {data.memberships(stale):,} memberships of {len(stale)} sets into Redis")
+    client.delete(*stale)
+    load_redis(client, stale)
+    return True

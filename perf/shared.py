@@ -385,6 +385,7 @@ def run(ctx: Context) -> dict[str, Any]:
                 detail=f"x in BitMap64 in process {bitmap_p50:.3f} us, socket check "
                 f"{socket_p50:.1f} us, pure Python over the mapping {py_p50:.2f} us "
                 "(timer pair included)",
+                peer=f"socket check p50 {socket_p50:.1f} us",
             ),
             target(
                 f"shared: {READERS} readers' memory (PSS) over one copy",
@@ -393,6 +394,7 @@ def run(ctx: Context) -> dict[str, Any]:
                 detail=f"{total_pss / 2**20:.1f} MiB PSS in all for a {size / 2**20:.1f} MiB "
                 f"replica; each reader's RSS of the mapping about "
                 f"{memory[0]['mapped_rss'] / 2**20:.1f} MiB",
+                peer=f"one copy of the mapping: {size / 2**20:.1f} MiB",
             ),
         ],
     }

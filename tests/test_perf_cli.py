@@ -1,0 +1,77 @@
+"""seg-perf's run loop (perf/cli.py): a scenario that raises, or is still running at
+--scenario-timeout, is recorded as failed in its JSON file and in the report, and the run goes
+on with the next scenario, whose results are kept. The scenario modules are replaced by
+small ones here (the real ones run in tests/test_perf_quick.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+import types
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from perf import cli
+
+
+def _scenario(behaviour: str) -> types.SimpleNamespace:
+    def run(_ctx: Any) -> dict[str, Any]:
+        if behaviour == "raise":
+            raise RuntimeError("boom")
+        if behaviour == "hang":
+            time.sleep(120)
+        return {"value": 7, "targets": []}
+
+    def section(res: dict[str, Any], _out: Path, _report_dir: Path) -> list[str]:
+        return [f"the value was {res['value']}"]
+
+    return types.SimpleNamespace(run=run, section=section)
+
+
+@pytest.fixture
+def restore_signals(monkeypatch: pytest.MonkeyPatch) -> Any:
+    monkeypatch.setenv("PYTHONPATH", os.environ.get("PYTHONPATH", ""))  # main() prepends to it
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGALRM)}
+    yield
+    for s, h in handlers.items():
+        signal.signal(s, h)
+
+
+@pytest.mark.usefixtures("restore_signals")
+def test_a_failed_or_overrunning_scenario_is_recorded_and_the_run_goes_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    behaviour = {"check": "raise", "batch": "hang", "http": "ok"}
+    monkeypatch.setattr(cli, "module", lambda name: _scenario(behaviour.get(name, "ok")))
+    out = tmp_path / "results"
+    started = time.monotonic()
+    code = cli.main(["check", "batch", "http", "--out", str(out), "--scenario-timeout", "2"])
+    assert code == 1
+    assert time.monotonic() - started < 60, "the hanging scenario was not stopped"
+    docs = {n: json.loads((out / f"{n}.json").read_text()) for n in behaviour}
+    assert docs["check"]["error"] == "RuntimeError: boom"
+    assert "RuntimeError: boom" in docs["check"]["traceback"]
+    assert docs["batch"]["error"].startswith("ScenarioTimeout")
+    assert docs["batch"]["seconds"] < 60
+    assert docs["http"]["error"] is None and docs["http"]["results"] == {"value": 7}
+    assert len({d["run"] for d in docs.values()}) == 1  # one run, stamped in every file
+    report = (out / "REPORT.md").read_text()
+    assert "## check\n\n**Failed:** `RuntimeError: boom`" in report
+    assert "## batch\n\n**Failed:** `ScenarioTimeout" in report
+    assert "## http\n\nthe value was 7" in report
+    assert "from one run, `seg-perf check batch http" in report
+
+
+@pytest.mark.usefixtures("restore_signals")
+def test_a_timeout_that_is_not_a_positive_number_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["check", "--out", str(tmp_path), "--scenario-timeout", "0"])
+    assert exc.value.code == 2
+    assert "--scenario-timeout" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())

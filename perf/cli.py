@@ -146,6 +146,12 @@ def run_one(
         doc["targets"] = results.pop("targets", [])
         doc["results"] = results
         doc["error"] = None
+        if results.get("failed_peers"):  # a peer failed, the scenario's other results stand
+            ok = False
+            doc["error"] = "peers failed: " + "; ".join(
+                f"{n} ({why})" for n, why in results["failed_peers"].items()
+            )
+            log(f"{name}: {doc['error']}")
     except Exception as exc:
         ok = False
         doc["error"] = f"{type(exc).__name__}: {exc}"

@@ -522,7 +522,8 @@ def write_report(out: Path, report: Path, sections: dict[str, Callable[..., list
         lines += [f"## {name}", ""]
         if doc.get("error"):
             lines += [f"**Failed:** `{doc['error']}`", ""]
-            continue
+            if not doc.get("results"):
+                continue
         fn = sections.get(name)
         if fn is not None:
             try:

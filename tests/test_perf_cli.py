@@ -1,6 +1,7 @@
 """seg-perf's run loop (perf/cli.py): a scenario that raises, or is still running at
 --scenario-timeout, is recorded as failed in its JSON file and in the report, and the run goes
-on with the next scenario, whose results are kept. The scenario modules are replaced by
+on with the next scenario, whose results are kept; a scenario one of whose peers failed keeps
+the others' results and counts as failed. The scenario modules are replaced by
 small ones here (the real ones run in tests/test_perf_quick.py)."""
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ def _scenario(behaviour: str) -> types.SimpleNamespace:
             raise RuntimeError("boom")
         if behaviour == "hang":
             time.sleep(120)
+        if behaviour == "partial":  # one of its peers failed, the others measured
+            return {"value": 8, "failed_peers": {"redis": "RuntimeError: gone"}, "targets": []}
         return {"value": 7, "targets": []}
 
     def section(res: dict[str, Any], _out: Path, _report_dir: Path) -> list[str]:
@@ -45,11 +48,12 @@ def restore_signals(monkeypatch: pytest.MonkeyPatch) -> Any:
 def test_a_failed_or_overrunning_scenario_is_recorded_and_the_run_goes_on(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    behaviour = {"check": "raise", "batch": "hang", "http": "ok"}
+    behaviour = {"check": "raise", "batch": "hang", "http": "partial", "embedded": "ok"}
     monkeypatch.setattr(cli, "module", lambda name: _scenario(behaviour.get(name, "ok")))
     out = tmp_path / "results"
     started = time.monotonic()
-    code = cli.main(["check", "batch", "http", "--out", str(out), "--scenario-timeout", "2"])
+    argv = [*behaviour, "--out", str(out), "--scenario-timeout", "2"]
+    code = cli.main(argv)
     assert code == 1
     assert time.monotonic() - started < 60, "the hanging scenario was not stopped"
     docs = {n: json.loads((out / f"{n}.json").read_text()) for n in behaviour}
@@ -57,13 +61,19 @@ def test_a_failed_or_overrunning_scenario_is_recorded_and_the_run_goes_on(
     assert "RuntimeError: boom" in docs["check"]["traceback"]
     assert docs["batch"]["error"].startswith("ScenarioTimeout")
     assert docs["batch"]["seconds"] < 60
-    assert docs["http"]["error"] is None and docs["http"]["results"] == {"value": 7}
+    assert docs["http"]["error"] == "peers failed: redis (RuntimeError: gone)"
+    assert docs["http"]["results"]["value"] == 8
+    assert docs["embedded"]["error"] is None and docs["embedded"]["results"] == {"value": 7}
     assert len({d["run"] for d in docs.values()}) == 1  # one run, stamped in every file
     report = (out / "REPORT.md").read_text()
     assert "## check\n\n**Failed:** `RuntimeError: boom`" in report
     assert "## batch\n\n**Failed:** `ScenarioTimeout" in report
-    assert "## http\n\nthe value was 7" in report
-    assert "from one run, `seg-perf check batch http" in report
+    assert (
+        "## http\n\n**Failed:** `peers failed: redis (RuntimeError: gone)`\n\nthe value was 8"
+        in report
+    )
+    assert "## embedded\n\nthe value was 7" in report
+    assert "from one run, `seg-perf check batch http embedded" in report
 
 
 @pytest.mark.usefixtures("restore_signals")

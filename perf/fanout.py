@@ -148,7 +148,6 @@ def run(ctx: Context) -> dict[str, Any]:
     peers["shared"] = peer_steps("shared", uds, SHARED_PROCS, shared_rates)
     sock = peers["socket"]
     best = {n: p.get("max_rps_p99_under_limit", 0) for n, p in peers.items()}
-    redis_peer = _redis_peer(peers["redis"])
     return {
         "client_processes": PROCS,
         "seconds_per_step": seconds,
@@ -161,15 +160,7 @@ def run(ctx: Context) -> dict[str, Any]:
         "peers": peers,
         "failed_peers": failed,
         "targets": [
-            target(
-                "fanout: socket rate with p99 < 1 ms vs Redis's in the same harness",
-                best["socket"],
-                f">= {best.get('redis') or 0} checks/s",
-                detail=f"{redis_peer}; socket {best['socket']:,}/s; {PROCS} client processes "
-                "each, the same steps",
-                applies=bool(peers["redis"].get("steps")),  # Redis ran (even if no step met 1 ms)
-                peer=redis_peer,
-            ),
+            socket_vs_redis(sock, peers["redis"]),
             target(
                 f"fanout: shared replica, {SHARED_PROCS} reader processes, checks/s in all "
                 "(open loop, the highest step kept up with)",
@@ -181,6 +172,22 @@ def run(ctx: Context) -> dict[str, Any]:
             ),
         ],
     }
+
+
+def socket_vs_redis(sock: dict[str, Any], redis: dict[str, Any]) -> dict[str, Any]:
+    """DESIGN.md's fanout target: the socket's highest p99 < 1 ms rate at least Redis's in
+    the same steps. When Redis sustained no step under 1 ms, the socket meets it with one
+    such step (> 0/s), not with none either; not judged when Redis did not run."""
+    mine, theirs = sock["max_rps_p99_under_limit"], redis.get("max_rps_p99_under_limit", 0)
+    redis_peer = _redis_peer(redis)
+    return target(
+        "fanout: socket rate with p99 < 1 ms vs Redis's in the same harness",
+        mine,
+        f">= {theirs} checks/s" if theirs else "> 0 checks/s",
+        detail=f"{redis_peer}; socket {mine:,}/s; {PROCS} client processes each, the same steps",
+        applies=bool(redis.get("steps")),  # Redis ran (even if no step met 1 ms)
+        peer=redis_peer,
+    )
 
 
 def _redis_peer(redis: dict[str, Any]) -> str:

@@ -383,9 +383,10 @@ def _row(
 ) -> list[Any]:
     """`peer_goal`: the goal is the peer's figure measured in the same run (DESIGN.md names
     no number), shown as such."""
-    goal = f"{t['op']} {fmt(t['goal'])} {t['unit']}"
+    number = fmt(int(t["goal"]) if float(t["goal"]).is_integer() else t["goal"])
+    goal = f"{t['op']} {number} {t['unit']}"
     if peer_goal:
-        goal = f"{t['op']} the peer's ({fmt(t['goal'])} {t['unit']})"
+        goal = f"{t['op']} the peer's ({number} {t['unit']})"
     measured = f"{fmt(t['measured'], 2)} {t['unit']}" if t["measured"] is not None else "-"
     ratio = fmt(t["measured_over_goal"], 2)
     if t["measured"] is not None and not t["goal"]:

@@ -5,8 +5,11 @@ targets follow."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
+from perf.fanout import socket_vs_redis
 from perf.report import DESIGN_TARGETS, target, targets_table
 
 
@@ -77,3 +80,34 @@ def test_a_goal_is_an_operator_a_number_and_a_unit() -> None:
         "<", 100.0, "us", False, 1.3)  # fmt: skip
     with pytest.raises(ValueError, match="does not start with one of"):
         target("check: sidecar p99", 130.0, "under 100 us")
+
+
+def _steps(p99s: list[float]) -> dict[str, Any]:
+    """A fanout peer's result with one 1,000/s step per p99 (the rates rising by 1,000)."""
+    steps = [
+        {"offered_rps": 1000 * (i + 1), "latency": {"p99_us": p}, "p99_ok": p < 1000}
+        for i, p in enumerate(p99s)
+    ]
+    ok = [s["offered_rps"] for s in steps if s["p99_ok"]]
+    return {"steps": steps, "max_rps_p99_under_limit": max(ok, default=0)}
+
+
+def test_the_fanout_row_says_when_redis_sustained_no_step() -> None:
+    def row(sock: dict[str, Any], redis: dict[str, Any]) -> list[str]:
+        rows = _rows(targets_table({"fanout": {"targets": [socket_vs_redis(sock, redis)]}}))
+        return next(r for r in rows if r[0].startswith("fanout over the socket"))
+
+    none = _steps([3035.0, 1800.0])
+    got = row(_steps([600.0, 900.0, 1200.0]), none)
+    assert got[3] == "2,000 checks/s" and got[6] == "**met**"
+    assert got[4] == (
+        "Redis SISMEMBER sustained no step with p99 < 1 ms (its lowest, 1,000/s: p99 3,035 us)"
+    )
+    assert got[5] == "- (the peer's figure is 0)" and got[2] == "> the peer's (0 checks/s)"
+    assert row(_steps([1500.0]), none)[6] == "**not met**"  # neither: not met
+    got = row(_steps([600.0, 900.0]), _steps([700.0, 1100.0]))
+    assert got[2] == ">= the peer's (1,000 checks/s)" and got[5] == "2.00" and got[6] == "**met**"
+    assert got[4] == "Redis SISMEMBER p99 < 1 ms up to 1,000/s"
+    assert row(_steps([600.0]), {"available": False, "reason": "no redis-server"})[6].startswith(
+        "n/a"
+    )

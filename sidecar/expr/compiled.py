@@ -247,12 +247,18 @@ def _sets(node: NNF, bitmaps: Sequence[BitMap64]) -> tuple[BitMap64, bool, bool]
     neg = [bm for bm, negated, _ in values if negated]
     if isinstance(node, And):
         if not pos:  # !a & !b = !(a | b)
-            return BitMap64.union(*neg), True, True
+            return _union(neg), True, True
         return _minus(*_intersection(pos), neg), False, True
     if not neg:
-        return BitMap64.union(*pos), False, True
+        return _union(pos), False, True
     # !a | !b | c = !((a & b) - c)
     return _minus(*_intersection(neg), pos), True, True
+
+
+def _union(bitmaps: list[BitMap64]) -> BitMap64:
+    """A new bitmap: the union, in the operands' own algebra (BitMap64, or the replica's
+    `SortedIds` for compact segments: sidecar/replica/sorted_ids.py)."""
+    return type(bitmaps[0]).union(*bitmaps)
 
 
 def _intersection(bitmaps: list[BitMap64]) -> tuple[BitMap64, bool]:

@@ -15,9 +15,10 @@ A form is chosen whenever a segment's members are installed or changed (`FormPol
 the rule: compact for large segments of spread-out ids where it is clearly smaller, with
 hysteresis). A compact segment is
 immutable: a delta builds its successor by merging sorted arrays, O(n) per delta, where
-roaring's in-place change is O(delta). Set algebra (counts, audiences) converts a compact
-segment to a BitMap64 on demand (`to_bitmap`); the socket's and the shared replica's checks
-only test membership.
+roaring's in-place change is O(delta). Set algebra (counts, audiences) runs on id arrays
+where compact segments dominate (sorted_ids.py), else converts a compact segment to a
+BitMap64 on demand (`to_bitmap`); the socket's and the shared replica's checks only test
+membership.
 """
 
 from __future__ import annotations

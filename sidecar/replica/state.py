@@ -38,7 +38,7 @@ class SegmentState:
 
     `bitmap` is in the form the engine chose by the segment's shape (sidecar/replica/forms.py):
     a BitMap64, or a compact immutable form with the same `in`, len() and to_array(); set
-    algebra takes `forms.to_bitmap(state.bitmap)`."""
+    algebra takes `sorted_ids.operands` (or `forms.to_bitmap(state.bitmap)`)."""
 
     bitmap: BitMap64 | Any
     version: int

@@ -7,8 +7,10 @@ lands half-way through a read: each segment is seen at exactly one version, and 
 returned are the ones the answer used. What is read under the lock is either a membership test
 or a new bitmap computed from the engine's (an audience, or the engine's bitmaps restricted to
 a request's users); the engine's own bitmaps never leave it. A segment in the compact form
-(sidecar/replica/forms.py) answers membership tests as it is and is converted to a BitMap64 for
-set algebra: O(n) for a count or an audience, O(users) for a request's users. The lock is held
+(sidecar/replica/forms.py) answers membership tests as it is; for a count or an audience the
+expression runs over ascending id arrays when compact members are most of what it reads
+(sidecar/replica/sorted_ids.py: one merge pass in C per operation), else over BitMap64 with
+the compact ones converted (O(n)); a request's users are tested one by one. The lock is held
 for the roaring operations only: microseconds for one user, milliseconds for a count over
 millions.
 
@@ -27,6 +29,7 @@ from pyroaring import BitMap64
 from ..expr import Audience, Count, Expr
 from ..ids import BadRequest
 from .forms import to_bitmap, within
+from .sorted_ids import operands
 from .state import SegmentState
 
 if TYPE_CHECKING:
@@ -92,7 +95,8 @@ def count(replica: Replica, expr: Expr) -> Count:
 
 def audience(replica: Replica, expr: Expr) -> Audience:
     """The (bounded) expression's members as a new bitmap, and the versions used."""
-    return Audience(*_whole(replica, expr, expr.members))
+    members, versions = _whole(replica, expr, expr.members)
+    return Audience(to_bitmap(members), versions)  # the result is owned: outside the lock
 
 
 def _whole(
@@ -101,7 +105,7 @@ def _whole(
     expr.require_bounded()
     with replica.engine.lock:
         states = _all_local(expr, _states(replica, expr))
-        value = compute([to_bitmap(st.bitmap) for st in states])  # O(n) for a compact one
+        value = compute(operands([st.bitmap for st in states]))  # type: ignore[arg-type]
     return value, {s: st.version for s, st in zip(expr.segments, states, strict=True)}
 
 

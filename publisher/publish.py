@@ -14,6 +14,7 @@ from typing import Any, Protocol
 
 from pyroaring import BitMap64
 
+from sidecar.ids import segment_id
 from sidecar.record import Delta
 from sidecar.replica import RecoveredLog, SegmentState
 from sidecar.transport.base import LogWriter, Transport, TransportError
@@ -218,6 +219,7 @@ class Publisher:
         manifest's `max_age_seconds` (see `plan.heartbeats`; None keeps the log's). `ttl`
         holds the manifest's `ttl_seconds`: those segments' members are added or re-affirmed,
         never removed (see `plan.diff`); any other segment is published as a full state."""
+        drop = [segment_id(name, "drop") for name in drop]
         both = sorted(set(drop) & set(desired))
         if both:
             raise ValueError(f"segments both in the input and to drop: {', '.join(both)}")

@@ -228,6 +228,25 @@ def test_drop(log: LogDirTransport) -> None:
     assert dropped == {"a": 2}
 
 
+def test_a_drop_of_an_invalid_segment_id_is_refused_and_writes_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    log = LogDirTransport(tmp_path / "log")
+    pub = publisher(log)
+    pub.publish({"a": BitMap64([1, 2])})
+    before = read_log(log)
+    with pytest.raises(ValueError, match="drop 'bad seg!' is not a valid segment id"):
+        pub.publish({}, drop=["a", "bad seg!"])
+    assert read_log(log) == before
+    fresh = tmp_path / "fresh"
+    with pytest.raises(SystemExit) as exit_:
+        publish_main(["--log-dir", str(fresh), "--drop", "bad seg!"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("seg-publish: error: drop 'bad seg!' is not a valid segment id")
+    assert "\n" not in err and not fresh.exists()
+
+
 def test_drop_removes_chunk_keys_of_a_multi_chunk_snapshot(log: LogDirTransport) -> None:
     pub = publisher(log)
     big = rnd_bitmap(1, 60_000)  # ~1.5 MB: a snapshot of several chunks

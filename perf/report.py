@@ -306,11 +306,13 @@ def latency_rows(series: dict[str, dict[str, Any]]) -> list[str]:
     return table(["peer", "requests", "p50 us", "p99 us", "p99.9 us", "max us"], rows)
 
 
-def _met(t: dict[str, Any]) -> str:
+def _met(t: dict[str, Any], quick: bool = True) -> str:
     if t["measured"] is None:
         return "not measured"
     if not t["applies"]:
         at = "met" if t["met_at_this_size"] else "not met"
+        if not quick:  # a full-size run: its peer did not run (the detail says why)
+            return f"n/a: not judged, its peer did not run ({at} as measured)"
         return f"n/a at --quick size ({at} at this size)"
     return "**met**" if t["met"] else "**not met**"
 
@@ -379,7 +381,12 @@ def _find(doc: dict[str, Any] | None, words: tuple[str, ...]) -> dict[str, Any] 
 
 
 def _row(
-    t: dict[str, Any], scenario: str, label: str, peer: str, peer_goal: bool = False
+    t: dict[str, Any],
+    scenario: str,
+    label: str,
+    peer: str,
+    peer_goal: bool = False,
+    quick: bool = True,
 ) -> list[Any]:
     """`peer_goal`: the goal is the peer's figure measured in the same run (DESIGN.md names
     no number), shown as such."""
@@ -391,7 +398,8 @@ def _row(
     ratio = fmt(t["measured_over_goal"], 2)
     if t["measured"] is not None and not t["goal"]:
         ratio = "- (the peer's figure is 0)"
-    return [label, scenario, goal, measured, t.get("peer") or peer, ratio, _met(t), t["detail"]]
+    verdict = _met(t, quick)
+    return [label, scenario, goal, measured, t.get("peer") or peer, ratio, verdict, t["detail"]]
 
 
 def _as_designed(t: dict[str, Any], goal: tuple[str, float] | None) -> dict[str, Any]:
@@ -401,6 +409,11 @@ def _as_designed(t: dict[str, Any], goal: tuple[str, float] | None) -> dict[str,
     op, value = goal
     return target(t["name"], t["measured"], f"{op} {value} {t['unit']}", detail=t["detail"],
                   applies=t["applies"], peer=t.get("peer", ""))  # fmt: skip
+
+
+def _quick(doc: dict[str, Any] | None) -> bool:
+    """Whether a scenario's doc is of a --quick run (an older JSON without the key: yes)."""
+    return bool((doc or {}).get("quick", True))
 
 
 def targets_table(docs: dict[str, dict[str, Any]]) -> list[str]:
@@ -416,14 +429,14 @@ def targets_table(docs: dict[str, dict[str, Any]]) -> list[str]:
             continue
         shown.add(id(t))
         off_size = DESIGN_SIZES.get(scenario, lambda _r: None)(doc.get("results") or {})  # type: ignore[union-attr]
-        row = _row(_as_designed(t, goal), scenario, label, peer, peer_goal=goal is None)
+        row = _row(_as_designed(t, goal), scenario, label, peer, goal is None, _quick(doc))
         if off_size:
             row[5], row[6] = "-", off_size
         rows.append(row)
     for name, doc in docs.items():
         for t in doc.get("targets") or []:
             if id(t) not in shown:
-                rows.append(_row(t, name, f"{t['name']} (also measured)", ""))
+                rows.append(_row(t, name, f"{t['name']} (also measured)", "", quick=_quick(doc)))
     return table(
         ["DESIGN.md target", "scenario", "goal", "measured", "peer", "measured / goal", "met?",
          "detail"],

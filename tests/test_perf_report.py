@@ -94,7 +94,8 @@ def _steps(p99s: list[float]) -> dict[str, Any]:
 
 def test_the_fanout_row_says_when_redis_sustained_no_step() -> None:
     def row(sock: dict[str, Any], redis: dict[str, Any]) -> list[str]:
-        rows = _rows(targets_table({"fanout": {"targets": [socket_vs_redis(sock, redis)]}}))
+        doc = {"quick": False, "targets": [socket_vs_redis(sock, redis)]}
+        rows = _rows(targets_table({"fanout": doc}))
         return next(r for r in rows if r[0].startswith("fanout over the socket"))
 
     none = _steps([3035.0, 1800.0])
@@ -108,6 +109,6 @@ def test_the_fanout_row_says_when_redis_sustained_no_step() -> None:
     got = row(_steps([600.0, 900.0]), _steps([700.0, 1100.0]))
     assert got[2] == ">= the peer's (1,000 checks/s)" and got[5] == "2.00" and got[6] == "**met**"
     assert got[4] == "Redis SISMEMBER p99 < 1 ms up to 1,000/s"
-    assert row(_steps([600.0]), {"available": False, "reason": "no redis-server"})[6].startswith(
-        "n/a"
-    )
+    unavailable = row(_steps([600.0]), {"available": False, "reason": "no redis-server"})
+    assert unavailable[6] == "n/a: not judged, its peer did not run (met as measured)"
+    assert unavailable[4] == "Redis SISMEMBER unavailable: no redis-server"

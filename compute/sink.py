@@ -60,12 +60,12 @@ def routes(topics: Sequence[str], cdc_prefix: str) -> list[Route]:
         cdc = topic.startswith(f"{cdc_prefix}.") and len(parts) >= len(cdc_prefix.split(".")) + 2
         table = table or (parts[-1] if cdc else EVENTS_TABLE)
         if not topic or not lakefs.TABLE_NAME.match(table):
-            raise SinkError(f"--topics {item!r}: the table name {table!r} is not "
+            raise SinkError(f"--sink-topics {item!r}: the table name {table!r} is not "
                             "[A-Za-z][A-Za-z0-9_]*")  # fmt: skip
         out.append(Route(topic, table, "cdc" if cdc else "events"))
     tables = [r.table for r in out]
     if dupes := sorted({t for t in tables if tables.count(t) > 1}):
-        raise SinkError(f"--topics: more than one topic for table {dupes[0]} (name the tables "
+        raise SinkError(f"--sink-topics: more than one topic for table {dupes[0]} (name the tables "
                         "with TOPIC=TABLE)")  # fmt: skip
     return out
 

@@ -62,6 +62,7 @@ def build_parser() -> Parser:
     parser.add_argument(
         "--writer-id",
         default="seg-publisher",
+        metavar="ID",
         help="transactional.id: a second publisher with the same id fences the first",
     )
     parser.add_argument(

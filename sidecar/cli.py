@@ -170,6 +170,7 @@ def build_parser() -> Parser:
         "--fallback-budget-ms",
         type=positive_float,
         default=5.0,
+        metavar="MS",
         help='time budget of one fallback lookup (default 5; see README "Aerospike")',
     )
     p.add_argument(

@@ -210,3 +210,20 @@ def test_sink_killed_and_restarted_writes_every_event_once(
     segments = load(defs, batch.base_params(lake_uri, spark=spark))
     got = batch.compute(spark, lake_uri, segments)
     assert set(got["viewers"]) == set(range(1000, 1040))
+
+
+@pytest.mark.parametrize(
+    ("topics", "message"),
+    [
+        (["clicks", "views"], "--sink-topics: more than one topic for table events"),
+        (["clicks=bad-name"], "--sink-topics 'clicks=bad-name': the table name 'bad-name'"),
+    ],
+)
+def test_a_bad_topic_list_names_the_option(topics: list[str], message: str) -> None:
+    with pytest.raises(sink.SinkError) as err:
+        sink.routes(topics, "cdc")
+    assert str(err.value).startswith(message)
+    assert sink.routes(["cdc.shop.orders", "clicks"], "cdc") == [
+        sink.Route("cdc.shop.orders", "orders", "cdc"),
+        sink.Route("clicks", "events", "events"),
+    ]

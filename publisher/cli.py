@@ -22,6 +22,7 @@ from sidecar.cliutil import (
     CommandError,
     Parser,
     add_log_options,
+    directory,
     exits_on_error,
     positive_int,
     transport_from_args,
@@ -74,6 +75,7 @@ def build_parser() -> Parser:
     )
     parser.add_argument(
         "--publisher-state-dir",
+        type=directory,
         metavar="DIR",
         help="keep the recovered state in DIR between runs: a state file verified against the "
         "log (its identity and offsets) spares replaying it; any other is ignored",

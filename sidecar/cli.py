@@ -29,6 +29,7 @@ from .cliutil import (
     add_aerospike_options,
     add_log_options,
     aerospike_target_from_args,
+    directory,
     exits_on_error,
     host_port,
     octal_mode,
@@ -152,7 +153,9 @@ def build_parser() -> Parser:
         help=f"answer 408 to a request body not read this fast (default {DEFAULT_TIMEOUTS.body:g})",
     )
     rep = p.add_argument_group("replica")
-    rep.add_argument("--state-dir", metavar="DIR", help="where checkpoints are written")
+    rep.add_argument(
+        "--state-dir", type=directory, metavar="DIR", help="where checkpoints are written"
+    )
     rep.add_argument(
         "--checkpoint-interval",
         type=positive_float,

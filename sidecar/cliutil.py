@@ -127,6 +127,15 @@ def host_port(text: str) -> tuple[str, int]:
     return host, int(number)
 
 
+@arg_type("a directory (made when missing), not a file")
+def directory(text: str) -> str:
+    """A directory the command writes in: refused at once when a file is in the way (it
+    would fail later, in another thread, as a traceback)."""
+    if text and os.path.exists(text) and not os.path.isdir(text):
+        raise ValueError(text)
+    return text
+
+
 _YES, _NO = ("yes", "true", "on", "1"), ("no", "false", "off", "0", "")
 
 

@@ -119,6 +119,33 @@ def test_a_negative_count_is_refused_and_nothing_written(
     assert not log.exists()
 
 
+@pytest.mark.parametrize(
+    ("argv", "option"),
+    [
+        (["seg-sidecar", "--http", "", "--uds", "{dir}/s.sock"], "--state-dir"),
+        (["seg-publish", "--drop", "x"], "--publisher-state-dir"),
+    ],
+)
+@pytest.mark.parametrize("from_env", [False, True])
+def test_a_state_directory_that_is_a_file_is_refused_at_once(
+    argv: list[str], option: str, from_env: bool, tmp_path: Path
+) -> None:
+    """Before: a traceback from the checkpoint-reading thread, and the sidecar kept running."""
+    in_the_way = tmp_path / "file"
+    in_the_way.write_text("")
+    log = tmp_path / "log"
+    argv = [a.replace("{dir}", str(tmp_path)) for a in argv] + ["--log-dir", str(log)]
+    env = {env_name(option): str(in_the_way)} if from_env else None
+    if not from_env:
+        argv += [option, str(in_the_way)]
+    message = one_line_error(run(*argv, env=env), argv[0])
+    shown = env_name(option) if from_env else f"argument {option}"
+    assert message == f"{shown}: expected a directory (made when missing), not a file, got " + repr(
+        str(in_the_way)
+    )
+    assert not log.exists()
+
+
 def test_seg_kafka_set_for_another_tool_does_not_break_this_one(tmp_path: Path) -> None:
     """SEG_KAFKA names the segment log's broker (seg-publish, seg-sidecar); an explicit
     --log-dir wins over it, and seg-compute's events broker is SEG_EVENTS_KAFKA."""

@@ -27,7 +27,7 @@ from pathlib import Path
 from types import FrameType, ModuleType
 from typing import Any
 
-from sidecar.cliutil import Parser, positive_float
+from sidecar.cliutil import Parser, directory, positive_float
 
 from . import report
 from .services import Context, log
@@ -67,7 +67,7 @@ def build_parser() -> Parser:
     )
     p.add_argument(
         "--out",
-        type=Path,
+        type=lambda text: Path(directory(text)),
         default=DEFAULT_OUT,
         metavar="DIR",
         help=f"results directory (default {os.path.relpath(DEFAULT_OUT)})",

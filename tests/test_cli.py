@@ -124,6 +124,7 @@ def test_a_negative_count_is_refused_and_nothing_written(
     [
         (["seg-sidecar", "--http", "", "--uds", "{dir}/s.sock"], "--state-dir"),
         (["seg-publish", "--drop", "x"], "--publisher-state-dir"),
+        (["seg-perf", "report", "--report", "{dir}/r.md"], "--out"),
     ],
 )
 @pytest.mark.parametrize("from_env", [False, True])
@@ -134,7 +135,9 @@ def test_a_state_directory_that_is_a_file_is_refused_at_once(
     in_the_way = tmp_path / "file"
     in_the_way.write_text("")
     log = tmp_path / "log"
-    argv = [a.replace("{dir}", str(tmp_path)) for a in argv] + ["--log-dir", str(log)]
+    argv = [a.replace("{dir}", str(tmp_path)) for a in argv]
+    if argv[0] != "seg-perf":
+        argv += ["--log-dir", str(log)]
     env = {env_name(option): str(in_the_way)} if from_env else None
     if not from_env:
         argv += [option, str(in_the_way)]
@@ -143,7 +146,7 @@ def test_a_state_directory_that_is_a_file_is_refused_at_once(
     assert message == f"{shown}: expected a directory (made when missing), not a file, got " + repr(
         str(in_the_way)
     )
-    assert not log.exists()
+    assert not log.exists() and not (tmp_path / "r.md").exists()
 
 
 def test_seg_kafka_set_for_another_tool_does_not_break_this_one(tmp_path: Path) -> None:

@@ -94,15 +94,12 @@ class Replica:
         #: the checkpoint being read while the log is opened (`_read_checkpoint`)
         self._checkpoint_read: tuple[threading.Thread, list[checkpoint.Checkpoint | None]] | None
         self._checkpoint_read = None
-        # `contains` in one C call (`_native.LocalCheck`, the method below in C, reading the
-        # same objects) when the C extension is built: a Python method costs more than the
-        # lookup itself
         local = getattr(native_or_none(), "LocalCheck", None)  # None: an older build
-        #: `_native.LocalCheck` over this replica (or None): `contains` and `members_of` in C
+        #: `_native.LocalCheck` over this replica, or None: `local`'s rule over many segments
+        #: in one C call (`members_of`, the servers' batch ops)
         self.native_local: Any = None
         if local is not None:
             self.native_local = local(self._segments, self.aged, self, _FRESH)
-            self.contains = self.native_local.contains  # type: ignore[method-assign]
 
     # -- the check path ----------------------------------------------------------------------
     def local(self, segment: str) -> SegmentState | str:
@@ -121,8 +118,6 @@ class Replica:
         return state.health.value
 
     def contains(self, user: int, segment: str) -> bool | None:
-        """`local(segment)`'s answer for `user`, None when it gives a reason instead. An
-        instance built with the C extension answers with `_native.LocalCheck`, this in C."""
         state = self._segments.get(segment)
         if state is not None and state.health is _FRESH and self.ready:
             return user in state.bitmap if segment not in self.aged else None

@@ -16,8 +16,8 @@
  *   answered here) or any other container (`in`).
  * - FastCheck: the Unix-socket server's inline check (sidecar/server/uds.py) in one C call,
  *   reading Python's rules; anything else it leaves to Python.
- * - LocalCheck: `Replica.contains` in one C call, reading the same objects; members_of:
- *   the members answering each of a request's segments from memory.
+ * - LocalCheck(...).members_of: the members answering each of a request's segments from
+ *   memory (`Replica.local`'s rule, reading the same objects), in one C call.
  * - Reader: the reader's hot path. `contains(user, segment)` is one C call: an acquire load
  *   of the index's sequence number and the writer's heartbeat (CLOCK_MONOTONIC_COARSE, read
  *   from the vDSO: no system call), a dict lookup and a binary search. Anything unusual
@@ -1359,10 +1359,12 @@ static PyTypeObject FastCheckType = {
 
 /* -- the in-process check --------------------------------------------------------------------- */
 
-/* LocalCheck(segments, aged, replica, fresh).contains(user, segment): `Replica.contains`
- * (sidecar/replica/runner.py) in C, reading the same objects: the engine's segment table, the
- * segments past their max age, `replica.ready`, a state's `health` is `fresh`; the lookup is
- * the members' own `in`, so errors are theirs. */
+/* LocalCheck(segments, aged, replica, fresh).members_of(segments, valid): for each of a
+ * request's segments, the members answering it from memory, as `Replica.local` decides
+ * (sidecar/replica/runner.py), reading the same objects: the engine's segment table, the
+ * segments past their max age, `replica.ready`, a state's `health` is `fresh`. (A C
+ * `Replica.contains` was measured too: no faster than the Python method in `seg-perf
+ * embedded`, where the lookups' cache misses are the cost, so it is not here.) */
 typedef struct {
     PyObject_HEAD
     PyObject *segments, *aged, *replica, *fresh;
@@ -1435,27 +1437,6 @@ none:
     return NULL;
 }
 
-static PyObject *LocalCheck_contains(LocalCheck *c, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 2) {
-        PyErr_Format(PyExc_TypeError, "contains() takes 2 arguments (user, segment), got %zd",
-                     nargs);
-        return NULL;
-    }
-    PyObject *st = answering(c, args[1]);
-    if (st == NULL) {
-        if (PyErr_Occurred()) return NULL;
-        Py_RETURN_NONE;
-    }
-    PyObject *members = PyObject_GetAttr(st, str_bitmap);
-    Py_DECREF(st);
-    if (members == NULL) return NULL;
-    /* the members' own `in` (a Segment's is segment_has), so errors are theirs */
-    int has = PySequence_Contains(members, args[0]);
-    Py_DECREF(members);
-    if (has < 0) return NULL;
-    return PyBool_FromLong(has);
-}
-
 /* members_of(segments, valid) -> [members or None per segment], or None when one of them is
  * not a str in `valid` (the caller validates then) */
 static PyObject *LocalCheck_members_of(LocalCheck *c, PyObject *const *args, Py_ssize_t nargs) {
@@ -1497,8 +1478,6 @@ fail:
 }
 
 static PyMethodDef LocalCheck_methods[] = {
-    {"contains", (PyCFunction)(void (*)(void))LocalCheck_contains, METH_FASTCALL,
-     "contains(user, segment) -> True / False, or None when not answered from memory"},
     {"members_of", (PyCFunction)(void (*)(void))LocalCheck_members_of, METH_FASTCALL,
      "members_of(segments, valid) -> the members answering each (None: not from memory), "
      "or None when a segment is not a str in valid"},
@@ -1512,7 +1491,7 @@ static PyTypeObject LocalCheckType = {
     .tp_traverse = (traverseproc)LocalCheck_traverse,
     .tp_clear = (inquiry)LocalCheck_clear,
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
-    .tp_doc = "Replica.contains, in C.",
+    .tp_doc = "Replica.local's rule over many segments, in C.",
     .tp_methods = LocalCheck_methods,
     .tp_new = LocalCheck_new,
 };

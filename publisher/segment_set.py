@@ -56,7 +56,11 @@ def read_segment_set(path: str | Path) -> SegmentSet:
         manifest = json.loads(manifest_path.read_text())
     except FileNotFoundError:
         raise InputError(f"{manifest_path} does not exist") from None
-    except (OSError, ValueError) as exc:
+    except NotADirectoryError:
+        raise InputError(f"{root} is not a directory (a segment set is one)") from None
+    except OSError as exc:
+        raise InputError(f"cannot read {manifest_path}: {exc.strerror or exc}") from None
+    except ValueError as exc:
         raise InputError(f"{manifest_path} is not valid JSON: {exc}") from exc
     if not isinstance(manifest, dict) or manifest.get("format") != 1:
         raise InputError(f'{manifest_path}: expected an object with "format": 1')

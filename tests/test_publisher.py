@@ -484,6 +484,13 @@ def _set_entry(name: str, **fields: object) -> Callable[[dict], None]:
     return edit
 
 
+def _a_file_instead(d: Path) -> None:
+    for f in d.iterdir():
+        f.unlink()
+    d.rmdir()
+    d.write_text("{}")
+
+
 def _outside_file(d: Path) -> None:
     (d.parent / "outside.roaring").write_bytes(BitMap64([1]).serialize())
     _edit_manifest(d, _set_entry("good", file="../outside.roaring", cardinality=1))
@@ -530,6 +537,7 @@ BAD_INPUTS: dict[str, Callable[[Path], None]] = {
     "cardinality a bool": lambda d: _edit_manifest(d, _set_entry("good", cardinality=True)),
     "cardinality a string": lambda d: _edit_manifest(d, _set_entry("good", cardinality="3")),
     "missing file": lambda d: (d / "0.roaring").unlink(),
+    "the input is a file": _a_file_instead,
     "file outside the dir": _outside_file,
     "absolute file outside the dir": _absolute_file,
     "symlink out of the dir": _symlink_out,

@@ -39,7 +39,7 @@ from .report import image_lines, plot_fanout, table, target
 from .services import Context, log
 
 LIMIT_US = 1000.0
-PROCS = 3  # with the sidecar: more runnable processes than this machine's 2 cores
+PROCS = 4  # DESIGN.md: 4 client processes (with the sidecar, more runnable than the 2 cores)
 SHARED_PROCS = 4  # DESIGN.md: 1M checks/s from 4 reader processes
 
 

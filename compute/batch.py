@@ -12,8 +12,8 @@ from typing import TYPE_CHECKING
 
 from pyroaring import BitMap64
 
-from compute import changelog, lakefs
-from compute.bitmaps import segment_bitmap, segment_bitmaps
+from compute import changelog, lakefs, merge
+from compute.bitmaps import Source, segment_bitmap, source_bitmaps
 from compute.definitions import DefinitionError, ParamValue, Segment, load
 from compute.lake import (
     GENERATOR,
@@ -204,10 +204,11 @@ def evaluate(
     on_segment: Callable[[SegmentResult], None] | None = None,
     *,
     one_pass: bool = True,
+    merged: bool = True,
 ) -> dict[str, BitMap64]:
-    """Every segment's members in order. `one_pass`: one Spark job for all of them (over the
-    views cached on first read: `cached_views`); else one job per segment, one after another,
-    each reading the lake's files."""
+    """Every segment's members in order. `one_pass`: one Spark job for all of them, with the
+    simple segments over one view merged into one query when `merged` (compute/merge.py);
+    else one job per segment, one after another."""
     if not one_pass:
         bitmaps: dict[str, BitMap64] = {}
         for segment, df in zip(segments, frames, strict=True):
@@ -218,7 +219,11 @@ def evaluate(
         return bitmaps
     t0 = time.perf_counter()
     names = [s.name for s in segments]
-    bitmaps = dict(zip(names, segment_bitmaps(frames, names), strict=True))
+    if merged:
+        sources = merge.sources(segments, frames)
+    else:
+        sources = [Source(df, (name,)) for df, name in zip(frames, names, strict=True)]
+    bitmaps = source_bitmaps(sources, names)
     seconds = time.perf_counter() - t0
     if on_segment:
         for name, bitmap in bitmaps.items():
@@ -281,12 +286,13 @@ def prepared(
     *,
     one_pass: bool = True,
     prune_columns: bool = True,
+    cache: bool = False,
 ) -> Iterator[list[DataFrame]]:
     """The segments' analyzed frames over the lake's views (nothing runs unless all analyze);
-    for one pass over the cached views while the block runs (`cached_views`)."""
+    for one pass with `cache`, over the cached views while the block runs (`cached_views`)."""
     views = register_views(spark, lake)
     frames = [analyze(spark, segment) for segment in segments]
-    if not one_pass:
+    if not one_pass or not cache:
         yield frames
         return
     with cached_views(spark, segments, views, frames, prune_columns=prune_columns) as frames:
@@ -301,10 +307,14 @@ def compute(
     *,
     one_pass: bool = True,
     prune_columns: bool = True,
+    cache: bool = False,
+    merged: bool = True,
 ) -> dict[str, BitMap64]:
     """Every segment's members, in definition order (`prepared`, then `evaluate`)."""
-    with prepared(spark, lake, segments, one_pass=one_pass, prune_columns=prune_columns) as frames:
-        return evaluate(segments, frames, on_segment, one_pass=one_pass)
+    with prepared(
+        spark, lake, segments, one_pass=one_pass, prune_columns=prune_columns, cache=cache
+    ) as frames:
+        return evaluate(segments, frames, on_segment, one_pass=one_pass, merged=merged)
 
 
 def run_batch(

@@ -16,7 +16,9 @@ partition emits an error payload instead and the driver raises DefinitionError.
 from __future__ import annotations
 
 import array
+import struct
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import pyarrow as pa
@@ -54,33 +56,52 @@ def _add(bitmap: BitMap64, values: pa.Array) -> str | None:
     return None
 
 
-def partition_bitmaps(batches: Iterator[pa.Array]) -> Iterator[pa.Array]:
-    """Arrow iterator UDF body: one output value per partition, in its last row."""
-    bitmap = BitMap64()
-    error: str | None = None
+def _entry(bitmap: BitMap64, error: str | None) -> bytes:
+    body = _ERROR + error.encode() if error is not None else _OK + bitmap.serialize()
+    return struct.pack("<Q", len(body)) + body
+
+
+def partition_bitmaps(batches: Iterator[tuple[pa.Array, ...]]) -> Iterator[pa.Array]:
+    """Arrow iterator UDF body over (user_id, flag, ...): a bitmap per flag column of the ids
+    whose flag is true, all of them in one payload in the partition's last row."""
+    bitmaps: list[BitMap64] = []
+    errors: list[str | None] = []
     pending = 0
     started = False
-    for values in batches:
-        if error is None:
-            error = _add(bitmap, values)
+    for ids, *flags in batches:
+        if not started:
+            bitmaps, errors = [BitMap64() for _ in flags], [None] * len(flags)
+        for i, flag in enumerate(flags):
+            if errors[i] is None:
+                errors[i] = _add(bitmaps[i], pc.filter(ids, flag))
         if started:
             yield pa.nulls(pending, pa.binary())
-        pending, started = len(values), True
+        pending, started = len(ids), True
     if started:
-        payload = _ERROR + error.encode() if error is not None else _OK + bitmap.serialize()
+        payload = b"".join(_entry(b, e) for b, e in zip(bitmaps, errors, strict=True))
         yield pa.array([payload] + [None] * (pending - 1), pa.binary())
 
 
-def _bitmap_column(df: DataFrame):  # noqa: ANN202 (a pyspark Column)
-    from pyspark.sql.functions import arrow_udf
+def _entries(payload: bytes) -> Iterator[bytes]:
+    at = 0
+    while at < len(payload):
+        (size,) = struct.unpack_from("<Q", payload, at)
+        yield payload[at + 8 : at + 8 + size]
+        at += 8 + size
 
-    (column,) = df.columns
+
+def _bitmap_column(df: DataFrame, flags: Sequence[str] = ()):  # noqa: ANN202 (a pyspark Column)
+    """The partitions' payloads of `df`'s first column (user_id): one bitmap per flag column
+    named in `flags`, or one of all its rows when there are none."""
+    from pyspark.sql.functions import arrow_udf, lit
+
     udf = arrow_udf(partition_bitmaps, "binary").asNondeterministic()
-    return udf(df[column]).alias("bitmap")
+    columns = [df[f] for f in flags] if flags else [lit(True)]
+    return udf(df[df.columns[0]], *columns).alias("bitmap")
 
 
 def _merge(payloads: list[bytes], segment: str) -> BitMap64:
-    """The segment's members from its partitions' payloads; a bad id raises DefinitionError."""
+    """The segment's members from its partitions' entries; a bad id raises DefinitionError."""
     for payload in payloads:
         if payload[:1] == _ERROR:
             raise DefinitionError(payload[1:].decode(errors="replace"), segment)
@@ -90,28 +111,54 @@ def _merge(payloads: list[bytes], segment: str) -> BitMap64:
 
 def segment_bitmap(df: DataFrame, segment: str) -> BitMap64:
     """Run the segment's query and return its members; bad ids raise DefinitionError."""
-    rows = df.select(_bitmap_column(df)).where("bitmap IS NOT NULL").collect()
-    return _merge([bytes(row[0]) for row in rows], segment)
+    return source_bitmaps([Source(df, (segment,))])[segment]
+
+
+@dataclass(frozen=True)
+class Source:
+    """A frame whose first column is user_id. `flags`: one boolean column per segment (the
+    segment's members are the rows where it is true: compute/merge.py); none: one segment, all
+    its rows."""
+
+    frame: DataFrame
+    segments: tuple[str, ...]
+    flags: tuple[str, ...] = ()
 
 
 def segment_bitmaps(frames: Sequence[DataFrame], segments: Sequence[str]) -> list[BitMap64]:
-    """Every segment's members from one Spark job: the queries' per-partition bitmaps, tagged
-    with the segment's index, in one UNION ALL (a union keeps each child's partitions apart, so
-    a partition holds one segment's rows) and one collect. The DAG scheduler then runs the
-    segments' stages side by side instead of job after job. Bad ids raise DefinitionError for
-    the first such segment in order."""
+    """Every segment's members from one Spark job, one frame per segment (`source_bitmaps`)."""
+    found = source_bitmaps([Source(df, (s,)) for df, s in zip(frames, segments, strict=True)])
+    return [found[s] for s in segments]
+
+
+def source_bitmaps(
+    sources: Sequence[Source], order: Sequence[str] | None = None
+) -> dict[str, BitMap64]:
+    """Every source's segments' members from one Spark job: the sources' per-partition
+    payloads, tagged with the source's index, in one UNION ALL (a union keeps each child's
+    partitions apart, so a partition holds one source's rows) and one collect. The DAG
+    scheduler then runs the sources' stages side by side instead of job after job. Bad ids
+    raise DefinitionError for the first such segment in `order` (default: the sources')."""
     from functools import reduce
 
     from pyspark.sql.functions import lit
 
-    if not frames:
-        return []
+    if not sources:
+        return {}
     tagged = [
-        df.select(lit(i).alias("segment"), _bitmap_column(df)).where("bitmap IS NOT NULL")
-        for i, df in enumerate(frames)
+        s.frame.select(lit(i).alias("source"), _bitmap_column(s.frame, s.flags)).where(
+            "bitmap IS NOT NULL"
+        )
+        for i, s in enumerate(sources)
     ]
     rows = reduce(lambda a, b: a.unionAll(b), tagged).collect()
-    payloads: list[list[bytes]] = [[] for _ in frames]
+    entries: list[list[list[bytes]]] = [[[] for _ in s.segments] for s in sources]
     for index, payload in rows:
-        payloads[index].append(bytes(payload))
-    return [_merge(p, name) for p, name in zip(payloads, segments, strict=True)]
+        for k, entry in enumerate(_entries(bytes(payload))):
+            entries[index][k].append(entry)
+    payloads = {
+        name: p
+        for source, lists in zip(sources, entries, strict=True)
+        for name, p in zip(source.segments, lists, strict=True)
+    }
+    return {name: _merge(payloads[name], name) for name in order or payloads}

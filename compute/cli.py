@@ -181,8 +181,8 @@ def _add_batch(sub: argparse._SubParsersAction) -> None:
     opt(
         "--per-segment",
         action="store_true",
-        help="run each segment as its own Spark job over the lake's files (the slower way "
-        "before one pass; no table is cached in memory)",
+        help="run each segment as its own Spark job over the lake's files, one after another "
+        "(the slower way before one pass, and before merging the simple segments)",
     )
     spark.add_options(p)
     add_s3_options(p)

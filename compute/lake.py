@@ -377,13 +377,17 @@ def _generate_into(
         counts["orders"] += orders.num_rows
         counts["events"] += events.num_rows
         tick(f"day {date.isoformat()} ({day + 1}/{params.days})")
+    return lake_meta(params) | {"rows": counts}
+
+
+def lake_meta(params: LakeParams) -> dict:
+    """_lake.json as `generate` writes it for these parameters, but for its row counts."""
     return {
         "format": LAKE_FORMAT,
         "generator": GENERATOR,
         **asdict(params),
         "as_of": params.as_of.isoformat(),
         "start": params.start.isoformat(),
-        "rows": counts,
     }
 
 

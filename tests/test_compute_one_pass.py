@@ -87,7 +87,7 @@ def test_one_pass_caches_only_the_columns_read_then_restores_the_views(
         segment("vip", "SELECT user_id FROM users WHERE tier = 'vip'")
         + segment("books", "SELECT user_id FROM orders WHERE category = 'books'")
     )
-    with batch.prepared(spark, small_lake, segments) as frames:
+    with batch.prepared(spark, small_lake, segments, cache=True) as frames:
         assert spark.table("users").columns == ["user_id", "tier"]
         assert spark.table("orders").columns == ["user_id", "category"]
         assert spark.catalog.isCached("users") and spark.catalog.isCached("orders")
@@ -95,6 +95,6 @@ def test_one_pass_caches_only_the_columns_read_then_restores_the_views(
         assert len(frames) == 2
     assert spark.table("users").columns == lake.SCHEMAS["users"].names
     assert not any(spark.catalog.isCached(t) for t in ("users", "orders", "events"))
-    pruned = batch.compute(spark, small_lake, segments)
-    whole = batch.compute(spark, small_lake, segments, prune_columns=False)
+    pruned = batch.compute(spark, small_lake, segments, cache=True)
+    whole = batch.compute(spark, small_lake, segments, cache=True, prune_columns=False)
     assert pruned == whole and all(pruned.values())

@@ -39,11 +39,12 @@ EXPECTED: dict[str, set[str]] = {
     "bootstrap": {"cold_seconds", "warm_seconds", "checkpoint_bytes"},
     "eval": {"latency", "latency_many", "wrong_answers"},
     "count": {"latency", "counts", "wrong_answers"},
+    "spark_batch": {"end_to_end_seconds", "same_bitmaps", "runs"},
 }
 #: scenarios that judge DESIGN.md targets
 WITH_TARGETS = {
     "check", "batch", "embedded", "shared", "memory", "fanout", "propagation", "bootstrap",
-    "aerospike",
+    "aerospike", "spark_batch",
 }  # fmt: skip
 DOC_KEYS = {"scenario", "quick", "command", "machine", "results", "targets", "error", "seconds"}
 
@@ -105,6 +106,8 @@ def test_seg_perf_all_quick(tmp_path: Path) -> None:
         if redis_ok:
             assert any(n.startswith("redis") for n in results["latency"])
 
+    spark = json.loads((out / "spark_batch.json").read_text())["results"]
+    assert spark["same_bitmaps"] and spark["memberships"] > 0
     shared = json.loads((out / "shared.json").read_text())["results"]
     assert shared["wrong_answers"] == 0 and shared["c_vs_python_disagreements"] == 0
     fanout = json.loads((out / "fanout.json").read_text())["results"]

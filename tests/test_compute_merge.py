@@ -1,0 +1,137 @@
+"""compute/merge.py: which segment queries are merged per view, and merged bitmaps equal to a
+job per segment (as written) on a small lake, edge cases included."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from compute import batch, definitions, lake, merge
+from compute.definitions import EXAMPLE, DefinitionError
+from tests.spark_session import spark_session
+from tests.test_compute_batch import segment
+
+BENCH20 = EXAMPLE.parent / "bench20.toml"
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "SELECT user_id FROM users",
+        "select `user_id` from users where tier = 'vip';",
+        "SELECT DISTINCT user_id FROM orders WHERE category = 'books'",
+        "SELECT user_id FROM orders GROUP BY user_id",
+        "SELECT user_id FROM orders WHERE dt < DATE '2026-11-01' -- a comment: LIMIT 1\n"
+        "GROUP BY user_id HAVING SUM(amount) > 10 AND abs(MAX(amount)) < 5",
+        "SELECT user_id FROM users WHERE country = 'a JOIN b' OR tier = 'x(y'",
+    ],
+)
+def test_simple_shapes_are_merged(sql: str) -> None:
+    assert merge.parse(sql) is not None
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "SELECT u.user_id FROM users u",  # an alias
+        "SELECT user_id FROM users u WHERE tier = 'vip'",
+        "SELECT user_id FROM users JOIN orders USING (user_id)",
+        "SELECT user_id FROM users, orders",
+        "SELECT user_id FROM users WHERE user_id IN (SELECT user_id FROM orders)",
+        "SELECT user_id FROM users LIMIT 10",
+        "SELECT user_id FROM users ORDER BY user_id",
+        "SELECT user_id FROM users UNION SELECT user_id FROM orders",
+        "SELECT user_id FROM users WHERE rand() < 0.5",
+        "SELECT user_id FROM orders GROUP BY user_id HAVING COUNT(DISTINCT category) > 2",
+        "SELECT user_id FROM orders GROUP BY user_id HAVING percentile(amount, 0.5) > 2",
+        "SELECT user_id FROM orders GROUP BY user_id HAVING COUNT(*) FILTER (WHERE 1=1) > 2",
+        "SELECT user_id FROM orders GROUP BY user_id, category",
+        "SELECT user_id FROM orders HAVING COUNT(*) > 1",
+        "SELECT DISTINCT user_id FROM orders GROUP BY user_id",
+        "SELECT user_id AS user_id FROM users",
+        "SELECT user_id FROM users WHERE (tier = 'vip'",
+        "WITH x AS (SELECT user_id FROM users) SELECT user_id FROM x",
+        "SELECT user_id FROM `users`",
+    ],
+)
+def test_other_queries_run_as_written(sql: str) -> None:
+    assert merge.parse(sql) is None
+
+
+@pytest.fixture(scope="module")
+def small_lake(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("lake") / "lake"
+    lake.generate(out, lake.LakeParams(users=5_000, seed=13), progress=lambda line: None)
+    return out
+
+
+@pytest.fixture(scope="module")
+def spark() -> Iterator[Any]:
+    yield from spark_session("seg-compute-merge-tests")
+
+
+EDGES = (
+    segment("nobody", "SELECT user_id FROM users WHERE tier = 'no such tier'")
+    + segment("vip", "SELECT user_id FROM users WHERE tier = 'vip'")
+    + segment("everyone", "SELECT user_id FROM users")
+    + segment("null_where", "SELECT user_id FROM users WHERE CAST(NULL AS BOOLEAN)")
+    + segment("few_orders", "SELECT user_id FROM orders GROUP BY user_id HAVING COUNT(*) < 3")
+    + segment(
+        "few_books",  # HAVING true for a group with no book row: the guard keeps it out
+        "SELECT user_id FROM orders WHERE category = 'books' GROUP BY user_id HAVING COUNT(*) < 2",
+    )
+    + segment(
+        "no_big_order",
+        "SELECT user_id FROM orders GROUP BY user_id HAVING MAX(amount) > 1e12",
+    )
+    + segment("electronics", "SELECT DISTINCT user_id FROM orders WHERE category = 'electronics'")
+    + segment(
+        "ordered_vip",  # two tables joined: runs as written
+        "SELECT u.user_id FROM users u JOIN orders o ON o.user_id = u.user_id WHERE u.tier = 'vip'",
+    )
+    + segment("viewers", "SELECT user_id FROM events WHERE type = 'view' GROUP BY user_id")
+)
+
+
+@pytest.mark.spark
+@pytest.mark.parametrize("defs", [EXAMPLE, BENCH20, None], ids=["example", "bench20", "edges"])
+def test_merged_equals_a_job_per_segment(spark, small_lake: Path, defs: Path | None) -> None:
+    segments = definitions.parse(EDGES) if defs is None else batch.load_segments(small_lake, defs)
+    merged = batch.compute(spark, small_lake, segments, cache=False, merged=True)
+    each = batch.compute(spark, small_lake, segments, one_pass=False)
+    assert list(merged) == list(each) == [s.name for s in segments]
+    assert merged == each
+    assert merged == batch.compute(spark, small_lake, segments, merged=True)  # over the cache
+    if defs is None:
+        assert len(merged["nobody"]) == len(merged["null_where"]) == 0
+        assert len(merged["no_big_order"]) == 0
+        assert 0 < len(merged["few_books"]) < len(merged["everyone"])
+        assert all(len(merged[n]) for n in ("vip", "few_orders", "ordered_vip", "viewers"))
+
+
+@pytest.mark.spark
+def test_merged_sources_cover_every_segment_once(spark, small_lake: Path) -> None:
+    segments = definitions.parse(EDGES)
+    batch.register_views(spark, small_lake)
+    frames = [batch.analyze(spark, s) for s in segments]
+    sources = merge.sources(segments, frames)
+    assert [s.segments for s in sources] == [
+        ("nobody", "vip", "everyone", "null_where"),
+        ("few_orders", "few_books", "no_big_order", "electronics"),
+        ("ordered_vip",),
+        ("viewers",),  # alone on its view: as written
+    ]
+
+
+@pytest.mark.spark
+def test_a_bad_id_in_a_merged_query_names_its_segment(spark, small_lake: Path) -> None:
+    spark.sql("CREATE OR REPLACE TEMP VIEW signed AS SELECT -user_id AS user_id, tier FROM users")
+    segments = definitions.parse(
+        segment("fine", "SELECT user_id FROM signed WHERE tier = 'no such tier'")
+        + segment("neg", "SELECT user_id FROM signed WHERE tier = 'vip'")
+    )
+    with pytest.raises(DefinitionError, match="segment 'neg': user_id must be >= 0"):
+        batch.compute(spark, small_lake, segments, cache=False)

@@ -1,9 +1,11 @@
 """Build a segment's BitMap64 inside the Spark executors, one bitmap per partition.
 
 Each partition's user ids reach a Python worker as Arrow arrays (an iterator Arrow UDF, so no
-per-row pickling and no pandas); the worker adds them to one BitMap64 and emits its serialized
-bytes in the partition's last row (every other row is null and filtered out). The driver
-collects one small value per partition and unions them.
+per-row pickling and no pandas), with one boolean column per segment when the frame is a merged
+query's (compute/merge.py; else one segment, every row); the worker adds the ids of each
+segment to its BitMap64 and emits them serialized in the partition's last row (every other row
+is null and filtered out), one length-prefixed entry per segment. The driver collects one small
+value per partition and unions them per segment.
 
 Why not `df.rdd.mapPartitions`: it converts every row to a Python Row object, about 8x slower
 (2M ids: 9.6 s against 1.2 s on two cores). `mapInArrow` would be the natural API but in

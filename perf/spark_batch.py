@@ -1,20 +1,23 @@
 """`python -m perf.spark_batch --lake DIR [--definitions FILE] [--rounds N] [--out DIR]
-[--skip WAY]`: the batch job's ways on the same lake in one Spark session, one after the other
-per round:
+[--skip WAY]`, and the `seg-perf spark_batch` scenario (`run`): the batch job's ways on the same
+lake in one Spark session, one after the other per round, the headline first:
 
-- `per segment`: one Spark job per segment over the lake's files (`one_pass=False`, as before);
-- `one pass, whole tables`: every segment in one job over the views cached whole on first read
-  (`prune_columns=False`: the one pass before the column-pruned cache);
-- `one pass`: the same over the views narrowed to the columns the queries read, each cached
-  (`seg-compute batch`'s default).
+- `merged` (the headline, `seg-compute batch`'s default): one job for all segments over the
+  lake's files, the simple segments of each table merged into one query (compute/merge.py);
+- `per segment`: one Spark job per segment over the files (`one_pass=False`);
+- `one pass, whole tables`: one job over the views cached whole on first read;
+- `one pass`: one job over the views narrowed to the columns the queries read and cached, no
+  merge (the default before the merge: the "before" of `seg-perf spark_batch`);
+- `merged, cached`: the merge over the narrowed cached views.
 
 Each computes every segment of the definitions file (default `compute/definitions/bench20.toml`)
 from registering the views to the bitmaps (the segment set is not written: equal for all);
-all their bitmaps must be equal, else it exits 1. The Spark start-up is timed once and added to each
-way's figure for "end to end" (what `seg-compute batch` pays). Load averages (`os.getloadavg`)
-are recorded before and after each run: the machine is shared. Writes OUT/spark_batch.json
-(default perf/results). Heavy: a 1M-user lake (`seg-compute gen-data --users 1000000
---orders-per-user 10`) takes minutes per round on two cores.
+all their bitmaps must be equal, else it exits 1. The Spark start-up is timed once and added to
+each way's figure for "end to end" (what `seg-compute batch` pays; the first way also pays the
+JVM's warm-up). Load averages (`os.getloadavg`) are recorded before and after each run: the
+machine is shared. Writes OUT/spark_batch.json (default perf/results) in a seg-perf scenario's
+shape. Heavy: a 1M-user lake (`seg-compute gen-data --users 1000000 --orders-per-user 10`)
+takes about a minute per way on two cores.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -31,7 +35,7 @@ from compute import batch
 from compute.definitions import EXAMPLE
 from compute.lake import LakeParams, generate, lake_meta, read_lake_meta
 
-from .report import loadavg, stamp, table, target
+from .report import loadavg, machine, stamp, table, target, write_json
 from .services import Context, log
 
 WAYS: dict[str, dict[str, bool]] = {
@@ -180,13 +184,20 @@ def main(argv: list[str] | None = None) -> int:
         help=f"leave this way out (repeatable); `{HEADLINE}` always runs",
     )
     args = p.parse_args(argv)
-    started, load_before = stamp(), loadavg()
-    ways = [w for w in WAYS if w not in args.skip]
+    doc: dict[str, Any] = {  # the shape of a seg-perf scenario's file (perf/cli.py run_one)
+        "scenario": "spark_batch",
+        "quick": False,
+        "command": "python -m perf.spark_batch " + shlex.join(argv or sys.argv[1:]),
+        "started_at": stamp(),
+        "machine": machine(),
+        "load_before": loadavg(),
+    }
+    t0 = time.monotonic()
+    ways = [HEADLINE, *(w for w in WAYS if w not in {HEADLINE, *args.skip})]
     res = measure(args.lake, args.definitions, args.rounds, ways)
-    res.update(started_at=started, load_before=load_before, load_after=loadavg())
-    res["command"] = "python -m perf.spark_batch " + " ".join(argv or sys.argv[1:])
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "spark_batch.json").write_text(json.dumps(res, indent=2) + "\n")
+    doc |= {"targets": res.pop("targets"), "results": res, "error": None}
+    doc |= {"seconds": round(time.monotonic() - t0, 1), "load_after": loadavg()}
+    write_json(args.out, "spark_batch", doc)
     print(json.dumps({k: v for k, v in res.items() if k != "runs"}, indent=2))
     return 0 if res["same_bitmaps"] else 1
 

@@ -1,8 +1,8 @@
 """`seg-perf <scenario>... [--quick] [--out DIR]`: the benchmark harness.
 
 Scenarios: check, batch, http, embedded, shared, memory, fanout, propagation, publish, aerospike,
-bootstrap, eval, count, spark_batch, and `all` (every one, in that order); `report` only rebuilds the
-report from the JSON files.
+bootstrap, eval, count, spark_batch, and `all` (every one, in that order); `report` only
+rebuilds the report from the JSON files.
 Each scenario writes `<out>/<scenario>.json`; then the report (`perf/REPORT.md` for the
 default output directory, else `<out>/REPORT.md`) and its plots are rebuilt from every JSON
 file in the output directory.

@@ -217,13 +217,22 @@ def evaluate(
             if on_segment:
                 on_segment(SegmentResult(segment.name, len(bitmap), time.perf_counter() - t0))
         return bitmaps
+    from py4j.protocol import Py4JError
+    from pyspark.errors import PySparkException
+
     t0 = time.perf_counter()
     names = [s.name for s in segments]
-    if merged:
-        sources = merge.sources(segments, frames)
-    else:
-        sources = [Source(df, (name,)) for df, name in zip(frames, names, strict=True)]
-    bitmaps = source_bitmaps(sources, names)
+    written = [Source(df, (name,)) for df, name in zip(frames, names, strict=True)]
+    sources = merge.sources(segments, frames) if merged else written
+    try:
+        bitmaps = source_bitmaps(sources, names)
+    except (PySparkException, Py4JError):
+        if len(sources) == len(written):
+            raise
+        # A merged query evaluates each segment's WHERE on the rows of the others (beyond its
+        # own partition pruning), where an ANSI error (a bad cast, a division by zero) can
+        # stop it: the queries as written decide.
+        bitmaps = source_bitmaps(written, names)
     seconds = time.perf_counter() - t0
     if on_segment:
         for name, bitmap in bitmaps.items():

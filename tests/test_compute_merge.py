@@ -135,3 +135,24 @@ def test_a_bad_id_in_a_merged_query_names_its_segment(spark, small_lake: Path) -
     )
     with pytest.raises(DefinitionError, match="segment 'neg': user_id must be >= 0"):
         batch.compute(spark, small_lake, segments, cache=False)
+
+
+@pytest.mark.spark
+def test_a_merged_query_that_fails_where_the_queries_would_not_falls_back(
+    spark, small_lake: Path
+) -> None:
+    segments = definitions.parse(
+        # as written, its dt filter prunes every partition: the division never runs
+        segment(
+            "pruned",
+            "SELECT user_id FROM orders WHERE 1 / (amount - amount) > 0 "
+            "AND dt = DATE '1999-01-01' GROUP BY user_id",
+        )
+        + segment("books", "SELECT user_id FROM orders WHERE category = 'books' GROUP BY user_id")
+    )
+    batch.register_views(spark, small_lake)
+    frames = [batch.analyze(spark, s) for s in segments]
+    assert len(merge.sources(segments, frames)) == 1
+    found = batch.compute(spark, small_lake, segments)
+    assert found == batch.compute(spark, small_lake, segments, one_pass=False)
+    assert not found["pruned"] and found["books"]

@@ -106,6 +106,13 @@ _REFUSED = frozenset(
         "monotonically_increasing_id",
     ]
 )
+#: the words of the semi/anti-join shape (`parse_join`) that _REFUSED has
+_JOIN_WORDS = frozenset({"select", "from", "where", "join"})
+#: words that are no view name or alias in that shape
+_KEYWORDS = _REFUSED | {
+    "left", "right", "inner", "outer", "full", "cross", "natural", "semi", "anti", "on", "as",
+    "using",
+}  # fmt: skip
 _TOKEN = re.compile(
     r"""(?P<space>\s+|--[^\n]*|/\*.*?\*/)
       |(?P<string>'(?:[^'\\]|\\.|'')*'|"(?:[^"\\]|\\.|"")*")
@@ -255,6 +262,102 @@ def _split_having(sql: str, tokens: list[_Token]) -> tuple[str, ...] | None:
     return tuple(pieces)
 
 
+@dataclass(frozen=True)
+class Join:
+    """`SELECT a.user_id FROM <left> [a] LEFT SEMI|ANTI JOIN <right> [b] ON b.user_id =
+    a.user_id [AND <on>] [WHERE <where>]`, the aliases' qualifiers taken out of <on> (about
+    <right> only) and <where> (about <left> only)."""
+
+    left: str
+    right: str
+    anti: bool
+    on: str | None
+    where: str | None
+
+
+def _unqualified(sql: str, tokens: list[_Token], alias: str) -> str:
+    """The tokens' text with `alias.` dropped before each column."""
+    out, at = [], tokens[0].start
+    for k, t in enumerate(tokens[:-1]):
+        if t.word == alias and tokens[k + 1].text == ".":
+            out.append(sql[at : t.start])
+            at = tokens[k + 1].end
+    out.append(sql[at : tokens[-1].end])
+    return "".join(out)
+
+
+def parse_join(sql: str) -> Join | None:
+    """The semi/anti-join shape of `Join`, or None. The ON condition past the key equality
+    may name only the right side's columns and have no top-level OR (`a = b AND x OR y` is
+    not `a = b AND (x OR y)`); WHERE sees only the left side's (a semi/anti join's output)."""
+    sql = sql.strip().rstrip(";").rstrip()
+    tokens = _tokens(sql)
+    if not tokens or any(t.word in _REFUSED - _JOIN_WORDS for t in tokens):
+        return None
+    if any(t.word in _JOIN_WORDS and t.depth > 0 for t in tokens):
+        return None
+    words = [t.word for t in tokens]
+    i = 0
+
+    def take(*expected: str) -> bool:
+        nonlocal i
+        if [t.word or t.text for t in tokens[i : i + len(expected)]] == list(expected):
+            i += len(expected)
+            return True
+        return False
+
+    def name() -> str | None:
+        nonlocal i
+        if i < len(tokens) and tokens[i].kind == "word" and words[i] not in _KEYWORDS:
+            i += 1
+            return tokens[i - 1].text
+        return None
+
+    if not take("select"):
+        return None
+    selected = name()
+    if selected is not None and take("."):
+        selected = f"{selected.lower()}.{name()}"
+    if not (selected and take("from")):
+        return None
+    left = name()
+    take("as")
+    left_alias = (name() or left or "").lower()
+    if not (left and take("left")):
+        return None
+    anti = take("anti")
+    if not (anti or take("semi")) or not take("join"):
+        return None
+    right = name()
+    take("as")
+    right_alias = (name() or right or "").lower()
+    if not right or right_alias == left_alias or not take("on"):
+        return None
+    key_a, key_b = [right_alias, ".", "user_id"], [left_alias, ".", "user_id"]
+    if not (take(*key_a, "=", *key_b) or take(*key_b, "=", *key_a)):
+        return None
+    if selected.lower() not in {"user_id", f"{left_alias}.user_id"}:
+        return None
+    where_at = next((k for k in range(i, len(tokens)) if words[k] == "where"), len(tokens))
+    on_tokens, where_tokens = tokens[i:where_at], tokens[where_at + 1 :]
+    if on_tokens and (on_tokens[0].word != "and" or len(on_tokens) < 2):
+        return None
+    on_tokens = on_tokens[1:]
+    if where_at < len(tokens) and not where_tokens:
+        return None
+    if any(t.word in _JOIN_WORDS for t in on_tokens + where_tokens):
+        return None
+    if any(t.depth == 0 and t.word == "or" for t in on_tokens):
+        return None
+    for part, other in ((on_tokens, left_alias), (where_tokens, right_alias)):
+        if any(t.word == other and k + 1 < len(part) and part[k + 1].text == "."
+               for k, t in enumerate(part)):  # fmt: skip
+            return None
+    on = _unqualified(sql, on_tokens, right_alias) if on_tokens else None
+    where = _unqualified(sql, where_tokens, left_alias) if where_tokens else None
+    return Join(left, right, anti, on, where)
+
+
 def _flag(s: Simple) -> str:
     where = f"(\n{s.where}\n)" if s.where is not None else "true"
     present = f"COUNT(*) FILTER (WHERE {where}) > 0"
@@ -265,49 +368,125 @@ def _flag(s: Simple) -> str:
     return f"{present} AND (\n{having}{s.having[-1]}\n)"
 
 
-def merged_sql(view: str, shapes: Sequence[Simple]) -> str:
-    """One query over `view` with a boolean column s0, s1, ... per shape (module docstring)."""
-    grouped = any(s.grouped for s in shapes)
+def merged_sql(view: str, shapes: Sequence[Simple], ons: Sequence[str | None] = ()) -> str:
+    """One query over `view` with a boolean column s0, s1, ... per shape (module docstring)
+    and j0, j1, ... per semi/anti join's ON condition on it: the user has a row meeting it."""
+    grouped = bool(ons) or any(s.grouped for s in shapes)
     if grouped:
         flags = [_flag(s) for s in shapes]
     else:
         flags = [f"(\n{s.where}\n)" if s.where is not None else "true" for s in shapes]
-    columns = ",\n".join(f"coalesce({f}, false) AS s{k}" for k, f in enumerate(flags))
-    wheres = list(dict.fromkeys(s.where for s in shapes))
+    columns = [f"coalesce({f}, false) AS s{k}" for k, f in enumerate(flags)]
+    columns += [
+        f"coalesce({_flag(Simple(view, on, True, None))}, false) AS j{k}"
+        for k, on in enumerate(ons)
+    ]
+    wheres = list(dict.fromkeys([s.where for s in shapes] + list(ons)))
     where = (
         ""
         if any(w is None for w in wheres)
         else "\nWHERE " + " OR ".join(f"(\n{w}\n)" for w in wheres)
     )
     group = "\nGROUP BY user_id" if grouped else ""
-    return f"SELECT user_id,\n{columns}\nFROM {view}{where}{group}"
+    listed = ",\n".join(columns)
+    return f"SELECT user_id,\n{listed}\nFROM {view}{where}{group}"
+
+
+def joined_sql(left: str, joins: Sequence[tuple[Join, str, int]]) -> str:
+    """One query over `left` with a boolean column s0, s1, ... per join: (the right view's
+    merged query, the index of its j column) for each; a user with no row on the right side
+    has no flags there: false."""
+    rights = list(dict.fromkeys(sql for _, sql, _ in joins))
+    wheres = ",\n".join(
+        f"coalesce((\n{j.where}\n), false) AS w{k}" if j.where is not None else f"true AS w{k}"
+        for k, (j, _, _) in enumerate(joins)
+    )
+    columns = ",\n".join(
+        f"b.w{k} AND {'NOT ' if j.anti else ''}coalesce(f{rights.index(sql)}.j{at}, false) AS s{k}"
+        for k, (j, sql, at) in enumerate(joins)
+    )
+    ons = "".join(
+        f"\nLEFT JOIN (\n{sql}\n) f{r} ON f{r}.user_id = b.user_id" for r, sql in enumerate(rights)
+    )
+    return f"SELECT b.user_id,\n{columns}\nFROM (SELECT user_id,\n{wheres}\nFROM {left}) b{ons}"
 
 
 def sources(segments: Sequence[Segment], frames: Sequence[DataFrame]) -> list[Source]:
     """The segments as bitmap sources (compute/bitmaps.py): one merged query per view that two
-    or more of them read in a shape above, in the place of its first segment; every other
-    segment's own frame. A merged query that does not analyze (a name that is no view, a
-    type the rewrite does not fit) leaves its segments as written."""
+    or more of them read in a shape above, in the place of its first segment; one query per
+    left view of the semi/anti joins (`parse_join`) over the right views' merged queries
+    (which Spark computes once: the same plan, its exchange reused); every other segment's
+    own frame. A merged query that does not analyze (a name that is no view, a type the
+    rewrite does not fit) leaves its segments as written; a join query that does not, its
+    joins (and the merged queries run without their j columns)."""
+    try:
+        return _sources(segments, frames, joins=True)
+    except _NotMerged:
+        return _sources(segments, frames, joins=False)
+
+
+class _NotMerged(Exception):
+    pass
+
+
+def _sources(
+    segments: Sequence[Segment], frames: Sequence[DataFrame], *, joins: bool
+) -> list[Source]:
     from pyspark.errors import PySparkException
     from pyspark.sql.types import BooleanType
 
+    spark = frames[0].sparkSession
+
+    def query(sql: str) -> DataFrame | None:
+        try:
+            frame = spark.sql(sql)
+        except PySparkException:
+            return None
+        if any(not isinstance(f.dataType, BooleanType) for f in frame.schema.fields[1:]):
+            return None
+        return frame
+
     shapes = {k: parse(s.sql) for k, s in enumerate(segments)}
+    found = {k: parse_join(s.sql) for k, s in enumerate(segments) if shapes[k] is None}
+    shaped = {k: j for k, j in found.items() if j is not None and joins}
     by_view: dict[str, list[int]] = {}
     for k, shape in shapes.items():
         if shape is not None:
             by_view.setdefault(shape.view.lower(), []).append(k)
+    ons: dict[str, list[int]] = {}  # right view: its joins
+    names: dict[str, str] = {}
+    for k, j in shaped.items():
+        ons.setdefault(j.right.lower(), []).append(k)
+        names[j.right.lower()] = j.right
     merged: dict[int, Source] = {}  # by its first segment
-    for members in by_view.values():
-        if len(members) < 2:
-            continue
+    right_sql: dict[int, tuple[str, int]] = {}  # a join's right query and j column
+    for view in dict.fromkeys([*by_view, *ons]):
+        members = by_view.get(view, [])
+        members = members if len(members) >= 2 else []
         picked = [shapes[k] for k in members]
-        sql = merged_sql(picked[0].view, picked)  # type: ignore[arg-type]
-        try:
-            frame = frames[0].sparkSession.sql(sql)
-        except PySparkException:
+        on_members = ons.get(view, [])
+        if not members and not on_members:
             continue
-        if any(not isinstance(f.dataType, BooleanType) for f in frame.schema.fields[1:]):
+        name = picked[0].view if picked else names[view]  # type: ignore[union-attr]
+        sql = merged_sql(name, picked, [shaped[k].on for k in on_members])  # type: ignore[arg-type]
+        frame = query(sql)
+        if frame is None and on_members:
+            raise _NotMerged
+        if frame is None:
             continue
+        for at, k in enumerate(on_members):
+            right_sql[k] = (sql, at)
+        if members:
+            flags = tuple(f"s{j}" for j in range(len(members)))
+            merged[members[0]] = Source(frame, tuple(segments[k].name for k in members), flags)
+    by_left: dict[str, list[int]] = {}
+    for k, j in shaped.items():
+        by_left.setdefault(j.left.lower(), []).append(k)
+    for members in by_left.values():
+        sql = joined_sql(shaped[members[0]].left, [(shaped[k], *right_sql[k]) for k in members])
+        frame = query(sql)
+        if frame is None:
+            raise _NotMerged
         flags = tuple(f"s{j}" for j in range(len(members)))
         merged[members[0]] = Source(frame, tuple(segments[k].name for k in members), flags)
     inside = {name for source in merged.values() for name in source.segments}

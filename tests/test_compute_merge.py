@@ -61,6 +61,49 @@ def test_other_queries_run_as_written(sql: str) -> None:
     assert merge.parse(sql) is None
 
 
+JOIN = "SELECT u.user_id FROM users u LEFT {} JOIN orders o ON o.user_id = u.user_id"
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        JOIN.format("SEMI"),
+        JOIN.format("ANTI") + " AND o.category = 'books' WHERE u.tier = 'vip'",
+        "select user_id from users left anti join orders on users.user_id = orders.user_id "
+        "and (orders.amount > 5 or orders.category = 'x');",
+        "SELECT u.user_id FROM users AS u LEFT SEMI JOIN events AS e "
+        "ON u.user_id = e.user_id AND e.dt >= DATE '2026-10-01' WHERE u.country IN ('DE')",
+    ],
+)
+def test_semi_and_anti_joins_are_merged(sql: str) -> None:
+    assert merge.parse_join(sql) is not None
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        JOIN.format("SEMI") + " AND o.ts >= u.signup_date",  # both sides in ON
+        JOIN.format("SEMI") + " AND o.amount > 5 OR o.category = 'x'",  # a top-level OR
+        JOIN.format("SEMI") + " AND o.amount > (SELECT 1)",
+        JOIN.format("SEMI") + " WHERE u.tier IN (SELECT tier FROM users)",
+        JOIN.format("SEMI") + " WHERE o.amount > 5",
+        JOIN.format("SEMI") + " GROUP BY u.user_id",
+        JOIN.format("SEMI") + " LEFT SEMI JOIN events e ON e.user_id = u.user_id",
+        JOIN.format("SEMI") + " LIMIT 5",
+        JOIN.format("SEMI") + " AND o.order_id = u.user_id",
+        JOIN.format("OUTER"),
+        "SELECT u.user_id FROM users u JOIN orders o ON o.user_id = u.user_id",
+        "SELECT u.user_id FROM users u LEFT SEMI JOIN orders o ON o.order_id = u.user_id",
+        "SELECT o.user_id FROM users u LEFT SEMI JOIN orders o ON o.user_id = u.user_id",
+        "SELECT u.user_id FROM users u LEFT SEMI JOIN orders u ON u.user_id = u.user_id",
+        "SELECT u.user_id FROM users u LEFT SEMI JOIN orders o ON o.user_id = u.user_id "
+        "AND rand() < 0.5",
+    ],
+)
+def test_other_joins_run_as_written(sql: str) -> None:
+    assert merge.parse_join(sql) is None
+
+
 @pytest.fixture(scope="module")
 def small_lake(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("lake") / "lake"
@@ -93,6 +136,24 @@ EDGES = (
         "SELECT u.user_id FROM users u JOIN orders o ON o.user_id = u.user_id WHERE u.tier = 'vip'",
     )
     + segment("viewers", "SELECT user_id FROM events WHERE type = 'view' GROUP BY user_id")
+    + segment("vip_books", JOIN.format("SEMI") + " AND o.category = 'books' WHERE u.tier = 'vip'")
+    + segment("no_books", JOIN.format("ANTI") + " AND o.category = 'books'")
+    + segment(
+        "no_events",
+        "SELECT u.user_id FROM users u LEFT ANTI JOIN events e ON e.user_id = u.user_id",
+    )  # fmt: skip
+    + segment("null_on_semi", JOIN.format("SEMI") + " AND CAST(NULL AS BOOLEAN)")
+    + segment("null_on_anti", JOIN.format("ANTI") + " AND CAST(NULL AS BOOLEAN)")
+    + segment("null_where_anti", JOIN.format("ANTI") + " WHERE CAST(NULL AS BOOLEAN)")
+    + segment(
+        "big_order",  # no aliases, the key equality the other way round
+        "SELECT user_id FROM users LEFT SEMI JOIN orders "
+        "ON users.user_id = orders.user_id AND orders.amount > 500",
+    )
+    + segment(
+        "ordered_after_signup",  # both sides in ON: as written
+        JOIN.format("SEMI") + " AND o.ts >= CAST(u.signup_date AS TIMESTAMP)",
+    )
 )
 
 
@@ -110,6 +171,10 @@ def test_merged_equals_a_job_per_segment(spark, small_lake: Path, defs: Path | N
         assert len(merged["no_big_order"]) == 0
         assert 0 < len(merged["few_books"]) < len(merged["everyone"])
         assert all(len(merged[n]) for n in ("vip", "few_orders", "ordered_vip", "viewers"))
+        assert len(merged["null_on_semi"]) == len(merged["null_where_anti"]) == 0
+        assert merged["null_on_anti"] == merged["everyone"]
+        assert 0 < len(merged["no_books"]) < len(merged["everyone"])
+        assert all(len(merged[n]) for n in ("vip_books", "no_events", "big_order"))
 
 
 @pytest.mark.spark
@@ -123,6 +188,9 @@ def test_merged_sources_cover_every_segment_once(spark, small_lake: Path) -> Non
         ("few_orders", "few_books", "no_big_order", "electronics"),
         ("ordered_vip",),
         ("viewers",),  # alone on its view: as written
+        ("vip_books", "no_books", "no_events", "null_on_semi", "null_on_anti")
+        + ("null_where_anti", "big_order"),
+        ("ordered_after_signup",),
     ]
 
 
@@ -156,3 +224,45 @@ def test_a_merged_query_that_fails_where_the_queries_would_not_falls_back(
     found = batch.compute(spark, small_lake, segments)
     assert found == batch.compute(spark, small_lake, segments, one_pass=False)
     assert not found["pruned"] and found["books"]
+
+
+@pytest.mark.spark
+def test_a_join_on_null_ids_equals_the_join_as_written(spark, small_lake: Path) -> None:
+    batch.register_views(spark, small_lake)
+    spark.sql(
+        "CREATE OR REPLACE TEMP VIEW holes AS SELECT CASE WHEN amount > 50 THEN NULL "
+        "ELSE user_id END AS user_id, category FROM orders"
+    )
+    segments = definitions.parse(
+        segment(
+            "some",
+            "SELECT u.user_id FROM users u LEFT SEMI JOIN holes h "
+            "ON h.user_id = u.user_id AND h.category = 'books'",
+        )  # fmt: skip
+        + segment(
+            "none",
+            "SELECT u.user_id FROM users u LEFT ANTI JOIN holes h "
+            "ON h.user_id = u.user_id WHERE u.tier = 'vip'",
+        )  # fmt: skip
+    )
+    frames = [batch.analyze(spark, s) for s in segments]
+    assert [s.segments for s in merge.sources(segments, frames)] == [("some", "none")]
+    merged = batch.evaluate(segments, frames)
+    assert merged == batch.evaluate(segments, frames, one_pass=False)
+    assert merged["some"] and merged["none"]
+
+
+@pytest.mark.spark
+def test_a_join_query_that_does_not_analyze_runs_its_joins_as_written(
+    spark, small_lake: Path
+) -> None:
+    batch.register_views(spark, small_lake)
+    segments = definitions.parse(  # an unqualified column of users in ON: as written
+        segment("odd", JOIN.format("SEMI") + " AND tier = 'vip'")
+        + segment("books", "SELECT user_id FROM orders WHERE category = 'books' GROUP BY user_id")
+        + segment("few", "SELECT user_id FROM orders GROUP BY user_id HAVING COUNT(*) < 3")
+    )
+    frames = [batch.analyze(spark, s) for s in segments]
+    sources = merge.sources(segments, frames)
+    assert [s.segments for s in sources] == [("odd",), ("books", "few")]
+    assert batch.evaluate(segments, frames) == batch.evaluate(segments, frames, one_pass=False)

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING
 from compute.bitmaps import Source
 
 if TYPE_CHECKING:
-    from pyspark.sql import DataFrame
+    from pyspark.sql import DataFrame, SparkSession
 
     from compute.definitions import Segment
 
@@ -167,6 +167,8 @@ class Simple:
     where: str | None  # as written
     grouped: bool
     having: tuple[str, ...] | None  # the HAVING text in pieces: an aggregate call ends each
+    #: the columns of HAVING's COUNT(DISTINCT c), written size(collect_set(c)) in the pieces
+    distinct: tuple[str, ...] = ()
 
 
 def parse(sql: str) -> Simple | None:
@@ -200,6 +202,8 @@ def parse(sql: str) -> Simple | None:
     for k, t in enumerate(body):
         if t.word not in _REFUSED:
             continue
+        if t.word == "distinct" and having_at is not None and _counts(body, k):
+            continue
         if t.depth == 0 and t.word == "where" and where is None:
             where = k
         elif t.depth == 0 and t.word == "group" and grouped_at is None:
@@ -227,18 +231,34 @@ def parse(sql: str) -> Simple | None:
         where_text = sql[body[where + 1].start : body[end - 1].end]
     having = None
     if having_at is not None:
-        having = _split_having(sql, body[having_at + 1 :])
-        if having is None:
+        split = _split_having(sql, body[having_at + 1 :])
+        if split is None:
             return None
-    return Simple(view, where_text, grouped_at is not None, having)
+        having, counted = split
+        return Simple(view, where_text, True, having, counted)
+    return Simple(view, where_text, grouped_at is not None, None)
 
 
-def _split_having(sql: str, tokens: list[_Token]) -> tuple[str, ...] | None:
-    """HAVING's text cut after each aggregate call's closing parenthesis; None when it calls
-    something this module does not know."""
+def _counts(tokens: list[_Token], k: int) -> bool:
+    """tokens[k] (DISTINCT) opens `COUNT(DISTINCT <one column>)`."""
+    return (
+        k >= 2
+        and tokens[k - 1].text == "("
+        and tokens[k - 2].word == "count"
+        and k + 2 < len(tokens)
+        and tokens[k + 1].kind in {"word", "quoted"}
+        and tokens[k + 2].text == ")"
+    )
+
+
+def _split_having(sql: str, tokens: list[_Token]) -> tuple[tuple[str, ...], tuple[str, ...]] | None:
+    """HAVING's text cut after each aggregate call's closing parenthesis, COUNT(DISTINCT c)
+    as size(collect_set(c)) (the same count: both skip NULLs), and the columns c; None when it
+    calls something this module does not know."""
     if not tokens:
         return None
     pieces: list[str] = []
+    counted: list[str] = []
     start = tokens[0].start
     k = 0
     while k < len(tokens):
@@ -246,6 +266,12 @@ def _split_having(sql: str, tokens: list[_Token]) -> tuple[str, ...] | None:
         opens = k + 1 < len(tokens) and tokens[k + 1].text == "("
         if t.kind in {"word", "quoted"} and opens:
             name = t.word
+            if name == "count" and _counts(tokens, k + 2):
+                counted.append(tokens[k + 3].text)
+                pieces.append(f"{sql[start : t.start]}size(collect_set({tokens[k + 3].text})")
+                start = tokens[k + 4].start
+                k += 5
+                continue
             if name in AGGREGATES:
                 close = next(
                     j for j in range(k + 2, len(tokens))
@@ -259,7 +285,7 @@ def _split_having(sql: str, tokens: list[_Token]) -> tuple[str, ...] | None:
                 return None
         k += 1
     pieces.append(sql[start : tokens[-1].end])
-    return tuple(pieces)
+    return tuple(pieces), tuple(counted)
 
 
 @dataclass(frozen=True)
@@ -425,6 +451,26 @@ def sources(segments: Sequence[Segment], frames: Sequence[DataFrame]) -> list[So
         return _sources(segments, frames, joins=False)
 
 
+def _counted_exactly(spark: SparkSession, shape: Simple | None) -> Simple | None:
+    """The shape, or None when a column it counts DISTINCT is a float or double (DISTINCT
+    takes -0.0 and 0.0, and NaNs, as one value; collect_set may not) or no column of its view.
+    """
+    if shape is None or not shape.distinct:
+        return shape
+    from pyspark.errors import PySparkException
+    from pyspark.sql.types import DoubleType, FloatType
+
+    try:
+        fields = {f.name.lower(): f.dataType for f in spark.table(shape.view).schema.fields}
+    except PySparkException:
+        return None
+    for column in shape.distinct:
+        kind = fields.get(column.strip("`").replace("``", "`").lower())
+        if kind is None or isinstance(kind, (DoubleType, FloatType)):
+            return None
+    return shape
+
+
 class _NotMerged(Exception):
     pass
 
@@ -446,7 +492,7 @@ def _sources(
             return None
         return frame
 
-    shapes = {k: parse(s.sql) for k, s in enumerate(segments)}
+    shapes = {k: _counted_exactly(spark, parse(s.sql)) for k, s in enumerate(segments)}
     found = {k: parse_join(s.sql) for k, s in enumerate(segments) if shapes[k] is None}
     shaped = {k: j for k, j in found.items() if j is not None and joins}
     by_view: dict[str, list[int]] = {}

@@ -27,6 +27,7 @@ BENCH20 = EXAMPLE.parent / "bench20.toml"
         "SELECT user_id FROM orders WHERE dt < DATE '2026-11-01' -- a comment: LIMIT 1\n"
         "GROUP BY user_id HAVING SUM(amount) > 10 AND abs(MAX(amount)) < 5",
         "SELECT user_id FROM users WHERE country = 'a JOIN b' OR tier = 'x(y'",
+        "SELECT user_id FROM orders GROUP BY user_id HAVING count(distinct category) > 2",
     ],
 )
 def test_simple_shapes_are_merged(sql: str) -> None:
@@ -45,7 +46,10 @@ def test_simple_shapes_are_merged(sql: str) -> None:
         "SELECT user_id FROM users ORDER BY user_id",
         "SELECT user_id FROM users UNION SELECT user_id FROM orders",
         "SELECT user_id FROM users WHERE rand() < 0.5",
-        "SELECT user_id FROM orders GROUP BY user_id HAVING COUNT(DISTINCT category) > 2",
+        "SELECT user_id FROM orders GROUP BY user_id HAVING COUNT(DISTINCT category, dt) > 2",
+        "SELECT user_id FROM orders GROUP BY user_id HAVING COUNT(DISTINCT lower(category)) > 2",
+        "SELECT user_id FROM orders GROUP BY user_id HAVING SUM(DISTINCT amount) > 2",
+        "SELECT user_id FROM orders WHERE COUNT(DISTINCT category) > 2 GROUP BY user_id",
         "SELECT user_id FROM orders GROUP BY user_id HAVING percentile(amount, 0.5) > 2",
         "SELECT user_id FROM orders GROUP BY user_id HAVING COUNT(*) FILTER (WHERE 1=1) > 2",
         "SELECT user_id FROM orders GROUP BY user_id, category",
@@ -130,6 +134,11 @@ EDGES = (
         "no_big_order",
         "SELECT user_id FROM orders GROUP BY user_id HAVING MAX(amount) > 1e12",
     )
+    + segment(
+        "three_categories",
+        "SELECT user_id FROM orders WHERE category <> 'books' GROUP BY user_id "
+        "HAVING COUNT(DISTINCT category) >= 3 AND COUNT(*) < 8",
+    )
     + segment("electronics", "SELECT DISTINCT user_id FROM orders WHERE category = 'electronics'")
     + segment(
         "ordered_vip",  # two tables joined: runs as written
@@ -174,6 +183,7 @@ def test_merged_equals_a_job_per_segment(spark, small_lake: Path, defs: Path | N
         assert len(merged["null_on_semi"]) == len(merged["null_where_anti"]) == 0
         assert merged["null_on_anti"] == merged["everyone"]
         assert 0 < len(merged["no_books"]) < len(merged["everyone"])
+        assert 0 < len(merged["three_categories"]) < len(merged["few_orders"])
         assert all(len(merged[n]) for n in ("vip_books", "no_events", "big_order"))
 
 
@@ -185,7 +195,7 @@ def test_merged_sources_cover_every_segment_once(spark, small_lake: Path) -> Non
     sources = merge.sources(segments, frames)
     assert [s.segments for s in sources] == [
         ("nobody", "vip", "everyone", "null_where"),
-        ("few_orders", "few_books", "no_big_order", "electronics"),
+        ("few_orders", "few_books", "no_big_order", "three_categories", "electronics"),
         ("ordered_vip",),
         ("viewers",),  # alone on its view: as written
         ("vip_books", "no_books", "no_events", "null_on_semi", "null_on_anti")
@@ -266,3 +276,23 @@ def test_a_join_query_that_does_not_analyze_runs_its_joins_as_written(
     sources = merge.sources(segments, frames)
     assert [s.segments for s in sources] == [("odd",), ("books", "few")]
     assert batch.evaluate(segments, frames) == batch.evaluate(segments, frames, one_pass=False)
+
+
+@pytest.mark.spark
+def test_count_distinct_of_a_double_runs_as_written(spark, small_lake: Path) -> None:
+    batch.register_views(spark, small_lake)
+    spark.sql(
+        "CREATE OR REPLACE TEMP VIEW floats AS SELECT user_id, "
+        "CASE WHEN amount > 50 THEN 0.0D ELSE -0.0D END AS x FROM orders"
+    )
+    segments = definitions.parse(
+        segment("one_x", "SELECT user_id FROM floats GROUP BY user_id HAVING COUNT(DISTINCT x) = 1")
+        + segment("any", "SELECT user_id FROM floats GROUP BY user_id")
+        + segment("also", "SELECT user_id FROM floats WHERE x < 0 GROUP BY user_id")
+    )
+    frames = [batch.analyze(spark, s) for s in segments]
+    sources = merge.sources(segments, frames)
+    assert [s.segments for s in sources] == [("one_x",), ("any", "also")]
+    found = batch.evaluate(segments, frames)
+    assert found == batch.evaluate(segments, frames, one_pass=False)
+    assert found["one_x"] == found["any"]  # -0.0 and 0.0 counted as one value

@@ -17,9 +17,12 @@ where <h'> is <h> with `FILTER (WHERE <w>)` after each aggregate call, so each a
 the rows the segment's own WHERE keeps; the COUNT(*) > 0 term keeps out the groups the segment
 would not have (HAVING COUNT(*) < 5 is true for a group the segment has no row of). Without any
 GROUP BY in the view's segments it is a projection: `coalesce(<w>, false)` per segment.
-Anything else (joins, subqueries, window functions, DISTINCT aggregates, which Spark expands
-into a copy of every row per distinct group, functions this module does not know in HAVING,
-non-deterministic functions) runs as written. Set semantics: a segment is a set of user ids,
+HAVING's COUNT(DISTINCT c) is size(collect_set(c)) with the FILTER. Semi/anti joins of one view
+on another by user_id (`parse_join`) become a per-user flag column of the right view's merged
+query, joined once to the left view (`joined_sql`). Anything else (other joins, subqueries,
+window functions, other DISTINCT aggregates, which Spark expands into a copy of every row per
+distinct group, functions this module does not know in HAVING, non-deterministic functions)
+runs as written. Set semantics: a segment is a set of user ids,
 so duplicate rows of the first shape do not matter.
 """
 

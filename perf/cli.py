@@ -9,7 +9,8 @@ file in the output directory.
 
 The harness starts what it needs (the real Kafka broker via deploy/local/kafka in a
 temporary data directory, `seg-sidecar` subprocesses, redis-server, the echo peer) and stops
-all of it at the end, also on errors, Ctrl-C and SIGTERM. Exit 0 when every scenario ran
+all of it at the end, also on errors, Ctrl-C and SIGTERM, and before spark_batch, which uses
+none of it (it would share the cores with Spark). Exit 0 when every scenario ran
 (whether or not its targets were met), 1 when one failed, 2 on bad usage. Every option can
 also come from the environment as SEG_<OPTION> (sidecar/cliutil.py has the rules).
 """
@@ -39,6 +40,11 @@ SCENARIOS = report.SCENARIOS
 #: a scenario still running after this long is stopped and recorded as failed, and the run goes
 #: on: the longest takes about 6 minutes at full size on this machine (perf/README.md)
 SCENARIO_TIMEOUT_S = {"quick": 600.0, "full": 1800.0}
+#: scenarios that use none of the run's services: what the scenarios before them left running
+#: (the Kafka broker with their logs, the sidecars, Redis with its sets) is stopped first, so
+#: it does not share the two cores with them (`seg-perf all` ran Spark's start-up 3.9x and its
+#: batch 1.6x slower than `seg-perf spark_batch` alone: perf/ANALYSIS.md, sixth session)
+WITHOUT_SERVICES = frozenset({"spark_batch"})
 
 
 class ScenarioTimeout(Exception):
@@ -227,6 +233,8 @@ def main(argv: list[str] | None = None) -> int:
     run = report.stamp()
     try:
         for name in names:
+            if name in WITHOUT_SERVICES:
+                ctx.stop_services()
             doc, ok = run_one(name, ctx, command, timeout, run)
             report.write_json(out, name, doc)
             if not ok:

@@ -364,7 +364,13 @@ class Context:
         ensure_redis_sets(client, self.serve().segments)
         return client
 
-    def close(self) -> None:
+    def stop_services(self) -> None:
+        """Stop everything the scenarios so far started (sidecars, the echo peer, Redis, the
+        Kafka broker) and delete their data and the data sets shared in `cache`, so nothing
+        of theirs shares the cores with the next scenario; a later scenario starts what it
+        needs again."""
+        if self._closers or self._redis is not None or self._kafka is not None:
+            log("stopping the services started so far")
         for closer in reversed(self._closers):
             with contextlib.suppress(Exception):
                 closer()
@@ -378,6 +384,15 @@ class Context:
             with contextlib.suppress(Exception):
                 self._kafka.stop()
             self._kafka = None
+        self._serve = self._echo = None
+        self._serve_error = self._redis_error = None
+        self.services.clear()
+        self.cache.clear()
+        shutil.rmtree(self.workdir, ignore_errors=True)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+
+    def close(self) -> None:
+        self.stop_services()
         shutil.rmtree(self.workdir, ignore_errors=True)
 
 

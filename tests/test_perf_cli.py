@@ -85,3 +85,32 @@ def test_a_timeout_that_is_not_a_positive_number_is_refused(
     assert exc.value.code == 2
     assert "--scenario-timeout" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.usefixtures("restore_signals")
+def test_what_earlier_scenarios_left_running_is_stopped_before_spark_batch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: dict[str, Any] = {}
+
+    def check(ctx: Any) -> dict[str, Any]:  # starts a real service (the echo peer) and a data set
+        seen["before"] = ctx.echo().pid
+        ctx.cache["data"] = 1
+        return {"value": 1, "targets": []}
+
+    def spark_batch(ctx: Any) -> dict[str, Any]:
+        seen["alive"] = Path(f"/proc/{seen['before']}").exists()
+        seen["cache"] = dict(ctx.cache)
+        seen["again"] = ctx.echo().pid  # a scenario may start a service again
+        return {"value": 2, "targets": []}
+
+    def fake(name: str) -> types.SimpleNamespace:
+        found = _scenario("ok")
+        found.run = {"check": check, "spark_batch": spark_batch}.get(name, found.run)
+        return found
+
+    monkeypatch.setattr(cli, "module", fake)
+    assert cli.main(["check", "spark_batch", "--out", str(tmp_path / "results")]) == 0
+    assert seen["alive"] is False and seen["cache"] == {}
+    assert seen["again"] != seen["before"]
+    assert not Path(f"/proc/{seen['again']}").exists()  # and the run's end stops it

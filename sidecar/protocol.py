@@ -132,6 +132,21 @@ def op_of(req: tuple[Any, ...]) -> str:
     return op
 
 
+def check_layout() -> tuple[bytes, bytes, bytes, bytes, bytes]:
+    """How a check travels around its ids, for the socket server's check in C
+    (sidecar/shm/_native.c `FastCheck`), which matches and writes these bytes and owns none
+    of them: (the request's array header, its op, the response's array header, the status and
+    result of a False answer, of a True one). The ids are msgpack's shortest uints."""
+    packer = msgpack.Packer(use_bin_type=True)
+    return (
+        packer.pack_array_header(OPS["check"] + 2),
+        _pack("check"),
+        packer.pack_array_header(3),
+        _pack(OK) + _pack(False),
+        _pack(OK) + _pack(True),
+    )
+
+
 def oversize_message(length: int, limit: int) -> str:
     return f"frame of {length} bytes is over the limit of {limit} bytes; closing the connection"
 

@@ -13,12 +13,18 @@ import msgpack
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from pyroaring import BitMap64
 
-from sidecar.protocol import encode_request, encode_response
+from sidecar.partitioner import partition_for
+from sidecar.protocol import check_layout, encode_request, encode_response
+from sidecar.record import Heartbeat, delta_key, encode
+from sidecar.replica import Replica, recovery
 from sidecar.server.metrics import OK_KEYS
 from sidecar.server.queries import Queries
 from sidecar.server.results import LOCAL
 from sidecar.server.uds import LATENCY_SAMPLE_MASK, UdsServer, _Connection
+from sidecar.transport.logdir import LogDirTransport
+from tests.logtools import publish_raw
 from tests.test_batch_native import HIGH, SHAPES, STATES, _replica
 
 KEY = OK_KEYS[LOCAL]
@@ -226,3 +232,54 @@ def test_without_the_extension_python_answers(
     stats = uds.handlers["check"][2]
     # timed: the first (its name not validated yet: the general path) and the sampled one
     assert stats.counts[KEY] == LATENCY_SAMPLE_MASK + 2 and sum(stats.latency.counts) == 2
+
+
+def test_a_state_swapped_in_under_a_serving_replica_is_not_answered_past_its_max_age(
+    tmp_path: Path,
+) -> None:
+    """A serving replica whose log got a new identity bootstraps aside and adopts the new
+    state (`Engine.adopt`). A segment the new log says is past its max age (heard long ago)
+    is stale from the swap on, on every check path, not only after the next poll."""
+    old = LogDirTransport(tmp_path / "old")
+    publish_raw(old, {"s0": BitMap64([1, 2])})
+    new = LogDirTransport(tmp_path / "new")
+    state = publish_raw(new, {"s0": BitMap64([1, 2])})
+    with new.writer("test-publisher") as w, w.transaction():  # a 1 s max age, heard at 0
+        beat = encode(Heartbeat("s0", state.segments["s0"][0], 1, 0))
+        w.append("deltas", partition_for("s0", w.partitions), delta_key("s0"), beat)
+    replica = Replica(old)
+    reader = old.reader()
+    recovery.bootstrap(reader, replica.engine)
+    reader.close()
+    replica.ready = True
+    uds = UdsServer(Queries(replica), tmp_path / "s.sock")
+    uds.queries.names.check("s0")
+    frame = encode_request(7, "check", (1, "s0"), 1 << 20)
+    assert replica.contains(1, "s0") is True
+    assert uds.fast_check is not None and uds.fast_check(frame) == encode_response(7, 0, True)
+    reader = new.reader()
+    replica._bootstrap_again(reader, new.identity())
+    reader.close()
+    assert replica.local("s0") == "stale_age"
+    assert replica.contains(1, "s0") is None
+    assert uds.fast_check(frame) is None
+    want, inline = _python(uds, frame)
+    assert want == encode_response(7, 0, None) and not inline
+
+
+def test_the_encoding_is_protocols(tmp_path: Path) -> None:
+    """The C path writes the bytes `protocol.check_layout` gives it and owns none itself."""
+    from sidecar.shm import native_or_none
+
+    uds = _server(tmp_path, {"s0": ("fresh", {1}, False)}, True)
+    head, op, resp_head, no, yes = check_layout()
+    fast = native_or_none().FastCheck(  # type: ignore[union-attr]
+        uds.valid_names, uds.replica.native_local, {}, KEY, 1 << 20, LATENCY_SAMPLE_MASK,
+        (head, op, resp_head, b"\x07\xc2", b"\x07\xc3"),
+    )  # fmt: skip
+    frame = encode_request(7, "check", (1, "s0"), 1 << 20)
+    assert fast.answer(frame) == b"\x00\x00\x00\x04\x93\x07\x07\xc3"
+    with pytest.raises(TypeError):  # the rule is the replica's LocalCheck, nothing else
+        native_or_none().FastCheck(  # type: ignore[union-attr]
+            uds.valid_names, uds.replica, {}, KEY, 1 << 20, 15, check_layout()
+        )

@@ -135,7 +135,7 @@ class Replica:
         changed = [name for name in aged if name not in ages]  # dropped, or max age cleared
         aged.difference_update(changed)
         for name, age in list(ages.items()):
-            if now > age.deadline_ms:
+            if age.passed(now):
                 if name not in aged:
                     log.warning("segment %s is stale: not republished within its max age", name)
                     aged.add(name)
@@ -540,7 +540,15 @@ class Replica:
         fresh = Engine(self.holds, clock_ms=self.engine.clock_ms, forms=self.engine.forms)
         fresh.counters = self.engine.counters
         recovery.bootstrap(reader, fresh, tick=self.engine.expire)
+        # What `local` reads beside the engine judged before the swap, so the new state is
+        # never answered past a TTL or a max age that passed while it was built: its due
+        # expiries dropped, its segments past their max age marked (the stale marks of the
+        # old state are cleared by `refresh_ages` right after).
+        fresh.expire()
+        now = self.clock_ms()
+        self.aged.update(name for name, age in fresh.ages.items() if age.passed(now))
         self.engine.adopt(fresh)
+        self.refresh_ages()
         self.positions = {p: reader.position("deltas", p) for p in range(self.partitions)}
         self._log_id = log_id
         self._checkpoint_key = None

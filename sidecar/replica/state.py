@@ -63,6 +63,10 @@ class Age:
     def deadline_ms(self) -> int:
         return self.heard_ms + self.max_age_ms
 
+    def passed(self, now_ms: int) -> bool:
+        """The segment is stale by age at `now_ms`: not affirmed within its max age."""
+        return now_ms > self.deadline_ms
+
 
 @dataclass(slots=True)
 class Counters:

@@ -31,12 +31,12 @@ from ..protocol import (
     UNKNOWN_OP,
     FrameError,
     UnknownOp,
+    check_layout,
     decode_request,
     encode_response,
     op_of,
     oversize_message,
 )
-from ..replica.state import Health
 from ..shm import native_or_none
 from .metrics import NO_SOURCE, OK_KEYS, Metrics, OpStats
 from .queries import Queries
@@ -50,7 +50,6 @@ MAX_PENDING = 1024
 _unpack_header = HEADER.unpack_from
 _perf = time.perf_counter
 _BAD = (NO_SOURCE, "bad_request")
-_FRESH = Health.FRESH
 _K_LOCAL = OK_KEYS[LOCAL]
 #: 1 in (mask + 1) locally answered checks is timed for seg_request_duration_seconds.
 LATENCY_SAMPLE_MASK = 15
@@ -224,10 +223,10 @@ class _Connection(asyncio.Protocol):
             return encode_response(None, BAD_REQUEST, exc.message)
         rid = req[0]
         if len(req) == 4 and req[1] == "check":
-            # The hot path: `Replica.local`'s rule inlined (tests/test_uds_inline.py proves
-            # they agree on every state), for a valid check, counted but not timed. One in
-            # LATENCY_SAMPLE_MASK + 1 takes the general path below and is timed, which keeps
-            # the latency histogram honest at a fraction of the cost.
+            # The hot path: `Replica.contains` (`Replica.local`'s answer) for a valid check of
+            # a name already validated, counted but not timed. One in LATENCY_SAMPLE_MASK + 1
+            # takes the general path below and is timed, which keeps the latency histogram
+            # honest at a fraction of the cost.
             server = self.server
             sampler = server.sampler
             sampler.untimed = untimed = (sampler.untimed + 1) & LATENCY_SAMPLE_MASK
@@ -239,12 +238,11 @@ class _Connection(asyncio.Protocol):
                     and 0 <= user <= MAX_USER
                     and type(seg) is str
                     and seg in server.valid_names
-                    and server.replica.ready
                 ):
-                    st = server.segments.get(seg)
-                    if st is not None and st.health is _FRESH and seg not in server.aged:
+                    has = server.contains(user, seg)
+                    if has is not None:
                         server.check_counts[_K_LOCAL] += 1
-                        return encode_response(rid, OK, user in st.bitmap)
+                        return encode_response(rid, OK, has)
         started = _perf()
         op = req[1] if len(req) > 1 else None
         entry = self.handlers.get(op) if type(op) is str else None
@@ -378,19 +376,20 @@ class UdsServer:
         }
         # What the connections' inline check path reads (these objects are never replaced).
         self.replica = queries.replica
+        self.contains = queries.replica.contains
         self.valid_names = queries.names.valid
-        self.segments = queries.replica.engine.segments
-        self.aged = queries.replica.aged
         self.check_counts = self.handlers["check"][2].counts
-        #: the inline path in C (`FastCheck.answer`), reading the same objects; None without
+        #: the inline path in C (`FastCheck.answer`): the same check over the replica's
+        #: `native_local` (Replica.local's rule) and protocol's `check_layout`; None without
         #: the C extension. Its `untimed` is the latency sampler's counter for both paths.
         self.fast_check: Callable[[bytes], bytes | None] | None = None
         self.sampler: Any = _Sampler()
         fast = getattr(native_or_none(), "FastCheck", None)  # None: an older build
-        if fast is not None:
+        local = queries.replica.native_local
+        if fast is not None and local is not None:
             self.sampler = fast(
-                self.valid_names, self.segments, self.aged, self.replica, self.check_counts,
-                _K_LOCAL, _FRESH, self.max_frame, LATENCY_SAMPLE_MASK,
+                self.valid_names, local, self.check_counts, _K_LOCAL, self.max_frame,
+                LATENCY_SAMPLE_MASK, check_layout(),
             )  # fmt: skip
             self.fast_check = self.sampler.answer
         self.metrics.gauge(

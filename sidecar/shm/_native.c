@@ -1102,260 +1102,7 @@ static PyObject *roaring_native(PyObject *self, PyObject *unused) {
     return PyBool_FromLong(roaring64_contains != NULL);
 }
 
-/* -- the socket server's check, answered in one C call ------------------------------------- */
-
-/* FastCheck(valid_names, segments, aged, replica, counts, key, fresh, max_frame, mask): the
- * Unix-socket server's inline check (sidecar/server/uds.py) in C. `answer(data)` takes what
- * one read brought; when it is exactly one frame holding a check that the inline path would
- * answer, it answers it (the response frame's bytes, as protocol.encode_response writes them)
- * and counts it; otherwise it returns None and changes nothing, and Python handles the frame.
- * Python's rules are read, not copied: the names already validated (`valid_names`), the
- * engine's segment table, the segments past their max age, `replica.ready`, a state's
- * `health` is `fresh`; the latency sample counter (`untimed`) is shared with Python's path:
- * the request the sampler picks for timing is left to it. It never raises: on an error,
- * Python's path meets the same error and answers it. */
-typedef struct {
-    PyObject_HEAD
-    PyObject *valid, *segments, *aged, *replica, *counts, *key, *fresh;
-    Py_ssize_t max_frame;
-    unsigned long untimed, mask;
-} FastCheck;
-
 static PyObject *str_ready, *str_health, *str_bitmap, *one;
-
-static void FastCheck_dealloc(FastCheck *f) {
-    PyObject_GC_UnTrack(f);
-    Py_CLEAR(f->valid);
-    Py_CLEAR(f->segments);
-    Py_CLEAR(f->aged);
-    Py_CLEAR(f->replica);
-    Py_CLEAR(f->counts);
-    Py_CLEAR(f->key);
-    Py_CLEAR(f->fresh);
-    Py_TYPE(f)->tp_free((PyObject *)f);
-}
-
-static int FastCheck_traverse(FastCheck *f, visitproc visit, void *arg) {
-    Py_VISIT(f->valid);
-    Py_VISIT(f->segments);
-    Py_VISIT(f->aged);
-    Py_VISIT(f->replica);
-    Py_VISIT(f->counts);
-    Py_VISIT(f->key);
-    Py_VISIT(f->fresh);
-    return 0;
-}
-
-static PyObject *FastCheck_new(PyTypeObject *type, PyObject *args, PyObject *kw) {
-    static char *names[] = {"valid_names", "segments", "aged", "replica", "counts", "key",
-                            "fresh", "max_frame", "mask", NULL};
-    PyObject *valid, *segments, *aged, *replica, *counts, *key, *fresh;
-    Py_ssize_t max_frame;
-    unsigned long mask;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "O!O!O!OO!OOnk", names, &PySet_Type, &valid,
-                                     &PyDict_Type, &segments, &PySet_Type, &aged, &replica,
-                                     &PyDict_Type, &counts, &key, &fresh, &max_frame, &mask))
-        return NULL;
-    if (!roaring_looked_up) find_roaring();
-    FastCheck *f = (FastCheck *)type->tp_alloc(type, 0);
-    if (f == NULL) return NULL;
-    Py_INCREF(valid);
-    Py_INCREF(segments);
-    Py_INCREF(aged);
-    Py_INCREF(replica);
-    Py_INCREF(counts);
-    Py_INCREF(key);
-    Py_INCREF(fresh);
-    f->valid = valid;
-    f->segments = segments;
-    f->aged = aged;
-    f->replica = replica;
-    f->counts = counts;
-    f->key = key;
-    f->fresh = fresh;
-    f->max_frame = max_frame;
-    f->mask = mask;
-    return (PyObject *)f;
-}
-
-/* a msgpack non-negative integer at *p (fixint, uint 8/16/32/64): 0, or -1 (not one) */
-static int mp_uint(const uint8_t **p, const uint8_t *end, uint64_t *out) {
-    const uint8_t *q = *p;
-    if (q >= end) return -1;
-    uint8_t t = *q++;
-    size_t n;
-    if (t < 0x80) {
-        *out = t;
-        *p = q;
-        return 0;
-    }
-    switch (t) {
-    case 0xcc: n = 1; break;
-    case 0xcd: n = 2; break;
-    case 0xce: n = 4; break;
-    case 0xcf: n = 8; break;
-    default: return -1;
-    }
-    if ((size_t)(end - q) < n) return -1;
-    uint64_t v = 0;
-    for (size_t i = 0; i < n; i++) v = (v << 8) | q[i];
-    *out = v;
-    *p = q + n;
-    return 0;
-}
-
-/* msgpack's shortest encoding of a non-negative integer (as msgpack-python packs it) */
-static size_t mp_put_uint(uint8_t *p, uint64_t v) {
-    size_t n;
-    if (v < 0x80) {
-        p[0] = (uint8_t)v;
-        return 1;
-    }
-    if (v <= 0xff) { p[0] = 0xcc; n = 1; }
-    else if (v <= 0xffff) { p[0] = 0xcd; n = 2; }
-    else if (v <= 0xffffffffULL) { p[0] = 0xce; n = 4; }
-    else { p[0] = 0xcf; n = 8; }
-    for (size_t i = 0; i < n; i++) p[1 + i] = (uint8_t)(v >> (8 * (n - 1 - i)));
-    return 1 + n;
-}
-
-/* 1 member, 0 not, -1 error (set). One check: a Segment is searched here; a BitMap64's own
- * `in` costs less than fetching its raw pointer. */
-static int member_has(PyObject *members, uint64_t user) {
-    if (Py_TYPE(members) == &SegmentType) return segment_has((const Segment *)members, user);
-    PyObject *v = PyLong_FromUnsignedLongLong(user);
-    if (v == NULL) return -1;
-    int has = PySequence_Contains(members, v);
-    Py_DECREF(v);
-    return has;
-}
-
-static PyObject *FastCheck_answer(FastCheck *f, PyObject *data) {
-    if (!PyBytes_CheckExact(data)) Py_RETURN_NONE;
-    const uint8_t *b = (const uint8_t *)PyBytes_AS_STRING(data);
-    Py_ssize_t len = PyBytes_GET_SIZE(data);
-    if (len < 4) Py_RETURN_NONE;
-    uint64_t length = ((uint64_t)b[0] << 24) | ((uint64_t)b[1] << 16) | ((uint64_t)b[2] << 8) | b[3];
-    if (length + 4 != (uint64_t)len || (Py_ssize_t)length > f->max_frame) Py_RETURN_NONE;
-    unsigned long next = (f->untimed + 1) & f->mask;
-    if (next == 0) Py_RETURN_NONE; /* the sampled request: Python times it */
-    /* [rid, "check", user, segment] */
-    const uint8_t *p = b + 4, *end = b + len;
-    uint64_t rid, user;
-    if (p >= end || *p++ != 0x94 || mp_uint(&p, end, &rid) < 0) Py_RETURN_NONE;
-    if (end - p < 6 || memcmp(p, "\xa5" "check", 6) != 0) Py_RETURN_NONE;
-    p += 6;
-    if (mp_uint(&p, end, &user) < 0 || p >= end) Py_RETURN_NONE;
-    size_t n;
-    uint8_t t = *p++;
-    if ((t & 0xe0) == 0xa0) {
-        n = t & 0x1f;
-    } else if (t == 0xd9 && p < end) {
-        n = *p++;
-    } else {
-        Py_RETURN_NONE;
-    }
-    if ((size_t)(end - p) != n) Py_RETURN_NONE; /* short, or bytes after the request */
-    PyObject *seg = PyUnicode_DecodeUTF8((const char *)p, (Py_ssize_t)n, "strict");
-    if (seg == NULL) {
-        PyErr_Clear();
-        Py_RETURN_NONE;
-    }
-    PyObject *out = NULL;
-    int valid = PySet_Contains(f->valid, seg);
-    if (valid <= 0) goto none;
-    PyObject *ready = PyObject_GetAttr(f->replica, str_ready);
-    if (ready == NULL) goto error;
-    int is_ready = PyObject_IsTrue(ready);
-    Py_DECREF(ready);
-    if (is_ready <= 0) goto none_or_error;
-    PyObject *st = PyDict_GetItemWithError(f->segments, seg); /* borrowed */
-    if (st == NULL) goto none_or_error;
-    Py_INCREF(st);
-    PyObject *health = PyObject_GetAttr(st, str_health);
-    int fresh = health == f->fresh;
-    Py_XDECREF(health);
-    if (!fresh || PySet_Contains(f->aged, seg) != 0) {
-        Py_DECREF(st);
-        goto none_or_error;
-    }
-    PyObject *members = PyObject_GetAttr(st, str_bitmap);
-    Py_DECREF(st);
-    if (members == NULL) goto error;
-    int has = member_has(members, user);
-    Py_DECREF(members);
-    if (has < 0) goto error;
-    /* counted as the inline path counts it: counts[key] += 1 */
-    PyObject *count = PyDict_GetItemWithError(f->counts, f->key);
-    if (count == NULL && PyErr_Occurred()) goto error;
-    PyObject *more = count != NULL ? PyNumber_Add(count, one) : PyLong_FromLong(1);
-    if (more == NULL) goto error;
-    int stored = PyDict_SetItem(f->counts, f->key, more);
-    Py_DECREF(more);
-    if (stored < 0) goto error;
-    f->untimed = next;
-    uint8_t resp[4 + 1 + 9 + 2];
-    size_t k = 4;
-    resp[k++] = 0x93;
-    k += mp_put_uint(resp + k, rid);
-    resp[k++] = 0x00;
-    resp[k++] = has ? 0xc3 : 0xc2;
-    uint32_t body = (uint32_t)(k - 4);
-    resp[0] = (uint8_t)(body >> 24);
-    resp[1] = (uint8_t)(body >> 16);
-    resp[2] = (uint8_t)(body >> 8);
-    resp[3] = (uint8_t)body;
-    out = PyBytes_FromStringAndSize((const char *)resp, (Py_ssize_t)k);
-    Py_DECREF(seg);
-    return out;
-none_or_error:
-    if (PyErr_Occurred()) goto error;
-none:
-    Py_DECREF(seg);
-    Py_RETURN_NONE;
-error: /* Python's path meets the same error and answers it as the protocol says */
-    PyErr_Clear();
-    Py_DECREF(seg);
-    Py_RETURN_NONE;
-}
-
-static PyObject *FastCheck_get_untimed(FastCheck *f, void *c) {
-    return PyLong_FromUnsignedLong(f->untimed);
-}
-
-static int FastCheck_set_untimed(FastCheck *f, PyObject *v, void *c) {
-    unsigned long x = v != NULL ? PyLong_AsUnsignedLong(v) : (unsigned long)-1;
-    if (x == (unsigned long)-1 && (v == NULL || PyErr_Occurred())) {
-        if (!PyErr_Occurred()) PyErr_SetString(PyExc_TypeError, "untimed cannot be deleted");
-        return -1;
-    }
-    f->untimed = x & f->mask;
-    return 0;
-}
-
-static PyMethodDef FastCheck_methods[] = {
-    {"answer", (PyCFunction)FastCheck_answer, METH_O,
-     "answer(data) -> the response frame of a check answered here, or None"},
-    {NULL},
-};
-
-static PyGetSetDef FastCheck_getset[] = {
-    {"untimed", (getter)FastCheck_get_untimed, (setter)FastCheck_set_untimed,
-     "the latency sampler's counter: a request is timed when it wraps to 0", NULL},
-    {NULL},
-};
-
-static PyTypeObject FastCheckType = {
-    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "sidecar.shm._native.FastCheck",
-    .tp_basicsize = sizeof(FastCheck),
-    .tp_dealloc = (destructor)FastCheck_dealloc,
-    .tp_traverse = (traverseproc)FastCheck_traverse,
-    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
-    .tp_doc = "The Unix-socket server's inline check, in C.",
-    .tp_methods = FastCheck_methods,
-    .tp_getset = FastCheck_getset,
-    .tp_new = FastCheck_new,
-};
 
 /* -- the in-process check --------------------------------------------------------------------- */
 
@@ -1494,6 +1241,274 @@ static PyTypeObject LocalCheckType = {
     .tp_doc = "Replica.local's rule over many segments, in C.",
     .tp_methods = LocalCheck_methods,
     .tp_new = LocalCheck_new,
+};
+
+/* -- the socket server's check, answered in one C call ------------------------------------- */
+
+/* FastCheck(valid_names, local, counts, key, max_frame, mask, layout): the Unix-socket
+ * server's inline check (sidecar/server/uds.py) in C. `answer(data)` takes what one read
+ * brought; when it is exactly one frame holding a check that the inline path would answer, it
+ * answers it (the response frame's bytes, as protocol.encode_response writes them) and counts
+ * it; otherwise it returns None and changes nothing, and Python handles the frame.
+ * Nothing here is a rule of its own; what it reads, Python prepared:
+ * - `valid_names`: the segment names the Python path already validated (SegmentNames);
+ * - `local`: the replica's LocalCheck (`Replica.native_local`): what is answerable from
+ *   memory is `answering` above, Replica.local's rule over the replica's own objects;
+ * - `layout`: protocol.check_layout(): how a check request is framed around its ids, and the
+ *   bytes of an answered one's status and result (status codes and encoding stay there);
+ * - the frame limit and the latency sampler's mask; the sample counter (`untimed`) is shared
+ *   with Python's path: the request the sampler picks for timing is left to it.
+ * It never raises: on an error, Python's path meets the same error and answers it. */
+#define LAYOUT_MAX 8
+typedef struct {
+    uint8_t b[LAYOUT_MAX];
+    Py_ssize_t n;
+} Piece;
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *valid, *local, *counts, *key;
+    Py_ssize_t max_frame;
+    unsigned long untimed, mask;
+    /* the request's array header and op; the response's array header; its status and result
+     * for False and for True */
+    Piece req_head, op, resp_head, tail[2];
+} FastCheck;
+
+static void FastCheck_dealloc(FastCheck *f) {
+    PyObject_GC_UnTrack(f);
+    Py_CLEAR(f->valid);
+    Py_CLEAR(f->local);
+    Py_CLEAR(f->counts);
+    Py_CLEAR(f->key);
+    Py_TYPE(f)->tp_free((PyObject *)f);
+}
+
+static int FastCheck_traverse(FastCheck *f, visitproc visit, void *arg) {
+    Py_VISIT(f->valid);
+    Py_VISIT(f->local);
+    Py_VISIT(f->counts);
+    Py_VISIT(f->key);
+    return 0;
+}
+
+static int piece_of(PyObject *v, Piece *out) {
+    if (!PyBytes_Check(v) || PyBytes_GET_SIZE(v) < 1 || PyBytes_GET_SIZE(v) > LAYOUT_MAX) {
+        PyErr_Format(PyExc_ValueError, "layout: bytes of 1 to %d bytes expected", LAYOUT_MAX);
+        return -1;
+    }
+    out->n = PyBytes_GET_SIZE(v);
+    memcpy(out->b, PyBytes_AS_STRING(v), (size_t)out->n);
+    return 0;
+}
+
+static PyObject *FastCheck_new(PyTypeObject *type, PyObject *args, PyObject *kw) {
+    static char *names[] = {"valid_names", "local", "counts", "key", "max_frame", "mask",
+                            "layout", NULL};
+    PyObject *valid, *local, *counts, *key, *layout;
+    Py_ssize_t max_frame;
+    unsigned long mask;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O!O!O!OnkO!", names, &PySet_Type, &valid,
+                                     &LocalCheckType, &local, &PyDict_Type, &counts, &key,
+                                     &max_frame, &mask, &PyTuple_Type, &layout))
+        return NULL;
+    if (PyTuple_GET_SIZE(layout) != 5) {
+        PyErr_SetString(PyExc_ValueError, "layout: protocol.check_layout()'s five pieces");
+        return NULL;
+    }
+    FastCheck *f = (FastCheck *)type->tp_alloc(type, 0);
+    if (f == NULL) return NULL;
+    Piece *pieces[5] = {&f->req_head, &f->op, &f->resp_head, &f->tail[0], &f->tail[1]};
+    for (int i = 0; i < 5; i++)
+        if (piece_of(PyTuple_GET_ITEM(layout, i), pieces[i]) < 0) {
+            Py_DECREF(f);
+            return NULL;
+        }
+    Py_INCREF(valid);
+    Py_INCREF(local);
+    Py_INCREF(counts);
+    Py_INCREF(key);
+    f->valid = valid;
+    f->local = local;
+    f->counts = counts;
+    f->key = key;
+    f->max_frame = max_frame;
+    f->mask = mask;
+    return (PyObject *)f;
+}
+
+/* a msgpack non-negative integer at *p (fixint, uint 8/16/32/64): 0, or -1 (not one) */
+static int mp_uint(const uint8_t **p, const uint8_t *end, uint64_t *out) {
+    const uint8_t *q = *p;
+    if (q >= end) return -1;
+    uint8_t t = *q++;
+    size_t n;
+    if (t < 0x80) {
+        *out = t;
+        *p = q;
+        return 0;
+    }
+    switch (t) {
+    case 0xcc: n = 1; break;
+    case 0xcd: n = 2; break;
+    case 0xce: n = 4; break;
+    case 0xcf: n = 8; break;
+    default: return -1;
+    }
+    if ((size_t)(end - q) < n) return -1;
+    uint64_t v = 0;
+    for (size_t i = 0; i < n; i++) v = (v << 8) | q[i];
+    *out = v;
+    *p = q + n;
+    return 0;
+}
+
+/* msgpack's shortest encoding of a non-negative integer (as msgpack-python packs it) */
+static size_t mp_put_uint(uint8_t *p, uint64_t v) {
+    size_t n;
+    if (v < 0x80) {
+        p[0] = (uint8_t)v;
+        return 1;
+    }
+    if (v <= 0xff) { p[0] = 0xcc; n = 1; }
+    else if (v <= 0xffff) { p[0] = 0xcd; n = 2; }
+    else if (v <= 0xffffffffULL) { p[0] = 0xce; n = 4; }
+    else { p[0] = 0xcf; n = 8; }
+    for (size_t i = 0; i < n; i++) p[1 + i] = (uint8_t)(v >> (8 * (n - 1 - i)));
+    return 1 + n;
+}
+
+/* 1 member, 0 not, -1 error (set). One check: a Segment is searched here; a BitMap64's own
+ * `in` costs less than fetching its raw pointer. */
+static int member_has(PyObject *members, uint64_t user) {
+    if (Py_TYPE(members) == &SegmentType) return segment_has((const Segment *)members, user);
+    PyObject *v = PyLong_FromUnsignedLongLong(user);
+    if (v == NULL) return -1;
+    int has = PySequence_Contains(members, v);
+    Py_DECREF(v);
+    return has;
+}
+
+static int piece_at(const uint8_t **p, const uint8_t *end, const Piece *piece) {
+    if (end - *p < piece->n || memcmp(*p, piece->b, (size_t)piece->n) != 0) return -1;
+    *p += piece->n;
+    return 0;
+}
+
+static PyObject *FastCheck_answer(FastCheck *f, PyObject *data) {
+    if (!PyBytes_CheckExact(data)) Py_RETURN_NONE;
+    const uint8_t *b = (const uint8_t *)PyBytes_AS_STRING(data);
+    Py_ssize_t len = PyBytes_GET_SIZE(data);
+    if (len < 4) Py_RETURN_NONE;
+    uint64_t length = ((uint64_t)b[0] << 24) | ((uint64_t)b[1] << 16) | ((uint64_t)b[2] << 8) | b[3];
+    if (length + 4 != (uint64_t)len || (Py_ssize_t)length > f->max_frame) Py_RETURN_NONE;
+    unsigned long next = (f->untimed + 1) & f->mask;
+    if (next == 0) Py_RETURN_NONE; /* the sampled request: Python times it */
+    /* [rid, "check", user, segment], framed as protocol.check_layout() says */
+    const uint8_t *p = b + 4, *end = b + len;
+    uint64_t rid, user;
+    if (piece_at(&p, end, &f->req_head) < 0 || mp_uint(&p, end, &rid) < 0) Py_RETURN_NONE;
+    if (piece_at(&p, end, &f->op) < 0) Py_RETURN_NONE;
+    if (mp_uint(&p, end, &user) < 0 || p >= end) Py_RETURN_NONE;
+    size_t n;
+    uint8_t t = *p++;
+    if ((t & 0xe0) == 0xa0) {
+        n = t & 0x1f;
+    } else if (t == 0xd9 && p < end) {
+        n = *p++;
+    } else {
+        Py_RETURN_NONE;
+    }
+    if ((size_t)(end - p) != n) Py_RETURN_NONE; /* short, or bytes after the request */
+    PyObject *seg = PyUnicode_DecodeUTF8((const char *)p, (Py_ssize_t)n, "strict");
+    if (seg == NULL) {
+        PyErr_Clear();
+        Py_RETURN_NONE;
+    }
+    PyObject *out = NULL;
+    int valid = PySet_Contains(f->valid, seg);
+    if (valid < 0) goto error;
+    if (valid == 0) goto none;
+    PyObject *st = answering((LocalCheck *)f->local, seg); /* Replica.local's rule */
+    if (st == NULL) goto none_or_error;
+    PyObject *members = PyObject_GetAttr(st, str_bitmap);
+    Py_DECREF(st);
+    if (members == NULL) goto error;
+    int has = member_has(members, user);
+    Py_DECREF(members);
+    if (has < 0) goto error;
+    /* counted as the inline path counts it: counts[key] += 1 */
+    PyObject *count = PyDict_GetItemWithError(f->counts, f->key);
+    if (count == NULL && PyErr_Occurred()) goto error;
+    PyObject *more = count != NULL ? PyNumber_Add(count, one) : PyLong_FromLong(1);
+    if (more == NULL) goto error;
+    int stored = PyDict_SetItem(f->counts, f->key, more);
+    Py_DECREF(more);
+    if (stored < 0) goto error;
+    f->untimed = next;
+    uint8_t resp[4 + LAYOUT_MAX + 9 + LAYOUT_MAX];
+    size_t k = 4;
+    memcpy(resp + k, f->resp_head.b, (size_t)f->resp_head.n);
+    k += (size_t)f->resp_head.n;
+    k += mp_put_uint(resp + k, rid);
+    const Piece *tail = &f->tail[has ? 1 : 0];
+    memcpy(resp + k, tail->b, (size_t)tail->n);
+    k += (size_t)tail->n;
+    uint32_t body = (uint32_t)(k - 4);
+    resp[0] = (uint8_t)(body >> 24);
+    resp[1] = (uint8_t)(body >> 16);
+    resp[2] = (uint8_t)(body >> 8);
+    resp[3] = (uint8_t)body;
+    out = PyBytes_FromStringAndSize((const char *)resp, (Py_ssize_t)k);
+    Py_DECREF(seg);
+    return out;
+none_or_error:
+    if (PyErr_Occurred()) goto error;
+none:
+    Py_DECREF(seg);
+    Py_RETURN_NONE;
+error: /* Python's path meets the same error and answers it as the protocol says */
+    PyErr_Clear();
+    Py_DECREF(seg);
+    Py_RETURN_NONE;
+}
+
+static PyObject *FastCheck_get_untimed(FastCheck *f, void *c) {
+    return PyLong_FromUnsignedLong(f->untimed);
+}
+
+static int FastCheck_set_untimed(FastCheck *f, PyObject *v, void *c) {
+    unsigned long x = v != NULL ? PyLong_AsUnsignedLong(v) : (unsigned long)-1;
+    if (x == (unsigned long)-1 && (v == NULL || PyErr_Occurred())) {
+        if (!PyErr_Occurred()) PyErr_SetString(PyExc_TypeError, "untimed cannot be deleted");
+        return -1;
+    }
+    f->untimed = x & f->mask;
+    return 0;
+}
+
+static PyMethodDef FastCheck_methods[] = {
+    {"answer", (PyCFunction)FastCheck_answer, METH_O,
+     "answer(data) -> the response frame of a check answered here, or None"},
+    {NULL},
+};
+
+static PyGetSetDef FastCheck_getset[] = {
+    {"untimed", (getter)FastCheck_get_untimed, (setter)FastCheck_set_untimed,
+     "the latency sampler's counter: a request is timed when it wraps to 0", NULL},
+    {NULL},
+};
+
+static PyTypeObject FastCheckType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "sidecar.shm._native.FastCheck",
+    .tp_basicsize = sizeof(FastCheck),
+    .tp_dealloc = (destructor)FastCheck_dealloc,
+    .tp_traverse = (traverseproc)FastCheck_traverse,
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "The Unix-socket server's inline check, in C.",
+    .tp_methods = FastCheck_methods,
+    .tp_getset = FastCheck_getset,
+    .tp_new = FastCheck_new,
 };
 
 static PyObject *coarse_now_ms(PyObject *self, PyObject *unused) {

@@ -23,6 +23,7 @@ from sidecar.cliutil import (
     CommandError,
     Parser,
     arg_type,
+    directory,
     exits_on_error,
     iso_date,
     missing_extra,
@@ -47,6 +48,16 @@ def _local_path(text: str) -> Path:
     return Path(text)
 
 
+def _out_directory(text: str) -> Path:
+    """--out of batch: a directory written in, a file in the way a usage error at once."""
+    return Path(directory(text))
+
+
+def _local_directory(text: str) -> Path:
+    """--out of gen-data: a local directory (not a URI), a file in the way a usage error."""
+    return Path(directory(str(_local_path(text))))
+
+
 lake_arg = arg_type("a path or URI")(lakefs.lake_arg)
 
 
@@ -63,7 +74,7 @@ def _add_gen_data(sub: argparse._SubParsersAction) -> None:
     opt = p.add_argument
     opt(
         "--out",
-        type=_local_path,
+        type=_local_directory,
         required=True,
         metavar="DIR",
         help="the lake directory to write (local; copy it to S3 to use an s3a:// lake)",
@@ -160,7 +171,7 @@ def _add_batch(sub: argparse._SubParsersAction) -> None:
     )
     opt(
         "--out",
-        type=Path,
+        type=_out_directory,
         metavar="DIR",
         help="the segment-set directory to write "
         "(default with a --publish-* option: a temporary one)",

@@ -125,6 +125,8 @@ def test_a_negative_count_is_refused_and_nothing_written(
         (["seg-sidecar", "--http", "", "--uds", "{dir}/s.sock"], "--state-dir"),
         (["seg-publish", "--drop", "x"], "--publisher-state-dir"),
         (["seg-perf", "report", "--report", "{dir}/r.md"], "--out"),
+        (["seg-compute", "gen-data", "--users", "5"], "--out"),
+        (["seg-compute", "batch", "--lake", "{dir}", "--definitions", "{dir}/d.toml"], "--out"),
     ],
 )
 @pytest.mark.parametrize("from_env", [False, True])
@@ -136,12 +138,13 @@ def test_a_state_directory_that_is_a_file_is_refused_at_once(
     in_the_way.write_text("")
     log = tmp_path / "log"
     argv = [a.replace("{dir}", str(tmp_path)) for a in argv]
-    if argv[0] != "seg-perf":
+    if argv[0] not in ("seg-perf", "seg-compute"):
         argv += ["--log-dir", str(log)]
     env = {env_name(option): str(in_the_way)} if from_env else None
     if not from_env:
         argv += [option, str(in_the_way)]
-    message = one_line_error(run(*argv, env=env), argv[0])
+    prog = " ".join(argv[:2]) if argv[0] == "seg-compute" else argv[0]
+    message = one_line_error(run(*argv, env=env), prog)
     shown = env_name(option) if from_env else f"argument {option}"
     assert message == f"{shown}: expected a directory (made when missing), not a file, got " + repr(
         str(in_the_way)

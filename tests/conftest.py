@@ -18,4 +18,5 @@ pytest_plugins = [
     "tests.mongo_fixture",
     "tests.s3_fixture",
     "tests.broker_faults",
+    "tests.spark_session",
 ]

@@ -3,18 +3,17 @@ job per segment (as written) on a small lake, edge cases included."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from compute import batch, definitions, lake, merge
+from compute import batch, definitions, merge
 from compute.definitions import EXAMPLE, DefinitionError
-from tests.spark_session import spark_session
 from tests.test_compute_batch import segment
 
 BENCH20 = EXAMPLE.parent / "bench20.toml"
+#: the seed of this module's `small_lake` (tests/spark_session.py)
+LAKE_SEED = 13
 
 
 @pytest.mark.parametrize(
@@ -106,18 +105,6 @@ def test_semi_and_anti_joins_are_merged(sql: str) -> None:
 )
 def test_other_joins_run_as_written(sql: str) -> None:
     assert merge.parse_join(sql) is None
-
-
-@pytest.fixture(scope="module")
-def small_lake(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("lake") / "lake"
-    lake.generate(out, lake.LakeParams(users=5_000, seed=13), progress=lambda line: None)
-    return out
-
-
-@pytest.fixture(scope="module")
-def spark() -> Iterator[Any]:
-    yield from spark_session("seg-compute-merge-tests")
 
 
 EDGES = (

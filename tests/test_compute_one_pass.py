@@ -4,30 +4,17 @@ uncached afterwards. (tests/test_compute_batch.py checks the one pass against gr
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from compute import batch, definitions, lake, pruning
 from compute.definitions import EXAMPLE, DefinitionError
-from tests.spark_session import spark_session
 from tests.test_compute_batch import segment
 
 BENCH20 = EXAMPLE.parent / "bench20.toml"
-
-
-@pytest.fixture(scope="module")
-def small_lake(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("lake") / "lake"
-    lake.generate(out, lake.LakeParams(users=5_000, seed=11), progress=lambda line: None)
-    return out
-
-
-@pytest.fixture(scope="module")
-def spark() -> Iterator[Any]:
-    yield from spark_session("seg-compute-one-pass-tests")
+#: the seed of this module's `small_lake` (tests/spark_session.py)
+LAKE_SEED = 11
 
 
 @pytest.mark.spark

@@ -40,6 +40,8 @@ from bson import json_util
 from bson.codec_options import CodecOptions
 from bson.json_util import RELAXED_JSON_OPTIONS
 
+from compute.kafkaconf import kafka_config
+
 STATE_FORMAT = 1
 DEFAULT_PREFIX = "cdc"
 DEFAULT_WRITER_ID = "seg-compute-cdc"
@@ -157,16 +159,16 @@ def read_state(bootstrap: str, topic: str, db: str, config: Mapping[str, str]) -
 
     from sidecar.transport.kafka import list_offsets
 
-    admin = AdminClient({"bootstrap.servers": bootstrap, **config})
+    admin = AdminClient(kafka_config(bootstrap, **config))
     meta = admin.list_topics(topic, timeout=15).topics.get(topic)
     parts = [TopicPartition(topic, p) for p in sorted(meta.partitions)] if meta else []
     if not parts:
         return None
     ends = list_offsets(admin, parts, "latest")
-    consumer = Consumer({
-        "bootstrap.servers": bootstrap, "group.id": "seg-cdc-state-reader",
-        "enable.auto.commit": False, "isolation.level": "read_committed", **config,
-    })  # fmt: skip
+    consumer = Consumer(kafka_config(bootstrap, **{
+        "group.id": "seg-cdc-state-reader", "enable.auto.commit": False,
+        "isolation.level": "read_committed", **config,
+    }))  # fmt: skip
     latest: bytes | None = None
     try:
         consumer.assign([TopicPartition(topic, p.partition, 0) for p in parts])
@@ -236,20 +238,24 @@ class CdcJob:
         from compute.events import ensure_topic
 
         o = self.opts
-        for coll in o.collections:
-            ensure_topic(o.kafka, o.topic(coll), o.partitions)
-        ensure_topic(o.kafka, o.state_topic, 1, {"cleanup.policy": "compact"})
-        partitions = {c: self._partitions(o.topic(c)) for c in o.collections}
-        self.producer = Producer({
-            "bootstrap.servers": o.kafka, "transactional.id": o.writer_id,
-            "enable.idempotence": True, "linger.ms": 5, "compression.type": "zstd",
-            "transaction.timeout.ms": 60_000, **o.kafka_config,
-        })  # fmt: skip
-        self.producer.init_transactions(60)  # fences an earlier run, aborting its open txn
-        self.partitions = partitions
-        state = None if o.fresh_copy else read_state(o.kafka, o.state_topic, o.db, o.kafka_config)
+        # MongoDB first: a URI that does not parse or a server that does not answer is a
+        # one-line error with nothing created in Kafka
         self.client = pymongo.MongoClient(o.mongo, serverSelectionTimeoutMS=30_000)
         try:
+            self.client.admin.command("ping")
+            for coll in o.collections:
+                ensure_topic(o.kafka, o.topic(coll), o.partitions)
+            ensure_topic(o.kafka, o.state_topic, 1, {"cleanup.policy": "compact"})
+            partitions = {c: self._partitions(o.topic(c)) for c in o.collections}
+            self.producer = Producer(kafka_config(o.kafka, **{
+                "transactional.id": o.writer_id, "enable.idempotence": True, "linger.ms": 5,
+                "compression.type": "zstd", "transaction.timeout.ms": 60_000, **o.kafka_config,
+            }))  # fmt: skip
+            self.producer.init_transactions(60)  # fences an earlier run, aborting its open txn
+            self.partitions = partitions
+            state = None
+            if not o.fresh_copy:
+                state = read_state(o.kafka, o.state_topic, o.db, o.kafka_config)
             db = self.client.get_database(o.db, codec_options=_CODEC)
             if state is not None and set(state.collections) != set(o.collections):
                 raise CdcError(
@@ -273,7 +279,7 @@ class CdcJob:
     def _partitions(self, topic: str) -> int:
         from confluent_kafka.admin import AdminClient
 
-        admin = AdminClient({"bootstrap.servers": self.opts.kafka, **self.opts.kafka_config})
+        admin = AdminClient(kafka_config(self.opts.kafka, **self.opts.kafka_config))
         return len(admin.list_topics(topic, timeout=15).topics[topic].partitions)
 
     def _watch(self, db: Any, token: Mapping[str, Any] | None) -> Any:

@@ -26,6 +26,7 @@ from typing import TypedDict
 
 import numpy as np
 
+from compute.kafkaconf import kafka_config
 from compute.lake import CATEGORIES, CATEGORY_P, PRODUCTS_PER_CATEGORY, user_ids
 
 EVENT_TYPES = ("view", "add_to_cart", "remove_from_cart", "order")
@@ -183,7 +184,7 @@ def ensure_topic(
     from confluent_kafka import KafkaError, KafkaException
     from confluent_kafka.admin import AdminClient, NewTopic
 
-    admin = AdminClient({"bootstrap.servers": bootstrap})
+    admin = AdminClient(kafka_config(bootstrap))
     meta = admin.list_topics(timeout=15)
     found = meta.topics.get(topic)
     if found is not None and found.error is None:
@@ -228,12 +229,10 @@ def produce(
     """
     from confluent_kafka import Producer
 
-    producer = Producer({
-        "bootstrap.servers": bootstrap,
-        "enable.idempotence": True,
-        "linger.ms": 5,
-        "compression.type": "zstd",
-    })  # fmt: skip
+    producer = Producer(
+        kafka_config(bootstrap, **{"enable.idempotence": True, "linger.ms": 5,
+                                   "compression.type": "zstd"})
+    )  # fmt: skip
     failed: list[str] = []
     delivered = 0
 

@@ -240,3 +240,32 @@ def test_cdc_usage_errors_are_one_line(args: list[str], needle: str) -> None:
                           capture_output=True, text=True, timeout=60)  # fmt: skip
     assert done.returncode == 2
     assert needle in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
+
+
+def _cdc_cli(*args: str) -> subprocess.CompletedProcess:
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "compute.cli", "cdc", "--db", "shop",
+                           "--collections", "orders", *args],
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+
+
+def test_an_unreachable_kafka_is_one_line(mongo: MongoTestServer) -> None:
+    """Before: librdkafka's own `%3|...|FAIL|...` lines came first, one a reconnect."""
+    done = _cdc_cli("--mongo", mongo.uri, "--cdc-kafka", "127.0.0.1:1")
+    assert done.returncode == 1
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("seg-compute cdc: error: "), done.stderr
+
+
+def test_a_bad_mongo_uri_creates_no_topic(kafka_bootstrap: str, topic_prefix: str) -> None:
+    """MongoDB is connected to before Kafka is touched (before: the topics were made first)."""
+    from confluent_kafka.admin import AdminClient
+
+    done = _cdc_cli("--mongo", "mongodb://127.0.0.1:notaport/", "--cdc-kafka", kafka_bootstrap,
+                    "--cdc-topic-prefix", topic_prefix)  # fmt: skip
+    assert done.returncode == 1
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "seg-compute cdc: error: " in lines[0], done.stderr
+    topics = AdminClient({"bootstrap.servers": kafka_bootstrap}).list_topics(timeout=15).topics
+    assert not [t for t in topics if t.startswith(f"{topic_prefix}.")]

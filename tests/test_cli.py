@@ -152,6 +152,15 @@ def test_a_state_directory_that_is_a_file_is_refused_at_once(
     assert not log.exists() and not (tmp_path / "r.md").exists()
 
 
+def test_gen_events_with_kafka_unreachable_is_one_line() -> None:
+    """Before: librdkafka's own `%3|...|FAIL|...` lines came first, one a reconnect."""
+    done = run("seg-compute", "gen-events", "--events-kafka", "127.0.0.1:1", "--events-topic",
+               "t", "--count", "1")  # fmt: skip
+    assert done.returncode == 1
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("seg-compute gen-events: error: "), done.stderr
+
+
 def test_seg_kafka_set_for_another_tool_does_not_break_this_one(tmp_path: Path) -> None:
     """SEG_KAFKA names the segment log's broker (seg-publish, seg-sidecar); an explicit
     --log-dir wins over it, and seg-compute's events broker is SEG_EVENTS_KAFKA."""

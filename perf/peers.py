@@ -18,7 +18,6 @@ import contextlib
 import os
 import shutil
 import signal
-import struct
 import subprocess
 import sys
 import time
@@ -40,9 +39,10 @@ def run_echo(path: str) -> None:
     import msgpack
     import uvloop
 
-    header = struct.Struct(">I")
-    unpack_header = header.unpack_from
-    hpack = header.pack
+    from sidecar.protocol import HEADER, HEADER_SIZE, OK  # the protocol's framing, as served
+
+    unpack_header = HEADER.unpack_from
+    hpack = HEADER.pack
     pack = msgpack.Packer(use_bin_type=True).pack
     unpackb = msgpack.unpackb
 
@@ -66,14 +66,14 @@ def run_echo(path: str) -> None:
             end = len(view)
             pos = 0
             out = []
-            while end - pos >= 4:
+            while end - pos >= HEADER_SIZE:
                 length = unpack_header(view, pos)[0]
-                stop = pos + 4 + length
+                stop = pos + HEADER_SIZE + length
                 if stop > end:
                     break
-                req = unpackb(view[pos + 4 : stop])
+                req = unpackb(view[pos + HEADER_SIZE : stop])
                 pos = stop
-                body = pack([req[0], 0, True])
+                body = pack([req[0], OK, True])
                 out.append(hpack(len(body)) + body)
             if buf:
                 del buf[:pos]

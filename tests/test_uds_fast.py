@@ -18,7 +18,9 @@ from pyroaring import BitMap64
 from sidecar.partitioner import partition_for
 from sidecar.protocol import check_layout, encode_request, encode_response
 from sidecar.record import Heartbeat, delta_key, encode
-from sidecar.replica import Replica, recovery
+from sidecar.replica import Replica, SegmentState, recovery
+from sidecar.replica.engine import Engine
+from sidecar.replica.expiry import ExpiryIndex
 from sidecar.server.metrics import OK_KEYS
 from sidecar.server.queries import Queries
 from sidecar.server.results import LOCAL
@@ -283,3 +285,23 @@ def test_the_encoding_is_protocols(tmp_path: Path) -> None:
         native_or_none().FastCheck(  # type: ignore[union-attr]
             uds.valid_names, uds.replica, {}, KEY, 1 << 20, 15, check_layout()
         )
+
+
+def test_adopt_drops_the_memberships_that_expired_while_the_state_was_built(
+    tmp_path: Path,
+) -> None:
+    """`Engine.adopt` takes a state built aside (a bootstrap that may take minutes): a TTL
+    member whose deadline passed meanwhile is gone at the swap, on every check path, not at
+    the next `expire` (the replica thread's next poll)."""
+    replica = _replica(tmp_path, {"s0": ("fresh", {1}, False)}, True)
+    uds = UdsServer(Queries(replica), tmp_path / "s.sock")
+    uds.queries.names.check("s0")
+    fresh = Engine(replica.holds, clock_ms=replica.engine.clock_ms)
+    fresh.install(
+        "s0", SegmentState(BitMap64([1, 2]), 3, 2, 0), expiries=ExpiryIndex({1: BitMap64([2])})
+    )  # user 2's membership expired at 1 ms past the epoch
+    replica.engine.adopt(fresh)
+    assert replica.contains(1, "s0") is True and replica.contains(2, "s0") is False
+    assert replica.engine.segments["s0"].cardinality == 1
+    frame = encode_request(7, "check", (2, "s0"), 1 << 20)
+    assert uds.fast_check is not None and uds.fast_check(frame) == encode_response(7, 0, False)

@@ -191,7 +191,10 @@ class Engine:
     def adopt(self, other: Engine) -> None:
         """Take `other`'s whole state (a bootstrap built aside) in one step under `lock`: a
         reader holding it sees all of the old state or all of the new; a lock-free check sees
-        each segment at its old or its new state, never a segment missing that both hold."""
+        each segment at its old or its new state, never a segment missing that both hold.
+        `other`'s expiries due by now (on this engine's clock) are dropped before the swap: a
+        membership that expired while it was built is never readable here."""
+        other.expire(self.clock_ms())
         with self.lock:
             changed = set(self.segments) | set(other.segments) | set(self.dropped)
             self.segments.update(other.segments)

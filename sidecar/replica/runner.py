@@ -540,11 +540,9 @@ class Replica:
         fresh = Engine(self.holds, clock_ms=self.engine.clock_ms, forms=self.engine.forms)
         fresh.counters = self.engine.counters
         recovery.bootstrap(reader, fresh, tick=self.engine.expire)
-        # What `local` reads beside the engine judged before the swap, so the new state is
-        # never answered past a TTL or a max age that passed while it was built: its due
-        # expiries dropped, its segments past their max age marked (the stale marks of the
-        # old state are cleared by `refresh_ages` right after).
-        fresh.expire()
+        # The new state's segments past their max age marked before the swap (`adopt` drops
+        # its due expiries), so it is never answered past an age that passed while it was
+        # built; the old state's marks are cleared by `refresh_ages` right after.
         now = self.clock_ms()
         self.aged.update(name for name, age in fresh.ages.items() if age.passed(now))
         self.engine.adopt(fresh)

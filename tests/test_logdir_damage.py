@@ -255,6 +255,54 @@ def test_a_replica_tailing_through_repair_log_answers_as_a_fresh_one(
                     assert tailing.contains(user, segment) == fresh.contains(user, segment)
 
 
+def test_read_your_publish_waits_for_the_bootstrap_after_repair_log(tmp_path: Path) -> None:
+    """While a serving replica bootstraps again after --repair-log (the old state answering
+    meanwhile), its versions are of the old log: version 4 there is not the republish's
+    version 3. A `check_at` waits for the new state (or answers unknown), never answers
+    from the old one; once the new state is in, it answers from it."""
+    import threading
+
+    log = tmp_path / "log"
+    published(log)
+    held, entered, release = threading.Event(), threading.Event(), threading.Event()
+
+    def clock() -> int:  # holds the bootstrap aside (its expiry tick reads the clock)
+        if held.is_set() and threading.current_thread().name == "replica":
+            frame = sys._getframe()
+            while frame is not None and frame.f_code.co_name != "_bootstrap_again":
+                frame = frame.f_back  # type: ignore[assignment]
+            if frame is not None:
+                entered.set()
+                release.wait(WAIT)
+        return int(time.time() * 1000)
+
+    with started_replica(LogDirTransport(log), poll_interval=0.01) as tailing:
+        tailing.clock_ms = clock
+        assert tailing.wait_ready(WAIT), tailing.status()
+        wait_for(lambda: tailing.engine.version_of("a") == 4, "all four publishes")
+        held.set()
+        try:
+            flip_middle(log)
+            repair_and_republish(log, {"a": BitMap64([5, 6]), "b": BitMap64([12, 13])})
+            assert entered.wait(WAIT), tailing.status()
+            assert tailing.engine.version_of("a") == 4  # the old state, still answering
+            assert tailing.contains(3, "a") is True
+            # the republish wrote a = [5, 6] at version 3: the old state's 4 is not it
+            assert tailing.check_at(5, "a", 3, wait_ms=0) is None
+            assert tailing.check_at(3, "a", 1, wait_ms=0) is None
+            waited: list[bool | None] = []
+            waiting = threading.Thread(target=lambda: waited.append(tailing.check_at(5, "a", 3)))
+            waiting.start()
+            time.sleep(0.05)
+        finally:
+            held.clear()
+            release.set()
+        waiting.join(WAIT)
+        assert waited == [True], tailing.status()
+        assert tailing.check_at(5, "a", 3, wait_ms=0) is True
+        assert tailing.status()["rebootstraps"] >= 1
+
+
 def test_repair_log_needs_a_log_directory(tmp_path: Path) -> None:
     run = seg_publish("--kafka", "127.0.0.1:9", "--repair-log")
     assert run.returncode == 2 and "--repair-log takes --log-dir" in run.stderr

@@ -15,7 +15,7 @@ from ..ids import MAX_WAIT_MS, segment_id, user_id, version_arg, wait_ms_arg
 from ..memory import fix_mmap_threshold, release_free_memory
 from ..partitioner import partition_for
 from ..shm import native_or_none
-from ..transport.base import LogReader, Transport, TransportError
+from ..transport.base import LogReader, NewLogIdentity, Transport, TransportError
 from . import checkpoint, recovery, view
 from .engine import Engine, segment_filter
 from .state import BEHIND, NOT_HELD, NOT_READY, STALE_AGE, Health, SegmentState, retry_changed
@@ -88,6 +88,10 @@ class Replica:
         self._checkpoint_writing: threading.Thread | None = None
         self.started_from: str | None = None  # "checkpoint" or "log", once known
         self._log_id = ""  # the log's identity, read when the log is first opened
+        #: True from when a serving replica sees its log take a new identity until the state
+        #: bootstrapped from the new log is in (`_bootstrap_again`): the versions it answers
+        #: from meanwhile are the old log's, so read-your-publish (`at_version`) waits
+        self._old_log = False
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._reader: LogReader | None = None
@@ -156,10 +160,12 @@ class Replica:
         (older state, or not answerable yet: waiting may help), or a reason waiting cannot
         change ("not_held", or "dropped" at `min_version` or later)."""
         st = self.local(segment)
-        if type(st) is SegmentState:
-            return st if st.version >= min_version else BEHIND
         if st == NOT_HELD:
             return st
+        if self._old_log:  # versions of the log before its new identity: not comparable
+            return BEHIND
+        if type(st) is SegmentState:
+            return st if st.version >= min_version else BEHIND
         if st == _DROPPED and self.engine.dropped.get(segment, 0) >= min_version:
             return st
         return BEHIND
@@ -464,6 +470,8 @@ class Replica:
             except TransportError as exc:
                 if self._stop.is_set():
                     return
+                if isinstance(exc, NewLogIdentity) and self.ready:
+                    self._old_log = True  # until `_bootstrap_again` swaps the new state in
                 # Broker restarts, leader elections, topics just created: retry, resuming
                 # from the positions reached when the replica was already serving.
                 self.error = str(exc)
@@ -536,6 +544,7 @@ class Replica:
         log.warning(
             "the log has a new identity (%s; was %s): bootstrapping again", log_id, self._log_id
         )
+        self._old_log = True
         self.partitions = reader.partitions
         fresh = Engine(self.holds, clock_ms=self.engine.clock_ms, forms=self.engine.forms)
         fresh.counters = self.engine.counters
@@ -551,6 +560,8 @@ class Replica:
         self._log_id = log_id
         self._checkpoint_key = None
         self.engine.counters.rebootstraps += 1
+        self._old_log = False
+        self.waiters.notify_all()  # read-your-publish waiters judge the new state now
 
     def _poll_timeout(self) -> float:
         """`poll_interval`, cut short by the next expiry deadline: a TTL segment's members

@@ -23,6 +23,11 @@ class TransportError(RuntimeError):
     """The log cannot be reached or used as asked. The message says why."""
 
 
+class NewLogIdentity(TransportError):
+    """The log took a new identity under a reader (`seg-publish --repair-log`): its offsets
+    and versions may mean other changes now."""
+
+
 class FencedError(TransportError):
     """Another writer with the same identity took over: this one must stop."""
 

@@ -31,7 +31,16 @@ from pathlib import Path
 
 import msgpack
 
-from .base import TOPICS, LogReader, LogRecord, LogWriter, Topic, Transport, TransportError
+from .base import (
+    TOPICS,
+    LogReader,
+    LogRecord,
+    LogWriter,
+    NewLogIdentity,
+    Topic,
+    Transport,
+    TransportError,
+)
 
 MAGIC = b"SGB1"
 _HEADER = struct.Struct(">4sII")
@@ -326,7 +335,7 @@ class LogDirReader(LogReader):
         self._meta_seen = seen
         log_id = _read_meta(self._path)[1]
         if log_id != self._log_id:
-            raise TransportError(
+            raise NewLogIdentity(
                 f"{self._path} has a new identity (repaired?): its offsets may mean other "
                 "records now; reading it again from the start"
             )

@@ -491,6 +491,7 @@ class Replica:
         if self.ready and opened is not None and opened != self._log_id:
             self._bootstrap_again(reader, opened)
         elif self.ready:  # a retry after a log error: carry on from where we were
+            self._old_log = False  # the log it opened is the one its versions are of
             reader.assign({("deltas", p): off for p, off in self.positions.items()})
         else:
             self._log_id = opened or self._log_id or self.transport.identity()

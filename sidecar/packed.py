@@ -23,6 +23,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any, cast
 
 from .ids import BadRequest
+from .shm import native_or_none
 
 NOT_MEMBER = 0
 MEMBER = 1
@@ -32,6 +33,15 @@ MAX_SEGMENTS = 1 << 16
 ANSWERS: tuple[bool | None, ...] = (False, True, None)
 _LITTLE = sys.byteorder == "little"
 _U64_FORMATS = frozenset(("Q", "L", "<Q", "<L", "=Q", "=L", "@Q", "@L"))
+_NATIVE = native_or_none()
+#: the C extension's whole-buffer packing and unpacking (`_native.pack_u64`, `pack_index`,
+#: `answers`), each None without it (or in an older build): the Python code below then does
+#: all of it. The C calls return None for anything but the plain case (a list or tuple of
+#: ints in range, of str), which the Python code then packs or reports, so the errors have
+#: one owner.
+_pack_u64: Any = getattr(_NATIVE, "pack_u64", None)
+_pack_index: Any = getattr(_NATIVE, "pack_index", None)
+_answers: Any = getattr(_NATIVE, "answers", None)
 
 
 def _native_u64(buf: Any) -> memoryview | None:
@@ -50,6 +60,10 @@ def pack_users(users: Iterable[int] | Any) -> bytes:
     """User ids as the `users` argument. Accepts any iterable of ints, and uint64 buffers
     (`array('Q')`, numpy uint64) without converting them element by element. ValueError for
     an id that is not an unsigned 64-bit integer."""
+    if _pack_u64 is not None:
+        packed_c = _pack_u64(users)
+        if packed_c is not None:
+            return packed_c  # type: ignore[no-any-return]
     view = _native_u64(users)
     if view is not None:
         if _LITTLE:
@@ -78,6 +92,10 @@ def pack_batch(
     n = len(packed) // 8
     if len(segments) != n:
         raise ValueError(f"{n} users but {len(segments)} segments: give one segment per user")
+    if _pack_index is not None:
+        found = _pack_index(segments, MAX_SEGMENTS)
+        if found is not None:
+            return found[0], packed, found[1]
     try:
         distinct = list(set(segments))  # any order: the index says which is which
     except TypeError:
@@ -90,6 +108,8 @@ def pack_batch(
 
 def unpack_answers(data: bytes) -> list[bool | None]:
     """The result as [True / False / None, ...]."""
+    if _answers is not None and type(data) is bytes:
+        return _answers(data)  # type: ignore[no-any-return]
     try:
         return [ANSWERS[b] for b in data]
     except (IndexError, TypeError):

@@ -7,6 +7,7 @@ import asyncio
 from array import array
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -14,6 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pyroaring import BitMap64
 
+from sidecar import packed
 from sidecar.client import AsyncSidecarClient, BadRequestError, ServerError, SidecarClient
 from sidecar.ids import BadRequest
 from sidecar.packed import MAX_SEGMENTS, pack_batch, unpack_answers, unpack_request
@@ -109,6 +111,96 @@ def test_too_many_segments() -> None:
         pack_batch([0] * len(segs), segs)
     with pytest.raises(BadRequest, match="at most"):
         unpack_request(segs, b"", b"")
+
+
+# -- the C packers (`_native.pack_u64`, `pack_index`, `answers`) against the Python path -------
+
+_PLAIN = ("_pack_u64", "_pack_index", "_answers")
+#: items the C packers leave to Python (None) or must refuse as Python does
+ODD_USERS = st.one_of(
+    USERS,
+    st.sampled_from([-1, -(2**63), 2**63 - 1, 2**63, 2**64, 2**70, True, False, 1.0, "1", None]),
+)
+ODD_SEGMENTS = st.one_of(NAMES, st.text(max_size=4), st.sampled_from([1, None, b"vip", ("vip",)]))
+
+
+def _python_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in _PLAIN:
+        monkeypatch.setattr(packed, name, None)
+
+
+def _outcome(fn: Any, *args: Any) -> Any:
+    try:
+        return ("ok", fn(*args))
+    except ValueError as exc:
+        return ("error", str(exc))
+
+
+def test_the_c_packers_are_built() -> None:
+    """The comparisons below mean something only when the C path is there."""
+    assert all(getattr(packed, name) is not None for name in _PLAIN)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(ODD_USERS, max_size=60),
+    st.one_of(st.lists(ODD_SEGMENTS, max_size=60), NAMES),
+    st.sampled_from([list, tuple]),
+)
+def test_c_packing_equals_python(users: list[Any], segs: Any, kind: Any) -> None:
+    """Same bytes, same error message; the distinct ids in any order, the index agreeing."""
+    if not isinstance(segs, str) and len(segs) != len(users) and segs:
+        segs = (segs * (len(users) // len(segs) + 1))[: len(users)]
+    args = (kind(users), segs if isinstance(segs, str) else kind(segs))
+    fast = _outcome(pack_batch, *args)
+    with pytest.MonkeyPatch.context() as mp:
+        _python_only(mp)
+        slow = _outcome(pack_batch, *args)
+    assert fast[0] == slow[0], (fast, slow)
+    if fast[0] == "error":
+        assert fast == slow
+        return
+    (names, users_c, index_c), (names_py, users_py, index_py) = fast[1], slow[1]
+    assert users_c == users_py and sorted(map(repr, names)) == sorted(map(repr, names_py))
+    if index_c:
+        got = [names[p] for p in array("H", index_c)]
+        want = [names_py[p] for p in array("H", index_py)]
+        assert got == want == list(args[1])
+
+
+def test_c_index_keeps_first_appearance_and_equal_strings_apart_from_identity() -> None:
+    """Equal ids given as different str objects are one segment; a repeated object too."""
+    a, b = "seg" + str(1), "seg" + str(1)
+    assert a is not b
+    names, _, index = pack_batch([1, 2, 3, 4], [a, "x", b, a])
+    assert names == ["seg1", "x"] and list(array("H", index)) == [0, 1, 0, 0]
+
+
+def test_c_index_refuses_too_many_segments_as_python_does() -> None:
+    segs = [f"s{i}" for i in range(MAX_SEGMENTS + 1)]
+    with pytest.raises(ValueError, match="distinct segments"):
+        pack_batch([0] * len(segs), segs)
+    names, _, index = pack_batch([0] * MAX_SEGMENTS, segs[:MAX_SEGMENTS])
+    assert len(names) == MAX_SEGMENTS and array("H", index)[-1] == MAX_SEGMENTS - 1
+
+
+@given(st.binary(max_size=300))
+def test_c_answers_equal_python(data: bytes) -> None:
+    fast = _outcome(unpack_answers, data)
+    with pytest.MonkeyPatch.context() as mp:
+        _python_only(mp)
+        assert _outcome(unpack_answers, data) == fast
+
+
+def test_client_without_the_c_packers(
+    monkeypatch: pytest.MonkeyPatch, client: SidecarClient
+) -> None:
+    """The whole call over the socket with the Python path (no C extension on the client)."""
+    _python_only(monkeypatch)
+    items = [(1, "vip"), (150, "cart:30m"), (2**32, "vip"), (7, "nope"), (MAX, "vip")]
+    assert client.batch_packed([u for u, _ in items], [s for _, s in items]) == [
+        truth(u, s) for u, s in items
+    ]
 
 
 # -- the server -------------------------------------------------------------------------------

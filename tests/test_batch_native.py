@@ -241,3 +241,34 @@ def test_a_bad_index_is_still_reported_first(tmp_path: Any) -> None:
         q.batch_packed(["s0"], users, b"\x01\x00")
     with pytest.raises(BadRequest, match=r"segments\[0\]"):
         q.batch_packed(["bad id!"], users, b"")
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(st.sets(st.integers(0, 2**34), max_size=40), min_size=2, max_size=5),
+    st.lists(st.tuples(st.integers(0, 2**34), st.integers(0, 4)), max_size=200),
+)
+def test_grouped_lookups_answer_in_request_order(
+    sets: list[set[int]], items: list[tuple[int, int]]
+) -> None:
+    """`lookup` runs a batch's items grouped by segment: the answers still land at the items'
+    own places, members taken from the sets or not, and an index past the segments (here
+    any position >= len(sets)) is an IndexError, whatever the order."""
+    members: list[Any] = [BitMap64(s) if i % 2 else _form(s, True) for i, s in enumerate(sets)]
+    users = array("Q", [u for u, _ in items]).tobytes()
+    index = array("H", [j for _, j in items]).tobytes()
+    if any(j >= len(sets) for _, j in items):
+        with pytest.raises(IndexError):
+            native.lookup(members, users, index, UNKNOWN)
+        return
+    assert native.lookup(members, users, index, UNKNOWN) == bytes([u in sets[j] for u, j in items])
+
+
+def test_a_bad_index_is_reported_with_many_segments(tmp_path: Any) -> None:
+    segs = {"s0": ("fresh", {1}, False), "s1": ("fresh", {2}, True)}
+    q = Queries(_replica(tmp_path, segs, True))
+    users = array("Q", [1, 2, 3]).tobytes()
+    with pytest.raises(BadRequest, match="refers to segment 2"):
+        q.batch_packed(["s0", "s1"], users, array("H", [0, 1, 2]).tobytes())
+    got = q.batch_packed(["s0", "s1"], users, array("H", [0, 1, 1]).tobytes())
+    assert got == (b"\x01\x01\x00", LOCAL)

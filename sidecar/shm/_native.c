@@ -941,6 +941,7 @@ static PyObject *store(PyObject *self, PyObject *args) {
 
 typedef bool (*Roaring64Contains)(const void *bitmap, uint64_t x);
 static Roaring64Contains roaring64_contains; /* NULL: BitMap64s are asked through `in` */
+
 static PyObject *bitmap64_type;
 static int roaring_looked_up;
 
@@ -1038,6 +1039,7 @@ static PyObject *lookup(PyObject *self, PyObject *args) {
     if (!PyArg_ParseTuple(args, "Oy*y*i", &members, &users, &index, &unknown)) return NULL;
     PyObject *out = NULL;
     Member *m = NULL;
+    uint32_t *order = NULL;
     PyObject *seq = PySequence_Tuple(members); /* owns them while `in` may run Python */
     if (seq == NULL) goto done;
     Py_ssize_t nm = PyTuple_GET_SIZE(seq), n = users.len / 8;
@@ -1058,7 +1060,34 @@ static PyObject *lookup(PyObject *self, PyObject *args) {
     uint8_t *res = (uint8_t *)PyBytes_AS_STRING(out);
     const uint8_t *u = users.buf, *ix = index.buf;
     int has_index = index.len != 0;
-    for (Py_ssize_t i = 0; i < n; i++) {
+    /* The items grouped by member (a counting sort on the index, stable): each member's
+     * lookups run back to back, while its bitmap's upper levels are in the cache (6-12% less
+     * time for 1,000 pairs over 100 segments, perf/ANALYSIS.md "Sixth session"; CRoaring's
+     * `roaring64_bitmap_contains_bulk` over each group was measured too and added nothing).
+     * Answers are written at the items' own places. */
+    if (has_index && nm > 1) {
+        order = PyMem_Malloc(sizeof(uint32_t) * (size_t)n + sizeof(Py_ssize_t) * (size_t)(nm + 1));
+        if (order == NULL) {
+            PyErr_NoMemory();
+            Py_CLEAR(out);
+            goto done;
+        }
+        Py_ssize_t *start = (Py_ssize_t *)(order + n);
+        memset(start, 0, sizeof(Py_ssize_t) * (size_t)(nm + 1));
+        for (Py_ssize_t i = 0; i < n; i++) {
+            size_t j = rd_le16(ix + 2 * i);
+            if ((Py_ssize_t)j >= nm) {
+                PyErr_Format(PyExc_IndexError, "index %zu past the %zd members", j, nm);
+                Py_CLEAR(out);
+                goto done;
+            }
+            start[j + 1]++;
+        }
+        for (Py_ssize_t j = 0; j < nm; j++) start[j + 1] += start[j];
+        for (Py_ssize_t i = 0; i < n; i++) order[start[rd_le16(ix + 2 * i)]++] = (uint32_t)i;
+    }
+    for (Py_ssize_t k = 0; k < n; k++) {
+        Py_ssize_t i = order != NULL ? (Py_ssize_t)order[k] : k;
         uint64_t x = rd_le64(u + 8 * i);
         size_t j = has_index ? rd_le16(ix + 2 * i) : 0;
         if ((Py_ssize_t)j >= nm) {
@@ -1090,6 +1119,7 @@ static PyObject *lookup(PyObject *self, PyObject *args) {
         }
     }
 done:
+    PyMem_Free(order);
     PyMem_Free(m);
     Py_XDECREF(seq);
     PyBuffer_Release(&users);

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import os
+import shutil
+import subprocess
 import sys
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -14,6 +18,13 @@ from sidecar.cliutil import Parser, positive_int
 
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession
+
+REPO = Path(__file__).resolve().parents[1]
+#: the driver JVM's class-data archives (AppCDS), one per JVM, pyspark and jars (`cds_archive`)
+CDS_DIR = REPO / ".cache" / "spark-cds"
+CDS_ENV = "SEG_SPARK_CDS"  # "0": build_session uses no archive and ensure_cds_archive builds none
+_CDS_DUMP_ENV = "SEG_SPARK_CDS_DUMP"  # set by ensure_cds_archive for the JVM that writes it
+_CDS_QUIET = "-Xlog:cds*=off"  # no warnings about signed jars or a stale archive
 
 DEFAULT_MASTER = "local[2]"
 DEFAULT_SHUFFLE_PARTITIONS = 4
@@ -98,6 +109,9 @@ def build_session(
         settings |= {"spark.driver.host": "127.0.0.1", "spark.driver.bindAddress": "127.0.0.1"}
     if not submitted:
         settings.update(_extra_jars_conf())
+        cds = _cds_option(settings.get("spark.jars", ""))
+        if cds:
+            settings["spark.driver.extraJavaOptions"] += f" {cds} {_CDS_QUIET}"
     settings.update(conf or {})
     builder = SparkSession.builder.appName(app_name)
     if not submitted:
@@ -122,3 +136,100 @@ def _extra_jars_conf() -> dict[str, str]:
         return {"spark.jars": ",".join(str(j) for j in spark_jars(fetch=False))}
     except JarsError:
         return {}
+
+
+def cds_archive(jars: str = "") -> Path:
+    """Where the class-data archive of this JVM, pyspark and `jars` (spark.jars) lives: the
+    JVM refuses an archive made with another class path, and a new key is a new file."""
+    import pyspark
+
+    key = "\n".join([os.path.realpath(_java()), pyspark.__version__, jars])
+    return CDS_DIR / f"driver-{hashlib.sha256(key.encode()).hexdigest()[:16]}.jsa"
+
+
+def _java() -> str:
+    """The java that spark-submit runs (JAVA_HOME's, else the one on PATH)."""
+    home = os.environ.get("JAVA_HOME")
+    return os.path.join(home, "bin", "java") if home else (shutil.which("java") or "java")
+
+
+def _cds_option(jars: str) -> str:
+    dump = os.environ.get(_CDS_DUMP_ENV)
+    if dump:
+        return f"-XX:ArchiveClassesAtExit={dump}"
+    if os.environ.get(CDS_ENV) == "0":
+        return ""
+    path = cds_archive(jars)
+    return f"-XX:SharedArchiveFile={path}" if path.is_file() else ""
+
+
+def ensure_cds_archive(log: Callable[[str], None] | None = None) -> Path | None:
+    """The driver JVM's class-data archive (AppCDS: the classes Spark loads, parsed and
+    verified once), built on first use: a child process runs the batch's queries over a tiny
+    generated lake with `-XX:ArchiveClassesAtExit`, and its archive is moved in place when it
+    exits 0 (one build at a time; ~185 MB, about a minute, once per JVM, pyspark and jars).
+    Local mode only; None when SEG_SPARK_CDS=0 or the build failed (Spark starts without)."""
+    if os.environ.get(CDS_ENV) == "0" or "PYSPARK_GATEWAY_PORT" in os.environ:
+        return None
+    path = cds_archive(_extra_jars_conf().get("spark.jars", ""))
+    if path.is_file():
+        return path
+    CDS_DIR.mkdir(parents=True, exist_ok=True)
+    with open(CDS_DIR / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if path.is_file():  # another process built it meanwhile
+            return path
+        if log:
+            log(f"building the Spark driver's class-data archive {path} (once, ~1 minute)")
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        env = dict(os.environ, **{_CDS_DUMP_ENV: str(tmp)})
+        env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])
+        try:
+            done = subprocess.run(
+                [sys.executable, "-c", "from compute.spark import _cds_training; _cds_training()"],
+                env=env, capture_output=True, timeout=600, check=False,
+            )  # fmt: skip
+            # A truncated archive crashes the JVM that maps it (one from another class path
+            # is only ignored): a JVM must start with it before it is moved in place.
+            if done.returncode == 0 and tmp.is_file() and _cds_starts(tmp):
+                os.replace(tmp, path)
+                return path
+            if log:
+                log(f"no class-data archive: the build exited {done.returncode}")
+            return None
+        except subprocess.TimeoutExpired:
+            return None
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+
+
+def _cds_starts(archive: Path) -> bool:
+    check = [_java(), f"-XX:SharedArchiveFile={archive}", _CDS_QUIET, "-XX:-CreateCoredumpOnCrash"]
+    with tempfile.TemporaryDirectory(prefix="seg-cds-check-") as cwd:  # a crash's hs_err file
+        done = subprocess.run([*check, "-version"], cwd=cwd, capture_output=True, timeout=60)
+    return done.returncode == 0
+
+
+def _cds_training() -> None:
+    """What the archive's JVM runs (ensure_cds_archive's child): bench20's queries, merged,
+    over a 2,000-user lake, so it loads what a batch loads (Parquet, aggregation, codegen,
+    the Arrow UDF's runner)."""
+    from compute import batch
+    from compute.definitions import EXAMPLE
+    from compute.lake import LakeParams, generate
+
+    with tempfile.TemporaryDirectory(prefix="seg-cds-") as tmp:
+        lake = Path(tmp) / "lake"
+        generate(lake, LakeParams(users=2_000), progress=lambda line: None)
+        spark = build_session(
+            app_name="seg-cds", conf={"spark.driver.memory": DEFAULT_DRIVER_MEMORY}
+        )
+        proc = spark.sparkContext._gateway.proc  # type: ignore[attr-defined]
+        try:
+            batch.compute(spark, lake, batch.load_segments(lake, EXAMPLE.parent / "bench20.toml"))
+        finally:
+            spark.stop()
+        proc.stdin.close()  # the JVM exits at EOF and writes the archive as it does: wait
+        if proc.wait(timeout=300) != 0:
+            sys.exit(f"the JVM exited {proc.returncode}")

@@ -444,7 +444,8 @@ def sources(segments: Sequence[Segment], frames: Sequence[DataFrame]) -> list[So
     """The segments as bitmap sources (compute/bitmaps.py): one merged query per view that two
     or more of them read in a shape above, in the place of its first segment; one query per
     left view of the semi/anti joins (`parse_join`) over the right views' merged queries
-    (which Spark computes once: the same plan, its exchange reused); every other segment's
+    (read again there: the optimizer prunes that copy to its j columns, a plan of its own, so
+    no exchange is reused; perf/ANALYSIS.md, sixth session); every other segment's
     own frame. A merged query that does not analyze (a name that is no view, a type the
     rewrite does not fit) leaves its segments as written; a join query that does not, its
     joins (and the merged queries run without their j columns)."""

@@ -174,8 +174,14 @@ def ensure_cds_archive(log: Callable[[str], None] | None = None) -> Path | None:
     path = cds_archive(_extra_jars_conf().get("spark.jars", ""))
     if path.is_file():
         return path
-    CDS_DIR.mkdir(parents=True, exist_ok=True)
-    with open(CDS_DIR / ".lock", "w") as lock:
+    try:
+        CDS_DIR.mkdir(parents=True, exist_ok=True)
+        lock = open(CDS_DIR / ".lock", "w")  # noqa: SIM115 (held by the with below)
+    except OSError as e:  # a read-only checkout: Spark starts without one
+        if log:
+            log(f"no class-data archive: {e}")
+        return None
+    with lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if path.is_file():  # another process built it meanwhile
             return path

@@ -24,8 +24,8 @@ class TransportError(RuntimeError):
 
 
 class NewLogIdentity(TransportError):
-    """The log took a new identity under a reader (`seg-publish --repair-log`): its offsets
-    and versions may mean other changes now."""
+    """The log took a new identity under a reader, or shrank under it (`seg-publish
+    --repair-log`): its offsets and versions may mean other changes now."""
 
 
 class FencedError(TransportError):

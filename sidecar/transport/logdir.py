@@ -360,7 +360,8 @@ class LogDirReader(LogReader):
         while True:
             self._check_identity()
             if os.fstat(self._file.fileno()).st_size < self._pos:
-                raise TransportError(
+                # only a repair shrinks a log (meta.json's new identity may come a moment later)
+                raise NewLogIdentity(
                     f"{self._path}/log shrank under this reader (repaired?): reading it again"
                 )
             data = self._read_from(self._pos)

@@ -15,6 +15,13 @@ Where: the wire-level test server (tests/aerospike_server/) in its own process, 
 Aerospike when `SEG_PERF_AEROSPIKE=HOST:PORT` points at one (namespace `SEG_PERF_AEROSPIKE_NS`,
 default `test`; set `perf_users`, truncated before every round). The test server is a Python
 double, so its figures say little about a real server's speed; the ratio is what to read.
+
+The test server is one Python process (its batches run on executor threads under one GIL), so
+it bounds both ways: its CPU time per run is recorded beside the wall time (`server_busy`,
+server CPU / wall: near 1 means the server, not the writer, set the pace), and the ratio is
+reported per round with its spread (lowest, highest) as well as the median. When both ways
+keep the server busy the ratio is the double's cost of each way's requests (the sink's
+concurrent batches contend for the double's GIL), not the writer's speed.
 """
 
 from __future__ import annotations
@@ -74,6 +81,12 @@ class TestServerProcess:
         assert self.proc.stdout is not None
         self.port = int(self.proc.stdout.readline())
 
+    def cpu_seconds(self) -> float:
+        """The server process's CPU time so far (user + system, all its threads)."""
+        with open(f"/proc/{self.proc.pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def stop(self) -> None:
         if self.proc.poll() is None:
             assert self.proc.stdin is not None
@@ -112,7 +125,12 @@ def client_batch_operate(sink: AerospikeSink, groups: list[tuple[Any, list[int]]
     return written
 
 
-def measure(sink: AerospikeSink, changes: list[Change], rounds: int) -> dict[str, Any]:
+def measure(
+    sink: AerospikeSink,
+    changes: list[Change],
+    rounds: int,
+    server: TestServerProcess | None = None,
+) -> dict[str, Any]:
     t0 = time.perf_counter()
     classes = group_users(changes)
     group_s = time.perf_counter() - t0
@@ -120,10 +138,12 @@ def measure(sink: AerospikeSink, changes: list[Change], rounds: int) -> dict[str
     records = sum(len(m) for _, m in groups)
     memberships = sum(len(c.add) for c in changes)
     runs: dict[str, list[float]] = {"sink": [], "client": []}
+    busy: dict[str, list[float]] = {"sink": [], "client": []}
     for r in range(rounds):
         order = ["sink", "client"] if r % 2 == 0 else ["client", "sink"]
         for name in order:
             truncate(sink)
+            cpu0 = server.cpu_seconds() if server else 0.0
             t0 = time.perf_counter()
             if name == "sink":
                 written = sink.apply(changes, lambda _d, _t: None)
@@ -132,7 +152,11 @@ def measure(sink: AerospikeSink, changes: list[Change], rounds: int) -> dict[str
             seconds = time.perf_counter() - t0
             assert written == records, (name, written, records)
             runs[name].append(seconds)
-            log(f"aerospike: round {r + 1} {name} {memberships / seconds:,.0f} memberships/s")
+            note = ""
+            if server:
+                busy[name].append((server.cpu_seconds() - cpu0) / seconds)
+                note = f", server busy {busy[name][-1]:.2f}"
+            log(f"aerospike: round {r + 1} {name} {memberships / seconds:,.0f} memberships/s{note}")
     ratios = [c / s for s, c in zip(runs["sink"], runs["client"], strict=True)]
     return {
         "memberships": memberships,
@@ -145,6 +169,9 @@ def measure(sink: AerospikeSink, changes: list[Change], rounds: int) -> dict[str
         "client_memberships_per_s": round(memberships / statistics.median(runs["client"])),
         "ratio_per_round": [round(x, 3) for x in ratios],
         "ratio_median": round(statistics.median(ratios), 3),
+        "ratio_range": [round(min(ratios), 3), round(max(ratios), 3)],
+        # server CPU / wall per run (the test server only): near 1, the server set the pace
+        "server_busy": {k: [round(x, 2) for x in v] for k, v in busy.items()} if server else None,
     }
 
 
@@ -165,11 +192,11 @@ def run(ctx: Context) -> dict[str, Any]:
         ns = os.environ.get("SEG_PERF_AEROSPIKE_NS", "test")
         where.append(("real server", AerospikeTarget.at(real, namespace=ns, set_name=SET), None))
     try:
-        for name, tgt, _ in where:
+        for name, tgt, proc in where:
             sink = AerospikeSink.connect(tgt)
             try:
                 log(f"aerospike: {name} at {tgt.describe()}")
-                results[name] = measure(sink, changes, rounds)
+                results[name] = measure(sink, changes, rounds, proc)
             finally:
                 truncate(sink)
                 sink.close()
@@ -182,13 +209,25 @@ def run(ctx: Context) -> dict[str, Any]:
             + (" (real server)" if "real server" in results else " (test server)"),
             main["ratio_median"],
             ">= 1 x",
-            detail="median per-round ratio of memberships/s, sink / plain client",
+            detail="median per-round ratio of memberships/s, sink / plain client "
+            f"(rounds {main['ratio_range'][0]}-{main['ratio_range'][1]}x"
+            + (
+                f"; test server busy {_busy(main)} of the wall time: it bounds both)"
+                if main.get("server_busy")
+                else ")"
+            ),
             peer=f"the client's own batch_operate: {main['client_memberships_per_s']:,} "
             f"memberships/s (sink {main['sink_memberships_per_s']:,})",
             applies="real server" in results or not ctx.quick,
         )
     ]
     return results
+
+
+def _busy(r: dict[str, Any]) -> str:
+    """The test server's CPU / wall over every run, as `lowest-highest`."""
+    every = [x for v in r["server_busy"].values() for x in v]
+    return f"{min(every):.2f}-{max(every):.2f}"
 
 
 def section(res: dict[str, Any], out: Path, report_dir: Path) -> list[str]:
@@ -204,12 +243,21 @@ def section(res: dict[str, Any], out: Path, report_dir: Path) -> list[str]:
             continue
         rows.append([name, r["memberships"], r["records"], r["groups"], r["group_seconds"],
                      r["sink_memberships_per_s"], r["client_memberships_per_s"],
-                     r["ratio_median"]])  # fmt: skip
+                     f"{r['ratio_median']:.2f}",
+                     "{}-{}".format(*r["ratio_range"]) if r.get("ratio_range") else "",
+                     _busy(r) if r.get("server_busy") else ""])  # fmt: skip
     lines += table(
         ["server", "memberships", "records", "groups", "grouping s", "sink memberships/s",
-         "batch_operate memberships/s", "ratio (median)"],
+         "batch_operate memberships/s", "ratio (median)", "ratio (rounds)", "server busy"],
         rows,
     )  # fmt: skip
+    if res.get("test server", {}).get("server_busy"):
+        lines += [
+            "",
+            "Server busy: the test server's CPU time over the wall time of each run (both "
+            "ways); near 1, the one-process server set the pace, and the ratio says what each "
+            "way's requests cost that double, not how fast the writer is.",
+        ]
     if "real server" not in res:
         lines += ["", "No real server in this run (SEG_PERF_AEROSPIKE=HOST:PORT adds one)."]
     return lines

@@ -200,3 +200,43 @@ def test_compact_segments_and_expiry_indexes_are_read_back(tmp_path: Path) -> No
     assert type(got) is type(members) and list(got.to_array()) == list(sparse.to_array())
     assert back.expiries == {"sparse": index}
     assert back.segments["dense"].bitmap == ckpt.segments["dense"].bitmap
+
+
+def test_a_periodic_checkpoint_that_fails_to_write_stops_nothing(tmp_path: Path) -> None:
+    """The periodic checkpoint's writer thread raising (here: its temporary file cannot be
+    created) leaves the old file, the replica serving and tailing, and the next interval
+    writes the state of then; a restart from it answers as the running replica."""
+    import time
+
+    from publisher import Publisher
+    from sidecar.transport import LogDirTransport
+    from tests.logtools import started_replica
+
+    def until(cond, what: str) -> None:  # type: ignore[no-untyped-def]
+        deadline = time.monotonic() + 30
+        while not cond():
+            assert time.monotonic() < deadline, what
+            time.sleep(0.01)
+
+    transport = LogDirTransport(tmp_path / "log")
+    publisher = Publisher(transport, partitions=2)
+    publisher.publish({"a": BitMap64([1])})
+    state = tmp_path / "state"
+    (state / (FILENAME + ".tmp")).mkdir(parents=True)  # open(tmp, "wb") fails
+    options = {"poll_interval": 0.01, "state_dir": state, "checkpoint_interval": 0.05}
+    with started_replica(transport, **options) as r:  # type: ignore[arg-type]
+        assert r.wait_ready(30), r.status()
+        time.sleep(0.3)  # several intervals, each write failing
+        assert r.checkpoints_written == 0 and not (state / FILENAME).exists()
+        publisher.publish({"a": BitMap64([1, 2]), "b": BitMap64([7])})
+        until(lambda: r.contains(7, "b") is True, "the tail goes on")
+        assert r.error is None and r._thread is not None and r._thread.is_alive()
+        (state / (FILENAME + ".tmp")).rmdir()
+        until(lambda: r.checkpoints_written >= 1, "a checkpoint once the write can succeed")
+        r.stop(save=False)
+        saved = checkpoint.read(state)
+        assert saved is not None
+        assert {n: list(s.bitmap) for n, s in saved.segments.items()} == {"a": [1, 2], "b": [7]}
+    with started_replica(transport, poll_interval=0.01, state_dir=state) as again:
+        assert again.wait_ready(30) and again.started_from == "checkpoint"
+        assert [again.contains(u, "a") for u in (1, 2, 3)] == [True, True, False]

@@ -303,6 +303,51 @@ def test_read_your_publish_waits_for_the_bootstrap_after_repair_log(tmp_path: Pa
         assert tailing.status()["rebootstraps"] >= 1
 
 
+def test_a_checkpoint_being_written_across_a_rebootstrap_stays_of_the_old_log(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A periodic checkpoint taken before the log's new identity and written after the
+    replica bootstrapped again holds the old state under the old identity (never the old
+    state under the new one): a restart ignores it; the next checkpoint is of the new log,
+    and a restart from it answers as a fresh replica."""
+    import threading
+
+    from sidecar.replica import checkpoint
+    from tests.test_ttl import gate_checkpoint_writes
+
+    log, state = tmp_path / "log", tmp_path / "state"
+    published(log)
+    gate = threading.Event()
+    opened = gate_checkpoint_writes(monkeypatch, [gate, None])
+    old_id = json.loads((log / "meta.json").read_text())["log_id"]
+    options = {"poll_interval": 0.01, "state_dir": state, "checkpoint_interval": 0.05}
+    with started_replica(LogDirTransport(log), **options) as tailing:  # type: ignore[arg-type]
+        try:
+            assert tailing.wait_ready(WAIT), tailing.status()
+            wait_for(lambda: tailing.engine.version_of("a") == 4, "all four publishes")
+            wait_for(lambda: opened, "a checkpoint to start writing")
+            flip_middle(log)
+            repair_and_republish(log, {"a": BitMap64([5, 6]), "b": BitMap64([12, 13])})
+            with ready_replica(LogDirTransport(log), WAIT) as fresh:
+                want = answers(fresh)
+            wait_for(lambda: answers(tailing) == want, "the rebootstrap")
+            assert tailing.checkpoints_written == 0, "the first write still hangs"
+        finally:
+            gate.set()
+        wait_for(lambda: tailing.checkpoints_written >= 1, "the old checkpoint written")
+        first = checkpoint.read(state)
+        assert first is not None and old_id in first.log_id
+        assert {n: s.version for n, s in first.segments.items()} == {"a": 4, "b": 4}
+        wait_for(lambda: tailing.checkpoints_written >= 2, "a checkpoint of the new log")
+        tailing.stop(save=False)
+    second = checkpoint.read(state)
+    assert second is not None and old_id not in second.log_id
+    assert {n: (s.version, list(s.bitmap)) for n, s in second.segments.items()} == want
+    with started_replica(LogDirTransport(log), poll_interval=0.01, state_dir=state) as again:
+        assert again.wait_ready(WAIT) and again.started_from == "checkpoint"
+        assert answers(again) == want
+
+
 def test_repair_log_needs_a_log_directory(tmp_path: Path) -> None:
     run = seg_publish("--kafka", "127.0.0.1:9", "--repair-log")
     assert run.returncode == 2 and "--repair-log takes --log-dir" in run.stderr

@@ -342,6 +342,26 @@ class _GatedFile:
         self._f.close()
 
 
+def gate_checkpoint_writes(
+    monkeypatch: pytest.MonkeyPatch, gates: list[threading.Event | None]
+) -> list[str]:
+    """The checkpoint files opened for writing from now on (returned, as they open), the
+    n-th one's first write waiting for `gates[n]` (the last gate for any later; None: not
+    held)."""
+    opened: list[str] = []
+
+    def gated_open(path: Any, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
+        f = open(path, mode, *args, **kwargs)  # noqa: SIM115 - closed by the wrapper
+        if "w" not in mode:
+            return f
+        opened.append(str(path))
+        gate = gates[min(len(opened), len(gates)) - 1]
+        return f if gate is None else _GatedFile(f, gate)
+
+    monkeypatch.setattr(checkpoint, "open", gated_open, raising=False)
+    return opened
+
+
 @pytest.mark.timeout(180)
 def test_a_checkpoint_being_written_holds_back_neither_expiry_nor_the_tail(
     transport: Transport, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
@@ -351,16 +371,7 @@ def test_a_checkpoint_being_written_holds_back_neither_expiry_nor_the_tail(
     still land; the file holds the state as it was taken (bitmaps changed meanwhile were
     changed copy-on-write), and a restart from the next one answers as the running replica."""
     first, later = threading.Event(), threading.Event()
-    opened: list[str] = []
-
-    def gated_open(path: Any, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
-        f = open(path, mode, *args, **kwargs)  # noqa: SIM115 - closed by the wrapper
-        if "w" not in mode:
-            return f
-        opened.append(str(path))
-        return _GatedFile(f, first if len(opened) == 1 else later)
-
-    monkeypatch.setattr(checkpoint, "open", gated_open, raising=False)
+    opened = gate_checkpoint_writes(monkeypatch, [first, later])
     writer = f"{getattr(transport, 'prefix', 'dir')}-ckpt"
     state_dir = tmp_path / "state"
     with Publisher(transport, writer_id=writer, partitions=2, session=True) as p:

@@ -68,6 +68,8 @@ def make_changes(n_segments: int, per_segment: int, universe: int, seed: int) ->
 class TestServerProcess:
     """The wire-level test server in a child process (its Python must not share our GIL)."""
 
+    __test__ = False  # a benchmark helper, not a pytest class (tests import it)
+
     def __init__(self) -> None:
         env = {**os.environ, "PYTHONPATH": str(REPO)}
         self.proc = subprocess.Popen(

@@ -77,14 +77,17 @@ class AerospikeFallback(Fallback):
     def _connect(self) -> None:
         try:
             client = self.target.connect(self._policies(), connect_timeout=1000, tend_interval=1000)
-            if self._closed:  # closed while connecting
-                client.close()
-            else:
-                self._client = client
         except Exception as exc:
             log.warning("cannot connect to Aerospike %s: %s", self.target.describe(), exc)
-        finally:
+            with self._connect_lock:
+                self._connecting = False
+            return
+        with self._connect_lock:
             self._connecting = False
+            if not self._closed:
+                self._client = client
+                return
+        client.close()  # closed while connecting
 
     def _connected(self) -> Any:
         client = self._client
@@ -154,8 +157,12 @@ class AerospikeFallback(Fallback):
         }
 
     async def close(self) -> None:
-        self._closed = True
-        self._pool.shutdown(wait=False, cancel_futures=True)
-        if self._client is not None:
-            self._client.close()
-            self._client = None
+        """Stop calling, wait for the calls already out, then free the client. Freeing it
+        under a call still running on the pool is a use-after-free in the C client (it
+        aborted the process); the wait is bounded by the calls' own `total_timeout`."""
+        with self._connect_lock:
+            self._closed = True
+            client, self._client = self._client, None
+        await asyncio.to_thread(self._pool.shutdown, wait=True, cancel_futures=True)
+        if client is not None:
+            client.close()

@@ -35,13 +35,13 @@ _LITTLE = sys.byteorder == "little"
 _U64_FORMATS = frozenset(("Q", "L", "<Q", "<L", "=Q", "=L", "@Q", "@L"))
 _NATIVE = native_or_none()
 #: the C extension's whole-buffer packing and unpacking (`_native.pack_u64`, `pack_index`,
-#: `answers`), each None without it (or in an older build): the Python code below then does
+#: `answers`), each None without it (`native_or_none`): the Python code below then does
 #: all of it. The C calls return None for anything but the plain case (a list or tuple of
 #: ints in range, of str), which the Python code then packs or reports, so the errors have
 #: one owner.
-_pack_u64: Any = getattr(_NATIVE, "pack_u64", None)
-_pack_index: Any = getattr(_NATIVE, "pack_index", None)
-_answers: Any = getattr(_NATIVE, "answers", None)
+_pack_u64: Any = None if _NATIVE is None else _NATIVE.pack_u64
+_pack_index: Any = None if _NATIVE is None else _NATIVE.pack_index
+_answers: Any = None if _NATIVE is None else _NATIVE.answers
 
 
 def _native_u64(buf: Any) -> memoryview | None:

@@ -31,7 +31,7 @@ from typing import Any
 
 from pyroaring import BitMap64
 
-from ..shm import ShmUnavailable, native
+from ..shm import native_or_none
 
 log = logging.getLogger(__name__)
 
@@ -77,17 +77,14 @@ DEFAULT_POLICY = FormPolicy()
 
 
 def _native() -> Any:
-    try:
-        return native()
-    except ShmUnavailable as exc:
-        log.warning("segments stay roaring: %s", exc)
-        return None
+    return native_or_none()  # None: every segment stays roaring (it warns once, saying why)
 
 
 def batch_lookup() -> Any:
     """`_native.lookup(members, users, index, unknown)`: a packed batch's answers over members
     of either form (or None: not answered here) in one C call; None without the C extension."""
-    return getattr(_native(), "lookup", None)  # None too from an older build
+    nat = _native()
+    return None if nat is None else nat.lookup
 
 
 def roaring_bytes(containers: int, payload: int) -> int:

@@ -98,12 +98,12 @@ class Replica:
         #: the checkpoint being read while the log is opened (`_read_checkpoint`)
         self._checkpoint_read: tuple[threading.Thread, list[checkpoint.Checkpoint | None]] | None
         self._checkpoint_read = None
-        local = getattr(native_or_none(), "LocalCheck", None)  # None: an older build
+        nat = native_or_none()
         #: `_native.LocalCheck` over this replica, or None: `local`'s rule over many segments
         #: in one C call (`members_of`, the servers' batch ops)
         self.native_local: Any = None
-        if local is not None:
-            self.native_local = local(self._segments, self.aged, self, _FRESH)
+        if nat is not None:
+            self.native_local = nat.LocalCheck(self._segments, self.aged, self, _FRESH)
 
     # -- the check path ----------------------------------------------------------------------
     def local(self, segment: str) -> SegmentState | str:

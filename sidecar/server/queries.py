@@ -76,7 +76,8 @@ class Queries(ExpressionQueries):
         #: `_native.lookup`, or None without the C extension (`batch_packed` then loops)
         self._lookup = batch_lookup()
         #: `_native.LocalCheck.members_of` (or None): `_bitmaps` for names already validated
-        self._members_of = getattr(replica.native_local, "members_of", None)
+        local = replica.native_local
+        self._members_of = None if local is None else local.members_of
 
     @property
     def has_fallback(self) -> bool:

@@ -384,18 +384,13 @@ class UdsServer:
         #: the C extension. Its `untimed` is the latency sampler's counter for both paths.
         self.fast_check: Callable[[bytes], bytes | None] | None = None
         self.sampler: Any = _Sampler()
-        fast = getattr(native_or_none(), "FastCheck", None)  # None: an older build
-        local = queries.replica.native_local
-        if fast is not None and local is not None:
-            try:
-                self.sampler = fast(
-                    self.valid_names, local, self.check_counts, _K_LOCAL, self.max_frame,
-                    LATENCY_SAMPLE_MASK, check_layout(),
-                )  # fmt: skip
-            except TypeError:  # a build older than these arguments: rebuild the extension
-                log.warning("the C extension is older than this code: checks answered in Python")
-            else:
-                self.fast_check = self.sampler.answer
+        nat, local = native_or_none(), queries.replica.native_local
+        if nat is not None and local is not None:
+            self.sampler = nat.FastCheck(
+                self.valid_names, local, self.check_counts, _K_LOCAL, self.max_frame,
+                LATENCY_SAMPLE_MASK, check_layout(),
+            )  # fmt: skip
+            self.fast_check = self.sampler.answer
         self.metrics.gauge(
             "seg_uds_connections", "Open Unix-socket connections.", lambda: len(self.connections)
         )

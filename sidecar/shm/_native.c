@@ -1702,6 +1702,12 @@ static PyMethodDef module_methods[] = {
     {NULL},
 };
 
+/* This source's hash (sidecar/shm/build.py `source_hash`, passed by setup.py): the loader
+   refuses a build whose hash is not its source's. */
+#ifndef NATIVE_SOURCE_HASH
+#define NATIVE_SOURCE_HASH "unknown"
+#endif
+
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT, "sidecar.shm._native", "The shared replica's native part.", -1,
     module_methods,
@@ -1738,7 +1744,8 @@ PyMODINIT_FUNC PyInit__native(void) {
         PyModule_AddIntConstant(m, "KIND_ELIAS_FANO", KIND_ELIAS_FANO) < 0 ||
         PyModule_AddIntConstant(m, "EF_SAMPLE", EF_SAMPLE) < 0 ||
         PyModule_AddIntConstant(m, "ARRAY_MAX", ARRAY_MAX) < 0 ||
-        PyModule_AddStringConstant(m, "SEGMENT_MAGIC", SEG_MAGIC) < 0)
+        PyModule_AddStringConstant(m, "SEGMENT_MAGIC", SEG_MAGIC) < 0 ||
+        PyModule_AddStringConstant(m, "SOURCE_HASH", NATIVE_SOURCE_HASH) < 0)
         return NULL;
     return m;
 }

@@ -6,16 +6,19 @@ says what it drops. Torn and garbage tails stay what they were: invisible, then 
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -24,6 +27,7 @@ from pyroaring import BitMap64
 from compute.segment_set import write_segment_set
 from publisher import Publisher
 from sidecar.replica import Replica
+from sidecar.server.metrics import ReplicaCollector
 from sidecar.transport import LogDirTransport
 from sidecar.transport.base import TransportError
 from sidecar.transport.logdir import MAGIC, survey
@@ -255,36 +259,59 @@ def test_a_replica_tailing_through_repair_log_answers_as_a_fresh_one(
                     assert tailing.contains(user, segment) == fresh.contains(user, segment)
 
 
+class HeldRebootstrap:
+    """A replica serving a published log (all four publishes in) whose bootstrap after a
+    `--repair-log` (`_bootstrap_again`) `repaired` holds: its clock, which that bootstrap's
+    expiry tick reads, waits on the replica thread there until released."""
+
+    def __init__(self, tailing: Replica, log: Path) -> None:
+        self.tailing, self.log = tailing, log
+        self.held, self.entered, self.release = (threading.Event() for _ in range(3))
+        tailing.clock_ms = self.clock
+        assert tailing.wait_ready(WAIT), tailing.status()
+        wait_for(lambda: tailing.engine.version_of("a") == 4, "all four publishes")
+
+    def clock(self) -> int:
+        if self.held.is_set() and threading.current_thread().name == "replica":
+            frame = sys._getframe()
+            while frame is not None and frame.f_code.co_name != "_bootstrap_again":
+                frame = frame.f_back  # type: ignore[assignment]
+            if frame is not None:
+                self.entered.set()
+                self.release.wait(WAIT)
+        return int(time.time() * 1000)
+
+    @contextlib.contextmanager
+    def repaired(self) -> Iterator[None]:
+        """Damage, repair and republish the log; inside, the replica is held in its
+        bootstrap aside (the old state answering); on leaving, it goes on."""
+        self.held.set()
+        try:
+            flip_middle(self.log)
+            repair_and_republish(self.log, {"a": BitMap64([5, 6]), "b": BitMap64([12, 13])})
+            assert self.entered.wait(WAIT), self.tailing.status()
+            yield
+        finally:
+            self.held.clear()
+            self.release.set()
+
+
+@contextlib.contextmanager
+def held_rebootstrap(tmp_path: Path) -> Iterator[HeldRebootstrap]:
+    log = tmp_path / "log"
+    published(log)
+    with started_replica(LogDirTransport(log), poll_interval=0.01) as tailing:
+        yield HeldRebootstrap(tailing, log)
+
+
 def test_read_your_publish_waits_for_the_bootstrap_after_repair_log(tmp_path: Path) -> None:
     """While a serving replica bootstraps again after --repair-log (the old state answering
     meanwhile), its versions are of the old log: version 4 there is not the republish's
     version 3. A `check_at` waits for the new state (or answers unknown), never answers
     from the old one; once the new state is in, it answers from it."""
-    import threading
-
-    log = tmp_path / "log"
-    published(log)
-    held, entered, release = threading.Event(), threading.Event(), threading.Event()
-
-    def clock() -> int:  # holds the bootstrap aside (its expiry tick reads the clock)
-        if held.is_set() and threading.current_thread().name == "replica":
-            frame = sys._getframe()
-            while frame is not None and frame.f_code.co_name != "_bootstrap_again":
-                frame = frame.f_back  # type: ignore[assignment]
-            if frame is not None:
-                entered.set()
-                release.wait(WAIT)
-        return int(time.time() * 1000)
-
-    with started_replica(LogDirTransport(log), poll_interval=0.01) as tailing:
-        tailing.clock_ms = clock
-        assert tailing.wait_ready(WAIT), tailing.status()
-        wait_for(lambda: tailing.engine.version_of("a") == 4, "all four publishes")
-        held.set()
-        try:
-            flip_middle(log)
-            repair_and_republish(log, {"a": BitMap64([5, 6]), "b": BitMap64([12, 13])})
-            assert entered.wait(WAIT), tailing.status()
+    with held_rebootstrap(tmp_path) as held:
+        tailing = held.tailing
+        with held.repaired():
             assert tailing.engine.version_of("a") == 4  # the old state, still answering
             assert tailing.contains(3, "a") is True
             # the republish wrote a = [5, 6] at version 3: the old state's 4 is not it
@@ -294,13 +321,45 @@ def test_read_your_publish_waits_for_the_bootstrap_after_repair_log(tmp_path: Pa
             waiting = threading.Thread(target=lambda: waited.append(tailing.check_at(5, "a", 3)))
             waiting.start()
             time.sleep(0.05)
-        finally:
-            held.clear()
-            release.set()
         waiting.join(WAIT)
         assert waited == [True], tailing.status()
         assert tailing.check_at(5, "a", 3, wait_ms=0) is True
         assert tailing.status()["rebootstraps"] >= 1
+
+
+def _gauges(replica: Replica) -> dict[str, float]:
+    return {
+        m.name: m.samples[0].value
+        for m in ReplicaCollector(replica).collect()
+        if m.type == "gauge" and len(m.samples) == 1
+    }
+
+
+def test_status_and_metrics_show_a_rebootstrap_under_way(tmp_path: Path) -> None:
+    """While a serving replica bootstraps again after --repair-log, its status says so and
+    since when (`rebootstrapping_since_ms`, and the `reason` `/readyz` carries), and so do
+    the metrics; once the new state is in, neither does, and `rebootstraps` counts it."""
+    with held_rebootstrap(tmp_path) as held:
+        tailing = held.tailing
+        st = tailing.status()
+        assert st["rebootstrapping_since_ms"] is None and st["reason"] is None
+        assert _gauges(tailing)["seg_replica_rebootstrapping"] == 0
+        before = time.time() * 1000
+        with held.repaired():
+            st = tailing.status()
+            since = st["rebootstrapping_since_ms"]
+            assert isinstance(since, int) and before - 1 <= since <= time.time() * 1000
+            assert st["ready"] is True and st["rebootstraps"] == 0
+            assert "bootstrapping again" in str(st["reason"]), st
+            gauges = _gauges(tailing)
+            assert gauges["seg_replica_rebootstrapping"] == 1
+            assert gauges["seg_replica_rebootstrap_started_timestamp_seconds"] == since / 1000
+        wait_for(lambda: tailing.status()["rebootstraps"] == 1, "the swap")
+        st = tailing.status()
+        assert st["rebootstrapping_since_ms"] is None and st["reason"] is None, st
+        gauges = _gauges(tailing)
+        assert gauges["seg_replica_rebootstrapping"] == 0
+        assert gauges["seg_replica_rebootstrap_started_timestamp_seconds"] == 0
 
 
 def test_a_checkpoint_being_written_across_a_rebootstrap_stays_of_the_old_log(
@@ -310,7 +369,6 @@ def test_a_checkpoint_being_written_across_a_rebootstrap_stays_of_the_old_log(
     replica bootstrapped again holds the old state under the old identity (never the old
     state under the new one): a restart ignores it; the next checkpoint is of the new log,
     and a restart from it answers as a fresh replica."""
-    import threading
 
     from sidecar.replica import checkpoint
     from tests.test_ttl import gate_checkpoint_writes

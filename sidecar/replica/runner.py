@@ -88,10 +88,11 @@ class Replica:
         self._checkpoint_writing: threading.Thread | None = None
         self.started_from: str | None = None  # "checkpoint" or "log", once known
         self._log_id = ""  # the log's identity, read when the log is first opened
-        #: True from when a serving replica sees its log take a new identity until the state
-        #: bootstrapped from the new log is in (`_bootstrap_again`): the versions it answers
-        #: from meanwhile are the old log's, so read-your-publish (`at_version`) waits
-        self._old_log = False
+        #: when (epoch s) a serving replica saw its log take a new identity, until the state
+        #: bootstrapped from the new log is in (`_bootstrap_again`), else None: the versions it
+        #: answers from meanwhile are the old log's, so read-your-publish (`at_version`) waits;
+        #: `status` reports it (`rebootstrapping_since_ms`)
+        self.rebootstrapping_since: float | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._reader: LogReader | None = None
@@ -162,7 +163,7 @@ class Replica:
         st = self.local(segment)
         if st == NOT_HELD:
             return st
-        if self._old_log:  # versions of the log before its new identity: not comparable
+        if self.rebootstrapping_since is not None:  # the old log's versions: not comparable
             return BEHIND
         if type(st) is SegmentState:
             return st if st.version >= min_version else BEHIND
@@ -304,6 +305,13 @@ class Replica:
         line; None when ready and nothing is wrong. Set from the start: a replica waiting for
         a broker that is down says so on the first ask."""
         damage = self.log_damage()
+        since = self.rebootstrapping_since
+        if self.ready and since is not None:
+            reason = (
+                f"bootstrapping again for {time.time() - since:.1f} s (the log has a new "
+                "identity): answering from the old log's state, min_version waits"
+            )
+            return f"{reason}; {damage}" if damage else reason
         if self.ready:
             return f"serving the intact prefix only: {damage}" if damage else None
         reason = f"{self.phase} for {time.time() - self.started_at:.1f} s"
@@ -317,6 +325,7 @@ class Replica:
 
     def _status(self) -> dict[str, object]:
         c = self.engine.counters
+        since = self.rebootstrapping_since
         return {
             "ready": self.ready,
             "log": self.transport.describe(),
@@ -332,6 +341,7 @@ class Replica:
             "diverged": c.diverged,
             "resyncs": c.resyncs,
             "rebootstraps": c.rebootstraps,
+            "rebootstrapping_since_ms": None if since is None else int(since * 1000),
             "unknown": c.unknown,
             "corrupt": c.corrupt,
             "skipped": dict(c.skipped),
@@ -471,7 +481,7 @@ class Replica:
                 if self._stop.is_set():
                     return
                 if isinstance(exc, NewLogIdentity) and self.ready:
-                    self._old_log = True  # until `_bootstrap_again` swaps the new state in
+                    self._saw_new_log()  # until `_bootstrap_again` swaps the new state in
                 # Broker restarts, leader elections, topics just created: retry, resuming
                 # from the positions reached when the replica was already serving.
                 self.error = str(exc)
@@ -491,7 +501,7 @@ class Replica:
         if self.ready and opened is not None and opened != self._log_id:
             self._bootstrap_again(reader, opened)
         elif self.ready:  # a retry after a log error: carry on from where we were
-            self._old_log = False  # the log it opened is the one its versions are of
+            self.rebootstrapping_since = None  # the log it opened is the one its versions are of
             reader.assign({("deltas", p): off for p, off in self.positions.items()})
         else:
             self._log_id = opened or self._log_id or self.transport.identity()
@@ -545,7 +555,7 @@ class Replica:
         log.warning(
             "the log has a new identity (%s; was %s): bootstrapping again", log_id, self._log_id
         )
-        self._old_log = True
+        self._saw_new_log()
         self.partitions = reader.partitions
         fresh = Engine(self.holds, clock_ms=self.engine.clock_ms, forms=self.engine.forms)
         fresh.counters = self.engine.counters
@@ -561,8 +571,14 @@ class Replica:
         self._log_id = log_id
         self._checkpoint_key = None
         self.engine.counters.rebootstraps += 1
-        self._old_log = False
+        self.rebootstrapping_since = None
         self.waiters.notify_all()  # read-your-publish waiters judge the new state now
+
+    def _saw_new_log(self) -> None:
+        """The log has a new identity: re-bootstrapping from now (or since it was first seen,
+        through the retries of one that failed half-way)."""
+        if self.rebootstrapping_since is None:
+            self.rebootstrapping_since = time.time()
 
     def _poll_timeout(self) -> float:
         """`poll_interval`, cut short by the next expiry deadline: a TTL segment's members

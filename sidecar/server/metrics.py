@@ -253,6 +253,18 @@ class ReplicaCollector(Collector):
             "1 while the log directory is damaged: the replica serves its intact prefix only.",
             value=int(bool(status.get("log_damage"))),
         )
+        since_ms = status.get("rebootstrapping_since_ms")
+        yield GaugeMetricFamily(
+            "seg_replica_rebootstrapping",
+            "1 while the replica bootstraps again from a log with a new identity (answering "
+            "from the old log's state meanwhile).",
+            value=int(since_ms is not None),
+        )
+        yield GaugeMetricFamily(
+            "seg_replica_rebootstrap_started_timestamp_seconds",
+            "When the re-bootstrap under way began (0: none under way).",
+            value=(since_ms or 0) / 1000,
+        )
         yield GaugeMetricFamily(
             "seg_replica_segments", "Segments held.", value=status.get("segments", 0)
         )

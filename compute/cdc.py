@@ -244,8 +244,9 @@ class CdcJob:
         try:
             self.client.admin.command("ping")
             for coll in o.collections:
-                ensure_topic(o.kafka, o.topic(coll), o.partitions)
-            ensure_topic(o.kafka, o.state_topic, 1, {"cleanup.policy": "compact"})
+                ensure_topic(o.kafka, o.topic(coll), o.partitions, client=o.kafka_config)
+            compact = {"cleanup.policy": "compact"}
+            ensure_topic(o.kafka, o.state_topic, 1, compact, client=o.kafka_config)
             partitions = {c: self._partitions(o.topic(c)) for c in o.collections}
             self.producer = Producer(kafka_config(o.kafka, **{
                 "transactional.id": o.writer_id, "enable.idempotence": True, "linger.ms": 5,

@@ -20,7 +20,7 @@ import json
 import random
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import TypedDict
 
@@ -178,13 +178,16 @@ def ensure_topic(
     topic: str,
     partitions: int = DEFAULT_PARTITIONS,
     config: dict[str, str] | None = None,
+    client: Mapping[str, str] | None = None,
 ) -> int:
     """Create the topic (with topic `config`, e.g. compaction) when it is missing; returns
-    its partition count. An existing topic is used as it is."""
+    its partition count. An existing topic is used as it is. `client`: the librdkafka
+    settings (SASL, SSL, ...) of the command's other clients, which the admin client takes
+    too."""
     from confluent_kafka import KafkaError, KafkaException
     from confluent_kafka.admin import AdminClient, NewTopic
 
-    admin = AdminClient(kafka_config(bootstrap))
+    admin = AdminClient(kafka_config(bootstrap, **(client or {})))
     meta = admin.list_topics(timeout=15)
     found = meta.topics.get(topic)
     if found is not None and found.error is None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from sidecar.cliutil import arg_type, positive_float, positive_int
+from sidecar.cliutil import arg_type, key_value, positive_float, positive_int
 
 
 @arg_type("a comma-separated list of distinct names")
@@ -46,6 +46,9 @@ def add_cdc(sub: argparse._SubParsersAction) -> None:
         help="the collections to capture, comma-separated")  # fmt: skip
     opt("--cdc-kafka", required=True, metavar="HOST:PORT",
         help="Kafka bootstrap servers of the CDC topics")  # fmt: skip
+    opt("--cdc-kafka-config", action="append", type=key_value, metavar="KEY=VALUE",
+        help="extra librdkafka setting (SASL, SSL, ...) of every client this job makes: the "
+        "topic creation, the producer and the state reader; repeatable")  # fmt: skip
     opt("--cdc-topic-prefix", default=cdc.DEFAULT_PREFIX, metavar="P",
         help="topics are PREFIX.DB.COLLECTION; the state topic is PREFIX.offsets")  # fmt: skip
     opt("--cdc-partitions", type=positive_int, default=1, metavar="N",
@@ -70,7 +73,7 @@ def run_cdc(args: argparse.Namespace) -> int:
     opts = cdc.CdcOptions(
         mongo=args.mongo, db=args.db, collections=args.collections, kafka=args.cdc_kafka,
         topic_prefix=args.cdc_topic_prefix, partitions=args.cdc_partitions,
-        writer_id=args.cdc_writer_id,
+        writer_id=args.cdc_writer_id, kafka_config=dict(args.cdc_kafka_config or ()),
         fresh_copy=args.fresh_copy, batch_size=args.batch_size,
         progress_seconds=args.progress_seconds,
     )  # fmt: skip

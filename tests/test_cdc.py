@@ -269,3 +269,22 @@ def test_a_bad_mongo_uri_creates_no_topic(kafka_bootstrap: str, topic_prefix: st
     assert len(lines) == 1 and "seg-compute cdc: error: " in lines[0], done.stderr
     topics = AdminClient({"bootstrap.servers": kafka_bootstrap}).list_topics(timeout=15).topics
     assert not [t for t in topics if t.startswith(f"{topic_prefix}.")]
+
+
+def test_the_kafka_config_reaches_the_topic_creation(
+    mongo: MongoTestServer, kafka_bootstrap: str, topic_prefix: str
+) -> None:
+    """`--cdc-kafka-config` is every client's, the admin client that creates the topics too
+    (before: it took the broker alone, so topics were made over a connection the settings
+    forbid). A setting this broker cannot talk (TLS to a plaintext listener) fails the job
+    at the topic check, in one line, with nothing created."""
+    from confluent_kafka.admin import AdminClient
+
+    done = _cdc_cli("--mongo", mongo.uri, "--cdc-kafka", kafka_bootstrap,
+                    "--cdc-topic-prefix", topic_prefix,
+                    "--cdc-kafka-config", "security.protocol=ssl")  # fmt: skip
+    assert done.returncode == 1
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "seg-compute cdc: error: " in lines[0], done.stderr
+    topics = AdminClient({"bootstrap.servers": kafka_bootstrap}).list_topics(timeout=15).topics
+    assert not [t for t in topics if t.startswith(f"{topic_prefix}.")]

@@ -147,6 +147,20 @@ def check_layout() -> tuple[bytes, bytes, bytes, bytes, bytes]:
     )
 
 
+def batch_packed_layout() -> tuple[bytes, bytes, bytes, bytes]:
+    """How a `batch_packed` travels around its arguments, for the socket server's batch in C
+    (sidecar/shm/_native.c `FastBatch`), which matches and writes these bytes and owns none of
+    them: (the request's array header, its op, the response's array header, the OK status).
+    The arguments and the answers' bin are msgpack's own encodings."""
+    packer = msgpack.Packer(use_bin_type=True)
+    return (
+        packer.pack_array_header(OPS["batch_packed"] + 2),
+        _pack("batch_packed"),
+        packer.pack_array_header(3),
+        _pack(OK),
+    )
+
+
 def oversize_message(length: int, limit: int) -> str:
     return f"frame of {length} bytes is over the limit of {limit} bytes; closing the connection"
 

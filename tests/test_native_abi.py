@@ -81,7 +81,7 @@ def test_another_version_is_refused_with_one_warning(
         assert batch_lookup() is None
         assert Forms().native is None
         uds = UdsServer(Queries(replica), tmp_path / "s")
-        assert uds.fast_check is None
+        assert uds.fast_check is None and uds.fast_batch is None
         assert shm.native_or_none() is None
     warnings = [
         r for r in caplog.records if r.levelno == logging.WARNING and r.name == "sidecar.shm"

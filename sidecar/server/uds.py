@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ..ids import MAX_USER, BadRequest
+from ..packed import MAX_SEGMENTS
 from ..protocol import (
     BAD_REQUEST,
     DEFAULT_MAX_FRAME,
@@ -31,6 +32,7 @@ from ..protocol import (
     UNKNOWN_OP,
     FrameError,
     UnknownOp,
+    batch_packed_layout,
     check_layout,
     decode_request,
     encode_response,
@@ -91,11 +93,13 @@ class _Connection(asyncio.Protocol):
         "handlers",
         "metrics",
         "fast",
+        "fast_batch",
     )
 
     def __init__(self, server: UdsServer) -> None:
         self.server = server
         self.fast = server.fast_check
+        self.fast_batch = server.fast_batch
         self.max_frame = server.max_frame
         self.handlers = server.handlers
         self.metrics = server.metrics
@@ -139,8 +143,15 @@ class _Connection(asyncio.Protocol):
         buf = self.buf
         if not buf and not self.pending and not self.closing:
             # One whole frame holding a check answered from memory: all of it in C
-            # (`_native.FastCheck`, the inline path below in C; None for anything else).
+            # (`_native.FastCheck`, the inline path below in C; None for anything else), or
+            # a batch_packed answered from memory (`_native.FastBatch`, the same split).
             fast = self.fast
+            if fast is not None:
+                out = fast(data)
+                if out is not None:
+                    self.transport.write(out)  # type: ignore[union-attr]
+                    return
+            fast = self.fast_batch
             if fast is not None:
                 out = fast(data)
                 if out is not None:
@@ -391,6 +402,16 @@ class UdsServer:
                 LATENCY_SAMPLE_MASK, check_layout(),
             )  # fmt: skip
             self.fast_check = self.sampler.answer
+        #: `batch_packed` in C (`FastBatch.answer`) when every segment of a whole frame is
+        #: answered from memory (the replica's `native_local`, Replica.local's rule), recorded
+        #: in the op's stats as the Python path records it; None without the C extension.
+        #: Everything else (and every error) is the Python path's (`Queries.batch_packed`).
+        self.fast_batch: Callable[[bytes], bytes | None] | None = None
+        if nat is not None and local is not None:
+            self.fast_batch = nat.FastBatch(
+                self.valid_names, local, self.handlers["batch_packed"][2].record, _K_LOCAL,
+                self.max_frame, MAX_SEGMENTS, batch_packed_layout(),
+            ).answer  # fmt: skip
         self.metrics.gauge(
             "seg_uds_connections", "Open Unix-socket connections.", lambda: len(self.connections)
         )

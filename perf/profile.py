@@ -1,13 +1,14 @@
-"""`python -m perf.profile [check|batch|http|fanout] [--seconds S] [--out DIR]`: where a
-`seg-sidecar` process spends its time under a closed-loop load (`fanout`: fanout's open-loop
-client processes at `--fanout-rate` checks/s, the socket peer), sampled with py-spy.
+"""`python -m perf.profile [check|batch|batch_packed|http|fanout] [--seconds S] [--out DIR]`:
+where a `seg-sidecar` process spends its time under a closed-loop load (`fanout`: fanout's
+open-loop client processes at `--fanout-rate` checks/s, the socket peer), sampled with py-spy.
 
 Starts a sidecar on a log directory holding the latency data set (the --quick size), drives
 it from this process with the project's client (`check`: single checks; `batch`: 1,000
-checks per request; `http`: GET /v1/check), and records the sidecar with
-`py-spy record --native --format raw` for the duration. Writes the collapsed stacks and a
-summary of the hottest frames (self and inclusive) to DIR (default perf/results/profile),
-and prints the summary. py-spy comes with the `perf` extra.
+checks per request; `batch_packed`: the same 1,000 [user, segment] pairs packed, a segment
+per user, as perf.ab and `seg-perf batch` send them; `http`: GET /v1/check), and records the
+sidecar with `py-spy record --native --format raw` for the duration. Writes the collapsed
+stacks and a summary of the hottest frames (self and inclusive) to DIR (default
+perf/results/profile), and prints the summary. py-spy comes with the `perf` extra.
 
 `pieces` instead times, in-process, each step of a check and a batch request in the server
 (no sockets) beside the echo peer's, and writes DIR/pieces.txt.
@@ -62,11 +63,12 @@ def drive(
         api.close()
         return n
     with SidecarClient(sidecar.uds, timeout=5.0) as client:
-        if kind == "batch":
+        if kind in ("batch", "batch_packed"):
             batches = [[list(q) for q in qs[i : i + 1000]] for i in range(0, len(qs), 1000)]
+            columns = [([u for u, _ in b], [s for _, s in b]) for b in batches]
             while not stop.is_set():
-                for b in batches:
-                    client.batch(b)
+                for b, c in zip(batches, columns, strict=True):
+                    client.batch(b) if kind == "batch" else client.batch_packed(*c)
                 n += len(qs)
         else:
             while not stop.is_set():
@@ -181,7 +183,10 @@ def pieces() -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m perf.profile", description=__doc__)
     p.add_argument(
-        "kind", choices=["check", "batch", "http", "fanout", "pieces"], nargs="?", default="check"
+        "kind",
+        choices=["check", "batch", "batch_packed", "http", "fanout", "pieces"],
+        nargs="?",
+        default="check",
     )
     p.add_argument("--fanout-rate", type=int, default=15_000, help="fanout: checks/s in all")
     p.add_argument("--seconds", type=float, default=10.0)

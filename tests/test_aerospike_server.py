@@ -578,6 +578,20 @@ def test_error_code_knob(
     assert aerospike_server.record(SET, 1) == {"segs": {"a": 1}}
 
 
+def test_error_times_knob_turns_the_error_off_after_n_commands(
+    aerospike_server: ThreadedAerospikeServer, aerospike_client: Any
+) -> None:
+    aerospike_client.put(key(1), {"segs": {"a": 1}})
+    aerospike_server.error_times = 2
+    aerospike_server.error_code = 14
+    for _ in range(2):
+        with pytest.raises(ae.RecordBusy):
+            aerospike_client.get(key(1))
+    assert aerospike_client.get(key(1))[2] == {"segs": {"a": 1}}
+    assert aerospike_server.error_code is None and aerospike_server.error_times is None
+    assert aerospike_server.command_counts()["error_injected"] == 2
+
+
 def test_drop_connections_knob(
     aerospike_server: ThreadedAerospikeServer, aerospike_client: Any
 ) -> None:

@@ -53,7 +53,10 @@ class AerospikeTestServer:
 
     * ``latency_s``: sleep this long before answering every data command;
     * ``drop_connections``: close a connection when a data command arrives on it;
-    * ``error_code``: answer every data command with this result code (0/None = off).
+    * ``error_code``: answer every data command with this result code (0/None = off);
+    * ``error_times``: with ``error_code``, answer only the next N data commands with it, then
+      turn ``error_code`` off (None: every command). Counted on the server's own loop, so a
+      client's retry can never slip in before the knob is cleared, however loaded the machine.
 
     Info (tending) traffic ignores these knobs; ``down()`` closes the listener and every
     connection, ``up()`` listens again on the same port.
@@ -87,6 +90,7 @@ class AerospikeTestServer:
         self.latency_s: float = 0.0
         self.drop_connections: bool = False
         self.error_code: int | None = None
+        self.error_times: int | None = None
         self._counts: Counter[str] = Counter()
         self._counts_lock = threading.Lock()
         self._server: asyncio.Server | None = None
@@ -275,9 +279,9 @@ class AerospikeTestServer:
         self._count(kind)
         if kind == "get" and msg.ops and all(op.name for op in msg.ops):
             self._count("get:" + ",".join(op.name for op in msg.ops))  # named bins only
-        if self.error_code:
-            self._count("error_injected")
-            return [wire.frame(wire.TYPE_MSG, wire.AsMsg(result_code=self.error_code).encode())]
+        code = self._injected_error()
+        if code:
+            return [wire.frame(wire.TYPE_MSG, wire.AsMsg(result_code=code).encode())]
         if msg.field(wire.FIELD_FILTER_EXP) is not None:
             log.warning("aerospike test server: filter expressions are not supported")
             response = wire.AsMsg(result_code=wire.ERR_UNSUPPORTED_FEATURE)
@@ -302,9 +306,9 @@ class AerospikeTestServer:
 
     def _handle_batch(self, msg: wire.AsMsg, data: bytes | None) -> list[bytes]:
         self._count("batch")
-        if self.error_code:
-            self._count("error_injected")
-            return [batch.last_frame(self.error_code)]
+        code = self._injected_error()
+        if code:
+            return [batch.last_frame(code)]
         if data is None:
             return [batch.last_frame(wire.ERR_PARAMETER)]
         if msg.field(wire.FIELD_FILTER_EXP) is not None:
@@ -330,10 +334,23 @@ class AerospikeTestServer:
 
     def _handle_query(self, msg: wire.AsMsg) -> list[bytes]:
         self._count("query")
-        if self.error_code:
-            self._count("error_injected")
-            return [batch.last_frame(self.error_code)]
+        code = self._injected_error()
+        if code:
+            return [batch.last_frame(code)]
         return query.run(self, msg)
+
+    def _injected_error(self) -> int | None:
+        """The result code to answer this data command with (the `error_code` knob, counted
+        down by `error_times`), or None to execute it."""
+        code = self.error_code
+        if not code:
+            return None
+        self._count("error_injected")
+        if self.error_times is not None:
+            self.error_times -= 1
+            if self.error_times <= 0:
+                self.error_code = self.error_times = None
+        return code
 
 
 class ThreadedAerospikeServer:
@@ -446,10 +463,19 @@ class ThreadedAerospikeServer:
     def error_code(self, value: int | None) -> None:
         self.server.error_code = value
 
+    @property
+    def error_times(self) -> int | None:
+        return self.server.error_times
+
+    @error_times.setter
+    def error_times(self, value: int | None) -> None:
+        self.server.error_times = value
+
     def reset_faults(self) -> None:
         self.server.latency_s = 0.0
         self.server.drop_connections = False
         self.server.error_code = None
+        self.server.error_times = None
 
     # inspection (thread-safe: the store is locked)
 

@@ -280,7 +280,10 @@ def test_reader_tails_a_writer(transport: Transport, writer_id: str) -> None:
             _wait(lambda: len(seen) == 7, "the appended records")
         finally:
             stop.set()
-            thread.join(10)
+            thread.join(30)
+            # Closing the consumer under a poll still running frees it under librdkafka (a
+            # crash of the whole run): a tail that did not stop is a failure, left unclosed.
+            assert not thread.is_alive(), "the tailing thread did not stop"
             reader.close()
     assert not errors, errors
     deltas = [r.value for r in seen if r.topic == "deltas"]

@@ -572,7 +572,9 @@ def test_kafka_clients_talk_to_a_learned_broker_once_connected(
         for _ in range(3):
             client = make({"bootstrap.servers": kafka_bootstrap, **CLIENT_DEFAULTS})
             connect(client, topic, 30)
-            assert client.list_topics(topic, timeout=0.05).orig_broker_id >= 0
+            # The answering broker's id is the check; the timeout only bounds the wait (a
+            # loaded broker's JVM can take longer than 50 ms to answer).
+            assert client.list_topics(topic, timeout=5).orig_broker_id >= 0
 
 
 @pytest.mark.kafka

@@ -129,7 +129,11 @@ def test_a_segment_goes_stale_past_its_max_age_and_fresh_with_a_heartbeat(
     aged: tuple[Publisher, Replica, SidecarThread],
 ) -> None:
     publisher, replica, s = aged
-    assert isinstance(replica.local("a"), SegmentState)
+    before = replica.local("a")
+    # fresh before its max age, when the set-up took less than its 2 s (a loaded machine's
+    # may not: the replica's clock says; the deadline itself: the replica-clock test below)
+    if replica.clock_ms() < replica.engine.ages["a"].deadline_ms - 500:
+        assert isinstance(before, SegmentState), before
     _until(lambda: replica.local("a") == "stale_age", 20)  # max_age_seconds 2, real clock
     assert isinstance(replica.local("b"), SegmentState)  # no max age: never stale
     assert replica.contains(1, "a") is None

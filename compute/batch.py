@@ -223,11 +223,11 @@ def evaluate(
     t0 = time.perf_counter()
     names = [s.name for s in segments]
     written = [Source(df, (name,)) for df, name in zip(frames, names, strict=True)]
-    sources = merge.sources(segments, frames) if merged else written
+    plan = merge.plan(segments, frames) if merged else merge.Plan(written, {}, {})
     try:
-        bitmaps = source_bitmaps(sources, names)
+        bitmaps = merge.bitmaps(plan, names)
     except (PySparkException, Py4JError):
-        if len(sources) == len(written):
+        if not plan.merged:
             raise
         # A merged query evaluates each segment's WHERE on the rows of the others (beyond its
         # own partition pruning), where an ANSI error (a bad cast, a division by zero) can

@@ -102,13 +102,26 @@ def _bitmap_column(df: DataFrame, flags: Sequence[str] = ()):  # noqa: ANN202 (a
     return udf(df[df.columns[0]], *columns).alias("bitmap")
 
 
-def _merge(payloads: list[bytes], segment: str) -> BitMap64:
-    """The segment's members from its partitions' entries; a bad id raises DefinitionError."""
+def _merge(payloads: list[bytes], segment: str) -> BitMap64 | DefinitionError:
+    """The segment's members from its partitions' entries, or the DefinitionError of a bad id."""
     for payload in payloads:
         if payload[:1] == _ERROR:
-            raise DefinitionError(payload[1:].decode(errors="replace"), segment)
+            return DefinitionError(payload[1:].decode(errors="replace"), segment)
     parts = [BitMap64.deserialize(payload[1:]) for payload in payloads]
     return BitMap64.union(*parts) if parts else BitMap64()
+
+
+Found = dict[str, "BitMap64 | DefinitionError"]
+
+
+def decided(found: Found, order: Sequence[str]) -> dict[str, BitMap64]:
+    """The members of the segments in `order`; a bad id raises DefinitionError for the first
+    such segment in `order`."""
+    for name in order:
+        error = found[name]
+        if isinstance(error, DefinitionError):
+            raise error
+    return {name: found[name] for name in order}  # type: ignore[misc]
 
 
 def segment_bitmap(df: DataFrame, segment: str) -> BitMap64:
@@ -136,11 +149,18 @@ def segment_bitmaps(frames: Sequence[DataFrame], segments: Sequence[str]) -> lis
 def source_bitmaps(
     sources: Sequence[Source], order: Sequence[str] | None = None
 ) -> dict[str, BitMap64]:
-    """Every source's segments' members from one Spark job: the sources' per-partition
-    payloads, tagged with the source's index, in one UNION ALL (a union keeps each child's
-    partitions apart, so a partition holds one source's rows) and one collect. The DAG
-    scheduler then runs the sources' stages side by side instead of job after job. Bad ids
-    raise DefinitionError for the first such segment in `order` (default: the sources')."""
+    """Every source's segments' members from one Spark job (`source_results`). Bad ids raise
+    DefinitionError for the first such segment in `order` (default: the sources')."""
+    found = source_results(sources)
+    return decided(found, order or list(found))
+
+
+def source_results(sources: Sequence[Source]) -> Found:
+    """Every source's segments' members, or the DefinitionError of a bad id, from one Spark
+    job: the sources' per-partition payloads, tagged with the source's index, in one UNION ALL
+    (a union keeps each child's partitions apart, so a partition holds one source's rows) and
+    one collect. The DAG scheduler then runs the sources' stages side by side instead of job
+    after job."""
     from functools import reduce
 
     from pyspark.sql.functions import lit
@@ -158,9 +178,8 @@ def source_bitmaps(
     for index, payload in rows:
         for k, entry in enumerate(_entries(bytes(payload))):
             entries[index][k].append(entry)
-    payloads = {
-        name: p
+    return {
+        name: _merge(p, name)
         for source, lists in zip(sources, entries, strict=True)
         for name, p in zip(source.segments, lists, strict=True)
     }
-    return {name: _merge(payloads[name], name) for name in order or payloads}

@@ -17,9 +17,10 @@ where <h'> is <h> with `FILTER (WHERE <w>)` after each aggregate call, so each a
 the rows the segment's own WHERE keeps; the COUNT(*) > 0 term keeps out the groups the segment
 would not have (HAVING COUNT(*) < 5 is true for a group the segment has no row of). Without any
 GROUP BY in the view's segments it is a projection: `coalesce(<w>, false)` per segment.
-HAVING's COUNT(DISTINCT c) is size(collect_set(c)) with the FILTER. Semi/anti joins of one view
-on another by user_id (`parse_join`) become a per-user flag column of the right view's merged
-query, joined once to the left view (`joined_sql`). Anything else (other joins, subqueries,
+HAVING's COUNT(DISTINCT c) is size(collect_set(c)) with the FILTER. A semi/anti join of one
+view on another by user_id (`parse_join`) adds a column to each side's merged query (its
+WHERE on the left, its ON on the right) and is taken from their bitmaps on the driver (W & J
+or W - J: `Plan`), so no table is read twice. Anything else (other joins, subqueries,
 window functions, other DISTINCT aggregates, which Spark expands into a copy of every row per
 distinct group, functions this module does not know in HAVING, non-deterministic functions)
 runs as written. Set semantics: a segment is a set of user ids,
@@ -33,7 +34,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from compute.bitmaps import Source
+from pyroaring import BitMap64
+
+from compute.bitmaps import Source, decided, source_results
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
@@ -399,7 +402,8 @@ def _flag(s: Simple) -> str:
 
 def merged_sql(view: str, shapes: Sequence[Simple], ons: Sequence[str | None] = ()) -> str:
     """One query over `view` with a boolean column s0, s1, ... per shape (module docstring)
-    and j0, j1, ... per semi/anti join's ON condition on it: the user has a row meeting it."""
+    and j0, j1, ... per semi/anti join's ON condition on it: the user has a row meeting it
+    (a NULL or negative id never has: no valid left id matches it, `Plan`)."""
     grouped = bool(ons) or any(s.grouped for s in shapes)
     if grouped:
         flags = [_flag(s) for s in shapes]
@@ -407,7 +411,7 @@ def merged_sql(view: str, shapes: Sequence[Simple], ons: Sequence[str | None] = 
         flags = [f"(\n{s.where}\n)" if s.where is not None else "true" for s in shapes]
     columns = [f"coalesce({f}, false) AS s{k}" for k, f in enumerate(flags)]
     columns += [
-        f"coalesce({_flag(Simple(view, on, True, None))}, false) AS j{k}"
+        f"coalesce({_flag(Simple(view, on, True, None))} AND user_id >= 0, false) AS j{k}"
         for k, on in enumerate(ons)
     ]
     wheres = list(dict.fromkeys([s.where for s in shapes] + list(ons)))
@@ -421,38 +425,71 @@ def merged_sql(view: str, shapes: Sequence[Simple], ons: Sequence[str | None] = 
     return f"SELECT user_id,\n{listed}\nFROM {view}{where}{group}"
 
 
-def joined_sql(left: str, joins: Sequence[tuple[Join, str, int]]) -> str:
-    """One query over `left` with a boolean column s0, s1, ... per join: (the right view's
-    merged query, the index of its j column) for each; a user with no row on the right side
-    has no flags there: false."""
-    rights = list(dict.fromkeys(sql for _, sql, _ in joins))
-    wheres = ",\n".join(
-        f"coalesce((\n{j.where}\n), false) AS w{k}" if j.where is not None else f"true AS w{k}"
-        for k, (j, _, _) in enumerate(joins)
-    )
-    columns = ",\n".join(
-        f"b.w{k} AND {'NOT ' if j.anti else ''}coalesce(f{rights.index(sql)}.j{at}, false) AS s{k}"
-        for k, (j, sql, at) in enumerate(joins)
-    )
-    ons = "".join(
-        f"\nLEFT JOIN (\n{sql}\n) f{r} ON f{r}.user_id = b.user_id" for r, sql in enumerate(rights)
-    )
-    return f"SELECT b.user_id,\n{columns}\nFROM (SELECT user_id,\n{wheres}\nFROM {left}) b{ons}"
+@dataclass(frozen=True)
+class Derived:
+    """A semi/anti join's members from two bitmaps of the pass (`Plan`): its WHERE's (the left
+    view's ids meeting it) and its ON's (the right view's ids >= 0 with a row meeting it)."""
+
+    where: str  # the keys of those bitmaps in the pass
+    on: str
+    anti: bool
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The pass: its sources (compute/bitmaps.py), and the semi/anti joins taken from their
+    bitmaps on the driver: W & J for a semi join, W - J for an anti join, W the left view's ids
+    meeting the join's WHERE, J the right view's ids >= 0 with a row meeting its ON. That is
+    the join's answer whenever W holds only valid ids: a NULL id on the right matches nothing
+    and a negative one no valid left id. When W is not all valid ids (a NULL or negative id,
+    an id type the bitmaps refuse) or J's ids are not integers, the join runs as written
+    (`written`), which decides: a NULL left id is an anti join's member and a bad id, a semi
+    join's only when the right side has it."""
+
+    sources: list[Source]
+    joins: dict[str, Derived]  # by segment name
+    written: dict[str, DataFrame]  # the joins' own frames
+
+    @property
+    def merged(self) -> bool:
+        return bool(self.joins) or any(s.flags for s in self.sources)
+
+
+def bitmaps(plan: Plan, order: Sequence[str]) -> dict[str, BitMap64]:
+    """The members of the segments in `order` from the plan's pass (one Spark job, and one
+    more for the joins the bitmaps cannot decide); bad ids raise DefinitionError for the first
+    such segment in `order`."""
+    found = source_results(plan.sources)
+    undecided = []
+    for name, join in plan.joins.items():
+        w, j = found[join.where], found[join.on]
+        if isinstance(w, BitMap64) and isinstance(j, BitMap64):
+            found[name] = w - j if join.anti else w & j
+        else:
+            undecided.append(name)
+    if undecided:
+        found |= source_results([Source(plan.written[n], (n,)) for n in undecided])
+    return decided(found, order)
 
 
 def sources(segments: Sequence[Segment], frames: Sequence[DataFrame]) -> list[Source]:
+    """The plan's sources (`plan`)."""
+    return plan(segments, frames).sources
+
+
+def plan(segments: Sequence[Segment], frames: Sequence[DataFrame]) -> Plan:
     """The segments as bitmap sources (compute/bitmaps.py): one merged query per view that two
-    or more of them read in a shape above, in the place of its first segment; one query per
-    left view of the semi/anti joins (`parse_join`) over the right views' merged queries
-    (read again there: the optimizer prunes that copy to its j columns, a plan of its own, so
-    no exchange is reused; perf/ANALYSIS.md, sixth session); every other segment's
-    own frame. A merged query that does not analyze (a name that is no view, a type the
-    rewrite does not fit) leaves its segments as written; a join query that does not, its
-    joins (and the merged queries run without their j columns)."""
+    or more of them read in a shape above, or that a semi/anti join (`parse_join`) reads, in
+    the place of the first segment that reads it; every other segment's own frame. A join
+    adds a column to each of its views' merged queries: its WHERE to the left view's, its ON
+    to the right view's (`Plan`), so each table is read once. A merged query that does not
+    analyze (a name that is no view, a type the rewrite does not fit) leaves its segments as
+    written; one with a join's columns, every join (and the merged queries run without
+    them)."""
     try:
-        return _sources(segments, frames, joins=True)
+        return _plan(segments, frames, joins=True)
     except _NotMerged:
-        return _sources(segments, frames, joins=False)
+        return _plan(segments, frames, joins=False)
 
 
 def _counted_exactly(spark: SparkSession, shape: Simple | None) -> Simple | None:
@@ -479,9 +516,7 @@ class _NotMerged(Exception):
     pass
 
 
-def _sources(
-    segments: Sequence[Segment], frames: Sequence[DataFrame], *, joins: bool
-) -> list[Source]:
+def _plan(segments: Sequence[Segment], frames: Sequence[DataFrame], *, joins: bool) -> Plan:
     from pyspark.errors import PySparkException
     from pyspark.sql.types import BooleanType
 
@@ -496,6 +531,7 @@ def _sources(
             return None
         return frame
 
+    names = [s.name for s in segments]
     shapes = {k: _counted_exactly(spark, parse(s.sql)) for k, s in enumerate(segments)}
     found = {k: parse_join(s.sql) for k, s in enumerate(segments) if shapes[k] is None}
     shaped = {k: j for k, j in found.items() if j is not None and joins}
@@ -503,47 +539,60 @@ def _sources(
     for k, shape in shapes.items():
         if shape is not None:
             by_view.setdefault(shape.view.lower(), []).append(k)
-    ons: dict[str, list[int]] = {}  # right view: its joins
-    names: dict[str, str] = {}
+    # per view: the joins' WHERE and ON conditions on it (each once), the first segment to read
+    # it and its name as written
+    wheres: dict[str, list[str | None]] = {}
+    ons: dict[str, list[str | None]] = {}
+    first: dict[str, int] = {k_view: ks[0] for k_view, ks in by_view.items()}
+    written_name: dict[str, str] = {v: shapes[ks[0]].view for v, ks in by_view.items()}  # type: ignore[union-attr]
     for k, j in shaped.items():
-        ons.setdefault(j.right.lower(), []).append(k)
-        names[j.right.lower()] = j.right
-    merged: dict[int, Source] = {}  # by its first segment
-    right_sql: dict[int, tuple[str, int]] = {}  # a join's right query and j column
-    for view in dict.fromkeys([*by_view, *ons]):
+        for view, conditions, condition in ((j.left, wheres, j.where), (j.right, ons, j.on)):
+            listed = conditions.setdefault(view.lower(), [])
+            if condition not in listed:
+                listed.append(condition)
+            first[view.lower()] = min(first.get(view.lower(), k), k)
+            written_name.setdefault(view.lower(), view)
+
+    def key(view: str, kind: str, at: int) -> str:
+        name = f"{view}\x00{kind}{at}"  # no segment's name: internal bitmaps of the pass
+        while name in names:
+            name += "\x00"
+        return name
+
+    merged: dict[int, list[Source]] = {}  # by the first segment reading its view
+    for view in sorted(set(by_view) | set(wheres) | set(ons), key=lambda v: first[v]):
         members = by_view.get(view, [])
-        members = members if len(members) >= 2 else []
+        view_wheres, view_ons = wheres.get(view, []), ons.get(view, [])
+        if len(members) < 2 and not view_wheres and not view_ons:
+            continue
         picked = [shapes[k] for k in members]
-        on_members = ons.get(view, [])
-        if not members and not on_members:
-            continue
-        name = picked[0].view if picked else names[view]  # type: ignore[union-attr]
-        sql = merged_sql(name, picked, [shaped[k].on for k in on_members])  # type: ignore[arg-type]
-        frame = query(sql)
-        if frame is None and on_members:
+        extra = [Simple(written_name[view], w, False, None) for w in view_wheres]
+        frame = query(merged_sql(written_name[view], [*picked, *extra], view_ons))  # type: ignore[list-item]
+        if frame is None and (view_wheres or view_ons):
             raise _NotMerged
         if frame is None:
             continue
-        for at, k in enumerate(on_members):
-            right_sql[k] = (sql, at)
-        if members:
-            flags = tuple(f"s{j}" for j in range(len(members)))
-            merged[members[0]] = Source(frame, tuple(segments[k].name for k in members), flags)
-    by_left: dict[str, list[int]] = {}
+        keys = [key(view, "w", at) for at in range(len(view_wheres))]
+        keys += [key(view, "j", at) for at in range(len(view_ons))]
+        flags = [f"s{at}" for at in range(len(picked) + len(view_wheres))]
+        flags += [f"j{at}" for at in range(len(view_ons))]
+        merged.setdefault(first[view], []).append(
+            Source(frame, tuple(segments[k].name for k in members) + tuple(keys), tuple(flags))
+        )
+    derived: dict[str, Derived] = {}
     for k, j in shaped.items():
-        by_left.setdefault(j.left.lower(), []).append(k)
-    for members in by_left.values():
-        sql = joined_sql(shaped[members[0]].left, [(shaped[k], *right_sql[k]) for k in members])
-        frame = query(sql)
-        if frame is None:
-            raise _NotMerged
-        flags = tuple(f"s{j}" for j in range(len(members)))
-        merged[members[0]] = Source(frame, tuple(segments[k].name for k in members), flags)
-    inside = {name for source in merged.values() for name in source.segments}
+        left, right = j.left.lower(), j.right.lower()
+        derived[names[k]] = Derived(
+            key(left, "w", wheres[left].index(j.where)),
+            key(right, "j", ons[right].index(j.on)),
+            j.anti,
+        )
+    inside = {name for listed in merged.values() for s in listed for name in s.segments}
+    inside |= set(derived)
     out: list[Source] = []
     for k, (segment, frame) in enumerate(zip(segments, frames, strict=True)):
-        if k in merged:
-            out.append(merged[k])
-        elif segment.name not in inside:
+        out += merged.get(k, [])
+        if segment.name not in inside:
             out.append(Source(frame, (segment.name,)))
-    return out
+    written = {names[k]: frames[k] for k in shaped}
+    return Plan(out, derived, written)

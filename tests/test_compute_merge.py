@@ -3,6 +3,7 @@ job per segment (as written) on a small lake, edge cases included."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -179,16 +180,18 @@ def test_merged_sources_cover_every_segment_once(spark, small_lake: Path) -> Non
     segments = definitions.parse(EDGES)
     batch.register_views(spark, small_lake)
     frames = [batch.analyze(spark, s) for s in segments]
-    sources = merge.sources(segments, frames)
-    assert [s.segments for s in sources] == [
-        ("nobody", "vip", "everyone", "null_where"),
+    plan = merge.plan(segments, frames)
+    names = {s.name for s in segments}
+    assert [tuple(n for n in s.segments if n in names) for s in plan.sources] == [
+        ("nobody", "vip", "everyone", "null_where"),  # + the joins' WHERE columns
         ("few_orders", "few_books", "no_big_order", "three_categories", "electronics"),
         ("ordered_vip",),
-        ("viewers",),  # alone on its view: as written
-        ("vip_books", "no_books", "no_events", "null_on_semi", "null_on_anti")
-        + ("null_where_anti", "big_order"),
+        ("viewers",),  # + no_events's ON column (alone on its view, it would run as written)
         ("ordered_after_signup",),
     ]
+    joins = ["vip_books", "no_books", "no_events", "null_on_semi", "null_on_anti"]
+    assert list(plan.joins) == [*joins, "null_where_anti", "big_order"]
+    assert len({plan.joins[n].where for n in joins[1:]}) == 1, "one WHERE bitmap per condition"
 
 
 @pytest.mark.spark
@@ -243,10 +246,77 @@ def test_a_join_on_null_ids_equals_the_join_as_written(spark, small_lake: Path) 
         )  # fmt: skip
     )
     frames = [batch.analyze(spark, s) for s in segments]
-    assert [s.segments for s in merge.sources(segments, frames)] == [("some", "none")]
-    merged = batch.evaluate(segments, frames)
+    plan = merge.plan(segments, frames)
+    assert list(plan.joins) == ["some", "none"]
+    assert not {"some", "none"} & {n for s in plan.sources for n in s.segments}
+    # from the bitmaps alone: no join runs as written (`written` is what it would run)
+    merged = merge.bitmaps(dataclasses.replace(plan, written={}), ["some", "none"])
     assert merged == batch.evaluate(segments, frames, one_pass=False)
     assert merged["some"] and merged["none"]
+
+
+def _outcome(segments, frames, **options) -> dict | str:  # noqa: ANN001
+    try:
+        return batch.evaluate(segments, frames, **options)
+    except DefinitionError as e:
+        return str(e)
+
+
+@pytest.mark.spark
+def test_joins_over_null_and_negative_ids_answer_as_the_sql_does(spark, small_lake: Path) -> None:
+    """W & J and W - J give the joins' answers, errors included, with NULL and negative ids
+    on either side: from the bitmaps when the left ids are valid, else the join as written."""
+    batch.register_views(spark, small_lake)
+    spark.sql(  # NULL and negative ids on the right; no valid left id is negative
+        "CREATE OR REPLACE TEMP VIEW righty AS SELECT CASE WHEN amount > 60 THEN NULL "
+        "WHEN amount > 40 THEN -(user_id % 1000) - 1 ELSE user_id END AS user_id, category "
+        "FROM orders"
+    )
+    spark.sql(  # NULL ids, negative ones absent from righty, and negative ones it has
+        "CREATE OR REPLACE TEMP VIEW lefty AS SELECT CASE WHEN user_id % 11 = 0 THEN NULL "
+        "WHEN user_id % 13 = 0 THEN -user_id WHEN user_id % 17 = 0 THEN -(user_id % 1000) - 1 "
+        "ELSE user_id END AS user_id, tier FROM users"
+    )
+    on = " r ON r.user_id = l.user_id"
+    valid_left = definitions.parse(
+        segment("semi", f"SELECT l.user_id FROM users l LEFT SEMI JOIN righty{on}")
+        + segment("anti", f"SELECT l.user_id FROM users l LEFT ANTI JOIN righty{on}")
+        + segment(
+            "anti_books",
+            f"SELECT l.user_id FROM users l LEFT ANTI JOIN righty{on} AND r.category = 'books' "
+            "WHERE l.tier <> 'basic'",
+        )
+    )
+    frames = [batch.analyze(spark, s) for s in valid_left]
+    plan = merge.plan(valid_left, frames)
+    assert list(plan.joins) == ["semi", "anti", "anti_books"]
+    found = merge.bitmaps(dataclasses.replace(plan, written={}), list(plan.joins))
+    assert found == batch.evaluate(valid_left, frames, one_pass=False)
+    assert all(found.values())
+    kept = " WHERE l.user_id IS NULL OR l.user_id > 0"
+    cases = [  # (segment, what the SQL gives)
+        # NULL left ids match nothing, nor do the negative ones righty lacks
+        (f"SELECT l.user_id FROM lefty l LEFT SEMI JOIN righty{on}{kept} OR l.user_id < -1e7",
+         dict),
+        (f"SELECT l.user_id FROM lefty l LEFT SEMI JOIN righty{on}", "must be >= 0"),
+        (f"SELECT l.user_id FROM lefty l LEFT ANTI JOIN righty{on} WHERE l.user_id > 0", dict),
+        (f"SELECT l.user_id FROM lefty l LEFT ANTI JOIN righty{on}{kept}", "is null"),
+        (f"SELECT l.user_id FROM lefty l LEFT ANTI JOIN righty{on} AND r.user_id > 0 "
+         "WHERE l.user_id < -1e7", "must be >= 0"),
+    ]  # fmt: skip
+    for sql, expected in cases:
+        segments = definitions.parse(
+            segment("first", "SELECT user_id FROM users WHERE tier = 'vip'") + segment("join", sql)
+        )
+        frames = [batch.analyze(spark, s) for s in segments]
+        assert list(merge.plan(segments, frames).joins) == ["join"]
+        merged = _outcome(segments, frames)
+        assert merged == _outcome(segments, frames, one_pass=False), sql
+        if expected is dict:
+            assert isinstance(merged, dict) and merged["join"], sql
+        else:
+            assert isinstance(merged, str) and "segment 'join'" in merged, sql
+            assert expected in merged, sql
 
 
 @pytest.mark.spark

@@ -6,8 +6,10 @@ The real publisher (publisher/) replaces it; this only knows enough to put segme
 from __future__ import annotations
 
 import subprocess
+import sys
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -70,6 +72,72 @@ def publish_gap(transport: Transport, segment: str, state: LogState) -> None:
             Delta(segment, version + 5, version + 6, BitMap64(), BitMap64(), len(members), 0)
         )
         w.append("deltas", partition_for(segment, w.partitions), delta_key(segment), value)
+
+
+class HeldRebootstrap:
+    """A ready replica whose bootstrap aside after its log took a new identity
+    (`_bootstrap_again`) `changed` holds: its clock, which that bootstrap's expiry tick reads,
+    waits on the replica thread there until released."""
+
+    def __init__(self, tailing: Replica, wait: float) -> None:
+        self.tailing, self.wait = tailing, wait
+        self.held, self.entered, self.release = (threading.Event() for _ in range(3))
+        tailing.clock_ms = self.clock
+
+    def clock(self) -> int:
+        if self.held.is_set() and threading.current_thread().name == "replica":
+            frame = sys._getframe()
+            while frame is not None and frame.f_code.co_name != "_bootstrap_again":
+                frame = frame.f_back  # type: ignore[assignment]
+            if frame is not None:
+                self.entered.set()
+                self.release.wait(self.wait)
+        return int(time.time() * 1000)
+
+    @contextmanager
+    def changed(self, new_identity: Callable[[], None]) -> Iterator[None]:
+        """`new_identity()` gives the log a new identity; inside, the replica is held in its
+        bootstrap aside (the old state answering); on leaving, it goes on."""
+        self.held.set()
+        try:
+            new_identity()
+            assert self.entered.wait(self.wait), self.tailing.status()
+            yield
+        finally:
+            self.held.clear()
+            self.release.set()
+
+    def assert_check_at_waits(
+        self,
+        new_identity: Callable[[], None],
+        segment: str,
+        old_member: int,
+        new_member: int,
+        version: int,
+        during: Callable[[], None] = lambda: None,
+    ) -> None:
+        """Held in the bootstrap after `new_identity()` (under which `segment` holds
+        `new_member` at `version`), the old state answers `contains(old_member)` but no
+        `check_at` (its versions are the old log's); a `check_at` waiting meanwhile answers
+        from the new state once it is in. `during()` runs while held."""
+        tailing = self.tailing
+        old = tailing.engine.version_of(segment)
+        with self.changed(new_identity):
+            assert tailing.engine.version_of(segment) == old  # the old state, still answering
+            assert tailing.contains(old_member, segment) is True
+            assert tailing.check_at(new_member, segment, version, wait_ms=0) is None
+            assert tailing.check_at(old_member, segment, 1, wait_ms=0) is None
+            during()
+            waited: list[bool | None] = []
+            waiting = threading.Thread(
+                target=lambda: waited.append(tailing.check_at(new_member, segment, version))
+            )
+            waiting.start()
+            time.sleep(0.05)
+        waiting.join(self.wait)
+        assert waited == [True], tailing.status()
+        assert tailing.check_at(new_member, segment, version, wait_ms=0) is True
+        assert tailing.status()["rebootstraps"] >= 1
 
 
 # -- running a sidecar in-process for server tests ---------------------------------------------

@@ -31,7 +31,13 @@ from sidecar.server.metrics import ReplicaCollector
 from sidecar.transport import LogDirTransport
 from sidecar.transport.base import TransportError
 from sidecar.transport.logdir import MAGIC, survey
-from tests.logtools import SidecarThread, get_json, ready_replica, started_replica
+from tests.logtools import (
+    HeldRebootstrap,
+    SidecarThread,
+    get_json,
+    ready_replica,
+    started_replica,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 WAIT = 30
@@ -259,49 +265,32 @@ def test_a_replica_tailing_through_repair_log_answers_as_a_fresh_one(
                     assert tailing.contains(user, segment) == fresh.contains(user, segment)
 
 
-class HeldRebootstrap:
+class RepairHeld(HeldRebootstrap):
     """A replica serving a published log (all four publishes in) whose bootstrap after a
-    `--repair-log` (`_bootstrap_again`) `repaired` holds: its clock, which that bootstrap's
-    expiry tick reads, waits on the replica thread there until released."""
+    `--repair-log` `repaired` holds (`HeldRebootstrap`)."""
 
     def __init__(self, tailing: Replica, log: Path) -> None:
-        self.tailing, self.log = tailing, log
-        self.held, self.entered, self.release = (threading.Event() for _ in range(3))
-        tailing.clock_ms = self.clock
+        super().__init__(tailing, WAIT)
+        self.log = log
         assert tailing.wait_ready(WAIT), tailing.status()
         wait_for(lambda: tailing.engine.version_of("a") == 4, "all four publishes")
 
-    def clock(self) -> int:
-        if self.held.is_set() and threading.current_thread().name == "replica":
-            frame = sys._getframe()
-            while frame is not None and frame.f_code.co_name != "_bootstrap_again":
-                frame = frame.f_back  # type: ignore[assignment]
-            if frame is not None:
-                self.entered.set()
-                self.release.wait(WAIT)
-        return int(time.time() * 1000)
+    def repair(self) -> None:
+        """Damage, repair and republish the log: a = [5, 6] at version 3."""
+        flip_middle(self.log)
+        repair_and_republish(self.log, {"a": BitMap64([5, 6]), "b": BitMap64([12, 13])})
 
-    @contextlib.contextmanager
-    def repaired(self) -> Iterator[None]:
-        """Damage, repair and republish the log; inside, the replica is held in its
-        bootstrap aside (the old state answering); on leaving, it goes on."""
-        self.held.set()
-        try:
-            flip_middle(self.log)
-            repair_and_republish(self.log, {"a": BitMap64([5, 6]), "b": BitMap64([12, 13])})
-            assert self.entered.wait(WAIT), self.tailing.status()
-            yield
-        finally:
-            self.held.clear()
-            self.release.set()
+    def repaired(self) -> contextlib.AbstractContextManager[None]:
+        """`repair`, held inside (`HeldRebootstrap.changed`)."""
+        return self.changed(self.repair)
 
 
 @contextlib.contextmanager
-def held_rebootstrap(tmp_path: Path) -> Iterator[HeldRebootstrap]:
+def held_rebootstrap(tmp_path: Path) -> Iterator[RepairHeld]:
     log = tmp_path / "log"
     published(log)
     with started_replica(LogDirTransport(log), poll_interval=0.01) as tailing:
-        yield HeldRebootstrap(tailing, log)
+        yield RepairHeld(tailing, log)
 
 
 def test_read_your_publish_waits_for_the_bootstrap_after_repair_log(tmp_path: Path) -> None:
@@ -310,21 +299,8 @@ def test_read_your_publish_waits_for_the_bootstrap_after_repair_log(tmp_path: Pa
     version 3. A `check_at` waits for the new state (or answers unknown), never answers
     from the old one; once the new state is in, it answers from it."""
     with held_rebootstrap(tmp_path) as held:
-        tailing = held.tailing
-        with held.repaired():
-            assert tailing.engine.version_of("a") == 4  # the old state, still answering
-            assert tailing.contains(3, "a") is True
-            # the republish wrote a = [5, 6] at version 3: the old state's 4 is not it
-            assert tailing.check_at(5, "a", 3, wait_ms=0) is None
-            assert tailing.check_at(3, "a", 1, wait_ms=0) is None
-            waited: list[bool | None] = []
-            waiting = threading.Thread(target=lambda: waited.append(tailing.check_at(5, "a", 3)))
-            waiting.start()
-            time.sleep(0.05)
-        waiting.join(WAIT)
-        assert waited == [True], tailing.status()
-        assert tailing.check_at(5, "a", 3, wait_ms=0) is True
-        assert tailing.status()["rebootstraps"] >= 1
+        # the republish wrote a = [5, 6] at version 3: the old state's 4 is not it
+        held.assert_check_at_waits(held.repair, "a", old_member=3, new_member=5, version=3)
 
 
 def _gauges(replica: Replica) -> dict[str, float]:

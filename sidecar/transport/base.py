@@ -113,7 +113,7 @@ class LogReader(abc.ABC):
     def identity(self) -> str | None:
         """`Transport.identity()` of the log as this reader opened it, when the reader knows it
         without a round trip; None otherwise. A reader that sees the log take a new identity
-        under it raises TransportError (its offsets may mean other records now)."""
+        under it raises NewLogIdentity (its offsets may mean other records now)."""
         return None
 
     def damage(self) -> str | None:

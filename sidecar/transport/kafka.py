@@ -9,6 +9,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from concurrent.futures import Future
 from typing import TypeVar
 
 from confluent_kafka import (
@@ -23,7 +24,7 @@ from confluent_kafka import (
 from confluent_kafka.admin import AdminClient, NewTopic, OffsetSpec
 
 from . import base
-from .base import TOPICS, FencedError, LogRecord, Topic, TransportError
+from .base import TOPICS, FencedError, LogRecord, NewLogIdentity, Topic, TransportError
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,10 @@ CLIENT_DEFAULTS: dict[str, object] = {"reconnect.backoff.ms": 10}
 #: tailing reader blocks for its whole timeout.
 MARKER_WATCH_S = 0.2
 MARKER_POLL_S = 0.003
+#: How often a reader's poll asks for the topics' ids (one describe, answered off the poll:
+#: `KafkaReader._look_at_identity`), so topics deleted and created again under it are seen
+#: within about this long even when no offset goes back.
+IDENTITY_CHECK_S = 2.0
 _FENCED_CODES = {
     KafkaError._FENCED,
     KafkaError.PRODUCER_FENCED,
@@ -264,6 +269,11 @@ class KafkaReader(base.LogReader):
         self._t = transport
         # Short: a replica retries, and says why meanwhile (a broker that is down).
         self.partitions = transport.partition_count(timeout=CONNECT_TIMEOUT)
+        #: the topics' ids as this reader opened them: its offsets are of those topics
+        self._identity = transport.identity()
+        #: the describe in flight (`_look_at_identity`), and when the next one is due
+        self._described: dict[str, Future] | None = None
+        self._describe_at = time.monotonic() + IDENTITY_CHECK_S
         self._consumer = Consumer(
             transport.client_config(
                 {
@@ -291,6 +301,54 @@ class KafkaReader(base.LogReader):
             with contextlib.suppress(KafkaException):
                 connect(self._consumer, transport.topic(kind), 10)
 
+    def identity(self) -> str:
+        return self._identity
+
+    def _new_identity(self, what: str) -> NewLogIdentity:
+        return NewLogIdentity(
+            f"{what} (deleted and created again?): this reader's offsets may mean other "
+            "records now; reading the log again"
+        )
+
+    def _judge(self, described: dict[str, Future]) -> None:
+        """NewLogIdentity when the answered describe `described` names other topic ids than
+        the ones this reader opened, or no topics; a describe that failed otherwise (a broker
+        down) says nothing."""
+        try:
+            seen = self._t.identity_of(described)
+        except KafkaException as exc:
+            err = _error(exc)
+            if err is not None and err.code() == KafkaError.UNKNOWN_TOPIC_OR_PART:
+                raise self._new_identity(f"Kafka topics {self._t.prefix}.* are gone") from exc
+            log.debug("describing the topics: %s", exc)
+            return
+        if seen != self._identity:
+            raise self._new_identity(f"Kafka topics {self._t.prefix}.* have new ids")
+
+    def _look_at_identity(self) -> None:
+        """`_judge` the topics' ids every IDENTITY_CHECK_S: the describe is sent here and its
+        answer read by a later poll once it is in, so no poll waits for it."""
+        if self._described is not None and all(f.done() for f in self._described.values()):
+            described, self._described = self._described, None
+            self._judge(described)
+        if self._described is None and time.monotonic() >= self._describe_at:
+            self._describe_at = time.monotonic() + IDENTITY_CHECK_S
+            try:
+                self._described = self._t.describe_topics()
+            except (KafkaException, TransportError) as exc:
+                log.debug("describing the topics: %s", exc)
+
+    def _went_back(self, key: tuple[Topic, int], offset: int) -> None:
+        """NewLogIdentity when the consumer stands before the position it reached: it reset
+        to the start (auto.offset.reset, with the broker's offset out of range) because the
+        partition is shorter than that now, as a new topic of the same name is. Only a new
+        incarnation takes offsets back (retention moves the start forward)."""
+        if offset < self._next.get(key, 0):
+            raise self._new_identity(
+                f"Kafka topic {self._t.topic(key[0])} [{key[1]}] went back to offset {offset} "
+                f"from {self._next[key]}"
+            )
+
     def watermarks(self, topic: Topic, partition: int) -> tuple[int, int]:
         return self.watermarks_all(topic)[partition]
 
@@ -298,9 +356,27 @@ class KafkaReader(base.LogReader):
         admin = self._t._admin()
         name = self._t.topic(topic)
         tps = [TopicPartition(name, p) for p in range(self.partitions)]
-        low = list_offsets(admin, tps, "earliest")
-        end = list_offsets(admin, tps, "latest")
+        try:
+            low = list_offsets(admin, tps, "earliest")
+            end = list_offsets(admin, tps, "latest")
+        except TransportError:
+            self._identity_now()  # topics deleted: that, rather than "cannot read offsets"
+            raise
+        for p in range(self.partitions):  # a partition now shorter than where this reader is
+            if (topic, p) not in self._unfetched:
+                self._went_back((topic, p), end[(name, p)])
         return {p: (low[(name, p)], end[(name, p)]) for p in range(self.partitions)}
+
+    def _identity_now(self) -> None:
+        """`_judge` the topics' ids now (a short describe, not retried)."""
+        try:
+            described = self._t.describe_topics(request_timeout=5)
+            for f in described.values():
+                f.exception(timeout=10)
+        except (KafkaException, TransportError, TimeoutError) as exc:
+            log.debug("describing the topics: %s", exc)
+            return
+        self._judge(described)
 
     def assign(self, assignments: dict[tuple[Topic, int], int]) -> None:
         self._next = dict(assignments)
@@ -323,9 +399,10 @@ class KafkaReader(base.LogReader):
         moved = False
         for tp in self._consumer.position(self._assigned):
             key = (self._kinds[tp.topic], tp.partition)
-            if key in self._unfetched:
+            if key in self._unfetched or tp.offset < 0:  # negative: not known (yet)
                 continue
-            if tp.offset > self._next.get(key, 0):  # an unknown position is negative
+            self._went_back(key, tp.offset)
+            if tp.offset > self._next.get(key, 0):
                 self._next[key] = tp.offset
                 moved = True
         return moved
@@ -333,6 +410,7 @@ class KafkaReader(base.LogReader):
     def poll(self, timeout: float) -> list[LogRecord]:
         deadline = time.monotonic() + timeout
         out: list[LogRecord] = []
+        self._look_at_identity()
         while True:
             # consume() with a timeout holds even one ready message until the timeout ends:
             # drain what is queued, else wait for the first message with poll().
@@ -353,6 +431,7 @@ class KafkaReader(base.LogReader):
                 self._unfetched.discard(tp)
                 if err is not None:
                     if err.code() == KafkaError._PARTITION_EOF:
+                        self._went_back(tp, msg.offset())
                         # read_committed: EOF sits at the last stable offset, past markers.
                         # A caller waiting for a position (read_until) must hear of it now.
                         moved = moved or msg.offset() > self._next.get(tp, 0)
@@ -363,6 +442,7 @@ class KafkaReader(base.LogReader):
                     log.warning("Kafka consumer: %s", err)
                     continue
                 offset = msg.offset()
+                self._went_back(tp, offset)
                 self._next[tp] = offset + 1
                 out.append(LogRecord(tp[0], tp[1], offset, msg.key(), msg.value()))
             if out:
@@ -494,11 +574,19 @@ class KafkaTransport(base.Transport):
     def identity(self) -> str:
         """The topics' ids: topics deleted and created again get new ones."""
         names = [self.topic(k) for k in TOPICS]
-        admin = self._admin()
+        return retrying(
+            f"cannot describe topics {names}", lambda: self.identity_of(self.describe_topics())
+        )
 
-        def call() -> list[str]:
-            futures = admin.describe_topics(TopicCollection(names), request_timeout=15)
-            return [str(futures[n].result().topic_id) for n in names]
+    def describe_topics(self, request_timeout: float = 15) -> dict[str, Future]:
+        """A describe of the two topics, sent: `identity_of` reads its answer."""
+        names = [self.topic(k) for k in TOPICS]
+        return self._admin().describe_topics(
+            TopicCollection(names), request_timeout=request_timeout
+        )
 
-        ids = retrying(f"cannot describe topics {names}", call)
+    def identity_of(self, described: dict[str, Future]) -> str:
+        """`identity()` from the answer to `describe_topics()` (waiting for it); KafkaException
+        when it failed (UNKNOWN_TOPIC_OR_PART: the topics are gone)."""
+        ids = [str(described[self.topic(k)].result().topic_id) for k in TOPICS]
         return f"{self.describe()} ids {','.join(ids)}"

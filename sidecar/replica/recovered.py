@@ -97,7 +97,8 @@ class RecoveredLog:
             raise
         try:
             if self._state_dir is not None:
-                self._log_id = self._log_id or transport.identity()
+                # the identity of what the reader reads, when it knows it
+                self._log_id = self._reader.identity() or self._log_id or transport.identity()
                 if ckpt is not None and not checkpoint.is_of(ckpt, self._log_id, self._state_dir):
                     ckpt = None
             if ckpt is not None and self._resume(ckpt):

@@ -17,7 +17,9 @@ where <h'> is <h> with `FILTER (WHERE <w>)` after each aggregate call, so each a
 the rows the segment's own WHERE keeps; the COUNT(*) > 0 term keeps out the groups the segment
 would not have (HAVING COUNT(*) < 5 is true for a group the segment has no row of). Without any
 GROUP BY in the view's segments it is a projection: `coalesce(<w>, false)` per segment.
-HAVING's COUNT(DISTINCT c) is size(collect_set(c)) with the FILTER. A semi/anti join of one
+HAVING's COUNT(DISTINCT c) is a bitmask of c's values with the FILTER when c is an integer or
+a string with at most 63 distinct values in the segment's rows (`bitmasked`: a Spark job lists
+them first), else size(collect_set(c)). A semi/anti join of one
 view on another by user_id (`parse_join`) adds a column to each side's merged query (its
 WHERE on the left, its ON on the right) and is taken from their bitmaps on the driver (W & J
 or W - J: `Plan`), so no table is read twice. Anything else (other joins, subqueries,
@@ -31,7 +33,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from pyroaring import BitMap64
@@ -40,6 +42,7 @@ from compute.bitmaps import Source, decided, source_results
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
+    from pyspark.sql.types import DataType
 
     from compute.definitions import Segment
 
@@ -175,6 +178,8 @@ class Simple:
     having: tuple[str, ...] | None  # the HAVING text in pieces: an aggregate call ends each
     #: the columns of HAVING's COUNT(DISTINCT c), written size(collect_set(c)) in the pieces
     distinct: tuple[str, ...] = ()
+    #: for each of `distinct`, the index of the piece its size(collect_set(c) ends
+    distinct_at: tuple[int, ...] = ()
 
 
 def parse(sql: str) -> Simple | None:
@@ -240,8 +245,8 @@ def parse(sql: str) -> Simple | None:
         split = _split_having(sql, body[having_at + 1 :])
         if split is None:
             return None
-        having, counted = split
-        return Simple(view, where_text, True, having, counted)
+        having, counted, at = split
+        return Simple(view, where_text, True, having, counted, at)
     return Simple(view, where_text, grouped_at is not None, None)
 
 
@@ -257,14 +262,17 @@ def _counts(tokens: list[_Token], k: int) -> bool:
     )
 
 
-def _split_having(sql: str, tokens: list[_Token]) -> tuple[tuple[str, ...], tuple[str, ...]] | None:
+def _split_having(
+    sql: str, tokens: list[_Token]
+) -> tuple[tuple[str, ...], tuple[str, ...], tuple[int, ...]] | None:
     """HAVING's text cut after each aggregate call's closing parenthesis, COUNT(DISTINCT c)
-    as size(collect_set(c)) (the same count: both skip NULLs), and the columns c; None when it
-    calls something this module does not know."""
+    as size(collect_set(c)) (the same count: both skip NULLs), the columns c and the pieces
+    their size(collect_set(c) ends; None when it calls something this module does not know."""
     if not tokens:
         return None
     pieces: list[str] = []
     counted: list[str] = []
+    at: list[int] = []
     start = tokens[0].start
     k = 0
     while k < len(tokens):
@@ -274,6 +282,7 @@ def _split_having(sql: str, tokens: list[_Token]) -> tuple[tuple[str, ...], tupl
             name = t.word
             if name == "count" and _counts(tokens, k + 2):
                 counted.append(tokens[k + 3].text)
+                at.append(len(pieces))
                 pieces.append(f"{sql[start : t.start]}size(collect_set({tokens[k + 3].text})")
                 start = tokens[k + 4].start
                 k += 5
@@ -291,7 +300,7 @@ def _split_having(sql: str, tokens: list[_Token]) -> tuple[tuple[str, ...], tupl
                 return None
         k += 1
     pieces.append(sql[start : tokens[-1].end])
-    return tuple(pieces), tuple(counted)
+    return tuple(pieces), tuple(counted), tuple(at)
 
 
 @dataclass(frozen=True)
@@ -498,18 +507,98 @@ def _counted_exactly(spark: SparkSession, shape: Simple | None) -> Simple | None
     """
     if shape is None or not shape.distinct:
         return shape
-    from pyspark.errors import PySparkException
     from pyspark.sql.types import DoubleType, FloatType
 
-    try:
-        fields = {f.name.lower(): f.dataType for f in spark.table(shape.view).schema.fields}
-    except PySparkException:
-        return None
     for column in shape.distinct:
-        kind = fields.get(column.strip("`").replace("``", "`").lower())
+        kind = _column_type(spark, shape.view, column)
         if kind is None or isinstance(kind, (DoubleType, FloatType)):
             return None
     return shape
+
+
+def _column_type(spark: SparkSession, view: str, column: str) -> DataType | None:
+    """The type of the view's column (as written, maybe quoted); None when there is none."""
+    from pyspark.errors import PySparkException
+
+    try:
+        fields = {f.name.lower(): f.dataType for f in spark.table(view).schema.fields}
+    except PySparkException:
+        return None
+    return fields.get(column.strip("`").replace("``", "`").lower())
+
+
+#: COUNT(DISTINCT c) is a bitmask when c has at most this many distinct non-NULL values: the
+#: bits 1..63 of a BIGINT, at array_position's 1-based positions
+BITMASK_VALUES = 63
+
+
+def bitmasked(shape: Simple, values: Sequence[Sequence[str] | None]) -> Simple:
+    """The shape with its k-th COUNT(DISTINCT c) counted as
+    `coalesce(bit_count(bit_or(shiftleft(1L, array_position(array(<values[k]>), c)))), 0L)`,
+    bit_or FILTERed like the other aggregates, where values[k] is given: SQL literals of every
+    distinct non-NULL value of c in the rows the segment's WHERE keeps, at most BITMASK_VALUES
+    (`_listed`); size(collect_set(c)) where it is None. A NULL c has a NULL position, so a NULL
+    bit, which bit_or skips, as COUNT(DISTINCT) skips NULLs; a group without a non-NULL c has
+    a NULL bit_or, counted 0. A plain HashAggregate, where collect_set is an
+    ObjectHashAggregate without code generation (perf/ANALYSIS.md, eighth session)."""
+    pieces = list(shape.having or ())
+    kept: list[tuple[str, int]] = []  # still collect_set
+    for column, at, listed in zip(shape.distinct, shape.distinct_at, values, strict=True):
+        if listed is None:
+            kept.append((column, at))
+            continue
+        written = f"size(collect_set({column})"
+        head = pieces[at][: -len(written)]
+        array = f"array({', '.join(listed)})"
+        pieces[at] = (
+            f"{head}coalesce(bit_count(bit_or(shiftleft(1L, array_position({array}, {column})))"
+        )
+        pieces[at + 1] = f"), 0L{pieces[at + 1]}"  # closes bit_count, then coalesce
+    return replace(
+        shape,
+        having=tuple(pieces),
+        distinct=tuple(c for c, _ in kept),
+        distinct_at=tuple(at for _, at in kept),
+    )
+
+
+def _listed(spark: SparkSession, shape: Simple, column: str) -> tuple[str, ...] | None:
+    """SQL literals of the column's distinct non-NULL values in the view's rows that the
+    shape's WHERE keeps (one Spark job), when there are at most BITMASK_VALUES and the column
+    is an integer or a string compared byte by byte (UTF8_BINARY); None otherwise, or when the
+    job fails (the merged query then decides). Strings are read as hex and written back as
+    binary literals, so any bytes survive."""
+    from py4j.protocol import Py4JError
+    from pyspark.errors import PySparkException
+    from pyspark.sql.types import ByteType, IntegerType, LongType, ShortType, StringType
+
+    kind = _column_type(spark, shape.view, column)
+    if isinstance(kind, (ByteType, ShortType, IntegerType, LongType)):
+        shown, literal, typed = f"CAST({column} AS STRING)", "CAST({} AS BIGINT)", "BIGINT"
+    elif isinstance(kind, StringType) and kind.collation == "UTF8_BINARY":
+        shown, literal, typed = f"hex({column})", "CAST(X'{}' AS STRING)", "STRING"
+    else:
+        return None
+    kept = f"(\n{shape.where}\n) AND " if shape.where is not None else ""
+    sql = (
+        f"SELECT {shown} FROM (SELECT DISTINCT {column} FROM {shape.view} "
+        f"WHERE {kept}{column} IS NOT NULL) LIMIT {BITMASK_VALUES + 1}"
+    )
+    try:
+        rows = spark.sql(sql).collect()
+    except (PySparkException, Py4JError):
+        return None
+    if len(rows) > BITMASK_VALUES:
+        return None
+    # no value: a typed array that matches none (no row of the FILTER has a non-NULL value)
+    return tuple(literal.format(r[0]) for r in rows) or (f"CAST(NULL AS {typed})",)
+
+
+def _counted(spark: SparkSession, shape: Simple) -> Simple:
+    """The shape with each COUNT(DISTINCT c) a bitmask where `_listed` gives c's values."""
+    if not shape.distinct:
+        return shape
+    return bitmasked(shape, [_listed(spark, shape, c) for c in shape.distinct])
 
 
 class _NotMerged(Exception):
@@ -565,7 +654,7 @@ def _plan(segments: Sequence[Segment], frames: Sequence[DataFrame], *, joins: bo
         view_wheres, view_ons = wheres.get(view, []), ons.get(view, [])
         if len(members) < 2 and not view_wheres and not view_ons:
             continue
-        picked = [shapes[k] for k in members]
+        picked = [_counted(spark, shapes[k]) for k in members]  # type: ignore[arg-type]
         extra = [Simple(written_name[view], w, False, None) for w in view_wheres]
         frame = query(merged_sql(written_name[view], [*picked, *extra], view_ons))  # type: ignore[list-item]
         if frame is None and (view_wheres or view_ons):

@@ -353,3 +353,46 @@ def test_count_distinct_of_a_double_runs_as_written(spark, small_lake: Path) -> 
     found = batch.evaluate(segments, frames)
     assert found == batch.evaluate(segments, frames, one_pass=False)
     assert found["one_x"] == found["any"]  # -0.0 and 0.0 counted as one value
+
+
+@pytest.mark.spark
+def test_count_distinct_as_a_bitmask_answers_as_the_sql_does(spark, small_lake: Path) -> None:
+    """COUNT(DISTINCT c) of a string or integer column with at most 63 distinct values is a
+    bitmask (`merge.bitmasked`), of one with more size(collect_set(c)); both give the SQL's
+    answer with NULLs, groups whose values are all NULL, FILTERs and values at the boundary."""
+    batch.register_views(spark, small_lake)
+    spark.sql(
+        "CREATE OR REPLACE TEMP VIEW mixed AS SELECT user_id, amount, "
+        "CASE WHEN user_id % 7 = 0 OR amount > 80 THEN NULL "
+        "WHEN amount > 60 THEN concat(category, ' ''é\\\\') ELSE category END AS cat, "
+        "CASE WHEN user_id % 5 = 0 THEN NULL "
+        "ELSE CAST(CAST(amount * 100 AS BIGINT) % 63 - 31 AS INT) END AS n63, "
+        "CAST(amount * 100 AS BIGINT) % 64 AS n64, "
+        "CASE WHEN amount > 90 THEN NULL ELSE CAST(amount * 100 AS BIGINT) END AS many "
+        "FROM orders"
+    )
+    grouped = "SELECT user_id FROM mixed {} GROUP BY user_id HAVING {}"
+    cases = {  # name: (WHERE, HAVING)
+        "no_cat": ("", "COUNT(DISTINCT cat) = 0"),  # every value NULL (user_id % 7 = 0)
+        "two_cats": ("WHERE amount > 20", "COUNT(DISTINCT cat) >= 2"),
+        "cat_nobody": ("WHERE amount < 0", "COUNT(DISTINCT cat) = 0"),  # no row: no group
+        "three_n63": ("", "COUNT(DISTINCT n63) = 3 OR COUNT(DISTINCT n63) = 0"),
+        "three_n64": ("", "COUNT(DISTINCT n64) = 3"),
+        "mixed": ("WHERE amount > 10", "COUNT(DISTINCT many) > 2 AND COUNT(DISTINCT cat) < 2"),
+        "plain": ("", "COUNT(*) > 2"),
+    }
+    segments = definitions.parse(
+        "".join(segment(n, grouped.format(w, h)) for n, (w, h) in cases.items())
+    )
+    counted = {s.name: merge._counted(spark, merge.parse(s.sql)) for s in segments}
+    having = {n: "".join(s.having or ()) for n, s in counted.items()}
+    for name in ("no_cat", "two_cats", "cat_nobody", "three_n63"):
+        assert "bit_or" in having[name] and "collect_set" not in having[name], name
+    assert "collect_set(n64)" in having["three_n64"]  # 64 values
+    assert len(merge._listed(spark, merge.parse(segments[3].sql), "n63") or ()) == 63
+    assert "collect_set(many)" in having["mixed"] and "bit_or" in having["mixed"]
+    frames = [batch.analyze(spark, s) for s in segments]
+    assert [s.segments for s in merge.sources(segments, frames)] == [tuple(cases)]
+    found = batch.evaluate(segments, frames)
+    assert found == batch.evaluate(segments, frames, one_pass=False)
+    assert all(found[n] for n in cases if n != "cat_nobody") and not found["cat_nobody"]

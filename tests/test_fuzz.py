@@ -24,7 +24,7 @@ import schemathesis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pyroaring import BitMap64
-from schemathesis.checks import positive_data_acceptance
+from schemathesis.checks import negative_data_rejection, positive_data_acceptance
 
 from sidecar.protocol import BAD_REQUEST, DEFAULT_MAX_FRAME, OK, UNKNOWN_OP
 from sidecar.replica import Replica
@@ -168,7 +168,13 @@ def test_http_api_from_its_openapi_file(case: schemathesis.Case, server: Sidecar
     # positive_data_acceptance check): JSON Schema's "integer" admits 2.0 (DESIGN.md: a float
     # user id is a bad request), a 20-digit pattern admits ids above 2**64-1, an expression's
     # grammar is no pattern. Every other check runs, invalid data included.
-    case.call_and_validate(base_url=server.http_url, excluded_checks=[positive_data_acceptance])
+    # A 413 (the body over the 1 MiB limit, as openapi.json documents) refuses the request
+    # before its content is read: a rejection too, though not in schemathesis's own list.
+    response = case.call(base_url=server.http_url)
+    excluded = [positive_data_acceptance]
+    if response.status_code == 413:
+        excluded.append(negative_data_rejection)
+    case.validate_response(response, excluded_checks=excluded)
 
 
 def test_atheris_coverage_guided_fuzz_of_the_decoders() -> None:

@@ -367,6 +367,13 @@ def add_log_options(
         metavar="KEY=VALUE",
         help="extra librdkafka setting of the log's clients (SASL, SSL, ...); repeatable",
     )
+    group.add_argument(
+        "--kafka-identity-check",
+        type=positive_float,
+        metavar="SECONDS",
+        help="how often a reader of the log asks the broker for the topics' ids, to see them "
+        "deleted and created again (one metadata request each; default 2)",
+    )
     group.add_argument(log_dir, metavar="DIR", help="the embedded log directory")
     parser.exclusive(kafka, log_dir)
 
@@ -391,7 +398,13 @@ def transport_from_args(
         return LogDirTransport(log_dir)
     from .transport.kafka import KafkaTransport
 
-    return KafkaTransport(kafka, args.topic_prefix, dict(args.kafka_config))
+    every = args.kafka_identity_check
+    return KafkaTransport(
+        kafka,
+        args.topic_prefix,
+        dict(args.kafka_config),
+        **({} if every is None else {"identity_check_s": every}),
+    )
 
 
 # -- the Aerospike option group ------------------------------------------------------------------

@@ -257,6 +257,7 @@ SHARED = {
     "SEG_LOG_DIR": "the segment log's directory",
     "SEG_TOPIC_PREFIX": "the segment log's topics",
     "SEG_KAFKA_CONFIG": "the segment log's client settings",
+    "SEG_KAFKA_IDENTITY_CHECK": "how often the segment log's readers ask for its topics' ids",
     "SEG_PUBLISH_KAFKA": "the log the compute jobs publish to",
     "SEG_PUBLISH_LOG_DIR": "the log directory the compute jobs publish to",
     "SEG_AEROSPIKE": "the Aerospike seeds",
@@ -380,6 +381,29 @@ def test_environment_defaults_follow_the_documented_rules(
     assert capsys.readouterr().err == (
         "kit: error: the following arguments are required: --name (or SEG_NAME)\n"
     )
+
+
+def test_the_kafka_identity_check_interval_reaches_the_transport(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from sidecar.transport.kafka import IDENTITY_CHECK_S
+
+    for name in [k for k in os.environ if k.startswith("SEG_")]:
+        monkeypatch.delenv(name)
+    base = ["--name", "n", "--kafka", "h:1"]
+    args = _kit_parser().parse_args(base)
+    assert cliutil.transport_from_args(args).identity_check_s == IDENTITY_CHECK_S
+    args = _kit_parser().parse_args([*base, "--kafka-identity-check", "30"])
+    assert cliutil.transport_from_args(args).identity_check_s == 30.0
+    monkeypatch.setenv("SEG_KAFKA_IDENTITY_CHECK", "0.5")
+    assert cliutil.transport_from_args(_kit_parser().parse_args(base)).identity_check_s == 0.5
+    for bad in ["0", "-1", "inf", "soon"]:
+        with pytest.raises(SystemExit) as exit_:
+            _kit_parser().parse_args([*base, "--kafka-identity-check", bad])
+        assert exit_.value.code == 2
+        err = capsys.readouterr().err
+        assert "--kafka-identity-check" in err and "a positive number" in err
+        assert err.count("\n") == 1
 
 
 def test_the_help_shows_the_default_and_the_variable() -> None:

@@ -132,6 +132,34 @@ def test_a_kafka_reader_raises_new_log_identity_when_the_topics_are_created_agai
             assert again.identity() == t.identity()
 
 
+def test_the_topics_ids_are_asked_for_as_often_as_the_transport_says(
+    kafka_bootstrap: str, topic_prefix: str
+) -> None:
+    """Topics back longer under a reader are seen only by asking for their ids: a reader of a
+    transport told to ask every hour reads on for seconds without saying so, one told to ask
+    every 0.1 s says so; and an interval that is not a positive number is refused."""
+    for bad in [0, -1, float("inf"), float("nan")]:
+        with pytest.raises(ValueError, match="identity_check_s must be a positive number"):
+            KafkaTransport(kafka_bootstrap, prefix=topic_prefix, identity_check_s=bad)
+    rare = KafkaTransport(kafka_bootstrap, prefix=topic_prefix, identity_check_s=3600)
+    often = KafkaTransport(kafka_bootstrap, prefix=topic_prefix, identity_check_s=0.1)
+    publish_all(rare, HISTORY)
+    with rare.reader() as slow, often.reader() as quick:
+        for reader in (slow, quick):
+            reader.assign({("deltas", p): 0 for p in range(reader.partitions)})
+            ends = {("deltas", p): e for p, (_, e) in reader.watermarks_all("deltas").items()}
+            list(reader.read_until(ends))
+            reader._consumer.pause(reader._assigned)
+        recreate(rare, AGAIN * 6)
+        for reader in (slow, quick):
+            reader._consumer.resume(reader._assigned)
+        assert "have new ids" in poll_until_raises(quick)
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            slow.poll(0.1)
+            slow.watermarks_all("deltas")
+
+
 @pytest.mark.parametrize("after", ["shorter", "longer"])
 def test_a_sidecar_tailing_through_recreated_topics_answers_as_a_fresh_one(
     kafka_bootstrap: str, topic_prefix: str, after: str, tmp_path: Path

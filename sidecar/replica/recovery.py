@@ -14,7 +14,7 @@ from pyroaring import BitMap64
 
 from ..partitioner import partition_for
 from ..record import DropMarker, Skipped, SnapshotChunk
-from ..transport.base import LogReader, LogRecord, Topic, Transport
+from ..transport.base import LogReader, LogRecord, NewLogIdentity, Topic, Transport
 from .engine import Engine, decode_counted
 from .expiry import ExpiryIndex
 from .forms import Forms
@@ -191,13 +191,21 @@ def resync(
     upto: Callable[[int], int],
     partitions: int,
     tick: Tick | None = None,
+    identity: str | None = None,
 ) -> None:
     """Rebuild `segments` from their snapshots plus the deltas before `upto(partition)` (where
-    the main reader stands), each with a fresh reader, and install what heals."""
+    the main reader stands), each with a fresh reader, and install what heals. NewLogIdentity,
+    and nothing installed, when that reader opened a log of another `identity` than the main
+    reader's (topics created again between the two): its offsets are not the main reader's."""
     by_partition: dict[int, set[str]] = {}
     for segment in segments:
         by_partition.setdefault(partition_for(segment, partitions), set()).add(segment)
     with transport.reader() as reader:
+        opened = reader.identity()
+        if identity and opened is not None and opened != identity:
+            raise NewLogIdentity(
+                f"the log has a new identity ({opened}; was {identity}): not resyncing from it"
+            )
         for p, wanted in by_partition.items():
             scratch = Engine(holds=wanted.__contains__, clock_ms=engine.clock_ms)
             snaps = read_snapshots(

@@ -595,11 +595,18 @@ class Replica:
         wanted = set(self.engine.needs_resync)
         self.engine.needs_resync.clear()
         log.info("resyncing %d segments: %s", len(wanted), sorted(wanted)[:10])
-        recovery.resync(
-            self.transport,
-            self.engine,
-            wanted,
-            self.positions.__getitem__,
-            self.partitions,
-            self.engine.expire,
-        )
+        try:
+            recovery.resync(
+                self.transport,
+                self.engine,
+                wanted,
+                self.positions.__getitem__,
+                self.partitions,
+                self.engine.expire,
+                identity=self._log_id,
+            )
+        except BaseException:
+            # Asked for again after the retry (a broker down), else they would stay stale,
+            # answered by the fallback, until another gap; a new log's bootstrap replaces them.
+            self.engine.needs_resync |= wanted
+            raise

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import threading
 import time
@@ -46,7 +47,9 @@ MARKER_WATCH_S = 0.2
 MARKER_POLL_S = 0.003
 #: How often a reader's poll asks for the topics' ids (one describe, answered off the poll:
 #: `KafkaReader._look_at_identity`), so topics deleted and created again under it are seen
-#: within about this long even when no offset goes back.
+#: within about this long even when no offset goes back. The default of
+#: `KafkaTransport(identity_check_s=...)` (`--kafka-identity-check`): each describe is one
+#: metadata request per reader, which a broker serving thousands of sidecars may want rarer.
 IDENTITY_CHECK_S = 2.0
 _FENCED_CODES = {
     KafkaError._FENCED,
@@ -273,7 +276,7 @@ class KafkaReader(base.LogReader):
         self._identity = transport.identity()
         #: the describe in flight (`_look_at_identity`), and when the next one is due
         self._described: dict[str, Future] | None = None
-        self._describe_at = time.monotonic() + IDENTITY_CHECK_S
+        self._describe_at = time.monotonic() + transport.identity_check_s
         self._consumer = Consumer(
             transport.client_config(
                 {
@@ -326,13 +329,13 @@ class KafkaReader(base.LogReader):
             raise self._new_identity(f"Kafka topics {self._t.prefix}.* have new ids")
 
     def _look_at_identity(self) -> None:
-        """`_judge` the topics' ids every IDENTITY_CHECK_S: the describe is sent here and its
+        """`_judge` the topics' ids every `identity_check_s`: the describe is sent here and its
         answer read by a later poll once it is in, so no poll waits for it."""
         if self._described is not None and all(f.done() for f in self._described.values()):
             described, self._described = self._described, None
             self._judge(described)
         if self._described is None and time.monotonic() >= self._describe_at:
-            self._describe_at = time.monotonic() + IDENTITY_CHECK_S
+            self._describe_at = time.monotonic() + self._t.identity_check_s
             try:
                 self._described = self._t.describe_topics()
             except (KafkaException, TransportError) as exc:
@@ -461,11 +464,15 @@ class KafkaTransport(base.Transport):
         prefix: str = "segments",
         config: dict[str, str] | None = None,
         replication_factor: int = 1,
+        identity_check_s: float = IDENTITY_CHECK_S,
     ) -> None:
+        if not 0 < identity_check_s < math.inf:
+            raise ValueError(f"identity_check_s must be a positive number, not {identity_check_s}")
         self.bootstrap = bootstrap
         self.prefix = prefix
         self.config = dict(config or {})
         self.replication_factor = replication_factor
+        self.identity_check_s = identity_check_s
         self._admin_lock = threading.Lock()
         self._admin_client: tuple[int, AdminClient] | None = None  # (pid, client)
 

@@ -175,7 +175,8 @@ class SidecarThread:
 
         self.thread = threading.Thread(target=run, name="sidecar-loop", daemon=True)
         self.thread.start()
-        started.wait(10)
+        if not started.wait(60):  # a loaded CI machine: say so rather than fail later
+            raise TimeoutError("the sidecar's servers did not start within 60 s")
         if self.error is not None:
             self.thread.join(5)
             self.loop.close()

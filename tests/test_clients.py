@@ -183,7 +183,7 @@ def test_sync_client_per_thread(uds_server: SidecarThread) -> None:
 
     def work() -> None:
         try:
-            with SidecarClient(uds_server.uds_path) as c:
+            with SidecarClient(uds_server.uds_path, timeout=10) as c:
                 for i in range(200):
                     assert c.check(100 + i % 100, "cart:30m") is True
         except BaseException as exc:  # pragma: no cover - reported below
@@ -264,7 +264,7 @@ def test_cli_serves_and_shuts_down_cleanly(workdir: Path, logstate: LogState) ->
     popen = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     with reaped(popen) as proc:
         wait_http_ok(f"http://127.0.0.1:{port}/readyz", proc, 60)
-        with SidecarClient(sock) as c:
+        with SidecarClient(sock, timeout=10) as c:
             assert c.check(1, "vip") is True
             assert c.check(150, "cart:30m") is True
             assert c.check(4, "vip") is False

@@ -47,6 +47,11 @@ def sidecar(
         yield log, uds
 
 
+#: a check slower than this waited on Aerospike past the 50 ms fallback budget (50x, for a
+#: loaded CI machine's scheduling, not a timing target)
+SLOW_S = 2.5
+
+
 class Checker(threading.Thread):
     """Checks every segment for random users against the states the log may hold now."""
 
@@ -63,7 +68,7 @@ class Checker(threading.Thread):
                 user, name = rng.choice(USERS), rng.choice(NAMES)
                 started = time.monotonic()
                 got = client.check(user, name)
-                self.slow += time.monotonic() - started > 1.0
+                self.slow += time.monotonic() - started > SLOW_S
                 self.answers += 1
                 if got is None:
                     self.unknown += 1

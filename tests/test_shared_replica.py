@@ -172,7 +172,7 @@ def test_contains_answers_as_the_local_check(published) -> None:  # type: ignore
     # `check` asks the socket where the shared replica cannot answer
     assert reader.check(1, "never-published") is None
     assert reader.check(5, "sparse") is True
-    assert SidecarClient(server.uds_path).shm_info() == writer.info()
+    assert SidecarClient(server.uds_path, timeout=10).shm_info() == writer.info()
 
 
 def test_a_publish_lands_whole(published, workdir: Path) -> None:  # type: ignore[no-untyped-def]
@@ -354,7 +354,7 @@ def test_sidecar_restart_is_remapped(workdir: Path) -> None:
         wait_until(uds.exists, what="the socket")
         reader = SharedReplica(uds, max_age_ms=500, retry_s=0.05)
         wait_until(lambda: reader.contains(7, "a") is True, what="the first answer")
-        assert SidecarClient(uds).shm_info()["dir"] == str(workdir / "s.shm")
+        assert SidecarClient(uds, timeout=10).shm_info()["dir"] == str(workdir / "s.shm")
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
         wait_until(lambda: reader.contains(7, "a") is None, what="the dead writer noticed")
@@ -374,7 +374,7 @@ def test_shm_off_and_a_taken_directory(workdir: Path) -> None:
     proc = _sidecar(uds, "--shm", "")
     try:
         wait_until(uds.exists, what="the socket")
-        assert SidecarClient(uds).shm_info() is None
+        assert SidecarClient(uds, timeout=10).shm_info() is None
         assert SharedReplica(uds).contains(7, "a") is None
         assert not (workdir / "s.shm").exists()
         other = workdir / "t.sock"

@@ -94,7 +94,7 @@ def test_explain_follows_an_expiry_on_the_replica_clock(tmp_path: Path) -> None:
         at = replica.expires_at("t", 1)
         assert at is not None
         sock = Path("/tmp") / f"ttly{tmp_path.name[-8:]}.sock"
-        with SidecarThread(replica, uds_path=sock) as s, SidecarClient(s.uds_path) as c:
+        with SidecarThread(replica, uds_path=sock) as s, SidecarClient(s.uds_path, timeout=10) as c:
             assert c.explain(1, "t").expires_at == at
             replica.clock_ms = lambda: at  # the replica's clock reaches the deadline
             _until(lambda: replica.contains(1, "t") is False)

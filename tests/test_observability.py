@@ -237,6 +237,14 @@ def test_rules_and_dashboard_name_only_exported_metrics(exported: dict[str, list
         assert needed in seen  # fmt: skip
 
 
+def test_the_readme_lists_every_metric_exported(exported: dict[str, list[dict]]) -> None:
+    listed = set(re.findall(r"seg_[a-z_]+", (OBS / "README.md").read_text()))
+    families = {re.sub(r"_(total|created|bucket|count|sum)$", "", name) for name in exported}
+    missing = sorted(f for f in families if f.startswith("seg_") and f not in listed
+                     and f"{f}_total" not in listed)  # fmt: skip
+    assert not missing, f"deploy/observability/README.md does not list {missing}"
+
+
 def test_scrape_config_gives_the_labels_the_rules_use() -> None:
     config = yaml.safe_load((OBS / "prometheus.yaml").read_text())
     jobs = {j["job_name"]: j for j in config["scrape_configs"]}

@@ -222,8 +222,10 @@ def produce(
     rate: float | None = None,
     progress: Callable[[str], None] | None = None,
     progress_every: float = 1.0,
+    client: Mapping[str, str] | None = None,
 ) -> int:
-    """Send `events` to `topic`, at most `rate` per second (None: as fast as Kafka takes them).
+    """Send `events` to `topic`, at most `rate` per second (None: as fast as Kafka takes them);
+    `client`: extra librdkafka settings (SASL, SSL, ...), as `ensure_topic`'s.
 
     The rate is held against a fixed schedule (event i is due at start + i / rate), so short
     stalls are caught up and the average stays exact. Returns the number of events delivered;
@@ -234,7 +236,7 @@ def produce(
 
     producer = Producer(
         kafka_config(bootstrap, **{"enable.idempotence": True, "linger.ms": 5,
-                                   "compression.type": "zstd"})
+                                   "compression.type": "zstd", **(client or {})})
     )  # fmt: skip
     failed: list[str] = []
     delivered = 0

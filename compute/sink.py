@@ -83,6 +83,10 @@ class SinkOptions:
     kafka_options: Mapping[str, str] = field(default_factory=dict)
 
 
+#: the source properties the sink sets for its exactly-once rule (`stream.source_options`)
+SINK_OWNED = {"isolation.level": "the sink (read_committed: aborted CDC transactions never land)"}
+
+
 def event_rows(records: DataFrame) -> DataFrame:
     """Kafka event records -> the events table's rows (gen-data's columns, plus `dt`)."""
     from pyspark.sql import functions as F

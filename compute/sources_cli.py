@@ -98,6 +98,10 @@ def add_sink(sub: argparse._SubParsersAction) -> None:
     opt = p.add_argument
     opt("--sink-kafka", required=True, metavar="HOST:PORT",
         help="Kafka bootstrap servers of the topics")  # fmt: skip
+    opt("--sink-kafka-config", action="append", type=key_value, metavar="KEY=VALUE",
+        help="a consumer property of Spark's Kafka source (Java client names: "
+        "security.protocol, sasl.mechanism, sasl.jaas.config, ssl.truststore.location, ...); "
+        "repeatable")  # fmt: skip
     opt("--sink-topics", type=names, required=True, metavar="T1,T2",
         help="the topics, comma-separated, each TOPIC or TOPIC=TABLE")  # fmt: skip
     opt("--lake", type=lake_arg, required=True, metavar="DIR|URI",
@@ -126,11 +130,14 @@ def run_sink(args: argparse.Namespace) -> int:
     from compute import sink, sparkjars
     from compute.cli import lake_conf
     from compute.spark import build_session
+    from compute.stream import source_options
     from sidecar.cliutil import CommandError
 
     try:
         routes = sink.routes(args.sink_topics, args.cdc_topic_prefix)
-    except sink.SinkError as e:
+        kafka_options = source_options(args.sink_kafka_config, "--sink-kafka-config",
+                                       sink.SINK_OWNED)  # fmt: skip
+    except ValueError as e:  # SinkError too
         raise CommandError(str(e)) from None
     conf = {"spark.driver.memory": args.driver_memory, **sparkjars.streaming_conf(),
             **lake_conf(args)}  # fmt: skip
@@ -143,7 +150,7 @@ def run_sink(args: argparse.Namespace) -> int:
         kafka=args.sink_kafka, routes=routes, lake=args.lake, checkpoint=args.sink_checkpoint,
         trigger_seconds=args.sink_trigger_seconds, once=args.sink_once,
         starting_offsets=args.sink_starting_offsets,
-        max_records_per_batch=args.sink_max_records_per_batch,
+        max_records_per_batch=args.sink_max_records_per_batch, kafka_options=kafka_options,
     )  # fmt: skip
     stopping: list[int] = []
     for s in (signal.SIGTERM, signal.SIGINT):

@@ -33,7 +33,7 @@ import shutil
 import sys
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -391,6 +391,34 @@ class StreamOptions:
     max_events_per_batch: int | None = None
     fail_on_data_loss: bool = True
     kafka_options: Mapping[str, str] = field(default_factory=dict)
+
+
+#: consumer properties Spark's Kafka source sets itself or refuses ("Kafka Specific
+#: Configurations" in its integration guide), or that a flag of the job gives
+SOURCE_SET_ELSEWHERE = {
+    "bootstrap.servers": "the job's Kafka flag",
+    "auto.offset.reset": "the job's starting-offsets flag",
+    "key.deserializer": "Spark's Kafka source",
+    "value.deserializer": "Spark's Kafka source",
+    "enable.auto.commit": "Spark's Kafka source",
+    "interceptor.classes": "Spark's Kafka source",
+}
+
+
+def source_options(
+    pairs: Iterable[tuple[str, str]], flag: str, owned: Mapping[str, str] | None = None
+) -> dict[str, str]:
+    """`--...-kafka-config KEY=VALUE` pairs -> `kafka_stream`'s `kafka_options` (Java client
+    consumer properties, such as security.protocol, sasl.jaas.config); ValueError, one line,
+    for a key set elsewhere (`SOURCE_SET_ELSEWHERE`, and `owned`: key -> why)."""
+    refused = {**SOURCE_SET_ELSEWHERE, **(owned or {})}
+    out: dict[str, str] = {}
+    for key, value in pairs:
+        key = key.removeprefix("kafka.")
+        if key in refused:
+            raise ValueError(f"{flag} {key}=...: {key} is set by {refused[key]}")
+        out[key] = value
+    return out
 
 
 def kafka_stream(

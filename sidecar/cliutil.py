@@ -399,12 +399,17 @@ def transport_from_args(
     from .transport.kafka import KafkaTransport
 
     every = args.kafka_identity_check
-    return KafkaTransport(
+    transport = KafkaTransport(
         kafka,
         args.topic_prefix,
         dict(args.kafka_config),
         **({} if every is None else {"identity_check_s": every}),
     )
+    try:
+        transport.check_config()
+    except ValueError as e:
+        raise CommandError(f"--kafka-config ({env_name('--kafka-config')}): {e}") from None
+    return transport
 
 
 # -- the Aerospike option group ------------------------------------------------------------------

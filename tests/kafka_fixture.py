@@ -8,6 +8,8 @@ Registered in ``tests/conftest.py`` with ``pytest_plugins = ["tests.kafka_fixtur
   log tail; it never skips. With ``SEG_TEST_KAFKA=HOST:PORT`` set, that broker is used and
   nothing is started. The broker is started with ``--owner-pid`` = this process, so a
   killed pytest run does not leave it behind.
+* ``sasl_kafka`` (session, on first use): a second broker whose client listener takes
+  SASL_PLAINTEXT/PLAIN only (``deploy/local/sasl.properties``), as a ``SaslBroker``.
 * ``topic_prefix`` (function): a unique prefix such as ``t1a2b3c4d5e`` for the test's topics,
   transactional ids and group ids (the broker is shared by the whole session).
 
@@ -22,6 +24,7 @@ import re
 import shutil
 import subprocess
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from uuid import uuid4
 
@@ -29,6 +32,7 @@ import pytest
 
 REPO_DIR = Path(__file__).resolve().parent.parent
 KAFKA_SCRIPT = REPO_DIR / "deploy" / "local" / "kafka"
+SASL_PROPERTIES = REPO_DIR / "deploy" / "local" / "sasl.properties"
 EXTERNAL_BROKER_ENV = "SEG_TEST_KAFKA"
 # The first `up` on a machine resolves the jars with Maven; the script's own readiness
 # timeout is 120 s.
@@ -57,9 +61,11 @@ def _down(data: Path) -> subprocess.CompletedProcess[str] | None:
         return None
 
 
-def start_broker(data: Path) -> str:
-    """Runs ``deploy/local/kafka up`` for ``data``; returns the address or calls pytest.fail."""
+def start_broker(data: Path, config: Path | None = None) -> str:
+    """Runs ``deploy/local/kafka up`` for ``data`` (with ``--config``, extra broker
+    properties); returns the address or calls pytest.fail."""
     cmd = [str(KAFKA_SCRIPT), "up", "--data", str(data), "--owner-pid", str(os.getpid())]
+    cmd += ["--config", str(config)] if config is not None else []
     try:
         proc = subprocess.run(
             cmd, capture_output=True, text=True, timeout=UP_TIMEOUT_S, check=False
@@ -103,6 +109,40 @@ def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         if result is None or result.returncode != 0:
             detail = "timed out" if result is None else result.stderr
             raise RuntimeError(f"deploy/local/kafka down --data {data} failed: {detail}")
+
+
+@dataclass(frozen=True)
+class SaslBroker:
+    """A broker whose only client listener is SASL_PLAINTEXT with PLAIN (deploy/local/
+    sasl.properties), and the settings of its user `seg` for both kinds of client."""
+
+    address: str
+    user: str
+    password: str
+
+    def librdkafka(self, password: str | None = None) -> dict[str, str]:
+        """`--kafka-config` settings (librdkafka's names): the clients of the log, cdc."""
+        return {"security.protocol": "SASL_PLAINTEXT", "sasl.mechanisms": "PLAIN",
+                "sasl.username": self.user, "sasl.password": password or self.password}  # fmt: skip
+
+    def java(self) -> dict[str, str]:
+        """Spark's Kafka source's settings (the Java client's names): `--sink-kafka-config`."""
+        login = "org.apache.kafka.common.security.plain.PlainLoginModule"
+        return {"security.protocol": "SASL_PLAINTEXT", "sasl.mechanism": "PLAIN",
+                "sasl.jaas.config": f'{login} required username="{self.user}" '
+                f'password="{self.password}";'}  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def sasl_kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SaslBroker]:
+    """A second broker, SASL only, started on first use (tests/test_kafka_sasl.py, the sink)."""
+    users = dict(re.findall(r'user_(\w+)="([^"]*)"', SASL_PROPERTIES.read_text()))
+    data = tmp_path_factory.mktemp("kafka-sasl")
+    address = start_broker(data, SASL_PROPERTIES)
+    try:
+        yield SaslBroker(address, "seg", users["seg"])
+    finally:
+        _down(data)
 
 
 @pytest.fixture

@@ -22,9 +22,11 @@ import pymongo
 import pytest
 
 from compute import batch, events, lake, sink
+from compute import cli as compute_cli
 from compute.definitions import load
 from publisher import read_segment_set
 from tests.cdc_tools import REPO, cdc_process, read_topic, stop, wait_for
+from tests.kafka_fixture import SaslBroker
 from tests.logtools import SidecarThread
 from tests.mongo_server import MongoTestServer
 from tests.s3_fixture import aws_env
@@ -227,3 +229,50 @@ def test_a_bad_topic_list_names_the_option(topics: list[str], message: str) -> N
         sink.Route("cdc.shop.orders", "orders", "cdc"),
         sink.Route("clicks", "events", "events"),
     ]
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ("isolation.level=read_uncommitted", "isolation.level is set by the sink (read_committed"),
+        ("kafka.auto.offset.reset=latest", "auto.offset.reset is set by the job's starting-"),
+        ("bootstrap.servers=elsewhere:9092", "bootstrap.servers is set by the job's Kafka flag"),
+    ],
+)
+def test_a_source_property_the_sink_sets_itself_is_refused_before_spark_starts(
+    setting: str, message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    checkpoint = tmp_path / "checkpoint"
+    code = compute_cli.main(["sink", "--sink-kafka", "127.0.0.1:1", "--sink-topics", "clicks",
+                             "--lake", str(tmp_path / "lake"), "--sink-checkpoint",
+                             str(checkpoint), "--sink-kafka-config", setting])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2
+    key = setting.split("=")[0].removeprefix("kafka.")
+    assert err.count("\n") == 1 and f"--sink-kafka-config {key}=...: {message}" in err
+    assert "starting Spark" not in err
+    assert not checkpoint.exists() and not (tmp_path / "lake").exists()
+
+
+def test_the_sink_reads_a_sasl_broker_through_its_kafka_config(
+    spark: object, sasl_kafka: SaslBroker, topic_prefix: str, tmp_path: Path
+) -> None:
+    from compute.stream import source_options
+
+    topic = f"{topic_prefix}.configured"
+    client = sasl_kafka.librdkafka()
+    events.ensure_topic(sasl_kafka.address, topic, 1, client=client)
+    sent = [events.make_event(7 + i, "view", product_id=i) for i in range(5)]
+    events.produce(sasl_kafka.address, topic, sent, client=client)
+    routes = sink.routes([topic], "cdc")
+    wrong = source_options([("security.protocol", "BOGUS")], "--sink-kafka-config")
+    opts = sink.SinkOptions(sasl_kafka.address, routes, tmp_path / "lake", tmp_path / "cp1",
+                            kafka_options=wrong)  # fmt: skip
+    with pytest.raises(Exception, match="security.protocol"):
+        sink.run_once(spark, opts)  # the Java client refused the value: it was passed on
+    java = [(f"kafka.{k}", v) for k, v in sasl_kafka.java().items()]  # the prefix is dropped
+    opts = sink.SinkOptions(sasl_kafka.address, routes, tmp_path / "lake", tmp_path / "cp2",
+                            kafka_options=source_options(java, "--sink-kafka-config"))  # fmt: skip
+    sink.run_once(spark, opts)
+    table = spark.read.parquet(str(tmp_path / "lake" / "events"))  # type: ignore[attr-defined]
+    assert sorted(r.user_id for r in table.collect()) == [e["user_id"] for e in sent]

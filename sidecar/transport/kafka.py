@@ -93,6 +93,11 @@ RETRIABLE_CODES = frozenset(
 RETRY_SECONDS = 30.0
 
 _NO_LEADERS = frozenset({KafkaError._NOENT})
+#: A broker's refusal of the client's credentials or TLS: librdkafka reports it only to the
+#: error callback and retries for ever, while its calls fail with "broker transport failure".
+REFUSALS = frozenset({KafkaError._AUTHENTICATION, KafkaError._SSL})
+#: While the bootstrap servers do not answer, `connect` looks this often for a refusal.
+REFUSAL_LOOK_S = 0.5
 
 T = TypeVar("T")
 
@@ -146,6 +151,23 @@ def connect(client: Producer | Consumer | AdminClient, topic: str, timeout: floa
         meta = client.list_topics(topic, timeout=max(0.05, deadline - time.monotonic()))
         if meta.orig_broker_id >= 0 or time.monotonic() >= deadline:
             return
+
+
+def connect_admin(client: AdminClient, topic: str, timeout: float, refused: list[str]) -> None:
+    """`connect` for an admin client whose error callback puts the broker's last refusal
+    (`REFUSALS`) in `refused`: TransportError naming the refusal as soon as one comes (within
+    about REFUSAL_LOOK_S), instead of a transport failure after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        left = deadline - time.monotonic()
+        try:
+            return connect(client, topic, max(0.05, min(left, REFUSAL_LOOK_S)))
+        except KafkaException:
+            client.poll(0)  # serves the error callback
+            if refused:
+                raise TransportError(f"the broker refused this client: {refused[-1]}") from None
+            if time.monotonic() >= deadline:
+                raise
 
 
 def list_offsets(
@@ -495,15 +517,33 @@ class KafkaTransport(base.Transport):
         common = {"bootstrap.servers": self.bootstrap, "logger": log, **CLIENT_DEFAULTS}
         return {**common, **conf, **self.config}
 
+    def check_config(self) -> None:
+        """ValueError, one line, when librdkafka refuses a setting of `config` (no such
+        property, a bad value): bad input, which no retry mends. A client of `config` alone,
+        with no bootstrap servers, so nothing connects."""
+        try:
+            AdminClient({**self.config, "bootstrap.servers": "", "logger": log, "log_level": 3})
+        except KafkaException as exc:
+            err = _error(exc)
+            raise ValueError(err.str() if err is not None else str(exc)) from None
+
     def _admin(self, timeout: float = 10.0) -> AdminClient:
         """The transport's admin client (metadata, offsets, topics), shared by its readers and
         writers: a new one would first have to connect (`connect`). Made again in a forked
         child; not kept when the broker did not answer."""
         with self._admin_lock:
             if self._admin_client is not None and self._admin_client[0] == os.getpid():
-                return self._admin_client[1]
-            client = AdminClient(self.client_config({}))
-            connect(client, self.topic("deltas"), timeout)
+                client = self._admin_client[1]
+                client.poll(0)  # the error callback's events queue up until served
+                return client
+            refused: list[str] = []  # the last refusal
+
+            def on_error(err: KafkaError) -> None:
+                if err.code() in REFUSALS:
+                    refused[:] = [err.str()]
+
+            client = AdminClient(self.client_config({"error_cb": on_error}))
+            connect_admin(client, self.topic("deltas"), timeout, refused)
             self._admin_client = (os.getpid(), client)
             return client
 

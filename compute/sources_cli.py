@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from sidecar.cliutil import arg_type, key_value, positive_float, positive_int
+from sidecar.cliutil import arg_type, kafka_client_settings, key_value, positive_float, positive_int
 
 
 @arg_type("a comma-separated list of distinct names")
@@ -73,7 +73,8 @@ def run_cdc(args: argparse.Namespace) -> int:
     opts = cdc.CdcOptions(
         mongo=args.mongo, db=args.db, collections=args.collections, kafka=args.cdc_kafka,
         topic_prefix=args.cdc_topic_prefix, partitions=args.cdc_partitions,
-        writer_id=args.cdc_writer_id, kafka_config=dict(args.cdc_kafka_config or ()),
+        writer_id=args.cdc_writer_id,
+        kafka_config=kafka_client_settings(args.cdc_kafka_config, "--cdc-kafka-config"),
         fresh_copy=args.fresh_copy, batch_size=args.batch_size,
         progress_seconds=args.progress_seconds,
     )  # fmt: skip

@@ -11,7 +11,15 @@ from types import FrameType
 
 from compute import publish_target
 from publisher.guard import STREAM_MAX_REMOVE_FRACTION, fraction
-from sidecar.cliutil import CommandError, Parser, non_negative_int, positive_float, positive_int
+from sidecar.cliutil import (
+    CommandError,
+    Parser,
+    kafka_client_settings,
+    key_value,
+    non_negative_int,
+    positive_float,
+    positive_int,
+)
 
 
 def _add_events_source(p: Parser) -> None:
@@ -24,6 +32,14 @@ def _add_events_source(p: Parser) -> None:
         help="Kafka bootstrap servers of the events topic",
     )
     group.add_argument("--events-topic", required=True, metavar="T", help="the events topic")
+    group.add_argument(
+        "--events-kafka-config",
+        action="append",
+        type=key_value,
+        metavar="KEY=VALUE",
+        help="extra librdkafka setting (SASL, SSL, ...) of the events topic's clients: "
+        "gen-events' producer, the topic's creation and check; repeatable",
+    )
 
 
 def add_gen_events(sub: argparse._SubParsersAction) -> None:
@@ -85,7 +101,10 @@ def run_gen_events(args: argparse.Namespace) -> int:
             users = events.synthetic_users(args.users or 10_000)
     except (ValueError, OSError) as e:
         raise CommandError(str(e)) from None
-    partitions = events.ensure_topic(args.events_kafka, args.events_topic, args.events_partitions)
+    client = kafka_client_settings(args.events_kafka_config, "--events-kafka-config")
+    partitions = events.ensure_topic(
+        args.events_kafka, args.events_topic, args.events_partitions, client=client
+    )
     limit = f"{args.count:,} events" if args.count else (
         f"{args.duration:g} s" if args.duration else "until interrupted")  # fmt: skip
     events.stderr_progress(
@@ -95,7 +114,7 @@ def run_gen_events(args: argparse.Namespace) -> int:
     )
     stream = events.generate(users, seed=args.seed, count=args.count, duration=args.duration)
     sent = events.produce(args.events_kafka, args.events_topic, stream, rate=args.rate,
-                          progress=events.stderr_progress)  # fmt: skip
+                          progress=events.stderr_progress, client=client)  # fmt: skip
     print(f"{sent} events to {args.events_topic}")
     return 0
 
@@ -149,6 +168,15 @@ def add_stream(sub: argparse._SubParsersAction) -> None:
         help="where a new checkpoint starts reading",
     )
     opt(
+        "--events-source-config",
+        action="append",
+        type=key_value,
+        metavar="KEY=VALUE",
+        help="a consumer property of Spark's Kafka source reading the events (the Java "
+        "client's names: security.protocol, sasl.mechanism, sasl.jaas.config, ...); "
+        "repeatable",
+    )
+    opt(
         "--max-events-per-batch",
         type=positive_int,
         metavar="N",
@@ -192,9 +220,14 @@ def run_stream(args: argparse.Namespace) -> int:
 
     transport = publish_target.publish_transport(args)
     definitions = rules.load(args.definitions)
+    client = kafka_client_settings(args.events_kafka_config, "--events-kafka-config")
+    try:
+        source = stream.source_options(args.events_source_config or (), "--events-source-config")
+    except ValueError as e:
+        raise CommandError(str(e)) from None
     args.checkpoint.mkdir(parents=True, exist_ok=True)
     jars = sparkjars.streaming_conf()
-    partitions = ensure_topic(args.events_kafka, args.events_topic)
+    partitions = ensure_topic(args.events_kafka, args.events_topic, client=client)
     say = stream.print_report
     print(f"stream: {len(definitions.rules)} rule(s) ({', '.join(definitions.names)}) from "
           f"{args.events_topic} ({partitions} partitions) -> {transport.describe()}; "
@@ -224,6 +257,7 @@ def run_stream(args: argparse.Namespace) -> int:
         once=args.once,
         starting_offsets=args.starting_offsets,
         max_events_per_batch=args.max_events_per_batch,
+        kafka_options=source,
     )
     stop = _Stop()
     old = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}

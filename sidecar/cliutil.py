@@ -27,7 +27,7 @@ import functools
 import math
 import os
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
@@ -399,17 +399,26 @@ def transport_from_args(
     from .transport.kafka import KafkaTransport
 
     every = args.kafka_identity_check
-    transport = KafkaTransport(
+    return KafkaTransport(
         kafka,
         args.topic_prefix,
-        dict(args.kafka_config),
+        kafka_client_settings(args.kafka_config, "--kafka-config"),
         **({} if every is None else {"identity_check_s": every}),
     )
+
+
+def kafka_client_settings(pairs: Iterable[tuple[str, str]] | None, flag: str) -> dict[str, str]:
+    """`flag`'s KEY=VALUE pairs (librdkafka's names: SASL, SSL, ...) as a Kafka client's extra
+    settings; CommandError naming the flag when librdkafka refuses one (no such property, a
+    bad value), checked with no broker: nothing connects."""
+    from .transport.kafka import check_client_config
+
+    settings = dict(pairs or ())
     try:
-        transport.check_config()
+        check_client_config(settings)
     except ValueError as e:
-        raise CommandError(f"--kafka-config ({env_name('--kafka-config')}): {e}") from None
-    return transport
+        raise CommandError(f"{flag} ({env_name(flag)}): {e}") from None
+    return settings
 
 
 # -- the Aerospike option group ------------------------------------------------------------------

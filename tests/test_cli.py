@@ -269,6 +269,7 @@ SHARED = {
     "SEG_AEROSPIKE_TLS_NAME": "the Aerospike TLS name",
     "SEG_EVENTS_KAFKA": "the events broker",
     "SEG_EVENTS_TOPIC": "the events topic",
+    "SEG_EVENTS_KAFKA_CONFIG": "the events topic's librdkafka settings (gen-events, stream)",
     "SEG_USERS": "the synthetic user count",
     "SEG_SEED": "the generators' seed",
     "SEG_AS_OF": "the lake's day",

@@ -32,6 +32,7 @@ from sidecar.record import Delta, decode
 from sidecar.replica import Replica
 from sidecar.transport.base import Transport
 from sidecar.transport.logdir import LogDirTransport
+from tests.kafka_fixture import SaslBroker
 
 CART = "cart_abandoners_30m"
 BROWSE = "electronics_browsers_10m"
@@ -473,6 +474,60 @@ def test_stream_on_kafka(
 
 
 @pytest.mark.kafka
+@pytest.mark.kafka
+@pytest.mark.spark
+def test_gen_events_and_the_stream_over_sasl(
+    spark: object, sasl_kafka: SaslBroker, topic_prefix: str, tmp_path: Path
+) -> None:
+    """gen-events with --events-kafka-config (librdkafka's names), the stream's source with
+    --events-source-config's settings (the Java client's), against a SASL-only broker."""
+    import subprocess
+    import sys
+
+    from compute.stream import source_options
+
+    topic = f"{topic_prefix}.events"
+    config = [f"--events-kafka-config={k}={v}" for k, v in sasl_kafka.librdkafka().items()]
+    cmd = [sys.executable, "-m", "compute.cli", "gen-events", "--events-kafka", sasl_kafka.address,
+           "--events-topic", topic, "--count", "50", "--rate", "1000", "--users", "5",
+           *config]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "50 events" in proc.stdout
+    t = now_ms()
+    produce(sasl_kafka.address, topic, [make_event(1, "add_to_cart", ts=t - 60_000)],
+            client=sasl_kafka.librdkafka())  # fmt: skip
+    log = LogDirTransport(tmp_path / "log")
+    job = StreamJob(rules.parse(DEFINITIONS), Publisher(log), tmp_path / "ckpt")
+    source = source_options(sasl_kafka.java().items(), "--events-source-config")
+    _run_once(spark, job, StreamOptions(sasl_kafka.address, topic, tmp_path / "ckpt",
+                                        once=True, kafka_options=source))  # fmt: skip
+    replica = Replica(log).start()
+    try:
+        assert replica.wait_ready(30)
+        assert replica.contains(1, CART) is True  # read through SASL, published
+    finally:
+        replica.stop()
+
+
+def test_a_stream_source_setting_spark_owns_is_refused_before_spark_starts(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from compute import cli as compute_cli
+
+    definitions = tmp_path / "defs.toml"
+    definitions.write_text(DEFINITIONS)
+    code = compute_cli.main(["stream", "--events-kafka", "127.0.0.1:1", "--events-topic", "e",
+                             "--definitions", str(definitions), "--publish-log-dir",
+                             str(tmp_path / "log"), "--checkpoint", str(tmp_path / "ckpt"),
+                             "--events-source-config", "auto.offset.reset=latest"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err == ("seg-compute stream: error: --events-source-config auto.offset.reset=...: "
+                   "auto.offset.reset is set by the job's starting-offsets flag\n")  # fmt: skip
+    assert not (tmp_path / "ckpt").exists()
+
+
 def test_gen_events_cli(kafka_bootstrap: str, topic_prefix: str) -> None:
     """`seg-compute gen-events` creates the topic and writes well-formed events at the rate."""
     import subprocess

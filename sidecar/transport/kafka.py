@@ -9,7 +9,7 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from typing import TypeVar
 
@@ -151,6 +151,17 @@ def connect(client: Producer | Consumer | AdminClient, topic: str, timeout: floa
         meta = client.list_topics(topic, timeout=max(0.05, deadline - time.monotonic()))
         if meta.orig_broker_id >= 0 or time.monotonic() >= deadline:
             return
+
+
+def check_client_config(config: Mapping[str, object]) -> None:
+    """ValueError, one line, when librdkafka refuses a setting of `config` (no such
+    property, a bad value): bad input, which no retry mends. A client of `config` alone,
+    with no bootstrap servers, so nothing connects."""
+    try:
+        AdminClient({**config, "bootstrap.servers": "", "logger": log, "log_level": 3})
+    except KafkaException as exc:
+        err = _error(exc)
+        raise ValueError(err.str() if err is not None else str(exc)) from None
 
 
 def connect_admin(client: AdminClient, topic: str, timeout: float, refused: list[str]) -> None:
@@ -516,16 +527,6 @@ class KafkaTransport(base.Transport):
         transport's own `config` over both."""
         common = {"bootstrap.servers": self.bootstrap, "logger": log, **CLIENT_DEFAULTS}
         return {**common, **conf, **self.config}
-
-    def check_config(self) -> None:
-        """ValueError, one line, when librdkafka refuses a setting of `config` (no such
-        property, a bad value): bad input, which no retry mends. A client of `config` alone,
-        with no bootstrap servers, so nothing connects."""
-        try:
-            AdminClient({**self.config, "bootstrap.servers": "", "logger": log, "log_level": 3})
-        except KafkaException as exc:
-            err = _error(exc)
-            raise ValueError(err.str() if err is not None else str(exc)) from None
 
     def _admin(self, timeout: float = 10.0) -> AdminClient:
         """The transport's admin client (metadata, offsets, topics), shared by its readers and

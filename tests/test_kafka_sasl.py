@@ -2,7 +2,8 @@
 `--kafka-config` against a real broker whose only client listener is SASL_PLAINTEXT/PLAIN
 (the `sasl_kafka` fixture, deploy/local/sasl.properties). The right password publishes and
 the sidecar answers what was published; a wrong one fails at once with the broker's reason
-and changes nothing; a setting librdkafka refuses is bad input (exit 2) before any connection.
+and changes nothing; a setting librdkafka refuses is bad input (exit 2) before any connection,
+for the compute jobs' Kafka flags too.
 """
 
 from __future__ import annotations
@@ -133,3 +134,25 @@ def test_a_setting_librdkafka_refuses_is_bad_input(
     assert done.returncode == 2
     assert done.stderr == f"{command}: error: --kafka-config (SEG_KAFKA_CONFIG): {reason}\n"
     assert not (tmp_path / "state").exists() and not (tmp_path / "s.sock").exists()
+
+
+@pytest.mark.parametrize(
+    ("argv", "flag"),
+    [
+        (["cdc", "--mongo", "mongodb://127.0.0.1:1/?replicaSet=rs0", "--db", "shop",
+          "--collections", "orders", "--cdc-kafka", "127.0.0.1:1"], "--cdc-kafka-config"),
+        (["gen-events", "--events-kafka", "127.0.0.1:1", "--events-topic", "e", "--count", "1"],
+         "--events-kafka-config"),
+    ],
+)  # fmt: skip
+def test_a_compute_job_s_refused_setting_is_bad_input(
+    argv: list[str], flag: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from compute import cli as compute_cli
+
+    assert compute_cli.main([*argv, flag, "sasl.mechanism.typo=PLAIN"]) == 2
+    env = "SEG_" + flag.lstrip("-").replace("-", "_").upper()
+    assert capsys.readouterr().err == (
+        f"seg-compute {argv[0]}: error: {flag} ({env}): "
+        'No such configuration property: "sasl.mechanism.typo"\n'
+    )

@@ -137,7 +137,12 @@ def retrying(
             pause = min(1.0, pause * 2)
 
 
-def connect(client: Producer | Consumer | AdminClient, topic: str, timeout: float) -> None:
+def connect(
+    client: Producer | Consumer | AdminClient,
+    topic: str,
+    timeout: float,
+    refused: list[str] | None = None,
+) -> None:
     """Return once a new client is connected to a broker it learned from the bootstrap servers
     (holding `topic`'s metadata), or `timeout` seconds have passed. librdkafka drops the
     bootstrap connection as soon as the first metadata answer names the brokers, and a request
@@ -145,10 +150,28 @@ def connect(client: Producer | Consumer | AdminClient, topic: str, timeout: floa
     producer's InitProducerId 0.5 s, an admin request's partition leader lookup 1 or 3 s (1 in
     10 to 20 new clients on the local broker, perf/ANALYSIS.md). An answer from a learned
     broker carries its id (the bootstrap connection's is -1). KafkaException when the broker
-    does not answer."""
+    does not answer.
+
+    `refused`, for an admin client whose error callback puts the broker's last refusal
+    (`REFUSALS`) there: TransportError naming it as soon as one comes (looked for every
+    REFUSAL_LOOK_S while the broker does not answer), not a transport failure after `timeout`.
+    """
     deadline = time.monotonic() + timeout
     while True:
-        meta = client.list_topics(topic, timeout=max(0.05, deadline - time.monotonic()))
+        left = max(0.05, deadline - time.monotonic())
+        try:
+            meta = client.list_topics(
+                topic, timeout=left if refused is None else min(left, REFUSAL_LOOK_S)
+            )
+        except KafkaException:
+            if refused is None:
+                raise
+            client.poll(0)  # serves the error callback (only an admin client's poll is free)
+            if refused:
+                raise TransportError(f"the broker refused this client: {refused[-1]}") from None
+            if time.monotonic() >= deadline:
+                raise
+            continue
         if meta.orig_broker_id >= 0 or time.monotonic() >= deadline:
             return
 
@@ -162,23 +185,6 @@ def check_client_config(config: Mapping[str, object]) -> None:
     except KafkaException as exc:
         err = _error(exc)
         raise ValueError(err.str() if err is not None else str(exc)) from None
-
-
-def connect_admin(client: AdminClient, topic: str, timeout: float, refused: list[str]) -> None:
-    """`connect` for an admin client whose error callback puts the broker's last refusal
-    (`REFUSALS`) in `refused`: TransportError naming the refusal as soon as one comes (within
-    about REFUSAL_LOOK_S), instead of a transport failure after `timeout`."""
-    deadline = time.monotonic() + timeout
-    while True:
-        left = deadline - time.monotonic()
-        try:
-            return connect(client, topic, max(0.05, min(left, REFUSAL_LOOK_S)))
-        except KafkaException:
-            client.poll(0)  # serves the error callback
-            if refused:
-                raise TransportError(f"the broker refused this client: {refused[-1]}") from None
-            if time.monotonic() >= deadline:
-                raise
 
 
 def list_offsets(
@@ -544,7 +550,7 @@ class KafkaTransport(base.Transport):
                     refused[:] = [err.str()]
 
             client = AdminClient(self.client_config({"error_cb": on_error}))
-            connect_admin(client, self.topic("deltas"), timeout, refused)
+            connect(client, self.topic("deltas"), timeout, refused)
             self._admin_client = (os.getpid(), client)
             return client
 

@@ -22,7 +22,9 @@ a string with at most 63 distinct values in the segment's rows (`bitmasked`: a S
 them first), else size(collect_set(c)). A semi/anti join of one
 view on another by user_id (`parse_join`) adds a column to each side's merged query (its
 WHERE on the left, its ON on the right) and is taken from their bitmaps on the driver (W & J
-or W - J: `Plan`), so no table is read twice. Anything else (other joins, subqueries,
+or W - J: `Plan`), so no table is read twice; so is a set operation of the shapes above
+(`parse_set`: UNION, EXCEPT, INTERSECT), one column per operand, the union, difference or
+intersection of their bitmaps. Anything else (other joins, subqueries, EXCEPT ALL,
 window functions, other DISTINCT aggregates, which Spark expands into a copy of every row per
 distinct group, functions this module does not know in HAVING, non-deterministic functions)
 runs as written. Set semantics: a segment is a set of user ids,
@@ -32,13 +34,13 @@ so duplicate rows of the first shape do not matter.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from pyroaring import BitMap64
 
-from compute.bitmaps import Source, decided, source_results
+from compute.bitmaps import Found, Source, decided, source_results
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
@@ -399,6 +401,84 @@ def parse_join(sql: str) -> Join | None:
     return Join(left, right, anti, on, where)
 
 
+#: the set operators of `parse_set` and the bitmap operation of each
+_SET_OPS = {"union": "|", "except": "-", "minus": "-", "intersect": "&"}
+
+
+@dataclass(frozen=True)
+class SetOp:
+    """`<left> UNION|EXCEPT|INTERSECT <right>` of segment queries of the module's shapes (or of
+    set operations in parentheses): the ids in either side, in the left and not the right, in
+    both. `op` is the bitmap operation: "|", "-" or "&"."""
+
+    op: str
+    left: Simple | SetOp
+    right: Simple | SetOp
+
+    def leaves(self) -> Iterator[Simple]:
+        for side in (self.left, self.right):
+            if isinstance(side, SetOp):
+                yield from side.leaves()
+            else:
+                yield side
+
+
+def parse_set(sql: str) -> SetOp | None:
+    """The set operation of `SetOp`, or None: a chain of UNION [ALL|DISTINCT] and EXCEPT or
+    MINUS [DISTINCT], left to right, or a chain of INTERSECT [ALL|DISTINCT], each operand a
+    shape of `parse` or a set operation in parentheses. As sets of ids, UNION ALL is UNION and
+    INTERSECT ALL is INTERSECT; EXCEPT ALL is not (an id twice on the left and once on the
+    right stays), nor is a chain mixing INTERSECT with the others unambiguous (it binds
+    tighter unless a legacy setting says otherwise): those, and a trailing ORDER BY or LIMIT
+    (the last operand does not parse), run as written."""
+    sql = sql.strip().rstrip(";").rstrip()
+    tokens = _tokens(sql)
+    if not tokens:
+        return None
+    ops: list[str] = []
+    operands: list[str] = []
+    start = 0
+    for k, t in enumerate(tokens):
+        if t.depth > 0 or t.kind != "word" or t.word not in _SET_OPS:
+            continue
+        if k < start + 1:
+            return None  # an operator with no operand before it
+        op = _SET_OPS[t.text.lower()]
+        after = tokens[k + 1] if k + 1 < len(tokens) else None
+        quantifier = after.word if after is not None and after.kind == "word" else None
+        if quantifier not in {"all", "distinct"}:
+            quantifier = None
+        if quantifier == "all" and op == "-":
+            return None
+        operands.append(sql[tokens[start].start : tokens[k - 1].end])
+        ops.append(op)
+        start = k + 1 + (quantifier is not None)
+    if not ops or start >= len(tokens) or ("&" in ops and len(set(ops)) > 1):
+        return None
+    operands.append(sql[tokens[start].start : tokens[-1].end])
+    parsed = [_operand(text) for text in operands]
+    out = parsed[0]
+    for op, operand in zip(ops, parsed[1:], strict=True):
+        if out is None or operand is None:
+            return None
+        out = SetOp(op, out, operand)
+    return out if isinstance(out, SetOp) else None
+
+
+def _operand(sql: str) -> Simple | SetOp | None:
+    """A set operation's operand: a shape of `parse`, or either in parentheses."""
+    tokens = _tokens(sql)
+    if (
+        tokens
+        and tokens[0].text == "("
+        and tokens[-1].text == ")"
+        and all(t.depth > 0 for t in tokens[1:-1])
+    ):
+        inner = sql[tokens[0].end : tokens[-1].start]
+        return _operand(inner) or parse_set(inner)
+    return parse(sql)
+
+
 def _flag(s: Simple) -> str:
     where = f"(\n{s.where}\n)" if s.where is not None else "true"
     present = f"COUNT(*) FILTER (WHERE {where}) > 0"
@@ -436,46 +516,61 @@ def merged_sql(view: str, shapes: Sequence[Simple], ons: Sequence[str | None] = 
 
 @dataclass(frozen=True)
 class Derived:
-    """A semi/anti join's members from two bitmaps of the pass (`Plan`): its WHERE's (the left
-    view's ids meeting it) and its ON's (the right view's ids >= 0 with a row meeting it)."""
+    """A segment's members from bitmaps of the pass (`Plan`): `op` ("&", "-" or "|") of two
+    of them, each the key of a bitmap in the pass or a Derived itself."""
 
-    where: str  # the keys of those bitmaps in the pass
-    on: str
-    anti: bool
+    op: str
+    left: str | Derived
+    right: str | Derived
+
+    def value(self, found: Found) -> BitMap64 | None:
+        """The members, or None when a bitmap it needs is an error (a bad id)."""
+        sides = [side.value(found) if isinstance(side, Derived) else found[side]
+                 for side in (self.left, self.right)]  # fmt: skip
+        left, right = sides
+        if not (isinstance(left, BitMap64) and isinstance(right, BitMap64)):
+            return None
+        return left - right if self.op == "-" else left & right if self.op == "&" else left | right
 
 
 @dataclass(frozen=True)
 class Plan:
-    """The pass: its sources (compute/bitmaps.py), and the semi/anti joins taken from their
-    bitmaps on the driver: W & J for a semi join, W - J for an anti join, W the left view's ids
-    meeting the join's WHERE, J the right view's ids >= 0 with a row meeting its ON. That is
-    the join's answer whenever W holds only valid ids: a NULL id on the right matches nothing
-    and a negative one no valid left id. When W is not all valid ids (a NULL or negative id,
-    an id type the bitmaps refuse) or J's ids are not integers, the join runs as written
-    (`written`), which decides: a NULL left id is an anti join's member and a bad id, a semi
-    join's only when the right side has it."""
+    """The pass: its sources (compute/bitmaps.py), and the segments taken from their bitmaps
+    on the driver (`derived`):
+
+    - a semi join is W & J, an anti join W - J, W the left view's ids meeting the join's
+      WHERE, J the right view's ids >= 0 with a row meeting its ON. That is the join's answer
+      whenever W holds only valid ids: a NULL id on the right matches nothing and a negative
+      one no valid left id;
+    - a set operation is the union, difference or intersection of its operands' bitmaps, the
+      answer whenever every operand holds only valid ids.
+
+    When a bitmap it needs has a bad id (NULL, negative, a type the bitmaps refuse), the
+    segment runs as written (`written`), which decides: a NULL left id is an anti join's
+    member and a bad id, a semi join's only when the right side has it; a set operation
+    takes NULLs as equal."""
 
     sources: list[Source]
-    joins: dict[str, Derived]  # by segment name
-    written: dict[str, DataFrame]  # the joins' own frames
+    derived: dict[str, Derived]  # by segment name
+    written: dict[str, DataFrame]  # the derived segments' own frames
 
     @property
     def merged(self) -> bool:
-        return bool(self.joins) or any(s.flags for s in self.sources)
+        return bool(self.derived) or any(s.flags for s in self.sources)
 
 
 def bitmaps(plan: Plan, order: Sequence[str]) -> dict[str, BitMap64]:
     """The members of the segments in `order` from the plan's pass (one Spark job, and one
-    more for the joins the bitmaps cannot decide); bad ids raise DefinitionError for the first
-    such segment in `order`."""
+    more for the derived segments the bitmaps cannot decide); bad ids raise DefinitionError
+    for the first such segment in `order`."""
     found = source_results(plan.sources)
     undecided = []
-    for name, join in plan.joins.items():
-        w, j = found[join.where], found[join.on]
-        if isinstance(w, BitMap64) and isinstance(j, BitMap64):
-            found[name] = w - j if join.anti else w & j
-        else:
+    for name, derived in plan.derived.items():
+        members = derived.value(found)
+        if members is None:
             undecided.append(name)
+        else:
+            found[name] = members
     if undecided:
         found |= source_results([Source(plan.written[n], (n,)) for n in undecided])
     return decided(found, order)
@@ -488,17 +583,18 @@ def sources(segments: Sequence[Segment], frames: Sequence[DataFrame]) -> list[So
 
 def plan(segments: Sequence[Segment], frames: Sequence[DataFrame]) -> Plan:
     """The segments as bitmap sources (compute/bitmaps.py): one merged query per view that two
-    or more of them read in a shape above, or that a semi/anti join (`parse_join`) reads, in
-    the place of the first segment that reads it; every other segment's own frame. A join
-    adds a column to each of its views' merged queries: its WHERE to the left view's, its ON
-    to the right view's (`Plan`), so each table is read once. A merged query that does not
+    or more of them read in a shape above, or that a semi/anti join (`parse_join`) or a set
+    operation (`parse_set`) reads, in the place of the first segment that reads it; every
+    other segment's own frame. A join adds a column to each of its views' merged queries: its
+    WHERE to the left view's, its ON to the right view's; a set operation one per operand to
+    the operand's view's (`Plan`), so each table is read once. A merged query that does not
     analyze (a name that is no view, a type the rewrite does not fit) leaves its segments as
-    written; one with a join's columns, every join (and the merged queries run without
-    them)."""
+    written; one with a join's or an operand's columns, every join and set operation (and
+    the merged queries run without them)."""
     try:
-        return _plan(segments, frames, joins=True)
+        return _plan(segments, frames, derived=True)
     except _NotMerged:
-        return _plan(segments, frames, joins=False)
+        return _plan(segments, frames, derived=False)
 
 
 def _counted_exactly(spark: SparkSession, shape: Simple | None) -> Simple | None:
@@ -605,7 +701,7 @@ class _NotMerged(Exception):
     pass
 
 
-def _plan(segments: Sequence[Segment], frames: Sequence[DataFrame], *, joins: bool) -> Plan:
+def _plan(segments: Sequence[Segment], frames: Sequence[DataFrame], *, derived: bool) -> Plan:
     from pyspark.errors import PySparkException
     from pyspark.sql.types import BooleanType
 
@@ -623,15 +719,21 @@ def _plan(segments: Sequence[Segment], frames: Sequence[DataFrame], *, joins: bo
     names = [s.name for s in segments]
     shapes = {k: _counted_exactly(spark, parse(s.sql)) for k, s in enumerate(segments)}
     found = {k: parse_join(s.sql) for k, s in enumerate(segments) if shapes[k] is None}
-    shaped = {k: j for k, j in found.items() if j is not None and joins}
+    shaped = {k: j for k, j in found.items() if j is not None and derived}
+    set_ops = {k: parse_set(segments[k].sql) for k, j in found.items() if j is None and derived}
+    combined = {
+        k: op for k, op in set_ops.items()
+        if op is not None and all(_counted_exactly(spark, leaf) for leaf in op.leaves())
+    }  # fmt: skip
     by_view: dict[str, list[int]] = {}
     for k, shape in shapes.items():
         if shape is not None:
             by_view.setdefault(shape.view.lower(), []).append(k)
-    # per view: the joins' WHERE and ON conditions on it (each once), the first segment to read
-    # it and its name as written
+    # per view: the joins' WHERE and ON conditions on it and the set operations' operands (each
+    # once), the first segment to read it and its name as written
     wheres: dict[str, list[str | None]] = {}
     ons: dict[str, list[str | None]] = {}
+    operands: dict[str, list[Simple]] = {}
     first: dict[str, int] = {k_view: ks[0] for k_view, ks in by_view.items()}
     written_name: dict[str, str] = {v: shapes[ks[0]].view for v, ks in by_view.items()}  # type: ignore[union-attr]
     for k, j in shaped.items():
@@ -641,6 +743,13 @@ def _plan(segments: Sequence[Segment], frames: Sequence[DataFrame], *, joins: bo
                 listed.append(condition)
             first[view.lower()] = min(first.get(view.lower(), k), k)
             written_name.setdefault(view.lower(), view)
+    for k, op in combined.items():
+        for leaf in op.leaves():
+            listed_shapes = operands.setdefault(leaf.view.lower(), [])
+            if leaf not in listed_shapes:
+                listed_shapes.append(leaf)
+            first[leaf.view.lower()] = min(first.get(leaf.view.lower(), k), k)
+            written_name.setdefault(leaf.view.lower(), leaf.view)
 
     def key(view: str, kind: str, at: int) -> str:
         name = f"{view}\x00{kind}{at}"  # no segment's name: internal bitmaps of the pass
@@ -649,39 +758,57 @@ def _plan(segments: Sequence[Segment], frames: Sequence[DataFrame], *, joins: bo
         return name
 
     merged: dict[int, list[Source]] = {}  # by the first segment reading its view
-    for view in sorted(set(by_view) | set(wheres) | set(ons), key=lambda v: first[v]):
+    for view in sorted(
+        set(by_view) | set(wheres) | set(ons) | set(operands), key=lambda v: first[v]
+    ):
         members = by_view.get(view, [])
         view_wheres, view_ons = wheres.get(view, []), ons.get(view, [])
-        if len(members) < 2 and not view_wheres and not view_ons:
+        view_operands = operands.get(view, [])
+        if len(members) < 2 and not view_wheres and not view_ons and not view_operands:
             continue
         picked = [_counted(spark, shapes[k]) for k in members]  # type: ignore[arg-type]
         extra = [Simple(written_name[view], w, False, None) for w in view_wheres]
+        extra += [_counted(spark, shape) for shape in view_operands]
         frame = query(merged_sql(written_name[view], [*picked, *extra], view_ons))  # type: ignore[list-item]
-        if frame is None and (view_wheres or view_ons):
+        if frame is None and (view_wheres or view_ons or view_operands):
             raise _NotMerged
         if frame is None:
             continue
         keys = [key(view, "w", at) for at in range(len(view_wheres))]
+        keys += [key(view, "o", at) for at in range(len(view_operands))]
         keys += [key(view, "j", at) for at in range(len(view_ons))]
-        flags = [f"s{at}" for at in range(len(picked) + len(view_wheres))]
+        flags = [f"s{at}" for at in range(len(picked) + len(extra))]
         flags += [f"j{at}" for at in range(len(view_ons))]
         merged.setdefault(first[view], []).append(
             Source(frame, tuple(segments[k].name for k in members) + tuple(keys), tuple(flags))
         )
-    derived: dict[str, Derived] = {}
-    for k, j in shaped.items():
+
+    def formula(op: SetOp) -> Derived:
+        sides = [
+            formula(side) if isinstance(side, SetOp)
+            else key(side.view.lower(), "o", operands[side.view.lower()].index(side))
+            for side in (op.left, op.right)
+        ]  # fmt: skip
+        return Derived(op.op, *sides)
+
+    taken: dict[str, Derived] = {}
+    for k in sorted([*shaped, *combined]):
+        if k in combined:
+            taken[names[k]] = formula(combined[k])
+            continue
+        j = shaped[k]
         left, right = j.left.lower(), j.right.lower()
-        derived[names[k]] = Derived(
+        taken[names[k]] = Derived(
+            "-" if j.anti else "&",
             key(left, "w", wheres[left].index(j.where)),
             key(right, "j", ons[right].index(j.on)),
-            j.anti,
         )
     inside = {name for listed in merged.values() for s in listed for name in s.segments}
-    inside |= set(derived)
+    inside |= set(taken)
     out: list[Source] = []
     for k, (segment, frame) in enumerate(zip(segments, frames, strict=True)):
         out += merged.get(k, [])
         if segment.name not in inside:
             out.append(Source(frame, (segment.name,)))
-    written = {names[k]: frames[k] for k in shaped}
-    return Plan(out, derived, written)
+    written = {names[k]: frames[k] for k in [*shaped, *combined]}
+    return Plan(out, taken, written)

@@ -108,6 +108,66 @@ def test_other_joins_run_as_written(sql: str) -> None:
     assert merge.parse_join(sql) is None
 
 
+VIP = "SELECT user_id FROM users WHERE tier = 'vip'"
+BOOKS = "SELECT user_id FROM orders WHERE category = 'books' GROUP BY user_id"
+VIEWERS = "SELECT user_id FROM events WHERE type = 'view' GROUP BY user_id HAVING COUNT(*) > 2"
+
+
+@pytest.mark.parametrize(
+    ("sql", "shape"),
+    [
+        (f"{BOOKS} EXCEPT {VIP}", "(o - u)"),
+        (f"{BOOKS}\nMINUS DISTINCT\n{VIP};", "(o - u)"),
+        (f"{VIP} UNION ALL {BOOKS} union {VIEWERS}", "((u | o) | e)"),
+        (f"{VIP} UNION {BOOKS} EXCEPT {VIEWERS}", "((u | o) - e)"),
+        (f"{VIP} INTERSECT ALL {BOOKS} INTERSECT {VIEWERS}", "((u & o) & e)"),
+        (f"({VIP}) EXCEPT ({BOOKS} UNION ({VIEWERS}))", "(u - (o | (e)))"),
+        (f"{VIP} EXCEPT (({BOOKS} INTERSECT {VIEWERS}))", "(u - (o & e))"),
+        (
+            "SELECT DISTINCT user_id FROM users -- UNION ALL\nEXCEPT SELECT user_id FROM orders "
+            "GROUP BY user_id HAVING COUNT(DISTINCT category) > 1",
+            "(u - o)",
+        ),
+    ],
+)
+def test_set_operations_are_merged(sql: str, shape: str) -> None:
+    def drawn(node: merge.SetOp | merge.Simple) -> str:
+        if isinstance(node, merge.Simple):
+            return node.view[0]
+        return f"({drawn(node.left)} {node.op} {drawn(node.right)})"
+
+    op = merge.parse_set(sql)
+    assert op is not None
+    assert drawn(op) == shape.replace("(e)", "e")
+    assert all(isinstance(leaf, merge.Simple) for leaf in op.leaves())
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        VIP,  # no set operation
+        f"{BOOKS} EXCEPT ALL {VIP}",  # a multiset difference
+        f"{BOOKS} MINUS ALL {VIP}",
+        f"{VIP} UNION {BOOKS} INTERSECT {VIEWERS}",  # INTERSECT binds tighter
+        f"{VIP} UNION {BOOKS} ORDER BY user_id",
+        f"{VIP} UNION {BOOKS} LIMIT 10",
+        f"{VIP} UNION",
+        f"UNION {VIP}",
+        f"{VIP} UNION UNION {BOOKS}",
+        f"{VIP} UNION ALL",
+        f"{VIP} UNION {JOIN.format('SEMI')}",  # an operand that is no shape
+        f"{VIP} UNION SELECT user_id, tier FROM users",
+        f"{VIP} UNION (SELECT user_id FROM users) LIMIT 3",
+        f"({VIP}) LIMIT 3 UNION {BOOKS}",
+        f"WITH v AS ({VIP}) SELECT user_id FROM v UNION {BOOKS}",
+        f"SELECT user_id FROM users WHERE `union` = 1 AND tier = 'x' OR {BOOKS[7:]}",
+        f"{VIP} UNION SELECT user_id FROM users WHERE tier IN ({VIP})",
+    ],
+)
+def test_other_set_operations_run_as_written(sql: str) -> None:
+    assert merge.parse_set(sql) is None
+
+
 EDGES = (
     segment("nobody", "SELECT user_id FROM users WHERE tier = 'no such tier'")
     + segment("vip", "SELECT user_id FROM users WHERE tier = 'vip'")
@@ -151,6 +211,16 @@ EDGES = (
         "ordered_after_signup",  # both sides in ON: as written
         JOIN.format("SEMI") + " AND o.ts >= CAST(u.signup_date AS TIMESTAMP)",
     )
+    + segment("books_not_vip", f"{BOOKS} EXCEPT {VIP}")
+    + segment("vip_or_viewers", f"{VIP} UNION ALL {VIEWERS}")
+    + segment("vip_viewers", f"{VIEWERS} INTERSECT {VIP}")
+    + segment("nested", f"({VIP} UNION {BOOKS}) EXCEPT ({VIEWERS} INTERSECT {BOOKS})")
+    + segment(  # two rows of a user on the left and one on the right: a member, as written
+        "except_all",
+        "SELECT user_id FROM orders WHERE category = 'books' EXCEPT ALL "
+        "SELECT DISTINCT user_id FROM orders WHERE category = 'books'",
+    )
+    + segment("empty_minus", f"{VIP} MINUS SELECT user_id FROM users")
 )
 
 
@@ -173,6 +243,10 @@ def test_merged_equals_a_job_per_segment(spark, small_lake: Path, defs: Path | N
         assert 0 < len(merged["no_books"]) < len(merged["everyone"])
         assert 0 < len(merged["three_categories"]) < len(merged["few_orders"])
         assert all(len(merged[n]) for n in ("vip_books", "no_events", "big_order"))
+        assert 0 < len(merged["books_not_vip"]) < len(merged["everyone"])
+        assert merged["vip"] < merged["vip_or_viewers"] and merged["vip_viewers"] < merged["vip"]
+        assert merged["vip_viewers"]
+        assert merged["nested"] and merged["except_all"] and not merged["empty_minus"]
 
 
 @pytest.mark.spark
@@ -188,10 +262,15 @@ def test_merged_sources_cover_every_segment_once(spark, small_lake: Path) -> Non
         ("ordered_vip",),
         ("viewers",),  # + no_events's ON column (alone on its view, it would run as written)
         ("ordered_after_signup",),
+        ("except_all",),  # + the set operations' operands in the merged queries above
     ]
     joins = ["vip_books", "no_books", "no_events", "null_on_semi", "null_on_anti"]
-    assert list(plan.joins) == [*joins, "null_where_anti", "big_order"]
-    assert len({plan.joins[n].where for n in joins[1:]}) == 1, "one WHERE bitmap per condition"
+    set_ops = ["books_not_vip", "vip_or_viewers", "vip_viewers", "nested", "empty_minus"]
+    assert list(plan.derived) == [*joins, "null_where_anti", "big_order", *set_ops]
+    assert len({plan.derived[n].left for n in joins[1:]}) == 1, "one WHERE bitmap per condition"
+    vip = plan.derived["books_not_vip"].right
+    assert vip == plan.derived["vip_or_viewers"].left == plan.derived["vip_viewers"].right
+    assert plan.derived["nested"].op == "-" and plan.derived["empty_minus"].left == vip
 
 
 @pytest.mark.spark
@@ -247,7 +326,7 @@ def test_a_join_on_null_ids_equals_the_join_as_written(spark, small_lake: Path) 
     )
     frames = [batch.analyze(spark, s) for s in segments]
     plan = merge.plan(segments, frames)
-    assert list(plan.joins) == ["some", "none"]
+    assert list(plan.derived) == ["some", "none"]
     assert not {"some", "none"} & {n for s in plan.sources for n in s.segments}
     # from the bitmaps alone: no join runs as written (`written` is what it would run)
     merged = merge.bitmaps(dataclasses.replace(plan, written={}), ["some", "none"])
@@ -289,8 +368,8 @@ def test_joins_over_null_and_negative_ids_answer_as_the_sql_does(spark, small_la
     )
     frames = [batch.analyze(spark, s) for s in valid_left]
     plan = merge.plan(valid_left, frames)
-    assert list(plan.joins) == ["semi", "anti", "anti_books"]
-    found = merge.bitmaps(dataclasses.replace(plan, written={}), list(plan.joins))
+    assert list(plan.derived) == ["semi", "anti", "anti_books"]
+    found = merge.bitmaps(dataclasses.replace(plan, written={}), list(plan.derived))
     assert found == batch.evaluate(valid_left, frames, one_pass=False)
     assert all(found.values())
     kept = " WHERE l.user_id IS NULL OR l.user_id > 0"
@@ -309,7 +388,7 @@ def test_joins_over_null_and_negative_ids_answer_as_the_sql_does(spark, small_la
             segment("first", "SELECT user_id FROM users WHERE tier = 'vip'") + segment("join", sql)
         )
         frames = [batch.analyze(spark, s) for s in segments]
-        assert list(merge.plan(segments, frames).joins) == ["join"]
+        assert list(merge.plan(segments, frames).derived) == ["join"]
         merged = _outcome(segments, frames)
         assert merged == _outcome(segments, frames, one_pass=False), sql
         if expected is dict:
@@ -317,6 +396,53 @@ def test_joins_over_null_and_negative_ids_answer_as_the_sql_does(spark, small_la
         else:
             assert isinstance(merged, str) and "segment 'join'" in merged, sql
             assert expected in merged, sql
+
+
+@pytest.mark.spark
+def test_set_operations_over_null_and_negative_ids_answer_as_the_sql_does(
+    spark, small_lake: Path
+) -> None:
+    """A set operation from its operands' bitmaps when every operand holds valid ids, else as
+    written, which decides (a set operation takes NULLs as equal)."""
+    batch.register_views(spark, small_lake)
+    spark.sql(  # NULL and negative ids
+        "CREATE OR REPLACE TEMP VIEW odd AS SELECT CASE WHEN user_id % 11 = 0 THEN NULL "
+        "WHEN user_id % 13 = 0 THEN -user_id ELSE user_id END AS user_id, tier FROM users"
+    )
+    nulls = "SELECT user_id FROM odd WHERE user_id IS NULL"
+    negative = "SELECT user_id FROM odd WHERE user_id < 0"
+    cases = [  # (segment, what the SQL gives)
+        (f"{VIP} EXCEPT SELECT user_id FROM odd", dict),  # the odd ids remove nothing valid
+        (f"SELECT user_id FROM odd INTERSECT {VIP}", dict),
+        (f"{nulls} EXCEPT {nulls}", dict),  # NULL equals NULL: nobody
+        (f"{VIP} UNION {nulls} EXCEPT {nulls}", dict),
+        (f"{VIP} UNION SELECT user_id FROM odd", "is null"),
+        (f"{VIP} UNION ALL {negative}", "must be >= 0"),
+        (f"{nulls} EXCEPT {VIP}", "is null"),
+    ]
+    for sql, expected in cases:
+        segments = definitions.parse(
+            segment("first", "SELECT user_id FROM users WHERE tier = 'basic'")
+            + segment("set_op", sql)
+        )
+        frames = [batch.analyze(spark, s) for s in segments]
+        assert list(merge.plan(segments, frames).derived) == ["set_op"], sql
+        merged = _outcome(segments, frames)
+        assert merged == _outcome(segments, frames, one_pass=False), sql
+        if expected is dict:
+            assert isinstance(merged, dict), sql
+        else:
+            assert isinstance(merged, str) and "segment 'set_op'" in merged, sql
+            assert expected in merged, sql
+    # valid operands: from the bitmaps alone (`written` is what would run otherwise)
+    segments = definitions.parse(
+        segment("a", f"{VIP} EXCEPT {BOOKS}") + segment("b", f"{BOOKS} INTERSECT {VIEWERS}")
+    )
+    frames = [batch.analyze(spark, s) for s in segments]
+    plan = merge.plan(segments, frames)
+    found = merge.bitmaps(dataclasses.replace(plan, written={}), ["a", "b"])
+    assert found == batch.evaluate(segments, frames, one_pass=False)
+    assert found["a"] and found["b"]
 
 
 @pytest.mark.spark

@@ -7,6 +7,8 @@ import dataclasses
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from compute import batch, definitions, merge
 from compute.definitions import EXAMPLE, DefinitionError
@@ -166,6 +168,54 @@ def test_set_operations_are_merged(sql: str, shape: str) -> None:
 )
 def test_other_set_operations_run_as_written(sql: str) -> None:
     assert merge.parse_set(sql) is None
+
+
+_LEAVES = (VIP, BOOKS, VIEWERS, "SELECT DISTINCT user_id FROM orders WHERE amount > 5")
+_WRITTEN = {"|": ("UNION", "union all", "UNION DISTINCT"), "-": ("EXCEPT", "minus",
+            "EXCEPT DISTINCT"), "&": ("INTERSECT", "intersect all")}  # fmt: skip
+
+
+def _trees() -> st.SearchStrategy:
+    leaves = st.sampled_from(range(len(_LEAVES)))
+    return st.recursive(
+        leaves, lambda kids: st.tuples(st.sampled_from("|-&"), kids, kids), max_leaves=6
+    )
+
+
+def _written(tree, draw_bool) -> str:  # noqa: ANN001
+    """SQL of the tree: parentheses where precedence needs them (a right operand that is a set
+    operation, an operand whose operator binds differently), and at random elsewhere."""
+    if isinstance(tree, int):
+        return f"({_LEAVES[tree]})" if draw_bool() else _LEAVES[tree]
+    op, left, right = tree
+
+    def side(node, needs: bool) -> str:  # noqa: ANN001
+        text = _written(node, draw_bool)
+        return f"({text})" if needs or (not isinstance(node, int) and draw_bool()) else text
+
+    def binds(node) -> bool:  # noqa: ANN001
+        return not isinstance(node, int) and (node[0] == "&") != (op == "&")
+
+    words = _WRITTEN[op][draw_bool() + draw_bool() * (len(_WRITTEN[op]) > 2)]
+    return f"{side(left, binds(left))}\n{words} {side(right, not isinstance(right, int))}"
+
+
+@given(tree=_trees(), data=st.data())
+@settings(max_examples=200, deadline=None)
+def test_set_operations_parse_as_written(tree, data) -> None:  # noqa: ANN001
+    """Random trees of UNION/EXCEPT/INTERSECT over segment shapes, written with the operators'
+    spellings and optional parentheses, parse back to the same tree."""
+    sql = _written(tree, lambda: data.draw(st.booleans()))
+
+    def expected(node):  # noqa: ANN001, ANN202
+        if isinstance(node, int):
+            return merge.parse(_LEAVES[node])
+        return merge.SetOp(node[0], expected(node[1]), expected(node[2]))
+
+    if isinstance(tree, int):
+        assert merge.parse_set(sql) is None
+    else:
+        assert merge.parse_set(sql) == expected(tree), sql
 
 
 EDGES = (

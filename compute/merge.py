@@ -435,6 +435,8 @@ def parse_set(sql: str) -> SetOp | None:
     tokens = _tokens(sql)
     if not tokens:
         return None
+    if _wrapped(tokens):
+        return parse_set(sql[tokens[0].end : tokens[-1].start])
     ops: list[str] = []
     operands: list[str] = []
     start = 0
@@ -468,15 +470,17 @@ def parse_set(sql: str) -> SetOp | None:
 def _operand(sql: str) -> Simple | SetOp | None:
     """A set operation's operand: a shape of `parse`, or either in parentheses."""
     tokens = _tokens(sql)
-    if (
-        tokens
-        and tokens[0].text == "("
-        and tokens[-1].text == ")"
-        and all(t.depth > 0 for t in tokens[1:-1])
-    ):
+    if tokens and _wrapped(tokens):
         inner = sql[tokens[0].end : tokens[-1].start]
         return _operand(inner) or parse_set(inner)
     return parse(sql)
+
+
+def _wrapped(tokens: list[_Token]) -> bool:
+    """The tokens are one pair of parentheses and what they hold."""
+    return (
+        tokens[0].text == "(" and tokens[-1].text == ")" and all(t.depth > 0 for t in tokens[1:-1])
+    )
 
 
 def _flag(s: Simple) -> str:

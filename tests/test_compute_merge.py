@@ -125,6 +125,7 @@ VIEWERS = "SELECT user_id FROM events WHERE type = 'view' GROUP BY user_id HAVIN
         (f"{VIP} INTERSECT ALL {BOOKS} INTERSECT {VIEWERS}", "((u & o) & e)"),
         (f"({VIP}) EXCEPT ({BOOKS} UNION ({VIEWERS}))", "(u - (o | (e)))"),
         (f"{VIP} EXCEPT (({BOOKS} INTERSECT {VIEWERS}))", "(u - (o & e))"),
+        (f"(({VIP}) UNION {BOOKS})", "(u | o)"),
         (
             "SELECT DISTINCT user_id FROM users -- UNION ALL\nEXCEPT SELECT user_id FROM orders "
             "GROUP BY user_id HAVING COUNT(DISTINCT category) > 1",
@@ -161,6 +162,8 @@ def test_set_operations_are_merged(sql: str, shape: str) -> None:
         f"{VIP} UNION SELECT user_id, tier FROM users",
         f"{VIP} UNION (SELECT user_id FROM users) LIMIT 3",
         f"({VIP}) LIMIT 3 UNION {BOOKS}",
+        f"({VIP})",
+        f"({VIP}) UNION {BOOKS})",
         f"WITH v AS ({VIP}) SELECT user_id FROM v UNION {BOOKS}",
         f"SELECT user_id FROM users WHERE `union` = 1 AND tier = 'x' OR {BOOKS[7:]}",
         f"{VIP} UNION SELECT user_id FROM users WHERE tier IN ({VIP})",

@@ -36,7 +36,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from pyroaring import BitMap64
 
@@ -740,20 +740,21 @@ def _plan(segments: Sequence[Segment], frames: Sequence[DataFrame], *, derived: 
     operands: dict[str, list[Simple]] = {}
     first: dict[str, int] = {k_view: ks[0] for k_view, ks in by_view.items()}
     written_name: dict[str, str] = {v: shapes[ks[0]].view for v, ks in by_view.items()}  # type: ignore[union-attr]
+
+    def reads(k: int, view: str, columns: dict[str, list[Any]], item: object) -> None:
+        """Segment k needs a column of `view`'s merged query for `item` (one per equal item)."""
+        listed = columns.setdefault(view.lower(), [])
+        if item not in listed:
+            listed.append(item)
+        first[view.lower()] = min(first.get(view.lower(), k), k)
+        written_name.setdefault(view.lower(), view)
+
     for k, j in shaped.items():
-        for view, conditions, condition in ((j.left, wheres, j.where), (j.right, ons, j.on)):
-            listed = conditions.setdefault(view.lower(), [])
-            if condition not in listed:
-                listed.append(condition)
-            first[view.lower()] = min(first.get(view.lower(), k), k)
-            written_name.setdefault(view.lower(), view)
+        reads(k, j.left, wheres, j.where)
+        reads(k, j.right, ons, j.on)
     for k, op in combined.items():
         for leaf in op.leaves():
-            listed_shapes = operands.setdefault(leaf.view.lower(), [])
-            if leaf not in listed_shapes:
-                listed_shapes.append(leaf)
-            first[leaf.view.lower()] = min(first.get(leaf.view.lower(), k), k)
-            written_name.setdefault(leaf.view.lower(), leaf.view)
+            reads(k, leaf.view, operands, leaf)
 
     def key(view: str, kind: str, at: int) -> str:
         name = f"{view}\x00{kind}{at}"  # no segment's name: internal bitmaps of the pass

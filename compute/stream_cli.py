@@ -222,7 +222,7 @@ def run_stream(args: argparse.Namespace) -> int:
     definitions = rules.load(args.definitions)
     client = kafka_client_settings(args.events_kafka_config, "--events-kafka-config")
     try:
-        source = stream.source_options(args.events_source_config or (), "--events-source-config")
+        source = stream.source_options(args.events_source_config, "--events-source-config")
     except ValueError as e:
         raise CommandError(str(e)) from None
     args.checkpoint.mkdir(parents=True, exist_ok=True)

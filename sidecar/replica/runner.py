@@ -467,9 +467,10 @@ class Replica:
                 self.phase = f"connecting to the {self.transport.describe()}"
                 return self.transport.reader()
             except TransportError as exc:
-                if self.error != str(exc):
+                # The error first: whoever reads the log line then asks /readyz sees it there.
+                said, self.error = self.error, str(exc)
+                if said != self.error:
                     log.warning("waiting for the log: %s", exc)
-                self.error = str(exc)
                 self._stop.wait(1.0)
         raise TransportError("stopped")
 

@@ -19,7 +19,9 @@ would not have (HAVING COUNT(*) < 5 is true for a group the segment has no row o
 GROUP BY in the view's segments it is a projection: `coalesce(<w>, false)` per segment.
 HAVING's COUNT(DISTINCT c) is a bitmask of c's values with the FILTER when c is an integer or
 a string with at most 63 distinct values in the segment's rows (`bitmasked`: a Spark job lists
-them first), else size(collect_set(c)). A semi/anti join of one
+them first), else size(collect_set(c)). HAVING's SUM of a decimal too wide for Spark to sum
+in a long itself (money: decimal(12,2)) is a BIGINT sum of its unscaled values cast back to
+the SUM's type (`exact_sums`). A semi/anti join of one
 view on another by user_id (`parse_join`) adds a column to each side's merged query (its
 WHERE on the left, its ON on the right) and is taken from their bitmaps on the driver (W & J
 or W - J: `Plan`), so no table is read twice; so is a set operation of the shapes above
@@ -182,6 +184,9 @@ class Simple:
     distinct: tuple[str, ...] = ()
     #: for each of `distinct`, the index of the piece its size(collect_set(c) ends
     distinct_at: tuple[int, ...] = ()
+    #: HAVING's SUM calls: the index of the piece each ends, the call and its argument as
+    #: written (`exact_sums`)
+    sums: tuple[tuple[int, str, str], ...] = ()
 
 
 def parse(sql: str) -> Simple | None:
@@ -247,8 +252,8 @@ def parse(sql: str) -> Simple | None:
         split = _split_having(sql, body[having_at + 1 :])
         if split is None:
             return None
-        having, counted, at = split
-        return Simple(view, where_text, True, having, counted, at)
+        having, counted, at, sums = split
+        return Simple(view, where_text, True, having, counted, at, sums)
     return Simple(view, where_text, grouped_at is not None, None)
 
 
@@ -266,15 +271,20 @@ def _counts(tokens: list[_Token], k: int) -> bool:
 
 def _split_having(
     sql: str, tokens: list[_Token]
-) -> tuple[tuple[str, ...], tuple[str, ...], tuple[int, ...]] | None:
+) -> (
+    tuple[tuple[str, ...], tuple[str, ...], tuple[int, ...], tuple[tuple[int, str, str], ...]]
+    | None
+):
     """HAVING's text cut after each aggregate call's closing parenthesis, COUNT(DISTINCT c)
     as size(collect_set(c)) (the same count: both skip NULLs), the columns c and the pieces
-    their size(collect_set(c) ends; None when it calls something this module does not know."""
+    their size(collect_set(c) ends, and the SUM calls (`Simple.sums`); None when it calls
+    something this module does not know."""
     if not tokens:
         return None
     pieces: list[str] = []
     counted: list[str] = []
     at: list[int] = []
+    sums: list[tuple[int, str, str]] = []
     start = tokens[0].start
     k = 0
     while k < len(tokens):
@@ -294,6 +304,9 @@ def _split_having(
                     j for j in range(k + 2, len(tokens))
                     if tokens[j].text == ")" and tokens[j].depth == t.depth
                 )  # fmt: skip
+                if name == "sum" and close > k + 2:
+                    argument = sql[tokens[k + 2].start : tokens[close - 1].end]
+                    sums.append((len(pieces), sql[t.start : tokens[close].end], argument))
                 pieces.append(sql[start : tokens[close].end])
                 start = tokens[close].end
                 k = close + 1
@@ -302,7 +315,7 @@ def _split_having(
                 return None
         k += 1
     pieces.append(sql[start : tokens[-1].end])
-    return tuple(pieces), tuple(counted), tuple(at)
+    return tuple(pieces), tuple(counted), tuple(at), tuple(sums)
 
 
 @dataclass(frozen=True)
@@ -694,8 +707,58 @@ def _listed(spark: SparkSession, shape: Simple, column: str) -> tuple[str, ...] 
     return tuple(literal.format(r[0]) for r in rows) or (f"CAST(NULL AS {typed})",)
 
 
-def _counted(spark: SparkSession, shape: Simple) -> Simple:
-    """The shape with each COUNT(DISTINCT c) a bitmask where `_listed` gives c's values."""
+#: the largest precision a Decimal keeps in a long (Spark's Decimal.MAX_LONG_DIGITS)
+LONG_DIGITS = 18
+
+
+def exact_sums(shape: Simple, kinds: Sequence[tuple[int, int] | None]) -> Simple:
+    """The shape with its k-th SUM(a) summed as unscaled BIGINTs where kinds[k] is a's
+    (precision, scale) p, s: `CAST(CAST(SUM(CAST((a) * 10^s AS BIGINT)) AS DECIMAL(20, 0)) *
+    10^-s AS DECIMAL(p + 10, s))`, the FILTER after SUM like the other aggregates. The same
+    value and type as SUM(a), when the session is ANSI (a BIGINT sum that overflows is an
+    error, and the queries then run as written: `batch.evaluate`). Spark sums such a decimal
+    with its buffer a decimal(p + 10, s), which past 18 digits lives in a java BigDecimal:
+    about 2x slower (perf/ANALYSIS.md, twelfth session); it rewrites the sum itself only when
+    p + 10 <= 18 (its DecimalAggregates rule). kinds[k] is None: SUM(a) as written."""
+    pieces = list(shape.having or ())
+    for (at, call, argument), kind in zip(shape.sums, kinds, strict=True):
+        if kind is None:
+            continue
+        precision, scale = kind
+        unscaled = f"({argument}) * {10**scale}BD"
+        step = "1BD" if scale == 0 else f"0.{'0' * (scale - 1)}1BD"
+        pieces[at] = f"{pieces[at][: -len(call)]}CAST(CAST(SUM(CAST({unscaled} AS BIGINT))"
+        pieces[at + 1] = (
+            f" AS DECIMAL(20, 0)) * {step} AS DECIMAL({min(38, precision + 10)}, {scale}))"
+            f"{pieces[at + 1]}"
+        )
+    return replace(shape, having=tuple(pieces), sums=())
+
+
+def _long_summed(spark: SparkSession, shape: Simple, argument: str) -> tuple[int, int] | None:
+    """(precision, scale) of the decimal `argument` over the shape's view when `exact_sums`
+    speeds its SUM up: p + 10 > 18 (Spark's own rewrite does not apply), each row's unscaled
+    value, a decimal(p + s + 2, s), still in a long, and the session ANSI; else None."""
+    from pyspark.errors import PySparkException
+    from pyspark.sql.types import DecimalType
+
+    if (spark.conf.get("spark.sql.ansi.enabled") or "").lower() != "true":
+        return None
+    try:
+        kind = spark.table(shape.view).selectExpr(argument).schema.fields[0].dataType
+    except PySparkException:
+        return None
+    if not isinstance(kind, DecimalType):
+        return None
+    fits = kind.precision + 10 > LONG_DIGITS and kind.precision + kind.scale + 2 <= LONG_DIGITS
+    return (kind.precision, kind.scale) if fits else None
+
+
+def _rewritten(spark: SparkSession, shape: Simple) -> Simple:
+    """The shape with each COUNT(DISTINCT c) a bitmask where `_listed` gives c's values and
+    each SUM of a decimal a BIGINT sum where `_long_summed` says it pays."""
+    if shape.sums:
+        shape = exact_sums(shape, [_long_summed(spark, shape, a) for _, _, a in shape.sums])
     if not shape.distinct:
         return shape
     return bitmasked(shape, [_listed(spark, shape, c) for c in shape.distinct])
@@ -771,9 +834,9 @@ def _plan(segments: Sequence[Segment], frames: Sequence[DataFrame], *, derived: 
         view_operands = operands.get(view, [])
         if len(members) < 2 and not view_wheres and not view_ons and not view_operands:
             continue
-        picked = [_counted(spark, shapes[k]) for k in members]  # type: ignore[arg-type]
+        picked = [_rewritten(spark, shapes[k]) for k in members]  # type: ignore[arg-type]
         extra = [Simple(written_name[view], w, False, None) for w in view_wheres]
-        extra += [_counted(spark, shape) for shape in view_operands]
+        extra += [_rewritten(spark, shape) for shape in view_operands]
         frame = query(merged_sql(written_name[view], [*picked, *extra], view_ons))  # type: ignore[list-item]
         if frame is None and (view_wheres or view_ons or view_operands):
             raise _NotMerged

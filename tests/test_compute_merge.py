@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from pyroaring import BitMap64
 
 from compute import batch, definitions, merge
 from compute.definitions import EXAMPLE, DefinitionError
@@ -563,7 +564,7 @@ def test_count_distinct_as_a_bitmask_answers_as_the_sql_does(spark, small_lake: 
     segments = definitions.parse(
         "".join(segment(n, grouped.format(w, h)) for n, (w, h) in cases.items())
     )
-    counted = {s.name: merge._counted(spark, merge.parse(s.sql)) for s in segments}
+    counted = {s.name: merge._rewritten(spark, merge.parse(s.sql)) for s in segments}
     having = {n: "".join(s.having or ()) for n, s in counted.items()}
     for name in ("no_cat", "two_cats", "cat_nobody", "three_n63"):
         assert "bit_or" in having[name] and "collect_set" not in having[name], name
@@ -575,3 +576,67 @@ def test_count_distinct_as_a_bitmask_answers_as_the_sql_does(spark, small_lake: 
     found = batch.evaluate(segments, frames)
     assert found == batch.evaluate(segments, frames, one_pass=False)
     assert all(found[n] for n in cases if n != "cat_nobody") and not found["cat_nobody"]
+
+
+@pytest.mark.spark
+def test_decimal_sums_as_bigints_answer_as_the_sql_does(spark, small_lake: Path) -> None:
+    """SUM of a decimal(p, s) with 8 < p and p + s + 2 <= 18 is a BIGINT sum of unscaled
+    values (`merge.exact_sums`), with the type and value of the SUM: thresholds met exactly,
+    division by a count, CASE and FILTER, NULL sums, negative values, scales 0 and 4; wider
+    and narrower decimals as written; a BIGINT sum that overflows where the decimal one does
+    not falls back to the queries as written; a session without ANSI keeps SUM as written."""
+    batch.register_views(spark, small_lake)
+    spark.sql(  # one user with every order of the lake, each near the decimal(16,0) limit
+        "CREATE OR REPLACE TEMP VIEW huge AS SELECT 7L AS user_id, "
+        "CAST(9999999999999999 AS DECIMAL(16, 0)) AS big FROM orders"
+    )
+    assert spark.table("huge").count() * 9999999999999999 > 2**63, "enough rows to overflow"
+    # a sum some user has exactly: `>=` at the boundary
+    (exact,) = spark.sql(
+        "SELECT percentile_disc(0.5) WITHIN GROUP (ORDER BY s) FROM "
+        "(SELECT SUM(amount) AS s FROM orders GROUP BY user_id)"
+    ).first()
+    grouped = "SELECT user_id FROM orders GROUP BY user_id HAVING {}"
+    cases = {  # name: (HAVING, summed as BIGINTs)
+        "exact": (f"SUM(amount) >= {exact}", True),
+        "ratio": ("SUM(amount) / COUNT(*) > 37.5", True),
+        "case": (
+            "SUM(CASE WHEN category = 'books' THEN amount ELSE 0 END) >= 20 "
+            "AND SUM(CASE WHEN category <> 'books' THEN amount ELSE 0 END) < 150",
+            True,
+        ),
+        "nulls": ("SUM(CASE WHEN amount > 50 THEN amount END) IS NULL", True),
+        "negative": ("sum ( amount - 50 ) < -20", True),
+        "scale0": ("SUM(CAST(amount AS DECIMAL(12, 0))) > 100", True),
+        "scale4": ("SUM(CAST(amount / 3 AS DECIMAL(12, 4))) > 60", True),
+        "wide": ("SUM(CAST(amount AS DECIMAL(20, 2))) > 100", False),
+        "narrow": ("SUM(CAST(amount AS DECIMAL(8, 2))) > 100", False),
+        "double": ("SUM(CAST(amount AS DOUBLE)) > 100", False),
+        "buyers": ("COUNT(*) > 0", False),
+    }
+    text = "".join(segment(n, grouped.format(h)) for n, (h, _) in cases.items())
+    segments = definitions.parse(text)
+    summed = {s.name: merge._rewritten(spark, merge.parse(s.sql)) for s in segments}
+    for name, (_, rewritten) in cases.items():
+        assert ("AS BIGINT" in "".join(summed[name].having or ())) is rewritten, name
+    frames = [batch.analyze(spark, s) for s in segments]
+    assert [s.segments for s in merge.sources(segments, frames)] == [tuple(cases)]
+    found = batch.evaluate(segments, frames)
+    assert found == batch.evaluate(segments, frames, one_pass=False)
+    assert all(0 < len(found[n]) < len(found["buyers"]) for n in cases if n != "buyers"), found
+
+    overflow = definitions.parse(
+        segment("big", "SELECT user_id FROM huge GROUP BY user_id HAVING SUM(big) > 0")
+        + segment("many", "SELECT user_id FROM huge GROUP BY user_id HAVING COUNT(*) > 1")
+    )
+    assert "AS BIGINT" in "".join(merge._rewritten(spark, merge.parse(overflow[0].sql)).having)
+    frames = [batch.analyze(spark, s) for s in overflow]
+    assert len(merge.sources(overflow, frames)) == 1
+    assert batch.evaluate(overflow, frames) == {"big": BitMap64([7]), "many": BitMap64([7])}
+
+    spark.conf.set("spark.sql.ansi.enabled", "false")
+    try:
+        plain = merge._rewritten(spark, merge.parse(segments[0].sql))
+    finally:
+        spark.conf.set("spark.sql.ansi.enabled", "true")
+    assert "BIGINT" not in "".join(plain.having or ())

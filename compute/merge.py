@@ -19,9 +19,9 @@ would not have (HAVING COUNT(*) < 5 is true for a group the segment has no row o
 GROUP BY in the view's segments it is a projection: `coalesce(<w>, false)` per segment.
 HAVING's COUNT(DISTINCT c) is a bitmask of c's values with the FILTER when c is an integer or
 a string with at most 63 distinct values in the segment's rows (`bitmasked`: a Spark job lists
-them first), else size(collect_set(c)). HAVING's SUM of a decimal too wide for Spark to sum
-in a long itself (money: decimal(12,2)) is a BIGINT sum of its unscaled values cast back to
-the SUM's type (`exact_sums`). A semi/anti join of one
+them first), else size(collect_set(c)). HAVING's SUM and AVG of a decimal too wide for Spark
+to sum in a long itself (money: decimal(12,2)) come from a BIGINT sum of its unscaled values,
+cast back to the SUM's or AVG's type and value (`exact_sums`). A semi/anti join of one
 view on another by user_id (`parse_join`) adds a column to each side's merged query (its
 WHERE on the left, its ON on the right) and is taken from their bitmaps on the driver (W & J
 or W - J: `Plan`), so no table is read twice; so is a set operation of the shapes above
@@ -184,9 +184,9 @@ class Simple:
     distinct: tuple[str, ...] = ()
     #: for each of `distinct`, the index of the piece its size(collect_set(c) ends
     distinct_at: tuple[int, ...] = ()
-    #: HAVING's SUM calls: the index of the piece each ends, the call and its argument as
-    #: written (`exact_sums`)
-    sums: tuple[tuple[int, str, str], ...] = ()
+    #: HAVING's SUM and AVG calls: the index of the piece each ends, "sum" or "avg", the call
+    #: and its argument as written (`exact_sums`)
+    sums: tuple[tuple[int, str, str, str], ...] = ()
 
 
 def parse(sql: str) -> Simple | None:
@@ -277,14 +277,14 @@ def _split_having(
 ):
     """HAVING's text cut after each aggregate call's closing parenthesis, COUNT(DISTINCT c)
     as size(collect_set(c)) (the same count: both skip NULLs), the columns c and the pieces
-    their size(collect_set(c) ends, and the SUM calls (`Simple.sums`); None when it calls
+    their size(collect_set(c) ends, and the SUM and AVG calls (`Simple.sums`); None when it calls
     something this module does not know."""
     if not tokens:
         return None
     pieces: list[str] = []
     counted: list[str] = []
     at: list[int] = []
-    sums: list[tuple[int, str, str]] = []
+    sums: list[tuple[int, str, str, str]] = []
     start = tokens[0].start
     k = 0
     while k < len(tokens):
@@ -304,9 +304,10 @@ def _split_having(
                     j for j in range(k + 2, len(tokens))
                     if tokens[j].text == ")" and tokens[j].depth == t.depth
                 )  # fmt: skip
-                if name == "sum" and close > k + 2:
+                if name in {"sum", "avg", "mean"} and close > k + 2:
                     argument = sql[tokens[k + 2].start : tokens[close - 1].end]
-                    sums.append((len(pieces), sql[t.start : tokens[close].end], argument))
+                    call = sql[t.start : tokens[close].end]
+                    sums.append((len(pieces), "sum" if name == "sum" else "avg", call, argument))
                 pieces.append(sql[start : tokens[close].end])
                 start = tokens[close].end
                 k = close + 1
@@ -712,33 +713,53 @@ LONG_DIGITS = 18
 
 
 def exact_sums(shape: Simple, kinds: Sequence[tuple[int, int] | None]) -> Simple:
-    """The shape with its k-th SUM(a) summed as unscaled BIGINTs where kinds[k] is a's
-    (precision, scale) p, s: `CAST(CAST(SUM(CAST((a) * 10^s AS BIGINT)) AS DECIMAL(20, 0)) *
-    10^-s AS DECIMAL(p + 10, s))`, the FILTER after SUM like the other aggregates. The same
-    value and type as SUM(a), when the session is ANSI (a BIGINT sum that overflows is an
-    error, and the queries then run as written: `batch.evaluate`). Spark sums such a decimal
-    with its buffer a decimal(p + 10, s), which past 18 digits lives in a java BigDecimal:
-    about 2x slower (perf/ANALYSIS.md, twelfth session); it rewrites the sum itself only when
-    p + 10 <= 18 (its DecimalAggregates rule). kinds[k] is None: SUM(a) as written."""
+    """The shape with its k-th SUM(a) or AVG(a) computed from a BIGINT sum of a's unscaled
+    values where kinds[k] is a's (precision, scale) p, s, the FILTER after each aggregate:
+
+        SUM(a): CAST(CAST(SUM(CAST((a) * 10^s AS BIGINT)) AS DECIMAL(20, 0)) * 10^-s
+                     AS DECIMAL(p + 10, s))
+        AVG(a): CAST(try_divide(<that>, CAST(COUNT((a)) AS DECIMAL(20, 0)))
+                     AS DECIMAL(p + 4, s + 4))
+
+    The same values and types as Spark's SUM and AVG of a decimal (its AVG divides the
+    decimal(p + 10, s) sum by the count cast to decimal(20, 0), NULL when there is no row, and
+    casts to decimal(p + 4, s + 4)), in an ANSI session, where a BIGINT sum that overflows is
+    an error and the queries then run as written (`batch.evaluate`). Spark keeps that sum in
+    a decimal(p + 10, s) buffer, which past 18 digits lives in a java BigDecimal: about 2x
+    slower (perf/ANALYSIS.md, twelfth session). kinds[k] is None: the call as written."""
     pieces = list(shape.having or ())
-    for (at, call, argument), kind in zip(shape.sums, kinds, strict=True):
+    distinct_at = list(shape.distinct_at)
+    # last call first: an AVG adds a piece (its COUNT's), which moves the pieces after it
+    for (at, name, call, argument), kind in sorted(
+        zip(shape.sums, kinds, strict=True), key=lambda item: -item[0][0]
+    ):
         if kind is None:
             continue
         precision, scale = kind
-        unscaled = f"({argument}) * {10**scale}BD"
         step = "1BD" if scale == 0 else f"0.{'0' * (scale - 1)}1BD"
-        pieces[at] = f"{pieces[at][: -len(call)]}CAST(CAST(SUM(CAST({unscaled} AS BIGINT))"
-        pieces[at + 1] = (
-            f" AS DECIMAL(20, 0)) * {step} AS DECIMAL({min(38, precision + 10)}, {scale}))"
-            f"{pieces[at + 1]}"
-        )
-    return replace(shape, having=tuple(pieces), sums=())
+        summed = f"CAST(CAST(SUM(CAST(({argument}) * {10**scale}BD AS BIGINT))"
+        typed = f" AS DECIMAL(20, 0)) * {step} AS DECIMAL({min(38, precision + 10)}, {scale}))"
+        head = pieces[at][: -len(call)]
+        if name == "sum":
+            pieces[at] = head + summed
+            pieces[at + 1] = typed + pieces[at + 1]
+            continue
+        pieces[at] = f"{head}CAST(try_divide({summed}"
+        pieces.insert(at + 1, f"{typed}, CAST(COUNT(({argument}))")
+        averaged = f"DECIMAL({min(38, precision + 4)}, {min(38, scale + 4)})"
+        pieces[at + 2] = f" AS DECIMAL(20, 0))) AS {averaged}){pieces[at + 2]}"
+        distinct_at = [d + 1 if d > at else d for d in distinct_at]
+    return replace(shape, having=tuple(pieces), distinct_at=tuple(distinct_at), sums=())
 
 
-def _long_summed(spark: SparkSession, shape: Simple, argument: str) -> tuple[int, int] | None:
+def _long_summed(
+    spark: SparkSession, shape: Simple, name: str, argument: str
+) -> tuple[int, int] | None:
     """(precision, scale) of the decimal `argument` over the shape's view when `exact_sums`
-    speeds its SUM up: p + 10 > 18 (Spark's own rewrite does not apply), each row's unscaled
-    value, a decimal(p + s + 2, s), still in a long, and the session ANSI; else None."""
+    speeds its SUM or AVG (`name`) up: Spark's own rewrite does not apply (its DecimalAggregates
+    rule: SUM with p + 10 <= 18, in a long; AVG with p + 4 <= 15, in a double, whose rounding
+    this must not change), each row's unscaled value, a decimal(p + s + 2, s), still in a long,
+    and the session ANSI; else None."""
     from pyspark.errors import PySparkException
     from pyspark.sql.types import DecimalType
 
@@ -750,15 +771,17 @@ def _long_summed(spark: SparkSession, shape: Simple, argument: str) -> tuple[int
         return None
     if not isinstance(kind, DecimalType):
         return None
-    fits = kind.precision + 10 > LONG_DIGITS and kind.precision + kind.scale + 2 <= LONG_DIGITS
-    return (kind.precision, kind.scale) if fits else None
+    spark_own = kind.precision + 10 <= LONG_DIGITS if name == "sum" else kind.precision + 4 <= 15
+    fits = kind.precision + kind.scale + 2 <= LONG_DIGITS
+    return (kind.precision, kind.scale) if fits and not spark_own else None
 
 
 def _rewritten(spark: SparkSession, shape: Simple) -> Simple:
     """The shape with each COUNT(DISTINCT c) a bitmask where `_listed` gives c's values and
-    each SUM of a decimal a BIGINT sum where `_long_summed` says it pays."""
+    each SUM or AVG of a decimal from a BIGINT sum where `_long_summed` says it pays."""
     if shape.sums:
-        shape = exact_sums(shape, [_long_summed(spark, shape, a) for _, _, a in shape.sums])
+        kinds = [_long_summed(spark, shape, name, a) for _, name, _, a in shape.sums]
+        shape = exact_sums(shape, kinds)
     if not shape.distinct:
         return shape
     return bitmasked(shape, [_listed(spark, shape, c) for c in shape.distinct])

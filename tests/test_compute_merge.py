@@ -579,12 +579,16 @@ def test_count_distinct_as_a_bitmask_answers_as_the_sql_does(spark, small_lake: 
 
 
 @pytest.mark.spark
-def test_decimal_sums_as_bigints_answer_as_the_sql_does(spark, small_lake: Path) -> None:
-    """SUM of a decimal(p, s) with 8 < p and p + s + 2 <= 18 is a BIGINT sum of unscaled
-    values (`merge.exact_sums`), with the type and value of the SUM: thresholds met exactly,
-    division by a count, CASE and FILTER, NULL sums, negative values, scales 0 and 4; wider
-    and narrower decimals as written; a BIGINT sum that overflows where the decimal one does
-    not falls back to the queries as written; a session without ANSI keeps SUM as written."""
+def test_decimal_sums_and_averages_as_bigints_answer_as_the_sql_does(
+    spark, small_lake: Path
+) -> None:
+    """SUM of a decimal(p, s) with 8 < p and p + s + 2 <= 18, and AVG with 11 < p, come from a
+    BIGINT sum of unscaled values (`merge.exact_sums`), with the type and value of the SUM or
+    AVG: thresholds met exactly, an average rounded to its scale, division by a count, CASE
+    and FILTER, NULL sums and averages, negative values, scales 0 and 4, an AVG beside a
+    COUNT(DISTINCT) bitmask and a SUM; wider and narrower decimals as written; a BIGINT sum
+    that overflows where the decimal one does not falls back to the queries as written; a
+    session without ANSI keeps SUM as written."""
     batch.register_views(spark, small_lake)
     spark.sql(  # one user with every order of the lake, each near the decimal(16,0) limit
         "CREATE OR REPLACE TEMP VIEW huge AS SELECT 7L AS user_id, "
@@ -595,6 +599,14 @@ def test_decimal_sums_as_bigints_answer_as_the_sql_does(spark, small_lake: Path)
     (exact,) = spark.sql(
         "SELECT percentile_disc(0.5) WITHIN GROUP (ORDER BY s) FROM "
         "(SELECT SUM(amount) AS s FROM orders GROUP BY user_id)"
+    ).first()
+    (median_avg,) = spark.sql(
+        "SELECT percentile_disc(0.5) WITHIN GROUP (ORDER BY a) FROM "
+        "(SELECT AVG(amount) AS a FROM orders GROUP BY user_id)"
+    ).first()
+    (rounded,) = spark.sql(  # an average rounded to its 6 decimals
+        "SELECT AVG(amount) FROM orders GROUP BY user_id "
+        "HAVING COUNT(*) = 3 AND CAST(SUM(amount) * 100 AS BIGINT) % 3 <> 0 LIMIT 1"
     ).first()
     grouped = "SELECT user_id FROM orders GROUP BY user_id HAVING {}"
     cases = {  # name: (HAVING, summed as BIGINTs)
@@ -613,12 +625,22 @@ def test_decimal_sums_as_bigints_answer_as_the_sql_does(spark, small_lake: Path)
         "narrow": ("SUM(CAST(amount AS DECIMAL(8, 2))) > 100", False),
         "double": ("SUM(CAST(amount AS DOUBLE)) > 100", False),
         "buyers": ("COUNT(*) > 0", False),
+        "avg": (f"AVG(amount) >= {median_avg}", True),
+        "avg_rounded": (f"AVG(amount) = {rounded}", True),
+        "avg_null": ("avg(CASE WHEN amount > 50 THEN amount END) IS NULL", True),
+        "avg_spark_own": ("AVG(CAST(amount AS DECIMAL(11, 2))) > 40", False),
+        "mean_and_more": (
+            "mean(amount) > 20 AND COUNT(DISTINCT category) >= 2 AND SUM(amount) < 150",
+            True,
+        ),
     }
     text = "".join(segment(n, grouped.format(h)) for n, (h, _) in cases.items())
     segments = definitions.parse(text)
     summed = {s.name: merge._rewritten(spark, merge.parse(s.sql)) for s in segments}
     for name, (_, rewritten) in cases.items():
         assert ("AS BIGINT" in "".join(summed[name].having or ())) is rewritten, name
+    mixed = "".join(summed["mean_and_more"].having or ())
+    assert mixed.count("AS BIGINT") == 2 and "bit_or" in mixed and "try_divide" in mixed
     frames = [batch.analyze(spark, s) for s in segments]
     assert [s.segments for s in merge.sources(segments, frames)] == [tuple(cases)]
     found = batch.evaluate(segments, frames)

@@ -272,7 +272,7 @@ def _counts(tokens: list[_Token], k: int) -> bool:
 def _split_having(
     sql: str, tokens: list[_Token]
 ) -> (
-    tuple[tuple[str, ...], tuple[str, ...], tuple[int, ...], tuple[tuple[int, str, str], ...]]
+    tuple[tuple[str, ...], tuple[str, ...], tuple[int, ...], tuple[tuple[int, str, str, str], ...]]
     | None
 ):
     """HAVING's text cut after each aggregate call's closing parenthesis, COUNT(DISTINCT c)

@@ -186,8 +186,9 @@ def test_a_publish_lands_whole(published, workdir: Path) -> None:  # type: ignor
     assert reader.segment("dense").version == 2
     # the old view still answers from the old version (its file unlinked, still mapped)
     assert view.contains(3 * 2**31) and not view.contains(15)
-    files = sorted(p.name for p in default_dir(workdir / "s.sock").glob("*.seg"))
-    assert len(files) == 3  # one file per published segment: the old version's is gone
+    # one file per published segment: the old version's is unlinked after the swap
+    shm = default_dir(workdir / "s.sock")
+    wait_until(lambda: len(list(shm.glob("*.seg"))) == 3, what="the old version's file unlinked")
 
 
 def test_not_ready_publishes_nothing(workdir: Path) -> None:

@@ -1,6 +1,9 @@
 import subprocess
 import warnings
 
+import pytest
+from schemathesis.pytest.plugin import SchemathesisFunction
+
 from sidecar.shm.build import build_if_stale
 
 # Before any test imports the C extension: a build older than sidecar/shm/_native.c would
@@ -20,3 +23,16 @@ pytest_plugins = [
     "tests.broker_faults",
     "tests.spark_session",
 ]
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """`./run test` runs two xdist workers, a test file whole on one, files in this order."""
+    for item in items:
+        # schemathesis's items (one per API operation) share their test's node id under
+        # pytest 9 (the operation is in the name only); xdist schedules by node id, so it would
+        # run one of them
+        if isinstance(item, SchemathesisFunction) and item.id.params is None:
+            assert item.parent is not None and item.operation_label
+            item._id = item.parent.id.child(item.originalname).with_params(item.operation_label)
+    # files of minutes first (the `long` marker): started last, one would run alone at the end
+    items.sort(key=lambda item: item.get_closest_marker("long") is None)

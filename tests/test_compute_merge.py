@@ -15,6 +15,8 @@ from compute import batch, definitions, merge
 from compute.definitions import EXAMPLE, DefinitionError
 from tests.test_compute_batch import segment
 
+pytestmark = pytest.mark.long  # minutes of Spark: scheduled first (tests/conftest.py)
+
 BENCH20 = EXAMPLE.parent / "bench20.toml"
 #: the seed of this module's `small_lake` (tests/spark_session.py)
 LAKE_SEED = 13

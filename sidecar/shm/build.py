@@ -6,6 +6,7 @@ in-place build older than sidecar/shm/_native.c), and the code takes its Python 
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import importlib.machinery
 import subprocess
@@ -57,13 +58,20 @@ def stale() -> bool:
 
 def build_if_stale() -> bool:
     """Build the extension in place when `stale()`; True when it built. Call it before
-    `sidecar.shm._native` is imported: a loaded extension is not reloaded."""
+    `sidecar.shm._native` is imported: a loaded extension is not reloaded. Processes that
+    call it at once (pytest's xdist workers) build it once: the others wait, then find it."""
     if not stale():
         return False
-    subprocess.run(
-        [sys.executable, "setup.py", "build_ext", "--inplace"],
-        cwd=HERE.parent.parent,
-        check=True,
-        capture_output=True,
-    )
+    root = HERE.parent.parent
+    (root / "build").mkdir(exist_ok=True)
+    with open(root / "build" / ".native.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not stale():
+            return False
+        subprocess.run(
+            [sys.executable, "setup.py", "build_ext", "--inplace"],
+            cwd=root,
+            check=True,
+            capture_output=True,
+        )
     return True

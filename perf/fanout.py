@@ -116,14 +116,14 @@ def worker(conn: Any, peer: str, target: str, qs: list[tuple[int, str]]) -> None
 
 def run(ctx: Context) -> dict[str, Any]:
     rates = ctx.sizes.pick(
-        [2_000, 5_000, 10_000, 15_000, 20_000, 30_000],
+        [2_000, 10_000, 20_000, 30_000],
         [1_000, 2_000, 5_000, 10_000, 15_000, 20_000, 25_000, 30_000, 40_000, 50_000, 60_000],
     )
     shared_rates = ctx.sizes.pick(
         [250_000, 1_000_000],
         [100_000, 250_000, 500_000, 750_000, 1_000_000, 1_250_000, 1_500_000, 2_000_000],
     )
-    seconds = ctx.sizes.pick(1.5, 5.0)
+    seconds = ctx.sizes.pick(1.0, 5.0)
     serve = ctx.serve()
     uds = str(serve.sidecar.uds)
     failed: dict[str, str] = {}

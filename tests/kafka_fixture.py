@@ -7,9 +7,12 @@ Registered in ``tests/conftest.py`` with ``pytest_plugins = ["tests.kafka_fixtur
   end. If the broker cannot start the fixture FAILS with the script's stderr and the broker
   log tail; it never skips. With ``SEG_TEST_KAFKA=HOST:PORT`` set, that broker is used and
   nothing is started. The broker is started with ``--owner-pid`` = this process, so a
-  killed pytest run does not leave it behind.
+  killed pytest run does not leave it behind. Each xdist worker (`./run test` runs two) is a
+  session of its own, with its own broker.
 * ``sasl_kafka`` (session, on first use): a second broker whose client listener takes
   SASL_PLAINTEXT/PLAIN only (``deploy/local/sasl.properties``), as a ``SaslBroker``.
+* ``tls_kafka`` (session, on first use): a third, its client listener SSL only, with a
+  self-signed certificate made by keytool, as a ``TlsBroker``.
 * ``topic_prefix`` (function): a unique prefix such as ``t1a2b3c4d5e`` for the test's topics,
   transactional ids and group ids (the broker is shared by the whole session).
 
@@ -141,6 +144,69 @@ def sasl_kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SaslBroker]
     address = start_broker(data, SASL_PROPERTIES)
     try:
         yield SaslBroker(address, "seg", users["seg"])
+    finally:
+        _down(data)
+
+
+@dataclass(frozen=True)
+class TlsBroker:
+    """A broker whose only client listener is SSL, with a self-signed certificate for
+    127.0.0.1 (`ca`, PEM), and another such certificate it was not signed with (`other_ca`)."""
+
+    address: str
+    ca: Path
+    other_ca: Path
+
+    def librdkafka(self, ca: Path | None = None) -> dict[str, str]:
+        """`--kafka-config` settings (librdkafka's names) trusting `ca` (default: the right one)."""
+        return {"security.protocol": "SSL", "ssl.ca.location": str(ca or self.ca)}
+
+
+_STORE_PASSWORD = "seg-test"  # the keystores of a throwaway broker on loopback
+
+
+def _keytool(keytool: str, store: Path, *args: str) -> None:
+    store_args = ["-keystore", str(store), "-storetype", "PKCS12", "-storepass", _STORE_PASSWORD]
+    subprocess.run([keytool, *args, *store_args], check=True, capture_output=True, timeout=120)
+
+
+def _self_signed(keytool: str, store: Path, pem: Path) -> None:
+    """A PKCS12 keystore with a new RSA key and its self-signed certificate for 127.0.0.1,
+    the certificate also written to `pem`."""
+    key = ["-keyalg", "RSA", "-keysize", "2048", "-validity", "7"]
+    name = ["-dname", "CN=127.0.0.1", "-ext", "SAN=ip:127.0.0.1"]
+    _keytool(keytool, store, "-genkeypair", "-alias", "broker", *key, *name)
+    _keytool(keytool, store, "-exportcert", "-alias", "broker", "-rfc", "-file", str(pem))
+
+
+@pytest.fixture(scope="session")
+def tls_kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TlsBroker]:
+    """A third broker, TLS only, started on first use (tests/test_kafka_tls.py): its keystore
+    and truststore made with the JDK's keytool, its properties written next to them."""
+    keytool = shutil.which("keytool", path=os.path.dirname(shutil.which("java") or ""))
+    keytool = keytool or shutil.which("keytool")
+    assert keytool, "no keytool beside java: the TLS broker needs one (a JDK has it)"
+    certs = tmp_path_factory.mktemp("kafka-tls-certs")
+    keystore, ca, other = certs / "broker.p12", certs / "ca.pem", certs / "other-ca.pem"
+    _self_signed(keytool, keystore, ca)
+    _self_signed(keytool, certs / "other.p12", other)
+    truststore = certs / "trust.p12"  # the broker's own certificate: its inter-broker client
+    _keytool(keytool, truststore, "-importcert", "-noprompt", "-alias", "broker", "-file", str(ca))
+    config = certs / "tls.properties"
+    config.write_text(
+        "listeners=SSL://127.0.0.1:@PORT@,CONTROLLER://127.0.0.1:@CONTROLLER_PORT@\n"
+        "advertised.listeners=SSL://127.0.0.1:@PORT@\n"
+        "inter.broker.listener.name=SSL\n"
+        "listener.security.protocol.map=SSL:SSL,CONTROLLER:PLAINTEXT\n"
+        f"ssl.keystore.type=PKCS12\nssl.keystore.location={keystore}\n"
+        f"ssl.keystore.password={_STORE_PASSWORD}\nssl.key.password={_STORE_PASSWORD}\n"
+        f"ssl.truststore.type=PKCS12\nssl.truststore.location={truststore}\n"
+        f"ssl.truststore.password={_STORE_PASSWORD}\n"
+    )
+    data = tmp_path_factory.mktemp("kafka-tls")
+    address = start_broker(data, config)
+    try:
+        yield TlsBroker(address, ca, other)
     finally:
         _down(data)
 

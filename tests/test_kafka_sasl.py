@@ -49,6 +49,12 @@ def test_publish_and_replay_over_sasl(
 ) -> None:
     log = ["--kafka", sasl_kafka.address, "--topic-prefix", topic_prefix,
            *_config_args(sasl_kafka.librdkafka())]  # fmt: skip
+    publish_and_replay(log, tmp_path)
+
+
+def publish_and_replay(log: list[str], tmp_path: Path) -> None:
+    """`seg-publish` the segment set with the Kafka flags `log`, then a sidecar with the same
+    flags answers its members, and only them (tests/test_kafka_tls.py too)."""
     segments = _segment_set(tmp_path / "set")
     done = subprocess.run([str(BIN / "seg-publish"), "--input", str(segments), *log, "--quiet"],
                           capture_output=True, text=True, timeout=120)  # fmt: skip

@@ -81,12 +81,16 @@ def wait_for(cond, what: str) -> None:  # type: ignore[no-untyped-def]
 
 
 def poll_until_raises(reader, seconds: float = 15.0) -> str:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
+    """NewLogIdentity's message from polls and watermarks within `seconds` (a call that
+    blocks past them fails it too: the watermarks of deleted topics once took 30 s)."""
+    started = time.monotonic()
+    while time.monotonic() < started + seconds:
         try:
             reader.poll(0.1)
             reader.watermarks_all("deltas")
         except NewLogIdentity as exc:
+            took = time.monotonic() - started
+            assert took < seconds, f"NewLogIdentity only after {took:.1f} s"
             return str(exc)
     raise AssertionError(f"no NewLogIdentity within {seconds} s")
 

@@ -118,10 +118,12 @@ def retrying(
     call: Callable[[], T],
     timeout: float = RETRY_SECONDS,
     also: frozenset[int] = frozenset(),
+    before_retry: Callable[[KafkaError], None] | None = None,
 ) -> T:
     """`call()`, again after retriable Kafka errors (backing off from 50 ms to 1 s) until
     `timeout` seconds have passed; then, or on any other Kafka error, TransportError saying
-    `what` failed and why. `also`: more codes that are retriable for this call."""
+    `what` failed and why. `also`: more codes that are retriable for this call;
+    `before_retry(err)` is called before each retry (it may raise instead)."""
     deadline = time.monotonic() + timeout
     pause = 0.05
     while True:
@@ -132,6 +134,8 @@ def retrying(
             again = retriable(err) or (err is not None and not err.fatal() and err.code() in also)
             if not again or time.monotonic() + pause > deadline:
                 raise TransportError(f"{what}: {exc}") from exc
+            if before_retry is not None and err is not None:
+                before_retry(err)
             log.info("%s: %s; retrying in %.2f s", what, exc, pause)
             time.sleep(pause)
             pause = min(1.0, pause * 2)
@@ -192,11 +196,12 @@ def list_offsets(
     tps: list[TopicPartition],
     spec: str,
     isolation: IsolationLevel = IsolationLevel.READ_COMMITTED,
+    before_retry: Callable[[KafkaError], None] | None = None,
 ) -> dict[tuple[str, int], int]:
     """`spec` ("earliest" or "latest") offsets of `tps` in one ListOffsets request per
     broker, on the admin client's own connection (a consumer's would queue the request behind
     its fetch long-poll). Retries retriable errors (no leader yet, a leader epoch the broker
-    does not know after a stall, ...)."""
+    does not know after a stall, ...), calling `before_retry` (`retrying`) first."""
 
     def call() -> dict[tuple[str, int], int]:
         futures = admin.list_offsets(
@@ -208,7 +213,10 @@ def list_offsets(
 
     names = sorted({tp.topic for tp in tps})
     # _NOENT here: "no leaders" for the partitions, as right after a broker restart
-    return retrying(f"cannot read offsets of {', '.join(names)}", call, also=_NO_LEADERS)
+    return retrying(
+        f"cannot read offsets of {', '.join(names)}", call, also=_NO_LEADERS,
+        before_retry=before_retry,
+    )  # fmt: skip
 
 
 class KafkaWriter(base.LogWriter):
@@ -398,9 +406,15 @@ class KafkaReader(base.LogReader):
         admin = self._t._admin()
         name = self._t.topic(topic)
         tps = [TopicPartition(name, p) for p in range(self.partitions)]
+
+        def unknown_topic(err: KafkaError) -> None:
+            # deleted topics answer so until the retries end (30 s): look at once instead
+            if err.code() == KafkaError.UNKNOWN_TOPIC_OR_PART:
+                self._identity_now()
+
         try:
-            low = list_offsets(admin, tps, "earliest")
-            end = list_offsets(admin, tps, "latest")
+            low = list_offsets(admin, tps, "earliest", before_retry=unknown_topic)
+            end = list_offsets(admin, tps, "latest", before_retry=unknown_topic)
         except TransportError:
             self._identity_now()  # topics deleted: that, rather than "cannot read offsets"
             raise

@@ -1,18 +1,27 @@
-"""Build a segment's BitMap64 inside the Spark executors, one bitmap per partition.
+"""Build the segments' BitMap64s from Spark frames whose first column is user_id: one Spark job
+for all of them, in one of two places.
 
-Each partition's user ids reach a Python worker as Arrow arrays (an iterator Arrow UDF, so no
-per-row pickling and no pandas), with one boolean column per segment when the frame is a merged
-query's (compute/merge.py; else one segment, every row); the worker adds the ids of each
-segment to its BitMap64 and emits them serialized in the partition's last row (every other row
-is null and filtered out), one length-prefixed entry per segment. The driver collects one small
-value per partition and unions them per segment.
+- On the driver (local mode, the default there): each frame's rows in some segment as (source,
+  user_id, mask, ...), one bit per segment, in one UNION ALL collected as Arrow batches
+  (`DataFrame.toArrow`); the driver adds each segment's ids to its bitmap. In local mode the
+  executors share the driver's machine, so the rows cross a socket either way, and no Python
+  worker is started: their start-up (a fork, then pyarrow and pyroaring imported) was about
+  2.7 s of a 25 s batch (perf/ANALYSIS.md, fourteenth session). The driver holds the collected
+  rows: about 20 bytes per user and table read, 60 MB for the 1M-user benchmark.
+- In the executors (a cluster): each partition's user ids reach a Python worker as Arrow arrays
+  (an iterator Arrow UDF, so no per-row pickling and no pandas), with one boolean column per
+  segment when the frame is a merged query's (compute/merge.py; else one segment, every row);
+  the worker adds the ids of each segment to its BitMap64 and emits them serialized in the
+  partition's last row (every other row is null and filtered out), one length-prefixed entry
+  per segment. The driver collects one small value per partition and unions them per segment.
 
 Why not `df.rdd.mapPartitions`: it converts every row to a Python Row object, about 8x slower
 (2M ids: 9.6 s against 1.2 s on two cores). `mapInArrow` would be the natural API but in
 pyspark 4.3 it insists on pandas, which is not a dependency.
 
 Bad ids are not raised in the executor (that would surface as a Java stack trace): the
-partition emits an error payload instead and the driver raises DefinitionError.
+partition emits an error payload instead and the driver raises DefinitionError; the driver
+path checks the same ids with the same rule (`_add`).
 """
 
 from __future__ import annotations
@@ -124,9 +133,9 @@ def decided(found: Found, order: Sequence[str]) -> dict[str, BitMap64]:
     return {name: found[name] for name in order}  # type: ignore[misc]
 
 
-def segment_bitmap(df: DataFrame, segment: str) -> BitMap64:
+def segment_bitmap(df: DataFrame, segment: str, *, on_driver: bool | None = None) -> BitMap64:
     """Run the segment's query and return its members; bad ids raise DefinitionError."""
-    return source_bitmaps([Source(df, (segment,))])[segment]
+    return source_bitmaps([Source(df, (segment,))], on_driver=on_driver)[segment]
 
 
 @dataclass(frozen=True)
@@ -147,26 +156,43 @@ def segment_bitmaps(frames: Sequence[DataFrame], segments: Sequence[str]) -> lis
 
 
 def source_bitmaps(
-    sources: Sequence[Source], order: Sequence[str] | None = None
+    sources: Sequence[Source],
+    order: Sequence[str] | None = None,
+    *,
+    on_driver: bool | None = None,
 ) -> dict[str, BitMap64]:
     """Every source's segments' members from one Spark job (`source_results`). Bad ids raise
     DefinitionError for the first such segment in `order` (default: the sources')."""
-    found = source_results(sources)
+    found = source_results(sources, on_driver=on_driver)
     return decided(found, order or list(found))
 
 
-def source_results(sources: Sequence[Source]) -> Found:
+def source_results(sources: Sequence[Source], *, on_driver: bool | None = None) -> Found:
     """Every source's segments' members, or the DefinitionError of a bad id, from one Spark
-    job: the sources' per-partition payloads, tagged with the source's index, in one UNION ALL
-    (a union keeps each child's partitions apart, so a partition holds one source's rows) and
-    one collect. The DAG scheduler then runs the sources' stages side by side instead of job
-    after job."""
+    job: the sources' rows in one UNION ALL and one collect (a union keeps each child's
+    partitions apart, and the DAG scheduler runs the sources' stages side by side instead of
+    job after job). `on_driver`: the bitmaps built on the driver (`_driver_results`) or in the
+    executors (`_executor_results`); None: on the driver in local mode (module docstring)."""
+    if not sources:
+        return {}
+    if on_driver is None:
+        on_driver = is_local(sources[0].frame)
+    return _driver_results(sources) if on_driver else _executor_results(sources)
+
+
+def is_local(frame: DataFrame) -> bool:
+    """The frame's session runs in local mode (its executors in the driver's JVM)."""
+    context = getattr(frame.sparkSession, "sparkContext", None)
+    return context is not None and context.master.startswith("local")
+
+
+def _executor_results(sources: Sequence[Source]) -> Found:
+    """The bitmaps built in the executors: the sources' per-partition payloads
+    (`partition_bitmaps`), tagged with the source's index."""
     from functools import reduce
 
     from pyspark.sql.functions import lit
 
-    if not sources:
-        return {}
     tagged = [
         s.frame.select(lit(i).alias("source"), _bitmap_column(s.frame, s.flags)).where(
             "bitmap IS NOT NULL"
@@ -183,3 +209,57 @@ def source_results(sources: Sequence[Source]) -> Found:
         for source, lists in zip(sources, entries, strict=True)
         for name, p in zip(source.segments, lists, strict=True)
     }
+
+
+#: segments per BIGINT mask column of the driver's collect (bit 63, the sign, is left unused)
+MASK_BITS = 63
+
+
+def _masked(source: Source, index: int, width: int) -> DataFrame:
+    """The source's rows in at least one of its segments as (source, user_id, mask0, ...,
+    mask<width - 1>): segment k's bit is bit k % MASK_BITS of mask k // MASK_BITS."""
+    from functools import reduce
+
+    from pyspark.sql.functions import lit, when
+
+    frame = source.frame
+    flags = [frame[f] for f in source.flags] if source.flags else [lit(True)]
+    masks = []
+    for m in range(width):
+        bits = [
+            when(flag, lit(1 << k)).otherwise(lit(0)).cast("bigint")
+            for k, flag in enumerate(flags[m * MASK_BITS : (m + 1) * MASK_BITS])
+        ]
+        masks.append(reduce(lambda a, b: a.bitwiseOR(b), bits, lit(0).cast("bigint")))
+    kept = reduce(lambda a, b: a | b, [mask != 0 for mask in masks])
+    columns = [mask.alias(f"mask{m}") for m, mask in enumerate(masks)]
+    return frame.select(lit(index).alias("source"), frame[frame.columns[0]], *columns).where(kept)
+
+
+def _driver_results(sources: Sequence[Source]) -> Found:
+    """The bitmaps built on the driver from the sources' member rows (`_masked`) collected as
+    Arrow. The union widens the user_id columns to one type (a decimal(20,0) beside a BIGINT:
+    decimal), which `_add` takes."""
+    from functools import reduce
+
+    import numpy as np
+
+    width = max(-(-max(len(s.segments), 1) // MASK_BITS) for s in sources)
+    parts = [_masked(s, i, width) for i, s in enumerate(sources)]
+    table = reduce(lambda a, b: a.unionAll(b), parts).toArrow()
+    tags = table.column(0).to_numpy()
+    if len(tags) > 1 and bool((tags[1:] < tags[:-1]).any()):  # a union's rows come in order
+        order = np.argsort(tags, kind="stable")
+        table, tags = table.take(order), tags[order]
+    bounds = np.searchsorted(tags, np.arange(len(sources) + 1))
+    found: Found = {}
+    for i, source in enumerate(sources):
+        rows = table.slice(int(bounds[i]), int(bounds[i + 1] - bounds[i]))
+        ids = rows.column(1).combine_chunks()
+        for k, name in enumerate(source.segments):
+            mask = rows.column(2 + k // MASK_BITS).combine_chunks()
+            member = pc.not_equal(pc.bit_wise_and(mask, pa.scalar(1 << (k % MASK_BITS))), 0)
+            bitmap = BitMap64()
+            error = _add(bitmap, pc.filter(ids, member))
+            found[name] = bitmap if error is None else DefinitionError(error, name)
+    return found

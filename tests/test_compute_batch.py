@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 from pyroaring import BitMap64
 
 from compute import batch, cli, definitions, lake
-from compute.bitmaps import segment_bitmap
+from compute.bitmaps import MASK_BITS, Source, is_local, segment_bitmap, source_results
 from compute.definitions import DefinitionError
 from compute.fsutil import OutputError
 from compute.segment_set import write_segment_set
@@ -345,8 +345,13 @@ def _analyze(spark, sql: str, name: str = "bad"):
     return batch.analyze(spark, seg)
 
 
-def _members(spark, sql: str, name: str = "s") -> BitMap64:
-    return segment_bitmap(_analyze(spark, sql, name), name)
+def _members(spark, sql: str, name: str = "s", *, on_driver: bool | None = None) -> BitMap64:
+    return segment_bitmap(_analyze(spark, sql, name), name, on_driver=on_driver)
+
+
+#: where compute/bitmaps.py builds the bitmaps: on the driver (local mode's default) or in the
+#: executors' Python workers (a cluster's); both hold every rule below
+PLACES = [pytest.param(True, id="driver"), pytest.param(False, id="executors")]
 
 
 @pytest.mark.spark
@@ -394,9 +399,10 @@ def test_every_segment_is_analyzed_before_any_runs(spark, lake20k: Path) -> None
         ("SELECT CAST('99999999999999999999' AS DECIMAL(20,0)) AS user_id", "< 2**64"),
     ],
 )
-def test_bad_ids_fail_the_segment(views, sql: str, needle: str) -> None:
+@pytest.mark.parametrize("on_driver", PLACES)
+def test_bad_ids_fail_the_segment(views, sql: str, needle: str, on_driver: bool) -> None:
     with pytest.raises(DefinitionError) as info:
-        _members(views, sql, "ids")
+        _members(views, sql, "ids", on_driver=on_driver)
     assert info.value.segment == "ids" and needle in str(info.value)
 
 
@@ -425,8 +431,49 @@ def test_failed_batch_keeps_previous_set(spark, lake20k: Path, tmp_path: Path) -
         ("SELECT user_id FROM users WHERE 1 = 0", BitMap64()),
     ],
 )
-def test_integer_types_and_full_uint64_range(views, sql: str, expected: BitMap64) -> None:
-    assert _members(views, sql) == expected
+@pytest.mark.parametrize("on_driver", PLACES)
+def test_integer_types_and_full_uint64_range(
+    views, sql: str, expected: BitMap64, on_driver: bool
+) -> None:
+    assert _members(views, sql, on_driver=on_driver) == expected
+
+
+@pytest.mark.spark
+def test_both_places_build_the_same_bitmaps_for_many_sources(views) -> None:
+    """Sources of one pass side by side: a merged query's flags past one mask column's
+    MASK_BITS, a decimal(20,0) id beside BIGINT ones (the union widens them), a frame of one
+    segment, one with no row, a bad id in one segment only, and a flag that is NULL."""
+    flags = MASK_BITS + 7
+    columns = ", ".join(f"user_id % {k + 2} = 0 AS f{k}" for k in range(flags))
+    many = views.sql(f"SELECT user_id, {columns}, CAST(NULL AS BOOLEAN) AS f_null FROM users")
+    sources = [
+        Source(many, tuple(f"m{k}" for k in range(flags + 1)),
+               tuple(f"f{k}" for k in range(flags)) + ("f_null",)),
+        Source(views.sql("SELECT CAST('18446744073709551615' AS DECIMAL(20,0)) AS user_id"),
+               ("top",)),
+        Source(views.sql("SELECT user_id FROM users WHERE tier = 'vip'"), ("vip",)),
+        Source(views.sql("SELECT user_id FROM users WHERE 1 = 0"), ("none",)),
+        Source(views.sql("SELECT user_id - 10 AS user_id, user_id < 5 AS neg, user_id >= 10 AS ok "
+                         "FROM range(0, 20) AS t(user_id)"), ("neg", "ok"), ("neg", "ok")),
+    ]  # fmt: skip
+    assert is_local(many), "the session of these tests runs in local mode"
+    on_driver, in_executors = (source_results(sources, on_driver=p) for p in (True, False))
+    assert list(on_driver) == list(in_executors)
+    errors = {n: str(e) for n, e in on_driver.items() if isinstance(e, DefinitionError)}
+    assert errors == {"neg": "segment 'neg': user_id must be >= 0, got -10"}
+    assert str(in_executors["neg"]) == errors["neg"]
+    users = BitMap64(r[0] for r in views.sql("SELECT user_id FROM users").collect())
+    for k in range(flags):
+        assert (
+            on_driver[f"m{k}"]
+            == in_executors[f"m{k}"]
+            == BitMap64(u for u in users if u % (k + 2) == 0)
+        ), k
+    assert on_driver[f"m{flags}"] == BitMap64()  # a NULL flag: no member
+    assert on_driver["top"] == in_executors["top"] == BitMap64([2**64 - 1])
+    assert on_driver["vip"] == in_executors["vip"] and len(on_driver["vip"]) > 0
+    assert on_driver["none"] == in_executors["none"] == BitMap64()
+    assert on_driver["ok"] == in_executors["ok"] == BitMap64(range(0, 10))
 
 
 @pytest.mark.spark

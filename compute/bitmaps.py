@@ -5,9 +5,10 @@ for all of them, in one of two places.
   user_id, mask, ...), one bit per segment, in one UNION ALL collected as Arrow batches
   (`DataFrame.toArrow`); the driver adds each segment's ids to its bitmap. In local mode the
   executors share the driver's machine, so the rows cross a socket either way, and no Python
-  worker is started: their start-up (a fork, then pyarrow and pyroaring imported) was about
-  2.7 s of a 25 s batch (perf/ANALYSIS.md, fourteenth session). The driver holds the collected
-  rows: about 20 bytes per user and table read, 60 MB for the 1M-user benchmark.
+  worker is started: their start-up (a fork, then pyarrow and pyroaring imported) is on the
+  batch's critical path, about 2 s of a fresh JVM's 26 s (perf/ANALYSIS.md, fourteenth
+  session). The driver holds the collected rows: about 20 bytes per user and table read, 49 MB
+  for the 1M-user benchmark.
 - In the executors (a cluster): each partition's user ids reach a Python worker as Arrow arrays
   (an iterator Arrow UDF, so no per-row pickling and no pandas), with one boolean column per
   segment when the frame is a merged query's (compute/merge.py; else one segment, every row);

@@ -257,8 +257,9 @@ def _driver_results(sources: Sequence[Source]) -> Found:
     for i, source in enumerate(sources):
         rows = table.slice(int(bounds[i]), int(bounds[i + 1] - bounds[i]))
         ids = rows.column(1).combine_chunks()
+        masks = [rows.column(2 + m).combine_chunks() for m in range(width)]
         for k, name in enumerate(source.segments):
-            mask = rows.column(2 + k // MASK_BITS).combine_chunks()
+            mask = masks[k // MASK_BITS]
             member = pc.not_equal(pc.bit_wise_and(mask, pa.scalar(1 << (k % MASK_BITS))), 0)
             bitmap = BitMap64()
             error = _add(bitmap, pc.filter(ids, member))

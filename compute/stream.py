@@ -43,6 +43,7 @@ from pyroaring import BitMap64
 from compute import streamstate
 from compute.events import EVENT_TYPES
 from compute.fsutil import fsync_path
+from compute.kafkaconf import java_security_settings
 from compute.rules import StreamDefinitions, TrackSpec
 
 if TYPE_CHECKING:
@@ -419,6 +420,18 @@ def source_options(
             raise ValueError(f"{flag} {key}=...: {key} is set by {refused[key]}")
         out[key] = value
     return out
+
+
+def with_derived_security(
+    source: Mapping[str, str], librdkafka: Mapping[str, str]
+) -> dict[str, str]:
+    """Spark's Kafka source's settings: `source` (the Java client's names) over the
+    credentials and TLS derived from the librdkafka client's settings of the same topic
+    (`kafkaconf.java_security_settings`), so a cluster's secrets are given once; nothing is
+    derived when `source` sets security.protocol itself. ValueError as the derivation's."""
+    if "security.protocol" in source:
+        return dict(source)
+    return java_security_settings(librdkafka) | dict(source)
 
 
 def kafka_stream(

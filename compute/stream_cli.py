@@ -14,6 +14,7 @@ from publisher.guard import STREAM_MAX_REMOVE_FRACTION, fraction
 from sidecar.cliutil import (
     CommandError,
     Parser,
+    env_name,
     kafka_client_settings,
     key_value,
     non_negative_int,
@@ -38,7 +39,8 @@ def _add_events_source(p: Parser) -> None:
         type=key_value,
         metavar="KEY=VALUE",
         help="extra librdkafka setting (SASL, SSL, ...) of the events topic's clients: "
-        "gen-events' producer, the topic's creation and check; repeatable",
+        "gen-events' producer, the topic's creation and check, and (derived) the stream's "
+        "Spark source; repeatable",
     )
 
 
@@ -174,7 +176,8 @@ def add_stream(sub: argparse._SubParsersAction) -> None:
         metavar="KEY=VALUE",
         help="a consumer property of Spark's Kafka source reading the events (the Java "
         "client's names: security.protocol, sasl.mechanism, sasl.jaas.config, ...); "
-        "repeatable",
+        "repeatable. Unless it sets security.protocol, the source's credentials and TLS "
+        "are derived from --events-kafka-config's (SASL PLAIN or SCRAM, a PEM CA)",
     )
     opt(
         "--max-events-per-batch",
@@ -225,6 +228,14 @@ def run_stream(args: argparse.Namespace) -> int:
         source = stream.source_options(args.events_source_config, "--events-source-config")
     except ValueError as e:
         raise CommandError(str(e)) from None
+    try:
+        source = stream.with_derived_security(source, client)
+    except ValueError as e:
+        flag = "--events-kafka-config"
+        raise CommandError(
+            f"{flag} ({env_name(flag)}): {e}: give Spark's Kafka source its settings with "
+            "--events-source-config"
+        ) from None
     args.checkpoint.mkdir(parents=True, exist_ok=True)
     jars = sparkjars.streaming_conf()
     partitions = ensure_topic(args.events_kafka, args.events_topic, client=client)

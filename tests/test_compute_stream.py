@@ -32,7 +32,7 @@ from sidecar.record import Delta, decode
 from sidecar.replica import Replica
 from sidecar.transport.base import Transport
 from sidecar.transport.logdir import LogDirTransport
-from tests.kafka_fixture import SaslBroker
+from tests.kafka_fixture import SaslBroker, TlsBroker
 
 CART = "cart_abandoners_30m"
 BROWSE = "electronics_browsers_10m"
@@ -480,11 +480,12 @@ def test_gen_events_and_the_stream_over_sasl(
     spark: object, sasl_kafka: SaslBroker, topic_prefix: str, tmp_path: Path
 ) -> None:
     """gen-events with --events-kafka-config (librdkafka's names), the stream's source with
-    --events-source-config's settings (the Java client's), against a SASL-only broker."""
+    the Java client's settings derived from them (as `seg-compute stream` does without
+    --events-source-config), against a SASL-only broker."""
     import subprocess
     import sys
 
-    from compute.stream import source_options
+    from compute.stream import with_derived_security
 
     topic = f"{topic_prefix}.events"
     config = [f"--events-kafka-config={k}={v}" for k, v in sasl_kafka.librdkafka().items()]
@@ -499,13 +500,41 @@ def test_gen_events_and_the_stream_over_sasl(
             client=sasl_kafka.librdkafka())  # fmt: skip
     log = LogDirTransport(tmp_path / "log")
     job = StreamJob(rules.parse(DEFINITIONS), Publisher(log), tmp_path / "ckpt")
-    source = source_options(sasl_kafka.java().items(), "--events-source-config")
+    source = with_derived_security({}, sasl_kafka.librdkafka())
+    assert source == sasl_kafka.java()
     _run_once(spark, job, StreamOptions(sasl_kafka.address, topic, tmp_path / "ckpt",
                                         once=True, kafka_options=source))  # fmt: skip
     replica = Replica(log).start()
     try:
         assert replica.wait_ready(30)
         assert replica.contains(1, CART) is True  # read through SASL, published
+    finally:
+        replica.stop()
+
+
+@pytest.mark.kafka
+@pytest.mark.spark
+def test_the_stream_reads_a_tls_topic_with_the_ca_given_once(
+    spark: object, tls_kafka: TlsBroker, topic_prefix: str, tmp_path: Path
+) -> None:
+    """The librdkafka client's PEM CA (ssl.ca.location) becomes the Java client's PEM
+    truststore: Spark's Kafka source reads the TLS-only broker's topic with it."""
+    from compute.stream import with_derived_security
+
+    topic = f"{topic_prefix}.events"
+    client = tls_kafka.librdkafka()
+    ensure_topic(tls_kafka.address, topic, partitions=1, client=client)
+    produce(tls_kafka.address, topic, [make_event(7, "add_to_cart", ts=now_ms() - 60_000)],
+            client=client)  # fmt: skip
+    log = LogDirTransport(tmp_path / "log")
+    job = StreamJob(rules.parse(DEFINITIONS), Publisher(log), tmp_path / "ckpt")
+    source = with_derived_security({}, client)
+    _run_once(spark, job, StreamOptions(tls_kafka.address, topic, tmp_path / "ckpt",
+                                        once=True, kafka_options=source))  # fmt: skip
+    replica = Replica(log).start()
+    try:
+        assert replica.wait_ready(30)
+        assert replica.contains(7, CART) is True
     finally:
         replica.stop()
 

@@ -26,6 +26,7 @@ from compute.lake import (
 )
 from compute.pruning import columns_read
 from compute.segment_set import write_segment_set
+from compute.spark import quiet_task_failures
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
@@ -225,7 +226,11 @@ def evaluate(
     written = [Source(df, (name,)) for df, name in zip(frames, names, strict=True)]
     plan = merge.plan(segments, frames) if merged else merge.Plan(written, {}, {})
     try:
-        bitmaps = merge.bitmaps(plan, names)
+        if plan.merged:
+            with quiet_task_failures(frames[0].sparkSession):
+                bitmaps = merge.bitmaps(plan, names)
+        else:
+            bitmaps = merge.bitmaps(plan, names)
     except (PySparkException, Py4JError):
         if not plan.merged:
             raise

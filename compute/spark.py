@@ -5,12 +5,13 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import logging
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -121,6 +122,39 @@ def build_session(
     spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel("WARN")
     return spark
+
+
+#: the driver's loggers of a failed task (its stack trace, "Lost task", "aborting job") and
+#: pyspark's, which logs every SQL error it raises as a JSON record on stderr
+_TASK_FAILURE_LOGGERS = (
+    "org.apache.spark.executor.Executor",
+    "org.apache.spark.scheduler.TaskSetManager",
+)
+_PYSPARK_ERROR_LOGGERS = ("SQLQueryContextLogger", "DataFrameQueryContextLogger")
+
+
+@contextlib.contextmanager
+def quiet_task_failures(spark: SparkSession) -> Iterator[None]:
+    """While the block runs, a failing task or query logs nothing (the error is still raised):
+    for a job whose failure the caller expects and handles, such as compute/batch.py's merged
+    pass, so that a run that succeeds does not print a page of errors."""
+    jvm = spark.sparkContext._jvm  # type: ignore[attr-defined]
+    configurator = jvm.org.apache.logging.log4j.core.config.Configurator
+    manager = jvm.org.apache.logging.log4j.LogManager
+    levels = {name: manager.getLogger(name).getLevel() for name in _TASK_FAILURE_LOGGERS}
+    loggers = [logging.getLogger(name) for name in _PYSPARK_ERROR_LOGGERS]
+    disabled = [logger.disabled for logger in loggers]
+    for name in levels:
+        configurator.setLevel(name, jvm.org.apache.logging.log4j.Level.OFF)
+    for logger in loggers:
+        logger.disabled = True
+    try:
+        yield
+    finally:
+        for name, level in levels.items():
+            configurator.setLevel(name, level)
+        for logger, was in zip(loggers, disabled, strict=True):
+            logger.disabled = was
 
 
 def _extra_jars_conf() -> dict[str, str]:

@@ -329,6 +329,26 @@ def views(spark, lake20k: Path):
     return spark
 
 
+@pytest.mark.spark
+def test_a_merged_pass_that_fails_and_falls_back_prints_no_errors(
+    lake20k: Path, tmp_path: Path
+) -> None:
+    """The merged query divides by zero on rows the segment's own dt filter prunes (so the
+    queries as written decide, compute/batch.py): the run succeeds, and stderr holds none of
+    the failed pass's task errors, stack traces or pyspark's JSON error records."""
+    defs = write_defs(tmp_path, segment("pruned", "SELECT user_id FROM orders WHERE "
+                                        "1 / (amount - amount) > 0 AND dt = DATE '1999-01-01' "
+                                        "GROUP BY user_id")
+                      + segment("books", "SELECT user_id FROM orders WHERE category = 'books' "
+                                "GROUP BY user_id"))  # fmt: skip
+    done = _cli("batch", "--lake", str(lake20k), "--definitions", str(defs),
+                "--out", str(tmp_path / "set"))  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    for noise in ("ERROR", "Lost task", "Exception in task", "DIVIDE_BY_ZERO", '"level"'):
+        assert noise not in done.stderr, done.stderr
+    assert read_set(tmp_path / "set")[1]["books"]
+
+
 def test_cli_batch_refuses_foreign_out_before_spark(lake20k: Path, tmp_path: Path) -> None:
     (tmp_path / "notes.txt").write_text("x")
     done = _cli("batch", "--lake", str(lake20k), "--definitions", str(EXAMPLE),

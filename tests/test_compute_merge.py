@@ -356,9 +356,23 @@ def test_a_merged_query_that_fails_where_the_queries_would_not_falls_back(
     batch.register_views(spark, small_lake)
     frames = [batch.analyze(spark, s) for s in segments]
     assert len(merge.sources(segments, frames)) == 1
+    levels = _failure_log_levels(spark)
     found = batch.compute(spark, small_lake, segments)
     assert found == batch.compute(spark, small_lake, segments, one_pass=False)
     assert not found["pruned"] and found["books"]
+    assert _failure_log_levels(spark) == levels, "the failed pass's loggers are quiet again"
+
+
+def _failure_log_levels(spark) -> list[object]:
+    """What compute.spark.quiet_task_failures turns off while the merged pass runs."""
+    import logging
+
+    from compute.spark import _PYSPARK_ERROR_LOGGERS, _TASK_FAILURE_LOGGERS
+
+    manager = spark.sparkContext._jvm.org.apache.logging.log4j.LogManager
+    return [manager.getLogger(n).getLevel().toString() for n in _TASK_FAILURE_LOGGERS] + [
+        logging.getLogger(n).disabled for n in _PYSPARK_ERROR_LOGGERS
+    ]
 
 
 @pytest.mark.spark

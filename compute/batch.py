@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -226,10 +226,8 @@ def evaluate(
     written = [Source(df, (name,)) for df, name in zip(frames, names, strict=True)]
     plan = merge.plan(segments, frames) if merged else merge.Plan(written, {}, {})
     try:
-        if plan.merged:
-            with quiet_task_failures(frames[0].sparkSession):
-                bitmaps = merge.bitmaps(plan, names)
-        else:
+        # the merged pass's failure is handled below: it logs nothing
+        with quiet_task_failures(frames[0].sparkSession) if plan.merged else nullcontext():
             bitmaps = merge.bitmaps(plan, names)
     except (PySparkException, Py4JError):
         if not plan.merged:

@@ -27,8 +27,6 @@ _LOGIN_MODULES = {
     "SCRAM-SHA-256": "org.apache.kafka.common.security.scram.ScramLoginModule",
     "SCRAM-SHA-512": "org.apache.kafka.common.security.scram.ScramLoginModule",
 }
-#: librdkafka settings carried to a Java client as they are
-_SAME_NAME = ("security.protocol",)
 
 
 def _jaas_quoted(value: str) -> str:
@@ -45,10 +43,12 @@ def java_security_settings(librdkafka: Mapping[str, str]) -> dict[str, str]:
     with no such translation (Kerberos, OAUTHBEARER, client certificates, ...)."""
     out: dict[str, str] = {}
     rest = dict(librdkafka)
-    for key in _SAME_NAME:
-        if key in rest:
-            out[key] = rest.pop(key).upper()
+    protocol = rest.pop("security.protocol", None)
+    if protocol is not None:
+        out["security.protocol"] = protocol.upper()  # librdkafka takes sasl_ssl, Java SASL_SSL
+    # librdkafka's name and its alias
     mechanism = rest.pop("sasl.mechanisms", None) or rest.pop("sasl.mechanism", None)
+    rest.pop("sasl.mechanism", None)
     user, password = rest.pop("sasl.username", None), rest.pop("sasl.password", None)
     if mechanism is not None:
         out["sasl.mechanism"] = mechanism

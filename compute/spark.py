@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
-import logging
 import os
 import shutil
 import subprocess
@@ -142,7 +141,10 @@ def quiet_task_failures(spark: SparkSession) -> Iterator[None]:
     configurator = jvm.org.apache.logging.log4j.core.config.Configurator
     manager = jvm.org.apache.logging.log4j.LogManager
     levels = {name: manager.getLogger(name).getLevel() for name in _TASK_FAILURE_LOGGERS}
-    loggers = [logging.getLogger(name) for name in _PYSPARK_ERROR_LOGGERS]
+    from pyspark.logger import PySparkLogger
+
+    # pyspark's own class: a plain Logger made first under these names breaks its calls
+    loggers = [PySparkLogger.getLogger(name) for name in _PYSPARK_ERROR_LOGGERS]
     disabled = [logger.disabled for logger in loggers]
     for name in levels:
         configurator.setLevel(name, jvm.org.apache.logging.log4j.Level.OFF)

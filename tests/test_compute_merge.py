@@ -360,18 +360,44 @@ def test_a_merged_query_that_fails_where_the_queries_would_not_falls_back(
     found = batch.compute(spark, small_lake, segments)
     assert found == batch.compute(spark, small_lake, segments, one_pass=False)
     assert not found["pruned"] and found["books"]
-    assert _failure_log_levels(spark) == levels, "the failed pass's loggers are quiet again"
+    assert _failure_log_levels(spark) == levels, "the failed pass's loggers log again"
+    (bad,) = definitions.parse(segment("bad", "SELECT nope AS user_id FROM users"))
+    with pytest.raises(DefinitionError, match="UNRESOLVED_COLUMN"):
+        batch.analyze(spark, bad)  # pyspark's error loggers still take its calls
+
+
+@pytest.mark.spark
+def test_quieting_the_error_loggers_first_leaves_pyspark_s_own_logger_class(spark) -> None:
+    """pyspark calls its error loggers with its own keywords: a plain Logger made first under
+    their names would raise TypeError at the next SQL error."""
+    import logging
+
+    from pyspark.logger import PySparkLogger
+
+    from compute.spark import _PYSPARK_ERROR_LOGGERS, quiet_task_failures
+
+    existing = logging.Logger.manager.loggerDict
+    saved = {n: existing.pop(n) for n in _PYSPARK_ERROR_LOGGERS if n in existing}
+    try:
+        with quiet_task_failures(spark):
+            pass
+        assert all(isinstance(existing[n], PySparkLogger) for n in _PYSPARK_ERROR_LOGGERS)
+        (bad,) = definitions.parse(segment("bad", "SELECT nope AS user_id FROM users"))
+        with pytest.raises(DefinitionError, match="UNRESOLVED_COLUMN"):
+            batch.analyze(spark, bad)
+    finally:
+        existing.update(saved)
 
 
 def _failure_log_levels(spark) -> list[object]:
     """What compute.spark.quiet_task_failures turns off while the merged pass runs."""
-    import logging
+    from pyspark.logger import PySparkLogger
 
     from compute.spark import _PYSPARK_ERROR_LOGGERS, _TASK_FAILURE_LOGGERS
 
     manager = spark.sparkContext._jvm.org.apache.logging.log4j.LogManager
     return [manager.getLogger(n).getLevel().toString() for n in _TASK_FAILURE_LOGGERS] + [
-        logging.getLogger(n).disabled for n in _PYSPARK_ERROR_LOGGERS
+        PySparkLogger.getLogger(n).disabled for n in _PYSPARK_ERROR_LOGGERS
     ]
 
 

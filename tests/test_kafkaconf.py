@@ -47,6 +47,14 @@ def test_a_pem_ca_becomes_a_pem_truststore_and_none_turns_host_checks_off(tmp_pa
     assert inline == {"ssl.truststore.type": "PEM", "ssl.truststore.certificates": "PEM"}
 
 
+def test_the_mechanism_s_alias_is_read_too() -> None:
+    both = {"sasl.mechanisms": "PLAIN", "sasl.mechanism": "PLAIN"}
+    assert java_security_settings(both) == {"sasl.mechanism": "PLAIN"}
+    assert java_security_settings({"sasl.mechanism": "SCRAM-SHA-256"}) == {
+        "sasl.mechanism": "SCRAM-SHA-256"
+    }
+
+
 def test_the_librdkafka_client_s_own_settings_are_not_carried() -> None:
     assert java_security_settings({"client.id": "x", "socket.timeout.ms": "100"}) == {}
 

@@ -153,7 +153,8 @@ def _add_batch(sub: argparse._SubParsersAction) -> None:
         "BitMap64 file per segment), replacing an existing set at DIR atomically. In local "
         "mode the first run also builds the driver JVM's class-data archive under "
         ".cache/spark-cds (once, about a minute; later start-ups ~5 s faster; "
-        "SEG_SPARK_CDS=0: none). "
+        "SEG_SPARK_CDS=0: none), and the driver JVM runs with a leaner JIT "
+        "(SEG_SPARK_LEAN_JIT=0: the JVM's own; compute/BATCH.md). "
         f"Example definitions: {definitions.EXAMPLE}",
     )
     opt = p.add_argument

@@ -25,6 +25,17 @@ CDS_DIR = REPO / ".cache" / "spark-cds"
 CDS_ENV = "SEG_SPARK_CDS"  # "0": build_session uses no archive and ensure_cds_archive builds none
 _CDS_DUMP_ENV = "SEG_SPARK_CDS_DUMP"  # set by ensure_cds_archive for the JVM that writes it
 _CDS_QUIET = "-Xlog:cds*=off"  # no warnings about signed jars or a stale archive
+LEAN_JIT_ENV = "SEG_SPARK_LEAN_JIT"  # "0": a local driver JVM keeps the JIT's own settings
+#: A local driver JVM runs the tasks, and on few cores its JIT compiler threads take the cores
+#: the tasks need: in a batch's first round C2 compiled for half the JVM's CPU (inlining 15 deep
+#: into generated aggregation code). Inlining less deep (JDK 8's depth and sizes, about) and
+#: compiling with C2 only hotter methods: bench20's first round on the 1M lake 21.8 -> 16.7 s,
+#: the start-up 3.0 -> 2.5 s, warm rounds no slower (perf/ANALYSIS.md, sixteenth session).
+LEAN_JIT = (
+    "-XX:MaxInlineLevel=6 -XX:MaxInlineSize=20 -XX:FreqInlineSize=100 -XX:InlineSmallCode=500 "
+    "-XX:Tier4InvocationThreshold=15000 -XX:Tier4CompileThreshold=45000 "
+    "-XX:Tier4BackEdgeThreshold=120000"
+)
 
 DEFAULT_MASTER = "local[2]"
 DEFAULT_SHUFFLE_PARTITIONS = 4
@@ -78,7 +89,8 @@ def build_session(
     shuffle_partitions: int = DEFAULT_SHUFFLE_PARTITIONS,
     conf: Mapping[str, str] | None = None,
 ) -> SparkSession:
-    """Return a quiet SparkSession: no UI, UTC session time zone, few shuffle partitions.
+    """Return a quiet SparkSession: no UI, UTC session time zone, few shuffle partitions; in
+    local mode a driver JVM with the class-data archive (when built) and `LEAN_JIT`.
 
     The Python workers run the interpreter that runs this code, so the executors see the same
     packages (pyroaring, pyarrow) as the driver. `conf` entries override the defaults.
@@ -102,16 +114,14 @@ def build_session(
         "spark.sql.execution.arrow.pyspark.enabled": "true",
         # List dt=... partition directories on the driver instead of in a Spark job.
         "spark.sql.sources.parallelPartitionDiscovery.threshold": "4096",
-        # Quiet the JVM from its first line, not only after setLogLevel below.
-        "spark.driver.extraJavaOptions": f"-Dlog4j2.configurationFile={_log4j2_file()}",
     }
     if local:
         settings |= {"spark.driver.host": "127.0.0.1", "spark.driver.bindAddress": "127.0.0.1"}
     if not submitted:
         settings.update(_extra_jars_conf())
-        cds = _cds_option(settings.get("spark.jars", ""))
-        if cds:
-            settings["spark.driver.extraJavaOptions"] += f" {cds} {_CDS_QUIET}"
+    settings["spark.driver.extraJavaOptions"] = driver_java_options(
+        submitted=submitted, local=local, jars=settings.get("spark.jars", "")
+    )
     settings.update(conf or {})
     builder = SparkSession.builder.appName(app_name)
     if not submitted:
@@ -121,6 +131,19 @@ def build_session(
     spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel("WARN")
     return spark
+
+
+def driver_java_options(*, submitted: bool, local: bool, jars: str) -> str:
+    """The driver JVM's options: the log4j2 file (quiet from the JVM's first line, not only
+    after setLogLevel); the class-data archive of `jars` unless spark-submit started the JVM;
+    `LEAN_JIT` in local mode unless SEG_SPARK_LEAN_JIT=0."""
+    options = [f"-Dlog4j2.configurationFile={_log4j2_file()}"]
+    cds = "" if submitted else _cds_option(jars)
+    if cds:
+        options += [cds, _CDS_QUIET]
+    if local and os.environ.get(LEAN_JIT_ENV) != "0":
+        options.append(LEAN_JIT)
+    return " ".join(options)
 
 
 #: the driver's loggers of a failed task (its stack trace, "Lost task", "aborting job") and

@@ -79,6 +79,18 @@ def segment(name: str, sql: str) -> str:
     return f'[[segment]]\nname = "{name}"\nsql = """{sql}"""\n'
 
 
+def test_the_local_driver_jvm_runs_with_the_lean_jit(spark) -> None:
+    from compute.spark import LEAN_JIT
+
+    jvm = spark.sparkContext._jvm
+    diagnostic = jvm.java.lang.management.ManagementFactory.getPlatformMXBean(
+        jvm.java.lang.Class.forName("com.sun.management.HotSpotDiagnosticMXBean")
+    )
+    for option in LEAN_JIT.split():
+        name, value = option.removeprefix("-XX:").split("=")
+        assert diagnostic.getVMOption(name).getValue() == value, option
+
+
 # ---------------------------------------------------------------- gen-data
 
 

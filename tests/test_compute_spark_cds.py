@@ -1,6 +1,7 @@
-"""compute/spark.py's class-data archive for the driver JVM: which option a session gets (no
-JVM starts here; every Spark test's session starts with the archive when one is built, and
-perf/spark_batch.py measures it: perf/ANALYSIS.md, sixth session)."""
+"""compute/spark.py's options for the driver JVM: which class-data archive a session gets and
+when it gets the lean JIT (no JVM starts here; every Spark test's session starts with the
+archive when one is built, tests/test_compute_batch.py checks a running driver's options, and
+perf/spark_batch.py measures both: perf/ANALYSIS.md, sixth and sixteenth sessions)."""
 
 from __future__ import annotations
 
@@ -46,3 +47,24 @@ def test_the_jvm_that_builds_it_dumps_instead_of_reading(
     spark.cds_archive("").write_bytes(b"built")
     monkeypatch.setenv(spark._CDS_DUMP_ENV, str(cds_dir / "x.tmp"))
     assert spark._cds_option("") == f"-XX:ArchiveClassesAtExit={cds_dir / 'x.tmp'}"
+
+
+def test_a_local_driver_gets_the_lean_jit_and_a_submitted_one_only_the_log_config(
+    cds_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv(spark.LEAN_JIT_ENV, raising=False)
+    archive = spark.cds_archive("a.jar")
+    archive.write_bytes(b"built")
+    local = spark.driver_java_options(submitted=False, local=True, jars="a.jar").split()
+    assert local[0].startswith("-Dlog4j2.configurationFile=")
+    assert local[1:3] == [f"-XX:SharedArchiveFile={archive}", spark._CDS_QUIET]
+    assert local[3:] == spark.LEAN_JIT.split()
+    # a cluster's driver: the tasks run elsewhere, the JIT keeps its settings
+    remote = spark.driver_java_options(submitted=False, local=False, jars="a.jar").split()
+    assert remote == local[:3]
+    submitted = spark.driver_java_options(submitted=True, local=False, jars="a.jar").split()
+    assert submitted == local[:1]  # spark-submit's JVM is not ours to configure
+    monkeypatch.setenv(spark.LEAN_JIT_ENV, "0")
+    assert (
+        spark.driver_java_options(submitted=False, local=True, jars="a.jar").split() == (local[:3])
+    )

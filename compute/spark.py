@@ -26,11 +26,9 @@ CDS_ENV = "SEG_SPARK_CDS"  # "0": build_session uses no archive and ensure_cds_a
 _CDS_DUMP_ENV = "SEG_SPARK_CDS_DUMP"  # set by ensure_cds_archive for the JVM that writes it
 _CDS_QUIET = "-Xlog:cds*=off"  # no warnings about signed jars or a stale archive
 LEAN_JIT_ENV = "SEG_SPARK_LEAN_JIT"  # "0": a local driver JVM keeps the JIT's own settings
-#: A local driver JVM runs the tasks, and on few cores its JIT compiler threads take the cores
-#: the tasks need: in a batch's first round C2 compiled for half the JVM's CPU (inlining 15 deep
-#: into generated aggregation code). Inlining less deep (JDK 8's depth and sizes, about) and
-#: compiling with C2 only hotter methods: bench20's first round on the 1M lake 21.8 -> 16.7 s,
-#: the start-up 3.0 -> 2.5 s, warm rounds no slower (perf/ANALYSIS.md, sixteenth session).
+#: A local driver JVM runs the tasks, and on few cores C2 took half its CPU in a batch's first
+#: round: inline less deep, compile only hotter methods (compute/BATCH.md "The driver JVM's JIT
+#: in local mode" has why and the figures).
 LEAN_JIT = (
     "-XX:MaxInlineLevel=6 -XX:MaxInlineSize=20 -XX:FreqInlineSize=100 -XX:InlineSmallCode=500 "
     "-XX:Tier4InvocationThreshold=15000 -XX:Tier4CompileThreshold=45000 "

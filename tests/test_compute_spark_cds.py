@@ -65,6 +65,5 @@ def test_a_local_driver_gets_the_lean_jit_and_a_submitted_one_only_the_log_confi
     submitted = spark.driver_java_options(submitted=True, local=False, jars="a.jar").split()
     assert submitted == local[:1]  # spark-submit's JVM is not ours to configure
     monkeypatch.setenv(spark.LEAN_JIT_ENV, "0")
-    assert (
-        spark.driver_java_options(submitted=False, local=True, jars="a.jar").split() == (local[:3])
-    )
+    off = spark.driver_java_options(submitted=False, local=True, jars="a.jar").split()
+    assert off == local[:3]
